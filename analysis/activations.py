@@ -1,0 +1,400 @@
+"""Activation store: chunked, resumable Zarr extraction of hooked activations.
+
+One store per hook at <root>/activations/<store_id>/<hook>.zarr (DESIGN.md §2), a Zarr group:
+
+    acts       (N, T, d)  float16 | float32 | uint16 (bfloat16 bits, attr logical_dtype)
+    norms      (N, T)     float32 token L2 norms, taken in fp32 before the cast
+    image_idx  (N,)       int64
+    partials/  per-shard Welford partials (count, mean, M2, norm_sum), one chunk per shard
+    mean, var  (d,)       float64, written by `finalize_stats` (population variance)
+    _complete/<shard>     empty marker file, created only after the shard's data is written
+
+Arrays are chunked along N only (`images_per_chunk` images) and Zarr-sharded with
+`images_per_shard` images per shard file: one extraction shard (a Dagster partition) writes
+whole shard files and never shares one with another partition. Completion is one marker file
+per shard rather than a shared attrs JSON, so concurrent partitions never race on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal, NamedTuple
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from analysis.images import to_model_input
+
+Capture = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+"""Model input (B, C, H, W) float32 in [0, 1] -> {hook: (B, T, d) activations}."""
+
+FORMAT = "spectra.activations/1"
+FLOAT16_MAX = 65504.0
+_ZARR_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+_MARKERS = "_complete"
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Shape and on-disk layout of one activation store (shared by all hooks of a store id)."""
+
+    n_images: int
+    """Images in the store (N); equals the image dataset's length."""
+    n_tokens: int
+    """Tokens kept per image (T) after token selection ("cls" keeps 1)."""
+    d_model: int
+    """Width of the hooked activation (d)."""
+    images_per_shard: int = 1024
+    """Images per extraction shard / Zarr shard file; a multiple of images_per_chunk."""
+    images_per_chunk: int = 128
+    """Images per Zarr chunk: the unit of every read, so the loader's shuffle granularity."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Stored dtype; bfloat16 is kept as uint16 bits because Zarr has no bfloat16."""
+
+    def __post_init__(self):
+        for name in ("n_images", "n_tokens", "d_model", "images_per_shard", "images_per_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"StoreLayout.{name}={value!r}: expected a positive int")
+        if self.images_per_shard % self.images_per_chunk:
+            raise ValueError(
+                f"StoreLayout.images_per_shard={self.images_per_shard} is not a multiple of "
+                f"images_per_chunk={self.images_per_chunk}: pick e.g. images_per_shard="
+                f"{math.ceil(self.images_per_shard / self.images_per_chunk) * self.images_per_chunk}"
+            )
+        if self.dtype not in _ZARR_DTYPE:
+            raise ValueError(
+                f"StoreLayout.dtype={self.dtype!r}: expected one of {sorted(_ZARR_DTYPE)}"
+            )
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_images / self.images_per_shard)
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        """Image range [start, stop) of `shard`; the last shard may be short."""
+        if not 0 <= shard < self.n_shards:
+            raise ValueError(f"shard {shard} out of range: valid shards are 0..{self.n_shards - 1}")
+        start = shard * self.images_per_shard
+        return start, min(start + self.images_per_shard, self.n_images)
+
+
+class ShardReport(NamedTuple):
+    shard: int
+    n_images: int
+    seconds: float
+    skipped: bool
+    """True when every store already had this shard, so nothing was computed."""
+    nonfinite: int
+    """Non-finite values seen (always 0 on return: any non-finite value raises)."""
+
+
+class StoreStats(NamedTuple):
+    mean: np.ndarray
+    """(d,) float64 per-dimension mean over all tokens."""
+    var: np.ndarray
+    """(d,) float64 population variance (divide by n), the FVU denominator's per-dim term."""
+    mean_norm: float
+    """Mean token L2 norm."""
+    n_tokens: int
+    """Tokens the statistics cover (N * T)."""
+
+
+def _jsonable(obj: dict, what: str) -> dict:
+    try:  # a JSON round trip so tuples/lists compare equal after reading back
+        return json.loads(json.dumps(obj, sort_keys=True))
+    except TypeError as e:
+        raise ValueError(f"{what} must be JSON-serializable (str/int/float/list/dict): {e}") from e
+
+
+def read_layout(path: str | Path) -> StoreLayout:
+    """The layout recorded in an existing store."""
+    attrs = zarr.open_group(str(path), mode="r").attrs
+    if "layout" not in attrs:
+        raise FileNotFoundError(f"no complete activation store at {path}: run create_store first")
+    return StoreLayout(**attrs["layout"])
+
+
+def create_store(path: str | Path, layout: StoreLayout, lineage: dict, *, overwrite: bool = False) -> None:
+    """Create an empty store, or keep an existing identical one (and its completed shards).
+
+    Raises ValueError when a store with a different layout or lineage is already there: paths
+    are content-derived, so that means a bug upstream; pass overwrite=True to replace it.
+    """
+    path = Path(path)
+    lineage = _jsonable(lineage, "lineage")
+    wanted = {"layout": asdict(layout), "lineage": lineage}
+    if (path / "zarr.json").exists() and not overwrite:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        if "layout" in attrs:  # attrs are written last, so without them creation was cut short
+            found = {"layout": attrs["layout"], "lineage": attrs.get("lineage")}
+            if found == wanted:
+                return
+            raise ValueError(
+                f"activation store {path} exists with a different layout/lineage:\n"
+                f"  existing: {found}\n  requested: {wanted}\n"
+                "store paths are content-derived, so this points at an id bug; pass "
+                "overwrite=True only if replacing the store is intended"
+            )
+    group = zarr.open_group(str(path), mode="w")
+    n, t, d = layout.n_images, layout.n_tokens, layout.d_model
+    ipc, ips = layout.images_per_chunk, layout.images_per_shard
+    common = dict(compressors=None, fill_value=0)
+    group.create_array("acts", shape=(n, t, d), chunks=(ipc, t, d), shards=(ips, t, d),
+                       dtype=_ZARR_DTYPE[layout.dtype], **common)
+    group.create_array("norms", shape=(n, t), chunks=(ipc, t), shards=(ips, t), dtype="float32", **common)
+    group.create_array("image_idx", shape=(n,), chunks=(ipc,), shards=(ips,), dtype="int64", **common)
+    # One chunk per shard: each partition writes its own partial files, never a shared one.
+    s = layout.n_shards
+    partials = group.create_group("partials")
+    partials.create_array("count", shape=(s,), chunks=(1,), dtype="int64", **common)
+    partials.create_array("norm_sum", shape=(s,), chunks=(1,), dtype="float64", **common)
+    partials.create_array("mean", shape=(s, d), chunks=(1, d), dtype="float64", **common)
+    partials.create_array("m2", shape=(s, d), chunks=(1, d), dtype="float64", **common)
+    group.create_group(_MARKERS)  # a group, so listing the store does not warn about it
+    group.attrs.update({**wanted, "format": FORMAT, "logical_dtype": layout.dtype})
+
+
+def missing_shards(path: str | Path) -> list[int]:
+    """Shards without a completion marker, ascending."""
+    layout = read_layout(path)
+    done = {p.name for p in (Path(path) / _MARKERS).iterdir()}
+    return [s for s in range(layout.n_shards) if str(s) not in done]
+
+
+def is_complete(path: str | Path) -> bool:
+    return not missing_shards(path)
+
+
+class _Writer:
+    """One background thread writing whole chunks, so compute and disk I/O overlap.
+
+    After a failure it keeps draining the queue (the producer must never block on a full
+    queue) and the error is re-raised in the producer by `check`/`close`.
+    """
+
+    def __init__(self, maxsize: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                array, start, data = item
+                try:
+                    array[start : start + len(data)] = data
+                except BaseException as e:  # handed to the producer thread, not swallowed
+                    self.error = e
+
+    def put(self, array: zarr.Array, start: int, data: np.ndarray):
+        self.check()
+        self.queue.put((array, start, data))
+
+    def check(self):
+        if self.error is not None:
+            raise RuntimeError(f"activation writer failed: {self.error!r}") from self.error
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+
+class _ShardAccumulator:
+    """Per-hook state for one shard: chunk buffers for the writer and Welford partials."""
+
+    def __init__(self, group: zarr.Group, layout: StoreLayout, start: int, stat_dtype: torch.dtype):
+        self.acts, self.norms = group["acts"], group["norms"]
+        self.layout, self.chunk_start, self.stat_dtype = layout, start, stat_dtype
+        self.buf_acts: list[np.ndarray] = []
+        self.buf_norms: list[np.ndarray] = []
+        self.count, self.mean, self.m2, self.norm_sum = 0, None, None, 0.0
+
+    def add_stats(self, x: torch.Tensor, norms: torch.Tensor):
+        flat = x.reshape(-1, x.shape[-1]).to(self.stat_dtype)
+        nb = flat.shape[0]
+        mean_b = flat.mean(0)
+        m2_b = (flat - mean_b).square().sum(0)
+        self.norm_sum += float(norms.to(self.stat_dtype).sum())
+        if self.mean is None:
+            self.count, self.mean, self.m2 = nb, mean_b, m2_b
+            return
+        n = self.count + nb  # Chan et al.: merge two (count, mean, M2) partials
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2_b + delta.square() * (self.count * nb / n)
+        self.count = n
+
+    def add_rows(self, acts: np.ndarray, norms: np.ndarray, writer: _Writer, final: bool):
+        """Buffer rows; hand every full chunk (and the shard's short tail) to the writer."""
+        self.buf_acts.append(acts)
+        self.buf_norms.append(norms)
+        ipc = self.layout.images_per_chunk
+        have = sum(len(a) for a in self.buf_acts)
+        if have < ipc and not final:
+            return
+        acts_all, norms_all = np.concatenate(self.buf_acts), np.concatenate(self.buf_norms)
+        n_out = len(acts_all) if final else (have // ipc) * ipc
+        for lo in range(0, n_out, ipc):
+            hi = min(lo + ipc, n_out)
+            writer.put(self.acts, self.chunk_start + lo, acts_all[lo:hi])
+            writer.put(self.norms, self.chunk_start + lo, norms_all[lo:hi])
+        self.chunk_start += n_out
+        self.buf_acts, self.buf_norms = [acts_all[n_out:]], [norms_all[n_out:]]
+
+
+def _cast(x: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
+    return x.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def _select_tokens(x: torch.Tensor, tokens: str) -> torch.Tensor:
+    if tokens == "cls":
+        return x[:, :1]
+    if tokens == "patches":
+        return x[:, 1:]
+    return x
+
+
+def extract_shard(
+    capture: Capture,
+    images: zarr.Array,
+    stores: dict[str, str | Path],
+    shard: int,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    tokens: Literal["all", "cls", "patches"] = "all",
+    progress: bool = True,
+) -> ShardReport:
+    """Compute one shard's activations for every hook in `stores` and write them.
+
+    Skips quickly when every store already has the shard. Marks a store's shard complete only
+    after all of its data and stats partials are written; any error leaves no marker.
+    """
+    t0 = time.perf_counter()
+    if tokens not in ("all", "cls", "patches"):
+        raise ValueError(f"tokens={tokens!r}: expected 'all', 'cls' or 'patches'")
+    if not stores:
+        raise ValueError("stores is empty: pass {hook: store_path} for at least one hook")
+    layouts = {hook: read_layout(p) for hook, p in stores.items()}
+    layout = next(iter(layouts.values()))
+    if any(lay != layout for lay in layouts.values()):
+        raise ValueError(f"stores of one extraction must share a layout, got {layouts}")
+    if images.shape[0] != layout.n_images:
+        raise ValueError(
+            f"images has {images.shape[0]} rows but the stores expect n_images={layout.n_images}: "
+            "create the stores from this image dataset"
+        )
+    start, stop = layout.shard_bounds(shard)
+    todo = {h: Path(p) for h, p in stores.items() if shard in missing_shards(p)}
+    if not todo:
+        return ShardReport(shard, stop - start, time.perf_counter() - t0, True, 0)
+
+    groups = {h: zarr.open_group(str(p), mode="r+") for h, p in todo.items()}
+    stat_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    accs = {h: _ShardAccumulator(g, layout, start, stat_dtype) for h, g in groups.items()}
+    writer = _Writer(maxsize=4 * len(todo))
+    try:
+        bar = tqdm(range(start, stop, batch_size), desc=f"shard {shard}", disable=not progress)
+        for lo in bar:
+            hi = min(lo + batch_size, stop)
+            with torch.inference_mode():
+                out = capture(to_model_input(images[lo:hi], device))
+                xs = _checked(out, list(accs), layout, tokens, (lo, hi))
+                for hook, x in xs.items():
+                    norms = torch.linalg.vector_norm(x, dim=-1)  # fp32, before the cast
+                    accs[hook].add_stats(x, norms)
+                    accs[hook].add_rows(_cast(x, layout.dtype), norms.cpu().numpy(), writer, hi == stop)
+        writer.close()
+    finally:
+        if writer.thread.is_alive():  # an exception above: stop the thread, keep the first error
+            writer.queue.put(None)
+            writer.thread.join()
+
+    for hook, group in groups.items():
+        acc = accs[hook]
+        group["image_idx"][start:stop] = np.arange(start, stop, dtype=np.int64)
+        p = group["partials"]
+        p["count"][shard] = acc.count
+        p["norm_sum"][shard] = acc.norm_sum
+        p["mean"][shard] = acc.mean.cpu().numpy()
+        p["m2"][shard] = acc.m2.cpu().numpy()
+        (todo[hook] / _MARKERS / str(shard)).touch()  # last: the marker means "all written"
+    return ShardReport(shard, stop - start, time.perf_counter() - t0, False, 0)
+
+
+def _checked(out, hooks, layout, tokens, span) -> dict[str, torch.Tensor]:
+    """Select tokens and validate shape, finiteness and the float16 range for every hook."""
+    xs, bad = {}, {}
+    where = f"images {span[0]}..{span[1] - 1}"
+    for hook in hooks:
+        if hook not in out:
+            raise ValueError(f"capture returned hooks {sorted(out)}, missing {hook!r}")
+        x = _select_tokens(out[hook], tokens).float()
+        expected = (span[1] - span[0], layout.n_tokens, layout.d_model)
+        if tuple(x.shape) != expected:
+            raise ValueError(
+                f"hook {hook!r} gave {tuple(x.shape)} after tokens={tokens!r}, the store expects "
+                f"{expected}: create the store with this hook's n_tokens/d_model"
+            )
+        xs[hook] = x
+        bad[hook] = int((~torch.isfinite(x)).sum())
+    if any(bad.values()):
+        raise ValueError(
+            f"non-finite activations in {where}, counts per hook: {bad}; nothing was marked "
+            "complete (check the model and inputs, e.g. overflow of a half-precision model)"
+        )
+    if layout.dtype == "float16":
+        for hook, x in xs.items():
+            peak = float(x.abs().amax())
+            if peak > FLOAT16_MAX:
+                raise ValueError(
+                    f"hook {hook!r} has |x| up to {peak:.4g} in {where}, above the float16 max "
+                    f"{FLOAT16_MAX}: create the store with dtype='bfloat16' (or 'float32')"
+                )
+    return xs
+
+
+def merge_partials(path: str | Path) -> StoreStats:
+    """Merge the per-shard Welford partials (Chan's parallel formula), in shard order."""
+    missing = missing_shards(path)
+    if missing:
+        raise ValueError(
+            f"store {path} has shards {missing} not extracted: run extraction for them "
+            "(every shard must be complete before statistics are final)"
+        )
+    p = zarr.open_group(str(path), mode="r")["partials"]
+    counts, norm_sums = p["count"][:], p["norm_sum"][:]
+    means, m2s = p["mean"][:], p["m2"][:]
+    n, mean, m2 = 0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
+    for nb, mean_b, m2_b in zip(counts, means, m2s):
+        total = n + int(nb)
+        delta = mean_b - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2_b + delta**2 * (n * nb / total)
+        n = total
+    return StoreStats(mean, m2 / n, float(norm_sums.sum() / n), n)
+
+
+def finalize_stats(path: str | Path) -> StoreStats:
+    """Merge the partials and record `mean`, `var` (d,) float64 and attrs in the store."""
+    stats = merge_partials(path)
+    group = zarr.open_group(str(path), mode="r+")
+    for name in ("mean", "var"):
+        arr = group.create_array(name, shape=(len(stats.mean),), dtype="float64",
+                                 compressors=None, fill_value=0, overwrite=True)
+        arr[:] = getattr(stats, name)
+    group.attrs.update({"mean_norm": stats.mean_norm, "n_tokens_total": stats.n_tokens})
+    return stats

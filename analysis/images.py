@@ -1,0 +1,94 @@
+"""Image datasets on disk: uint8 (N, H, W, C) Zarr plus a labels Parquet table.
+
+Layout (DESIGN.md §2): <root>/images/<dataset_id>/images.zarr and labels.parquet.
+Everything that feeds images to a model goes through `to_model_input`, so
+training, extraction and evaluation see identical pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import zarr
+
+
+def to_model_input(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1] on `device`."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"expected uint8 images shaped (B, H, W, C), got {images.dtype} {images.shape}"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def image_sha256(image: np.ndarray) -> str:
+    """Content hash of one image (shape and dtype included, so a reshape changes it)."""
+    h = hashlib.sha256()
+    h.update(f"{image.dtype}{image.shape}".encode())
+    h.update(np.ascontiguousarray(image).tobytes())
+    return h.hexdigest()
+
+
+def dataset_content_hash(per_image_sha: list[str]) -> str:
+    """One hash for the whole dataset, order-sensitive."""
+    h = hashlib.sha256()
+    for s in per_image_sha:
+        h.update(bytes.fromhex(s))
+    return h.hexdigest()
+
+
+def write_image_dataset(
+    directory: str | Path,
+    images: np.ndarray,
+    labels: dict[str, np.ndarray],
+    *,
+    images_per_chunk: int = 256,
+    attrs: dict | None = None,
+) -> str:
+    """Write images.zarr + labels.parquet into `directory`; returns the content hash.
+
+    `labels` columns must each have N rows; `image_idx` and `sha256` are added here.
+    The Parquet file is written last, so its presence marks a complete dataset.
+    """
+    directory = Path(directory)
+    n = images.shape[0]
+    for name, col in labels.items():
+        if len(col) != n:
+            raise ValueError(f"label column {name!r} has {len(col)} rows, expected {n} (one per image)")
+    directory.mkdir(parents=True, exist_ok=True)
+    arr = zarr.create_array(
+        store=str(directory / "images.zarr"),
+        shape=images.shape,
+        chunks=(min(images_per_chunk, n),) + images.shape[1:],
+        dtype="uint8",
+        overwrite=True,
+    )
+    arr[...] = images
+    shas = [image_sha256(img) for img in images]
+    content_hash = dataset_content_hash(shas)
+    arr.attrs.update({**(attrs or {}), "content_hash": content_hash, "n_images": int(n)})
+    table = pa.table({"image_idx": np.arange(n, dtype=np.int64), **labels, "sha256": shas})
+    tmp = directory / "labels.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(directory / "labels.parquet")
+    return content_hash
+
+
+def open_images(directory: str | Path) -> zarr.Array:
+    """The images array of a written dataset (read-only)."""
+    path = Path(directory) / "images.zarr"
+    if not (Path(directory) / "labels.parquet").exists():
+        raise FileNotFoundError(
+            f"no complete image dataset at {directory}: materialize the images asset first"
+        )
+    return zarr.open_array(str(path), mode="r")
+
+
+def read_labels(directory: str | Path) -> pa.Table:
+    return pq.read_table(Path(directory) / "labels.parquet")

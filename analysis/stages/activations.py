@@ -1,0 +1,86 @@
+"""Stage 3: residual-stream activations into Zarr, one store per hook, one partition per shard."""
+
+from __future__ import annotations
+
+import json
+
+from analysis.activations import StoreLayout, create_store, extract_shard, finalize_stats, missing_shards
+from analysis.images import open_images
+from analysis.paths import DataRoot
+from analysis.stages.dataset import shapes_config
+from analysis.stages.model import load_model, vit_config
+from analysis.suite import SuiteSpec
+from analysis.vit import HookedViT
+
+
+def store_layout(spec: SuiteSpec) -> StoreLayout:
+    vit = vit_config(spec)
+    n_patches = (vit.image_size // vit.patch_size) ** 2
+    n_tokens = {"all": n_patches + 1, "cls": 1, "patches": n_patches}[spec.activations.tokens]
+    return StoreLayout(
+        n_images=shapes_config(spec).n_images, n_tokens=n_tokens, d_model=vit.d_model,
+        images_per_shard=spec.activations.images_per_shard,
+        images_per_chunk=spec.activations.images_per_chunk, dtype=spec.activations.dtype,
+    )
+
+
+def check_hooks(spec: SuiteSpec) -> None:
+    """Unknown hook names fail before any work, listing the valid ones."""
+    HookedViT(vit_config(spec)).check_hook_names(list(spec.activations.hooks))
+
+
+def stop_layer(hooks: list[str]) -> int | None:
+    """Run only the blocks the hooks need: deepest block + 1, or None when a hook sits after them."""
+    if not all(h.startswith("blocks.") for h in hooks):
+        return None
+    return max(int(h.split(".")[1]) for h in hooks) + 1
+
+
+def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
+    """Create every hook's arrays once; partitions then write disjoint shard-aligned regions."""
+    model_dir = root.model(spec.model_id)
+    model_summary = json.loads((model_dir / "result.json").read_text())
+    images = open_images(root.images(spec.dataset_id))
+    layout = store_layout(spec)
+    for hook in spec.activations.hooks:
+        lineage = {
+            "store_id": spec.store_id, "hook": hook,
+            "model_id": spec.model_id, "model_weights_hash": model_summary["weights_hash"],
+            "dataset_id": spec.dataset_id, "dataset_content_hash": images.attrs["content_hash"],
+            "tokens": spec.activations.tokens, "dtype": spec.activations.dtype,
+            "preprocessing": "uint8 / 255 -> float32 (B, C, H, W)",
+        }
+        create_store(root.hook_store(spec.store_id, hook), layout, lineage)
+    return {"store_id": spec.store_id, "path": str(root.store(spec.store_id)), "n_shards": layout.n_shards,
+            "n_images": layout.n_images, "n_tokens": layout.n_tokens, "d_model": layout.d_model,
+            "hooks": list(spec.activations.hooks)}
+
+
+def extract(spec: SuiteSpec, root: DataRoot, shard: int, *, device: str = "cpu", progress: bool = True) -> dict:
+    stores = {hook: root.hook_store(spec.store_id, hook) for hook in spec.activations.hooks}
+    if all(shard not in missing_shards(path) for path in stores.values()):
+        return {"shard": shard, "skipped": True}
+    model = load_model(spec, root, device=device)
+    hooks = list(spec.activations.hooks)
+    stop = stop_layer(hooks)
+
+    def capture(x):
+        _, cache = model.run_with_cache(x, names_filter=hooks, stop_at_layer=stop)
+        return {h: cache[h] for h in hooks}
+
+    report = extract_shard(
+        capture, open_images(root.images(spec.dataset_id)), stores, shard,
+        batch_size=spec.activations.batch_size, device=device, tokens=spec.activations.tokens,
+        progress=progress,
+    )
+    return {"shard": shard, "skipped": report.skipped, "n_images": report.n_images,
+            "seconds": round(report.seconds, 2), "images_per_second": round(report.n_images / max(report.seconds, 1e-9), 1)}
+
+
+def ensure_stats(spec: SuiteSpec, root: DataRoot) -> dict:
+    out = {"store_id": spec.store_id}
+    for hook in spec.activations.hooks:
+        stats = finalize_stats(root.hook_store(spec.store_id, hook))
+        out[f"{hook}.mean_norm"] = round(float(stats.mean_norm), 4)
+        out[f"{hook}.n_tokens"] = int(stats.n_tokens)
+    return out

@@ -1,0 +1,117 @@
+"""Stage 4–6 for one suite member: train its dictionary, evaluate it, mine its features."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from analysis.catalog import write_table_partition
+from analysis.ids import code_version, content_id
+from analysis.images import open_images, read_labels, to_model_input
+from analysis.loader import ActivationStore, ShuffledLoader, iter_images
+from analysis.metrics import downstream_metrics, reconstruction_metrics
+from analysis.mining import mine_features
+from analysis.paths import DataRoot
+from analysis.sae import TopKSAE
+from analysis.stages.dataset import split_indices
+from analysis.stages.model import load_model
+from analysis.suite import DictionaryMember, SuiteSpec
+from analysis.train_sae import SAETrainConfig, train_sae
+
+SUMMARY_FILE = "train_summary.json"  # written last: its presence marks a finished checkpoint
+
+
+def train_config(spec: SuiteSpec, member: DictionaryMember, d_in: int) -> SAETrainConfig:
+    return SAETrainConfig(**{**spec.dictionaries.train, "width": member.expansion * d_in,
+                             "k": member.k, "seed": member.seed})
+
+
+def dictionary_id(spec: SuiteSpec, member: DictionaryMember) -> str:
+    return content_id("sae", {"member": asdict(member), "train": spec.dictionaries.train, "store": spec.store_id})
+
+
+def _open_store(spec: SuiteSpec, root: DataRoot, hook: str) -> ActivationStore:
+    return ActivationStore.open(root.hook_store(spec.store_id, hook))
+
+
+def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, *, device: str = "cpu",
+                      on_log: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
+    dict_id = dictionary_id(spec, member)
+    directory = root.dictionary(dict_id)
+    done = directory / SUMMARY_FILE
+    if not done.exists():
+        store = _open_store(spec, root, member.hook)
+        cfg = train_config(spec, member, store.d_model)
+        train_idx, _ = split_indices(root, spec.dataset_id)
+        loader = iter(ShuffledLoader(store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device))
+        init_batch = next(loader)
+        result = train_sae(loader, store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
+                           init_batch=init_batch, progress=progress, on_log=on_log)
+        lineage = {"dict_id": dict_id, **asdict(member), "store_id": spec.store_id,
+                   "store_lineage": store.lineage, "train_config": asdict(cfg), "code_version": code_version()}
+        result.sae.save(directory, extra_config=lineage)
+        write_table_partition(root.table("train_log"), {"dict_id": dict_id}, pa.Table.from_pylist(result.log))
+        summary = {"dict_id": dict_id, "steps": int(result.steps), "train_tokens": int(result.tokens),
+                   "train_seconds": round(float(result.seconds), 2),
+                   "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1)}
+        done.write_text(json.dumps(summary, indent=2))
+    return {**json.loads(done.read_text()), "path": str(directory)}
+
+
+def _eval_images(spec: SuiteSpec, root: DataRoot) -> np.ndarray:
+    _, eval_idx = split_indices(root, spec.dataset_id)
+    return eval_idx[: spec.evaluation.max_images]
+
+
+def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, *, device: str = "cpu") -> dict:
+    dict_id = dictionary_id(spec, member)
+    directory = root.dictionary(dict_id)
+    done = directory / "evaluation.json"
+    if not done.exists():
+        sae = TopKSAE.load(directory, device=device)
+        store = _open_store(spec, root, member.hook)
+        eval_idx = _eval_images(spec, root)
+        batch = spec.evaluation.batch_images
+        tokens = (acts.reshape(-1, acts.shape[-1]).to(device)
+                  for _, acts in iter_images(store, eval_idx, images_per_batch=batch))
+        rec = reconstruction_metrics(sae, tokens)
+        images = open_images(root.images(spec.dataset_id))
+        labels = torch.from_numpy(read_labels(root.images(spec.dataset_id)).column("label").to_numpy())
+        model = load_model(spec, root, device=device)
+        model_batches = ((to_model_input(images.get_orthogonal_selection((eval_idx[i:i + batch],)), device),
+                          labels[eval_idx[i:i + batch]].to(device)) for i in range(0, len(eval_idx), batch))
+        down = downstream_metrics(model, sae, member.hook, model_batches)
+        row = {"dict_id": dict_id, "suite": spec.name, **asdict(member), "width": sae.cfg.width,
+               "store_id": spec.store_id, "model_id": spec.model_id, "dataset_id": spec.dataset_id,
+               **{k: float(v) for k, v in rec._asdict().items() if k not in ("fire_counts", "n_tokens")},
+               "n_eval_tokens": int(rec.n_tokens), **{k: float(v) for k, v in down._asdict().items()}}
+        row["n_images"] = int(row["n_images"])
+        write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, pa.Table.from_pylist([row]))
+        done.write_text(json.dumps(row, indent=2))
+    return json.loads(done.read_text())
+
+
+def ensure_features(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, *, device: str = "cpu") -> dict:
+    dict_id = dictionary_id(spec, member)
+    directory = root.dictionary(dict_id)
+    done = directory / "features.json"
+    if not done.exists():
+        sae = TopKSAE.load(directory, device=device)
+        store = _open_store(spec, root, member.hook)
+        eval_idx = _eval_images(spec, root)
+        batches = ((idx, acts.to(device)) for idx, acts in
+                   iter_images(store, eval_idx, images_per_batch=spec.evaluation.batch_images))
+        mined = mine_features(sae, batches, n_top=spec.evaluation.n_top)
+        write_table_partition(root.table("top_images"), {"dict_id": dict_id}, mined.top_images)
+        write_table_partition(root.table("feature_stats"), {"dict_id": dict_id}, mined.feature_stats)
+        np.save(directory / "heatmaps.npy", mined.heatmaps)
+        alive = int((np.asarray(mined.feature_stats.column("fire_count")) > 0).sum())
+        summary = {"dict_id": dict_id, "n_features": int(sae.cfg.width), "n_alive": alive,
+                   "n_top_rows": mined.top_images.num_rows}
+        done.write_text(json.dumps(summary, indent=2))
+    return json.loads(done.read_text())

@@ -1,0 +1,51 @@
+"""Stage 2: train (or reuse) the suite's mouse ViT on its dataset's task."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from analysis.catalog import write_table_partition
+from analysis.images import open_images, read_labels
+from analysis.mouse import MouseTrainConfig, train_mouse
+from analysis.paths import DataRoot
+from analysis.stages.dataset import shapes_config
+from analysis.suite import SuiteSpec
+from analysis.vit import HookedViT, ViTConfig
+
+RESULT_FILE = "result.json"  # written last: its presence marks a finished model
+
+
+def vit_config(spec: SuiteSpec) -> ViTConfig:
+    n_classes = len(shapes_config(spec).class_names)
+    return ViTConfig(**{**spec.model.vit, "n_classes": n_classes})
+
+
+def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progress: bool = True) -> dict:
+    directory = root.model(spec.model_id)
+    done = directory / RESULT_FILE
+    if not done.exists():
+        images = open_images(root.images(spec.dataset_id))[...]
+        labels = read_labels(root.images(spec.dataset_id))
+        cfg = MouseTrainConfig(vit=vit_config(spec), **spec.model.train)
+        result = train_mouse(
+            images, labels.column("label").to_numpy(), np.asarray(labels.column("split").to_pylist()),
+            cfg, device=device, progress=progress,
+        )
+        result.model.save(directory)
+        history = pa.Table.from_pylist(result.history)
+        write_table_partition(root.table("mouse_history"), {"model_id": spec.model_id}, history)
+        summary = {
+            "model_id": spec.model_id, "dataset_id": spec.dataset_id,
+            "train_accuracy": float(result.train_accuracy), "eval_accuracy": float(result.eval_accuracy),
+            "steps": int(result.steps), "train_seconds": round(float(result.seconds), 2),
+            "weights_hash": result.model.weights_hash(),
+        }
+        done.write_text(json.dumps(summary, indent=2))
+    return {**json.loads(done.read_text()), "path": str(directory)}
+
+
+def load_model(spec: SuiteSpec, root: DataRoot, device: str = "cpu") -> HookedViT:
+    return HookedViT.load(root.model(spec.model_id), device=device).eval()

@@ -1,0 +1,54 @@
+"""Stage 7: the catalog views, the FVU-vs-L0 plot and the summary table."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from analysis.catalog import connect_catalog, refresh_catalog
+from analysis.paths import DataRoot
+from analysis.plots import plot_fvu_vs_l0
+from analysis.suite import SuiteSpec
+
+SUMMARY_COLUMNS = ("hook", "k", "width", "l0", "fvu", "dead_fraction", "dense_fraction",
+                   "ce_clean", "ce_spliced", "ce_ablated", "loss_recovered", "ablation_gap",
+                   "acc_clean", "acc_spliced")
+
+
+def build_catalog(root: DataRoot) -> list[str]:
+    return refresh_catalog(root.catalog, root.root / "tables")
+
+
+def suite_evaluations(spec: SuiteSpec, root: DataRoot) -> pa.Table:
+    """This suite's evaluation rows, through the catalog (the same SQL a researcher runs)."""
+    con = connect_catalog(root.catalog)
+    try:
+        return con.execute(
+            "SELECT * FROM evaluations WHERE suite = ? AND store_id = ? ORDER BY hook, k, expansion, seed",
+            [spec.name, spec.store_id],
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def write_report(spec: SuiteSpec, root: DataRoot) -> dict:
+    evals = suite_evaluations(spec, root)
+    plot = plot_fvu_vs_l0(evals, root.reports / f"{spec.name}_fvu_vs_l0.png")
+    return {"plot": str(plot), "n_dictionaries": evals.num_rows, "table": format_summary(evals)}
+
+
+def format_summary(evals: pa.Table) -> str:
+    """A fixed-width text table of the suite's headline metrics."""
+    rows = evals.select([c for c in SUMMARY_COLUMNS if c in evals.column_names]).to_pylist()
+    if not rows:
+        return "(no evaluations)"
+    cells = [[_fmt(v) for v in r.values()] for r in rows]
+    header = list(rows[0].keys())
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)

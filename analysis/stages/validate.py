@@ -1,0 +1,25 @@
+"""Check a whole suite before any work starts: every name and every override is tried here."""
+
+from __future__ import annotations
+
+from analysis.mouse import MouseTrainConfig
+from analysis.stages.activations import check_hooks, store_layout
+from analysis.stages.dictionaries import train_config
+from analysis.stages.model import vit_config
+from analysis.suite import SuiteSpec
+
+
+def validate_suite(spec: SuiteSpec) -> None:
+    """Raise ValueError/TypeError naming the bad value; returns None when the suite can run."""
+    vit = vit_config(spec)  # also builds ShapesConfig from the dataset overrides
+    try:
+        MouseTrainConfig(vit=vit, **spec.model.train)
+    except TypeError as err:
+        raise ValueError(f"bad key in suite section model.train: {err}") from err
+    check_hooks(spec)
+    store_layout(spec)
+    for member in spec.members():
+        try:
+            train_config(spec, member, vit.d_model)
+        except TypeError as err:
+            raise ValueError(f"bad key in suite section dictionaries.train: {err}") from err

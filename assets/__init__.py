@@ -1,0 +1,17 @@
+"""Thin Dagster assets: each pulls its resources, calls one analysis stage, returns metadata."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from analysis.suite import SuiteSpec
+from assets.activations import activation_assets
+from assets.dictionaries import dictionary_assets
+from assets.images import images_asset
+from assets.model import model_asset
+from assets.report import report_assets
+
+
+def build_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
+    return [images_asset(spec), model_asset(spec), *activation_assets(spec), *dictionary_assets(spec),
+            *report_assets(spec)]

@@ -1,0 +1,36 @@
+"""Small helpers shared by the asset modules: metadata and data versions."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+
+from analysis.ids import content_id
+
+
+def metadata(summary: dict) -> dict:
+    """Turn a stage summary into UI metadata: paths as paths, numbers as numbers."""
+    out = {}
+    for key, value in summary.items():
+        if key in ("path", "plot") or key.endswith("_path"):
+            out[key] = dg.MetadataValue.path(str(value))
+        elif key == "table":
+            out[key] = dg.MetadataValue.md(f"```\n{value}\n```")
+        elif isinstance(value, (int, float, str, bool)):
+            out[key] = value
+        else:
+            out[key] = dg.MetadataValue.json(value)
+    return out
+
+
+def image_markdown(path: str | Path) -> dg.MetadataValue:
+    """Inline a small PNG so the UI shows it without serving files."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return dg.MetadataValue.md(f"![plot](data:image/png;base64,{data})")
+
+
+def data_version(*parts) -> dg.DataVersion:
+    """Content-derived: same upstream ids and config, same version, so nothing looks stale."""
+    return dg.DataVersion(content_id("v", [str(p) for p in parts]))

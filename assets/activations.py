@@ -1,0 +1,40 @@
+"""Activation assets: the store layout, the extraction partitioned by image shard, the statistics."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from analysis.stages.activations import ensure_layout, ensure_stats, extract, store_layout
+from analysis.suite import SuiteSpec
+from assets._common import data_version, metadata
+from resources import ComputeResource, StorageResource
+
+
+def shard_partitions(spec: SuiteSpec) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition([f"{i:04d}" for i in range(store_layout(spec).n_shards)])
+
+
+def activation_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
+    @dg.asset(name="activation_layout", group_name="activations", code_version="1", deps=["mouse_model"],
+              kinds={"zarr"}, description="Creates every hook's Zarr arrays once, before the shards fill them.")
+    def activation_layout(storage: StorageResource) -> dg.MaterializeResult:
+        summary = ensure_layout(spec, storage.data_root())
+        return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(spec.store_id))
+
+    @dg.asset(name="activations", group_name="activations", code_version="1", deps=["activation_layout"],
+              partitions_def=shard_partitions(spec), kinds={"zarr"},
+              description=f"Activations of {', '.join(spec.activations.hooks)}, one partition per image shard.")
+    def activations(context: dg.AssetExecutionContext, storage: StorageResource,
+                    compute: ComputeResource) -> dg.MaterializeResult:
+        shard = int(context.partition_key)
+        summary = extract(spec, storage.data_root(), shard, device=compute.apply())
+        context.log.info(f"shard {shard}: {summary}")
+        return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(spec.store_id, shard))
+
+    @dg.asset(name="activation_stats", group_name="activations", code_version="1", deps=["activations"],
+              description="Per-dimension mean/variance and mean token norm per hook (merged shard partials).")
+    def activation_stats(storage: StorageResource) -> dg.MaterializeResult:
+        summary = ensure_stats(spec, storage.data_root())
+        return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(spec.store_id))
+
+    return [activation_layout, activations, activation_stats]

@@ -1,0 +1,54 @@
+"""Dictionary assets, one partition per suite member: training, evaluation, feature mining."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import dagster as dg
+
+from analysis.stages.dictionaries import dictionary_id, ensure_dictionary, ensure_evaluation, ensure_features
+from analysis.suite import SuiteSpec
+from assets._common import data_version, metadata
+from resources import ComputeResource, StorageResource, TrackerResource
+
+
+def member_partitions(spec: SuiteSpec) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition([m.key for m in spec.members()])
+
+
+def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
+    partitions = member_partitions(spec)
+
+    @dg.asset(name="dictionaries", group_name="dictionaries", code_version="1", deps=["activation_stats"],
+              partitions_def=partitions, kinds={"pytorch", "safetensors"},
+              description="One sparse autoencoder checkpoint per suite member, with full lineage.")
+    def dictionaries(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
+                     tracker: TrackerResource) -> dg.MaterializeResult:
+        member = spec.member(context.partition_key)
+        root = storage.data_root()
+        with tracker.run(dictionary_id(spec, member), asdict(member), root) as log:
+            summary = ensure_dictionary(spec, root, member, device=compute.apply(), on_log=log)
+        return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(summary["dict_id"]))
+
+    @dg.asset(name="evaluations", group_name="dictionaries", code_version="1", deps=["dictionaries"],
+              partitions_def=partitions, kinds={"parquet"},
+              description="L0, FVU, dead/dense fractions and loss recovered when spliced (DESIGN.md §4).")
+    def evaluations(context: dg.AssetExecutionContext, storage: StorageResource,
+                    compute: ComputeResource) -> dg.MaterializeResult:
+        member = spec.member(context.partition_key)
+        row = ensure_evaluation(spec, storage.data_root(), member, device=compute.apply())
+        keep = ("dict_id", "l0", "fvu", "dead_fraction", "dense_fraction", "loss_recovered", "ablation_gap",
+                "ce_clean", "ce_spliced", "ce_ablated", "acc_spliced", "n_eval_tokens")
+        return dg.MaterializeResult(metadata=metadata({k: row[k] for k in keep}),
+                                    data_version=data_version(row["dict_id"], "eval"))
+
+    @dg.asset(name="features", group_name="dictionaries", code_version="1", deps=["dictionaries"],
+              partitions_def=partitions, kinds={"parquet"},
+              description="Top max-activating held-out images per feature, with token heatmaps and statistics.")
+    def features(context: dg.AssetExecutionContext, storage: StorageResource,
+                 compute: ComputeResource) -> dg.MaterializeResult:
+        member = spec.member(context.partition_key)
+        summary = ensure_features(spec, storage.data_root(), member, device=compute.apply())
+        return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(summary["dict_id"], "feat"))
+
+    return [dictionaries, evaluations, features]

@@ -1,0 +1,21 @@
+"""The image dataset asset."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from analysis.stages.dataset import ensure_dataset
+from analysis.suite import SuiteSpec
+from assets._common import data_version, metadata
+from resources import StorageResource
+
+
+def images_asset(spec: SuiteSpec) -> dg.AssetsDefinition:
+    @dg.asset(name="images", group_name="data", code_version="1", kinds={"zarr", "parquet"},
+              description=f"Generated `{spec.dataset.generator}` images and labels ({spec.dataset_id}).")
+    def images(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        summary = ensure_dataset(spec, storage.data_root())
+        context.log.info(f"dataset {summary['dataset_id']}: {summary['n_images']} images at {summary['path']}")
+        return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(summary["content_hash"]))
+
+    return images

@@ -1,0 +1,34 @@
+"""The catalog (DuckDB views over the tables) and the suite report (plot + summary table)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from analysis.stages.report import build_catalog, write_report
+from analysis.suite import SuiteSpec
+from assets._common import data_version, image_markdown, metadata
+from resources import StorageResource
+
+
+def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
+    @dg.asset(name="catalog", group_name="catalog", code_version="1", deps=["evaluations", "features"],
+              kinds={"duckdb"}, description="DuckDB views over every Parquet table under the data root.")
+    def catalog(storage: StorageResource) -> dg.MaterializeResult:
+        root = storage.data_root()
+        views = build_catalog(root)
+        return dg.MaterializeResult(
+            metadata={"path": dg.MetadataValue.path(str(root.catalog)), "views": ", ".join(views)},
+            data_version=data_version(spec.store_id, *(m.key for m in spec.members())),
+        )
+
+    @dg.asset(name="report", group_name="catalog", code_version="1", deps=["catalog"], kinds={"matplotlib"},
+              description="FVU vs L0 plot and the suite's summary table.")
+    def report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        summary = write_report(spec, storage.data_root())
+        context.log.info("\n" + summary["table"])
+        return dg.MaterializeResult(
+            metadata={**metadata(summary), "fvu_vs_l0": image_markdown(summary["plot"])},
+            data_version=data_version(summary["table"]),
+        )
+
+    return [catalog, report]

@@ -1,0 +1,63 @@
+"""Dagster definitions for one suite: assets, resources, jobs and a schedule.
+
+`workspace.yaml` loads `pipelines.definitions:defs`. Which suite and data root come from the
+environment: SPECTRA_SUITE (a name in pipelines/suites/ or a YAML path; default `default`) and
+SPECTRA_ROOT (default `./data`). SPECTRA_TRACKER picks wandb's mode (offline, online, disabled).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from analysis.stages.validate import validate_suite
+from analysis.suite import SuiteSpec, load_suite
+from assets import build_assets
+from resources import CatalogResource, ComputeResource, StorageResource, TrackerResource
+
+SUITES_DIR = Path(__file__).parent / "suites"
+
+
+def resolve_suite(name_or_path: str) -> SuiteSpec:
+    """A suite by name (pipelines/suites/<name>.yaml) or by YAML path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SUITES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            names = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+            raise ValueError(f"unknown suite {name_or_path!r}; valid: {', '.join(names)} (or a path to a YAML file)")
+    return load_suite(path)
+
+
+def default_resources(root: str | None = None) -> dict:
+    return {
+        "storage": StorageResource(root=root or os.environ.get("SPECTRA_ROOT", "data")),
+        "compute": ComputeResource(device=os.environ.get("SPECTRA_DEVICE", "auto")),
+        "tracker": TrackerResource(mode=os.environ.get("SPECTRA_TRACKER", "offline")),
+        "catalog": CatalogResource(),
+    }
+
+
+JOB_SELECTIONS = {
+    "prepare_job": ["images", "mouse_model", "activation_layout"],
+    "extract_job": ["activations"],
+    "stats_job": ["activation_stats"],
+    "dictionary_job": ["dictionaries", "evaluations", "features"],
+    "report_job": ["catalog", "report"],
+}
+
+
+def build_definitions(spec: SuiteSpec, resources: dict | None = None) -> dg.Definitions:
+    validate_suite(spec)  # bad names fail here, before any asset runs
+    jobs = [dg.define_asset_job(name, selection=sel, description=f"{spec.name}: {', '.join(sel)}")
+            for name, sel in JOB_SELECTIONS.items()]
+    # Weekly rerun of the unpartitioned head: with nothing changed it reuses every artifact.
+    schedule = dg.ScheduleDefinition(job=jobs[0], cron_schedule="0 3 * * 1",
+                                     default_status=dg.DefaultScheduleStatus.STOPPED)
+    return dg.Definitions(assets=build_assets(spec), jobs=jobs, schedules=[schedule],
+                          resources=resources or default_resources())
+
+
+defs = build_definitions(resolve_suite(os.environ.get("SPECTRA_SUITE", "default")))

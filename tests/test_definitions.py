@@ -1,0 +1,45 @@
+import os
+import stat
+
+import dagster as dg
+import pytest
+
+from resources.storage import StorageResource
+
+
+def test_definitions_load_with_every_asset_job_and_schedule():
+    from pipelines.definitions import JOB_SELECTIONS, defs
+
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == {"images", "mouse_model", "activation_layout", "activations", "activation_stats",
+                    "dictionaries", "evaluations", "features", "catalog", "report"}
+    for name in JOB_SELECTIONS:
+        assert defs.resolve_job_def(name) is not None
+    assert defs.resolve_schedule_def("prepare_job_schedule").cron_schedule == "0 3 * * 1"
+    parts = defs.resolve_assets_def("dictionaries").partitions_def.get_partition_keys()
+    assert "b1_resid_post-topk-x16-k32-s0" in parts
+    for assets_def in defs.resolve_all_asset_specs():
+        assert assets_def.code_version, assets_def.key
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits do not bind")
+def test_unwritable_root_names_the_path(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IREAD | stat.S_IEXEC)
+    with pytest.raises(PermissionError, match=str(locked)):
+        StorageResource(root=str(locked / "data")).data_root()
+
+
+def test_root_under_a_file_names_the_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="SPECTRA_ROOT"):
+        StorageResource(root=str(blocker / "data")).data_root()
+
+
+def test_compute_resource_resolves_a_device():
+    from resources.compute import ComputeResource
+
+    assert ComputeResource(device="cpu").apply() == "cpu"
+    assert ComputeResource().resolved_device() in ("cpu", "cuda", "mps")

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from analysis.suite import DictionaryMember, SuiteSpec, load_suite, parse_suite
+from pipelines.definitions import SUITES_DIR, resolve_suite
+
+TINY = Path(__file__).parent / "suites" / "tiny.yaml"
+
+
+def test_default_suite_parses_and_has_a_grid_of_at_least_two_hooks_by_two_ks():
+    spec = resolve_suite("default")
+    members = spec.members()
+    assert len({m.hook for m in members}) >= 2 and len({m.k for m in members}) >= 2
+    assert len({m.key for m in members}) == len(members)
+
+
+def test_ids_are_content_derived():
+    a, b = load_suite(TINY), load_suite(TINY)
+    assert (a.dataset_id, a.model_id, a.store_id) == (b.dataset_id, b.model_id, b.store_id)
+    raw = {"name": "x", "dataset": {"params": {"n_images": 100}}}
+    changed = parse_suite({"name": "x", "dataset": {"params": {"n_images": 101}}})
+    same = parse_suite(raw)
+    assert changed.dataset_id != same.dataset_id
+    assert changed.model_id != same.model_id and changed.store_id != same.store_id  # ids chain downstream
+    bigger_batch = parse_suite({**raw, "activations": {"batch_size": 64}})
+    assert bigger_batch.store_id == same.store_id  # extraction batch size changes no stored value
+
+
+def test_member_keys_are_readable_and_stable():
+    m = DictionaryMember("blocks.1.hook_resid_post", "topk", 16, 32, 0)
+    assert m.key == "b1_resid_post-topk-x16-k32-s0"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"dataset": {"generator": "dsprite"}}, "valid: shapes"),
+        ({"model": {"kind": "clip"}}, "valid: mouse"),
+        ({"dictionaries": {"architectures": ["topkk"]}}, "did you mean topk"),
+        ({"activations": {"dtype": "float8"}}, "valid: float16, bfloat16, float32"),
+        ({"activatons": {}}, "did you mean activations"),
+        ({"dictionaries": {"ks": [0]}}, "k=0"),
+        ({"activations": {"images_per_shard": 100, "images_per_chunk": 64}}, "multiple"),
+    ],
+)
+def test_bad_names_fail_listing_valid_ones(raw, message):
+    with pytest.raises(ValueError, match=message):
+        spec = parse_suite({"name": "bad", **raw})
+        spec.members()
+
+
+def test_unknown_hook_is_rejected_before_work_with_valid_names():
+    from analysis.stages.validate import validate_suite
+
+    spec = parse_suite({"name": "bad", "activations": {"hooks": ["blocks.0.hook_resid_pots"]}})
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_post"):
+        validate_suite(spec)
+
+
+def test_dictionary_hook_must_be_captured():
+    spec = parse_suite({"name": "bad", "activations": {"hooks": ["blocks.0.hook_resid_post"]},
+                        "dictionaries": {"hooks": ["blocks.1.hook_resid_post"]}})
+    with pytest.raises(ValueError, match="must be one of activations.hooks"):
+        spec.members()
+
+
+def test_unknown_suite_name_lists_suites():
+    with pytest.raises(ValueError, match="default"):
+        resolve_suite("nope")
+    assert (SUITES_DIR / "default.yaml").exists()
+
+
+def test_spec_is_frozen():
+    spec = SuiteSpec(name="x")
+    with pytest.raises(Exception):
+        spec.name = "y"
