@@ -228,12 +228,8 @@ class _ShardAccumulator:
         self.norm_sum += float(norms.to(self.stat_dtype).sum())
         if self.mean is None:
             self.count, self.mean, self.m2 = nb, mean_b, m2_b
-            return
-        n = self.count + nb  # Chan et al.: merge two (count, mean, M2) partials
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2_b + delta.square() * (self.count * nb / n)
-        self.count = n
+        else:
+            self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, nb, mean_b, m2_b)
 
     def add_rows(self, acts: np.ndarray, norms: np.ndarray, writer: _Writer, final: bool):
         """Buffer rows; hand every full chunk (and the shard's short tail) to the writer."""
@@ -251,6 +247,13 @@ class _ShardAccumulator:
             writer.put(self.norms, self.chunk_start + lo, norms_all[lo:hi])
         self.chunk_start += n_out
         self.buf_acts, self.buf_norms = [acts_all[n_out:]], [norms_all[n_out:]]
+
+
+def chan_merge(n_a: int, mean_a, m2_a, n_b: int, mean_b, m2_b):
+    """Merge two (count, mean, M2) partials (Chan et al.); numpy arrays or torch tensors."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
 def _cast(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -288,6 +291,8 @@ def extract_shard(
         raise ValueError(f"tokens={tokens!r}: expected 'all', 'cls' or 'patches'")
     if not stores:
         raise ValueError("stores is empty: pass {hook: store_path} for at least one hook")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected a positive int, e.g. 256")
     layouts = {hook: read_layout(p) for hook, p in stores.items()}
     layout = next(iter(layouts.values()))
     if any(lay != layout for lay in layouts.values()):
@@ -379,12 +384,8 @@ def merge_partials(path: str | Path) -> StoreStats:
     counts, norm_sums = p["count"][:], p["norm_sum"][:]
     means, m2s = p["mean"][:], p["m2"][:]
     n, mean, m2 = 0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
-    for nb, mean_b, m2_b in zip(counts, means, m2s):
-        total = n + int(nb)
-        delta = mean_b - mean
-        mean = mean + delta * (nb / total)
-        m2 = m2 + m2_b + delta**2 * (n * nb / total)
-        n = total
+    for nb, mean_b, m2_b in zip(counts.tolist(), means, m2s):
+        n, mean, m2 = chan_merge(n, mean, m2, nb, mean_b, m2_b)
     return StoreStats(mean, m2 / n, float(norm_sums.sum() / n), n)
 
 

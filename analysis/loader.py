@@ -25,10 +25,13 @@ from analysis.activations import StoreStats, merge_partials, missing_shards, rea
 
 
 def decode(raw: np.ndarray, logical_dtype: str) -> torch.Tensor:
-    """Stored values -> float32 tensor (bfloat16 is stored as its uint16 bits)."""
-    if logical_dtype == "bfloat16":
-        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(raw).float()
+    """Stored values -> float32 tensor (bfloat16 is stored as its uint16 bits).
+
+    Done in numpy: on CPU it widens 16-bit floats 2-3x faster than torch's `.float()`.
+    """
+    if logical_dtype == "bfloat16":  # bfloat16 is the top half of a float32
+        return torch.from_numpy((raw.astype(np.uint32) << 16).view(np.float32))
+    return torch.from_numpy(raw.astype(np.float32, copy=False))
 
 
 class ActivationStore:
@@ -73,17 +76,22 @@ class ActivationStore:
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Images [start, stop) as (n, T, d) float32."""
+        return decode(self.read_raw(start, stop), self.dtype)
+
+    def read_raw(self, start: int, stop: int) -> np.ndarray:
+        """Images [start, stop) as stored (float16/float32, or uint16 bfloat16 bits)."""
         if not 0 <= start <= stop <= self.n_images:
             raise ValueError(f"read({start}, {stop}): expected 0 <= start <= stop <= {self.n_images}")
-        return decode(self._acts[start:stop], self.dtype)
+        return self._acts[start:stop]
 
     def read_norms(self, start: int, stop: int) -> torch.Tensor:
         return torch.from_numpy(self._group["norms"][start:stop])
 
-    def read_chunk(self, chunk: int) -> torch.Tensor:
-        """One whole chunk (the unit of every loader read) as (n, T, d) float32."""
+    def read_chunk(self, chunk: int, raw: bool = False) -> torch.Tensor | np.ndarray:
+        """One whole chunk (the unit of every loader read): (n, T, d) float32, or as stored."""
         start = chunk * self.chunk_images
-        return self.read(start, min(start + self.chunk_images, self.n_images))
+        stop = min(start + self.chunk_images, self.n_images)
+        return self.read_raw(start, stop) if raw else self.read(start, stop)
 
 
 def split_images(n_images: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +147,7 @@ class ShuffledLoader:
         self._chunks = np.unique(idx // ipc).tolist()
         self._local = {c: np.flatnonzero(mask[c * ipc : (c + 1) * ipc]) for c in self._chunks}
         self.n_rows = len(idx) * store.n_tokens
+        self._acts_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[store.dtype]
         if self.batches_per_epoch() == 0:
             raise ValueError(
                 f"{self.n_rows} tokens make no full batch of {batch_size}: lower batch_size, "
@@ -158,9 +167,25 @@ class ShuffledLoader:
         self._state = LoaderState(**state) if isinstance(state, dict) else LoaderState(*state)
 
     def _rows(self, chunk: int) -> np.ndarray:
-        """Selected images' tokens of one chunk, (rows, d) float32; reads the whole chunk."""
-        acts = self.store.read_chunk(chunk).numpy()
-        return acts[self._local[chunk]].reshape(-1, self.store.d_model)
+        """Selected images' tokens of one chunk, (rows, d) as stored; reads the whole chunk."""
+        acts, local = self.store.read_chunk(chunk, raw=True), self._local[chunk]
+        if len(local) < len(acts):
+            acts = acts[local]
+        return acts.reshape(-1, self.store.d_model)
+
+    def _read_buffer(self, chunks: list[int]) -> np.ndarray:
+        """A buffer's rows as stored, after `batch_size` spare rows where the carry goes.
+
+        Buffers stay in the stored dtype (half the bytes to permute for 16-bit stores); each
+        batch is decoded to float32 after the gather, on the target device.
+        """
+        parts = [self._rows(c) for c in chunks]
+        out = np.empty((self.batch_size + sum(map(len, parts)), self.store.d_model), parts[0].dtype)
+        pos = self.batch_size
+        for part in parts:
+            out[pos : pos + len(part)] = part
+            pos += len(part)
+        return out
 
     def _plan(self, epoch: int):
         """Data-free schedule of one epoch: chunk order, row offsets and a lazy buffer plan.
@@ -190,7 +215,7 @@ class ShuffledLoader:
     def _reread(self, ids: np.ndarray, order: list[int], offsets: np.ndarray) -> np.ndarray:
         """Rows for epoch row ids (a carry, on resume), reading the whole chunks that hold them."""
         pos = np.searchsorted(offsets, ids, side="right") - 1
-        out = np.empty((len(ids), self.store.d_model), dtype=np.float32)
+        out = np.empty((len(ids), self.store.d_model), dtype=self._acts_dtype)
         for p in np.unique(pos):
             sel = pos == p
             out[sel] = self._rows(order[p])[ids[sel] - offsets[p]]
@@ -206,15 +231,18 @@ class ShuffledLoader:
             done, skipped = done + n_full, skipped + 1
         bc = self.buffer_chunks
         rest = [order[b : b + bc] for b in range(skipped * bc, len(order), bc)]
-        reader = _Prefetcher(rest, self._rows, self.prefetch)
+        reader = _Prefetcher(rest, self._read_buffer, self.prefetch)
+        bs = self.batch_size
         try:
             carry = self._reread(carry_ids, order, offsets)
             while chunks is not None:
-                data = np.concatenate([carry, reader.get()])
-                for j in range(max(start_batch - done, 0), n_full):
-                    yield self._to_device(data[perm[j * self.batch_size : (j + 1) * self.batch_size]])
+                buf = reader.get()
+                data = buf[bs - len(carry) :]  # carry rows first, as in the plan's row ids
+                data[: len(carry)] = carry
+                for j in range(max(start_batch - done, 0), n_full):  # np.take: fastest gather
+                    yield self._to_device(np.take(data, perm[j * bs : (j + 1) * bs], axis=0))
                 done += n_full
-                carry = data[perm[n_full * self.batch_size :]]
+                carry = np.take(data, perm[n_full * bs :], axis=0)
                 chunks, _, perm, n_full = next(plan)
             if not self.drop_last and len(carry) and start_batch <= done:
                 yield self._to_device(carry)
@@ -222,10 +250,13 @@ class ShuffledLoader:
             reader.close()
 
     def _to_device(self, rows: np.ndarray) -> torch.Tensor:
+        """Stored-dtype rows -> float32 on the device (on GPU: 16-bit rows cross, then widen)."""
+        if self.device.type != "cuda":
+            return decode(rows, self.store.dtype).to(self.device)
         t = torch.from_numpy(rows)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        if self.store.dtype == "bfloat16":
+            t = t.view(torch.bfloat16)
+        return t.pin_memory().to(self.device, non_blocking=True).float()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
@@ -248,7 +279,7 @@ class _Prefetcher:
     def _run(self, buffers, read_rows):
         for chunks in buffers:
             try:
-                item = np.concatenate([read_rows(c) for c in chunks])
+                item = read_rows(chunks)
             except BaseException as e:  # re-raised in the consumer by get()
                 item = e
             while not self._stop.is_set():

@@ -1,6 +1,5 @@
 """Thin Dagster assets: each pulls its resources, calls one analysis stage, returns metadata."""
 
-from __future__ import annotations
 
 import dagster as dg
 

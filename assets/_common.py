@@ -1,6 +1,5 @@
 """Small helpers shared by the asset modules: metadata and data versions."""
 
-from __future__ import annotations
 
 import base64
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Activation assets: the store layout, the extraction partitioned by image shard, the statistics."""
 
-from __future__ import annotations
 
 import dagster as dg
 

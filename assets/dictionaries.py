@@ -1,6 +1,5 @@
 """Dictionary assets, one partition per suite member: training, evaluation, feature mining."""
 
-from __future__ import annotations
 
 from dataclasses import asdict
 

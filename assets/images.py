@@ -1,6 +1,5 @@
 """The image dataset asset."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,6 +1,5 @@
 """The model asset: the mouse ViT trained on the dataset's task."""
 
-from __future__ import annotations
 
 import dagster as dg
 

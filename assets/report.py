@@ -1,6 +1,5 @@
 """The catalog (DuckDB views over the tables) and the suite report (plot + summary table)."""
 
-from __future__ import annotations
 
 import dagster as dg
 

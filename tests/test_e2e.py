@@ -24,6 +24,7 @@ UNPARTITIONED = ["images", "mouse_model", "activation_layout", "activation_stats
 def suite_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     spec = load_suite(TINY)
+    (tmp / "dagster_home").mkdir()
     instance = dg.DagsterInstance.local_temp(tempdir=str(tmp / "dagster_home"))
     timings = run_suite(spec, tmp / "data", instance=instance, log=lambda _: None)
     yield spec, DataRoot(tmp / "data"), instance, timings
@@ -41,7 +42,7 @@ def _data_versions(instance) -> dict[str, str]:
 def test_catalog_holds_one_evaluation_per_member_with_real_numbers(suite_run):
     spec, root, _, _ = suite_run
     con = connect_catalog(root.catalog)
-    rows = con.execute("SELECT * FROM evaluations ORDER BY hook, k").fetch_arrow_table().to_pylist()
+    rows = con.sql("SELECT * FROM evaluations ORDER BY hook, k").to_arrow_table().to_pylist()
     views = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     con.close()
     assert {"evaluations", "top_images", "feature_stats", "train_log", "mouse_history"} <= views
@@ -76,8 +77,8 @@ def test_top_images_are_held_out_and_ranked(suite_run):
     spec, root, _, _ = suite_run
     _, eval_idx = split_indices(root, spec.dataset_id)
     con = connect_catalog(root.catalog)
-    top = con.execute("SELECT dict_id, feature, rank, image_idx, activation FROM top_images "
-                      "ORDER BY dict_id, feature, rank").fetch_arrow_table().to_pylist()
+    top = con.sql("SELECT dict_id, feature, rank, image_idx, activation FROM top_images "
+                      "ORDER BY dict_id, feature, rank").to_arrow_table().to_pylist()
     con.close()
     assert top and {r["image_idx"] for r in top} <= set(eval_idx[: spec.evaluation.max_images].tolist())
     assert max(r["rank"] for r in top) < spec.evaluation.n_top

@@ -81,7 +81,7 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
                   for _, acts in iter_images(store, eval_idx, images_per_batch=batch))
         rec = reconstruction_metrics(sae, tokens)
         images = open_images(root.images(spec.dataset_id))
-        labels = torch.from_numpy(read_labels(root.images(spec.dataset_id)).column("label").to_numpy())
+        labels = torch.from_numpy(read_labels(root.images(spec.dataset_id)).column("label").to_numpy().copy())
         model = load_model(spec, root, device=device)
         model_batches = ((to_model_input(images.get_orthogonal_selection((eval_idx[i:i + batch],)), device),
                           labels[eval_idx[i:i + batch]].to(device)) for i in range(0, len(eval_idx), batch))

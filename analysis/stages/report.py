@@ -22,9 +22,9 @@ def suite_evaluations(spec: SuiteSpec, root: DataRoot) -> pa.Table:
     """This suite's evaluation rows, through the catalog (the same SQL a researcher runs)."""
     con = connect_catalog(root.catalog)
     try:
-        return con.execute(
-            "SELECT * FROM evaluations WHERE suite = ? AND store_id = ? ORDER BY hook, k, expansion, seed",
-            [spec.name, spec.store_id],
+        return con.sql(
+            "SELECT * FROM evaluations WHERE suite = $suite AND store_id = $store ORDER BY hook, k, expansion, seed",
+            params={"suite": spec.name, "store": spec.store_id},
         ).to_arrow_table()
     finally:
         con.close()

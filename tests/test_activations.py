@@ -1,0 +1,254 @@
+"""Activation extraction: values, dtypes, token selection, resume, failures, stats."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from analysis.activations import (
+    StoreLayout,
+    create_store,
+    extract_shard,
+    finalize_stats,
+    is_complete,
+    missing_shards,
+)
+from analysis.images import to_model_input
+
+N, H, P, D = 150, 8, 4, 12  # images, image side, patch side, width
+T = (H // P) ** 2 + 1  # patches + a CLS-like token
+BATCH = 20  # deliberately not a divisor of the chunk size
+
+
+def make_images(n=N, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, H, H, 3), dtype=np.uint8)
+
+
+class SyntheticCapture:
+    """A fixed random patch embedding: pixels -> (B, T, d) for two hooks."""
+
+    def __init__(self, seed=0, scale=1.0):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(3 * P * P, D, generator=g) * scale
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        b = x.shape[0]
+        patches = x.unfold(2, P, P).unfold(3, P, P).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, 3 * P * P)
+        tok = patches @ self.w
+        tok = torch.cat([tok.mean(1, keepdim=True), tok], dim=1)
+        return {"blocks.0": tok, "blocks.1": torch.tanh(tok) * 3 - 1}
+
+
+def reference(capture, images, hook, batch=BATCH):
+    """The capture run on the same batches extraction uses, in fp32."""
+    outs = [capture(to_model_input(images[i : i + batch]))[hook] for i in range(0, len(images), batch)]
+    return torch.cat(outs).float()
+
+
+@pytest.fixture
+def image_array(tmp_path):
+    arr = zarr.create_array(store=str(tmp_path / "images.zarr"), shape=(N, H, H, 3),
+                            chunks=(64, H, H, 3), dtype="uint8")
+    arr[:] = make_images()
+    return arr
+
+
+def layout(**kw):
+    base = dict(n_images=N, n_tokens=T, d_model=D, images_per_shard=64, images_per_chunk=16)
+    return StoreLayout(**{**base, **kw})
+
+
+def build(root: Path, images, lay, capture=None, shards=None, tokens="all", lineage=None):
+    stores = {h: root / f"{h}.zarr" for h in ("blocks.0", "blocks.1")}
+    for p in stores.values():
+        create_store(p, lay, lineage or {"model": "m", "images": "i"})
+    capture = capture or SyntheticCapture()
+    reports = [
+        extract_shard(capture, images, stores, s, batch_size=BATCH, tokens=tokens, progress=False)
+        for s in (range(lay.n_shards) if shards is None else shards)
+    ]
+    return stores, reports
+
+
+def test_layout_validation_and_bounds():
+    lay = layout()
+    assert lay.n_shards == 3
+    assert lay.shard_bounds(0) == (0, 64) and lay.shard_bounds(2) == (128, 150)
+    with pytest.raises(ValueError, match="valid shards are 0..2"):
+        lay.shard_bounds(3)
+    with pytest.raises(ValueError, match="not a multiple of images_per_chunk"):
+        layout(images_per_shard=40)
+    with pytest.raises(ValueError, match="expected one of"):
+        layout(dtype="float64")
+    with pytest.raises(ValueError, match="n_tokens=0"):
+        layout(n_tokens=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_values_norms_and_dtypes(tmp_path, image_array, dtype):
+    stores, reports = build(tmp_path, image_array, layout(dtype=dtype))
+    assert [r.skipped for r in reports] == [False] * 3
+    assert sum(r.n_images for r in reports) == N
+    cap = SyntheticCapture()
+    for hook, path in stores.items():
+        g = zarr.open_group(str(path), mode="r")
+        ref = reference(cap, make_images(), hook)
+        raw = g["acts"][:]
+        if dtype == "bfloat16":
+            assert raw.dtype == np.uint16 and g.attrs["logical_dtype"] == "bfloat16"
+            got = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
+            torch.testing.assert_close(got, ref.to(torch.bfloat16).float(), rtol=0, atol=0)
+            torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+        elif dtype == "float16":
+            got = torch.from_numpy(raw).float()
+            torch.testing.assert_close(got, ref.half().float(), rtol=0, atol=0)
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+        else:
+            torch.testing.assert_close(torch.from_numpy(raw), ref, rtol=0, atol=0)
+        # Norms are of the fp32 activations, before any cast.
+        norms = torch.from_numpy(g["norms"][:])
+        torch.testing.assert_close(norms, torch.linalg.vector_norm(ref, dim=-1))
+        np.testing.assert_array_equal(g["image_idx"][:], np.arange(N))
+        assert g["acts"].chunks == (16, T, D) and g["acts"].shards == (64, T, D)
+
+
+@pytest.mark.parametrize("tokens,n_tok,sl", [("cls", 1, slice(0, 1)), ("patches", T - 1, slice(1, None))])
+def test_token_selection(tmp_path, image_array, tokens, n_tok, sl):
+    stores, _ = build(tmp_path, image_array, layout(n_tokens=n_tok, dtype="float32"), tokens=tokens)
+    got = zarr.open_group(str(stores["blocks.0"]), mode="r")["acts"][:]
+    ref = reference(SyntheticCapture(), make_images(), "blocks.0")[:, sl]
+    torch.testing.assert_close(torch.from_numpy(got), ref, rtol=0, atol=0)
+
+
+def test_wrong_token_count_is_a_clear_error(tmp_path, image_array):
+    with pytest.raises(ValueError, match=r"gave \(20, 5, 12\) after tokens='all'"):
+        build(tmp_path, image_array, layout(n_tokens=4))
+
+
+def _arrays(path):
+    g = zarr.open_group(str(path), mode="r")
+    out = {k: g[k][:] for k in ("acts", "norms", "image_idx", "mean", "var")}
+    out.update({f"partials/{k}": g["partials"][k][:] for k in ("count", "norm_sum", "mean", "m2")})
+    return out
+
+
+def test_resume_skips_done_shards_and_is_bit_identical(tmp_path, image_array):
+    lay = layout()
+    cap = SyntheticCapture()
+    stores, _ = build(tmp_path / "a", image_array, lay, capture=cap, shards=[0, 2])
+    assert missing_shards(stores["blocks.0"]) == [1] and not is_complete(stores["blocks.1"])
+    calls = cap.calls
+    _, reports = build(tmp_path / "a", image_array, lay, capture=cap)
+    assert [r.skipped for r in reports] == [True, False, True]
+    assert cap.calls - calls == -(-64 // BATCH)  # only shard 1's batches ran
+    fresh, _ = build(tmp_path / "b", image_array, lay)
+    for hook in stores:
+        finalize_stats(stores[hook]), finalize_stats(fresh[hook])
+        a, b = _arrays(stores[hook]), _arrays(fresh[hook])
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_shard_done_in_one_store_only_runs_for_the_other(tmp_path, image_array):
+    lay = layout()
+    stores, _ = build(tmp_path, image_array, lay, shards=[0])
+    (stores["blocks.1"] / "_complete" / "0").unlink()
+    rep = extract_shard(SyntheticCapture(), image_array, stores, 0, batch_size=BATCH, progress=False)
+    assert not rep.skipped and missing_shards(stores["blocks.1"]) == [1, 2]
+
+
+def _no_writer_thread():
+    return not any(t.name == "activation-writer" for t in threading.enumerate())
+
+
+def test_capture_error_mid_shard_leaves_no_marker(tmp_path, image_array):
+    class Failing(SyntheticCapture):
+        def __call__(self, x):
+            if self.calls == 2:
+                raise RuntimeError("boom")
+            return super().__call__(x)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        build(tmp_path, image_array, layout(), capture=Failing(), shards=[0])
+    assert missing_shards(tmp_path / "blocks.0.zarr") == [0, 1, 2]
+    assert _no_writer_thread()
+    # A clean rerun then completes the shard.
+    build(tmp_path, image_array, layout(), shards=[0])
+    assert missing_shards(tmp_path / "blocks.0.zarr") == [1, 2]
+
+
+def test_writer_error_propagates_and_leaves_no_marker(tmp_path, image_array):
+    lay = layout()
+    stores = {h: tmp_path / f"{h}.zarr" for h in ("blocks.0", "blocks.1")}
+    for p in stores.values():
+        create_store(p, lay, {})
+    (stores["blocks.1"] / "acts" / "c").write_text("not a directory")  # chunk writes must fail
+    with pytest.raises(RuntimeError, match="activation writer failed"):
+        extract_shard(SyntheticCapture(), image_array, stores, 1, batch_size=BATCH, progress=False)
+    assert missing_shards(stores["blocks.1"]) == [0, 1, 2]
+    assert missing_shards(stores["blocks.0"]) == [0, 1, 2]
+    assert _no_writer_thread()
+
+
+def test_nonfinite_raises_with_counts_per_hook(tmp_path, image_array):
+    class WithNaN(SyntheticCapture):
+        def __call__(self, x):
+            out = super().__call__(x)
+            out["blocks.1"][0, 1, :3] = float("nan")
+            out["blocks.1"][1, 0, 0] = float("inf")
+            return out
+
+    with pytest.raises(ValueError, match=r"counts per hook: \{'blocks.0': 0, 'blocks.1': 4\}"):
+        build(tmp_path, image_array, layout(), capture=WithNaN(), shards=[0])
+    assert missing_shards(tmp_path / "blocks.1.zarr") == [0, 1, 2]
+
+
+def test_float16_overflow_suggests_bfloat16(tmp_path, image_array):
+    big = SyntheticCapture(scale=1e5)
+    with pytest.raises(ValueError, match="bfloat16"):
+        build(tmp_path / "a", image_array, layout(), capture=big, shards=[0])
+    assert missing_shards(tmp_path / "a" / "blocks.0.zarr") == [0, 1, 2]
+    build(tmp_path / "b", image_array, layout(dtype="bfloat16"), capture=big, shards=[0])
+
+
+def test_create_store_idempotent_and_mismatch(tmp_path, image_array):
+    lay = layout()
+    stores, _ = build(tmp_path, image_array, lay, shards=[0], lineage={"model": "m", "ids": (1, 2)})
+    path = stores["blocks.0"]
+    create_store(path, lay, {"model": "m", "ids": (1, 2)})  # same: keeps the completed shard
+    assert missing_shards(path) == [1, 2]
+    with pytest.raises(ValueError, match="different layout/lineage"):
+        create_store(path, lay, {"model": "other"})
+    with pytest.raises(ValueError, match="images_per_chunk': 32"):
+        create_store(path, layout(images_per_chunk=32), {"model": "m", "ids": [1, 2]})
+    create_store(path, lay, {"model": "other"}, overwrite=True)
+    assert missing_shards(path) == [0, 1, 2]
+    assert zarr.open_group(str(path), mode="r").attrs["lineage"] == {"model": "other"}
+    with pytest.raises(ValueError, match="JSON-serializable"):
+        create_store(tmp_path / "x.zarr", lay, {"bad": object()})
+
+
+def test_finalize_stats_matches_numpy(tmp_path, image_array):
+    stores, _ = build(tmp_path, image_array, layout())
+    cap = SyntheticCapture()
+    for hook, path in stores.items():
+        ref = reference(cap, make_images(), hook).reshape(-1, D).double().numpy()
+        stats = finalize_stats(path)
+        torch.testing.assert_close(torch.from_numpy(stats.mean), torch.from_numpy(ref.mean(0)))
+        torch.testing.assert_close(torch.from_numpy(stats.var), torch.from_numpy(ref.var(0)))
+        assert stats.n_tokens == N * T
+        assert stats.mean_norm == pytest.approx(np.linalg.norm(ref, axis=1).mean(), rel=1e-6)
+        g = zarr.open_group(str(path), mode="r")
+        np.testing.assert_array_equal(g["mean"][:], stats.mean)
+        assert g.attrs["n_tokens_total"] == N * T
+
+
+def test_finalize_requires_all_shards(tmp_path, image_array):
+    stores, _ = build(tmp_path, image_array, layout(), shards=[1])
+    with pytest.raises(ValueError, match=r"shards \[0, 2\] not extracted"):
+        finalize_stats(stores["blocks.0"])

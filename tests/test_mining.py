@@ -1,0 +1,99 @@
+"""mine_features against a brute-force dense computation over the whole (small) set."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from analysis.mining import mine_features
+from analysis.sae import SAEConfig, TopKSAE
+
+N_IMG, T, D, WIDTH, K = 50, 5, 8, 24, 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=D, width=WIDTH, k=K))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_enc[-3:] = -100.0  # the last three features can never fire
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(N_IMG, T, D, generator=g)
+    image_idx = np.arange(1000, 1000 + N_IMG, dtype=np.int64)
+    return sae, acts, image_idx
+
+
+def _batches(acts, image_idx, sizes):
+    out, s = [], 0
+    for n in sizes:
+        out.append((image_idx[s : s + n], acts[s : s + n].numpy()))
+        s += n
+    return out
+
+
+def _brute_force(sae, acts, image_idx, n_top):
+    with torch.no_grad():
+        lat = sae.dense_latents(acts.reshape(-1, D)).reshape(N_IMG, T, WIDTH).numpy()
+    per_image = lat.max(1)  # (N, width)
+    rows = []
+    for f in range(WIDTH):
+        order = sorted(range(N_IMG), key=lambda i: (-per_image[i, f], image_idx[i]))
+        order = [i for i in order if per_image[i, f] > 0][:n_top]
+        for rank, i in enumerate(order):
+            rows.append((f, rank, int(image_idx[i]), float(per_image[i, f]), int(lat[i, :, f].argmax()), lat[i, :, f]))
+    return lat, rows
+
+
+@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 1 << 24), ([20, 30], 2 * T * WIDTH)])
+def test_top_images_match_brute_force(setup, sizes, chunk):
+    sae, acts, image_idx = setup
+    n_top = 4
+    res = mine_features(sae, _batches(acts, image_idx, sizes), n_top=n_top, max_latent_elements=chunk)
+    lat, rows = _brute_force(sae, acts, image_idx, n_top)
+    t = res.top_images.to_pydict()
+    assert res.top_images.schema.types == [pa.int32(), pa.int16(), pa.int64(), pa.float32(), pa.int32()]
+    got = list(zip(t["feature"], t["rank"], t["image_idx"], t["activation"], t["token"]))
+    assert [g[:3] for g in got] == [r[:3] for r in rows]
+    np.testing.assert_allclose([g[3] for g in got], [r[3] for r in rows], rtol=1e-6)
+    assert [g[4] for g in got] == [r[4] for r in rows]
+    # heatmaps hold the per-token activations of exactly those images
+    assert res.heatmaps.shape == (WIDTH, n_top, T) and res.heatmaps.dtype == np.float16
+    for f, rank, _, _, _, heat in rows:
+        np.testing.assert_allclose(res.heatmaps[f, rank], heat.astype(np.float16), rtol=1e-3)
+    # features that never fire get no rows and empty heatmaps
+    assert not set(t["feature"]) & {WIDTH - 3, WIDTH - 2, WIDTH - 1}
+    assert not res.heatmaps[WIDTH - 3 :].any()
+
+    stats = res.feature_stats.to_pydict()
+    fired = lat > 0
+    np.testing.assert_array_equal(stats["fire_count"], fired.sum((0, 1)))
+    np.testing.assert_allclose(stats["frequency"], fired.mean((0, 1)))
+    np.testing.assert_allclose(stats["max_activation"], lat.max((0, 1)), rtol=1e-6)
+    expected_mean = [lat[..., f][fired[..., f]].mean() if fired[..., f].any() else None for f in range(WIDTH)]
+    assert stats["mean_activation"][-1] is None
+    np.testing.assert_allclose(
+        [m for m in stats["mean_activation"] if m is not None], [m for m in expected_mean if m is not None], rtol=1e-5
+    )
+
+
+def test_ties_prefer_the_lower_image_idx():
+    """Identical images in reversed-id batches: the lower ids must win every tie."""
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=D, width=WIDTH, k=K))
+    one = torch.randn(1, T, D)
+    acts = one.expand(6, T, D).clone()
+    batches = [(np.array([9, 8, 7]), acts[:3]), (np.array([3, 2, 1]), acts[3:])]
+    res = mine_features(sae, batches, n_top=2)
+    t = res.top_images.to_pydict()
+    for f in set(t["feature"]):
+        ids = [i for ff, i in zip(t["feature"], t["image_idx"]) if ff == f]
+        assert ids == [1, 2]
+
+
+def test_bad_inputs():
+    sae = TopKSAE(SAEConfig(d_in=D, width=WIDTH, k=K))
+    with pytest.raises(ValueError, match="no batches"):
+        mine_features(sae, [])
+    with pytest.raises(ValueError, match="token count changed"):
+        mine_features(sae, [(np.arange(2), torch.randn(2, T, D)), (np.arange(2, 4), torch.randn(2, T + 1, D))])

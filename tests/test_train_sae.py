@@ -1,0 +1,176 @@
+"""train_sae on synthetic data that truly is sparse, plus its pieces against references."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from analysis.metrics import reconstruction_metrics
+from analysis.sae import SAEConfig, TopKSAE
+from analysis.train_sae import (
+    SAETrainConfig,
+    _SelectedPre,
+    _SparseDecode,
+    geometric_median,
+    train_sae,
+)
+
+D, WIDTH, N_ATOMS, K_TRUE = 32, 128, 64, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny matmuls: threading only adds overhead (and stalls badly on a shared 2-core box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _sparse_data(n: int, seed: int = 0) -> torch.Tensor:
+    """x = (K_TRUE-sparse nonnegative codes) @ random unit dictionary, with an offset and noise."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(N_ATOMS, D, generator=torch.Generator().manual_seed(123))
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    idx = torch.rand(n, N_ATOMS, generator=g).argsort(1)[:, :K_TRUE]
+    codes = torch.zeros(n, N_ATOMS).scatter_(1, idx, 0.5 + 2 * torch.rand(n, K_TRUE, generator=g))
+    return 3 * codes @ atoms + 1.0 + 0.01 * torch.randn(n, D, generator=g)
+
+
+@pytest.fixture(scope="module")
+def data() -> torch.Tensor:
+    return _sparse_data(60_000)
+
+
+def _cfg(**kw) -> SAETrainConfig:
+    base = dict(width=WIDTH, k=4, batch_size=512, n_train_tokens=150_000, lr=3e-3, warmup_steps=10, dead_tokens=20_000)
+    return SAETrainConfig(**{**base, **kw})
+
+
+def _train(data, cfg, **kw):
+    mean_norm = float(data.norm(dim=1).mean())
+    return train_sae(
+        itertools.cycle(data.split(cfg.batch_size)), D, cfg,
+        mean_norm=mean_norm, init_batch=data[:2048], progress=False, log_every=25, **kw,
+    )
+
+
+def test_training_recovers_sparse_structure(data):
+    rows = []
+    result = _train(data, _cfg(), on_log=rows.append)
+    assert result.steps == 150_000 // 512 and result.tokens == result.steps * 512
+    assert rows == result.log and [r["step"] for r in rows][:2] == [25, 50]
+    assert set(rows[0]) == {"step", "tokens", "loss", "aux_loss", "l0", "dead_fraction", "lr"}
+    assert result.log[-1]["loss"] < result.log[0]["loss"]
+    # the returned SAE works on RAW activations of held-out tokens
+    held_out = _sparse_data(20_000, seed=1)
+    m = reconstruction_metrics(result.sae, held_out.split(4096))
+    assert m.fvu < 0.1, m.fvu
+    assert m.dead_fraction <= 0.05, m.dead_fraction
+    assert abs(m.l0 - 4) < 0.05
+    assert_close(result.sae.W_dec.norm(dim=1), torch.ones(WIDTH))
+
+
+def test_deterministic_for_a_seed(data):
+    small = data[:20_000]
+    a = _train(small, _cfg(n_train_tokens=20_480, seed=7))
+    b = _train(small, _cfg(n_train_tokens=20_480, seed=7))
+    c = _train(small, _cfg(n_train_tokens=20_480, seed=8))
+    for (name, pa), (_, pb) in zip(a.sae.state_dict().items(), b.sae.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.sae.W_dec, c.sae.W_dec)
+    assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]
+
+
+def test_nan_loss_raises_naming_the_step(data):
+    good = list(data[:2048].split(512))
+    bad = data[:512].clone()
+    bad[3, 5] = math.nan
+    batches = good + [bad] + good  # steps 0-3 fine, step 4 poisoned
+    cfg = _cfg(n_train_tokens=512 * 9)
+    with pytest.raises(RuntimeError, match="at step 4"):
+        train_sae(iter(batches), D, cfg, mean_norm=float(data.norm(dim=1).mean()),
+                  init_batch=data[:1024], progress=False, log_every=3)
+
+
+def test_auxk_runs_when_latents_are_dead(data):
+    """With a tiny dead window most latents count as dead, so the AuxK loss must be active."""
+    result = _train(data[:10_000], _cfg(width=256, n_train_tokens=10_240, dead_tokens=512, aux_k=8))
+    assert any(r["aux_loss"] > 0 for r in result.log)
+    assert all(0 <= r["dead_fraction"] <= 1 for r in result.log)
+
+
+def test_uneven_batches_are_rechunked(data):
+    cfg = _cfg(n_train_tokens=2000, batch_size=500)
+    pieces = torch.split(data[:2100], [300, 700, 150, 950])
+    result = train_sae(iter(pieces), D, cfg, mean_norm=5.0, init_batch=data[:500], progress=False)
+    assert result.steps == 4 and result.tokens == 2000
+
+
+def test_wrong_batch_width_is_rejected(data):
+    with pytest.raises(ValueError, match=r"d_in=32"):
+        train_sae(iter([torch.randn(512, 31)]), D, _cfg(n_train_tokens=512), mean_norm=5.0,
+                  init_batch=data[:100], progress=False)
+
+
+def test_hand_written_gradients_match_autograd():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_in=8, width=32, k=4)).double()
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(50, 8, dtype=torch.double)
+
+    def custom():
+        xc = x - sae.b_dec
+        with torch.no_grad():
+            vals, idx = torch.addmm(sae.b_enc, xc, sae.W_enc).topk(4, sorted=False)
+        acts = _SelectedPre.apply(xc, sae.W_enc, sae.b_enc, idx, vals).relu()
+        return (_SparseDecode.apply(acts, idx, sae.W_dec) + sae.b_dec - x).pow(2).sum()
+
+    def reference():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        vals, idx = pre.relu().topk(4)
+        z = torch.zeros_like(pre).scatter(1, idx, vals)
+        return (z @ sae.W_dec + sae.b_dec - x).pow(2).sum()
+
+    grads = []
+    for f in (custom, reference):
+        sae.zero_grad()
+        f().backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    for name in grads[1]:
+        assert_close(grads[0][name], grads[1][name], msg=name)
+    assert grads[0]["W_enc"].stride() == sae.W_enc.stride()
+
+
+def test_geometric_median_resists_outliers():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(900, 4) * 0.1 + 2.0, torch.full((100, 4), 1000.0)])
+    med = geometric_median(x)
+    assert (med - 2.0).abs().max() < 0.1
+    assert (x.mean(0) - 2.0).abs().max() > 50  # the mean would have been dragged away
+
+
+def test_lr_schedule():
+    cfg = SAETrainConfig(width=2**16, batch_size=10, n_train_tokens=1000, warmup_steps=10)
+    assert cfg.base_lr() == pytest.approx(2e-4 / 2)
+    assert cfg.lr_at(0) == pytest.approx(cfg.base_lr() / 10)
+    assert cfg.lr_at(50) == pytest.approx(cfg.base_lr())
+    assert cfg.lr_at(90) == pytest.approx(cfg.base_lr() * 0.5)
+    assert cfg.lr_at(99) < cfg.lr_at(90)
+    assert SAETrainConfig(width=64, lr_decay=False, batch_size=10, n_train_tokens=100).lr_at(99) > 0
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(width=8, k=9), "k=9"),
+    (dict(width=64, batch_size=0), "batch_size=0"),
+    (dict(width=64, n_train_tokens=10, batch_size=20), "n_train_tokens=10"),
+    (dict(width=64, lr=-1.0), "lr=-1.0"),
+    (dict(width=64, aux_k=0), "aux_k=0"),
+])
+def test_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SAETrainConfig(**kw)
