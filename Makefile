@@ -33,7 +33,7 @@ ui: install
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_loader.py
 
 clean:
 	rm -rf data

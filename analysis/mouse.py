@@ -24,7 +24,9 @@ from analysis.vit import HookedViT, ViTConfig
 
 
 def _default_vit() -> ViTConfig:
-    return ViTConfig(image_size=64, patch_size=8, in_chans=1, d_model=64, n_layers=2, n_heads=4, d_mlp=256, n_classes=3)
+    # 16 px patches (17 tokens): 3.5x faster per epoch than 8 px patches at the same
+    # accuracy on the default task, and 4x fewer tokens for every downstream stage.
+    return ViTConfig(image_size=64, patch_size=16, in_chans=1, d_model=64, n_layers=2, n_heads=4, d_mlp=256, n_classes=3)
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,14 @@ class MouseTrainConfig:
 
     vit: ViTConfig = field(default_factory=_default_vit)
     """Architecture; n_classes must cover every label."""
-    epochs: int = 6
-    """Passes over the training split."""
+    epochs: int = 8
+    """Passes over the training split.
+
+    Measured (2 CPU cores, torch threads = 2, idle machine): ShapesConfig() +
+    MouseTrainConfig() reaches 0.9955 held-out accuracy (train 0.995) in 31 s;
+    accuracy crosses 0.99 at epoch 6. For comparison, 8 px patches need 5 epochs
+    (0.997, ~65 s), and the unrestricted task (all 6 scales) stalls at 0.72 after
+    16 epochs (60 s): small sprites are what make full dSprites shape hard."""
     batch_size: int = 128
     """Images per optimizer step."""
     lr: float = 2e-3
@@ -47,7 +55,7 @@ class MouseTrainConfig:
     """Max global gradient norm; 0 disables clipping."""
     seed: int = 0
     """Seeds the initialization and the shuffling; same seed, same weights."""
-    max_seconds: float | None = 150.0
+    max_seconds: float | None = 120.0
     """Wall-clock cap on the whole call; training stops (with a warning) once passed.
     A run that hits the cap is no longer reproducible, so the default sits above the
     expected time and only guards against a slow machine. None disables it."""

@@ -13,7 +13,7 @@ found in the mouse ViT can be checked against shape, scale, rotation and positio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, NamedTuple, get_args
 
 import numpy as np
@@ -41,9 +41,9 @@ SPLITS = ("train", "eval")
 class ShapesConfig:
     """What to render and which latent the "label" column holds.
 
-    The default (shape identity on the three largest scales, orientations within
-    the first quarter turn) is the task the default mouse ViT learns to >= 0.9
-    held-out accuracy inside the pipeline's time budget; see `analysis.mouse`.
+    The default (shape identity on the three largest scales, any orientation and
+    position) is the task the default mouse ViT learns to >= 0.9 held-out accuracy
+    inside the pipeline's time budget; see `analysis.mouse`.
     """
 
     n_images: int = 20000
@@ -57,9 +57,8 @@ class ShapesConfig:
     scales: tuple[int, ...] = (3, 4, 5)
     """Indices into the 6 scales linspace(0.5, 1) that may be sampled. Large sprites
     keep the shapes distinguishable at 8 px patches."""
-    orientations: tuple[int, ...] | None = tuple(range(10))
-    """Indices into the 40 orientations that may be sampled; None allows all 40.
-    Default: the first quarter turn (0..81 deg), which covers every look of a square."""
+    orientations: tuple[int, ...] | None = None
+    """Indices into the 40 orientations that may be sampled; None allows all 40."""
     eval_fraction: float = 0.2
     """Fraction of images (chosen at random per image) in the "eval" split."""
 
@@ -75,6 +74,18 @@ class ShapesConfig:
             raise ValueError(
                 f"eval_fraction={self.eval_fraction}: expected a fraction in [0, 1); e.g. 0.2"
             )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShapesConfig":
+        """Inverse of to_dict; accepts lists (from JSON/YAML) where tuples are expected."""
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown ShapesConfig keys {sorted(set(d) - known)}; expected {sorted(known)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
 
     @property
     def class_names(self) -> list[str]:

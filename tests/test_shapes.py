@@ -110,3 +110,12 @@ def test_heart_is_not_rotation_symmetric():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ShapesConfig(**kwargs)
+
+
+def test_config_json_round_trip():
+    import json
+
+    cfg = ShapesConfig(n_images=10, scales=(4, 5), orientations=None)
+    assert ShapesConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        ShapesConfig.from_dict({"colour": 1})

@@ -12,7 +12,7 @@ from analysis.sae import SAEConfig, TopKSAE
 from analysis.train_sae import (
     SAETrainConfig,
     _SelectedPre,
-    _SparseDecode,
+    _sparse_decode,
     geometric_median,
     train_sae,
 )
@@ -124,11 +124,11 @@ def test_hand_written_gradients_match_autograd():
     x = torch.randn(50, 8, dtype=torch.double)
 
     def custom():
-        xc = x - sae.b_dec
         with torch.no_grad():
+            xc = x - sae.b_dec
             vals, idx = torch.addmm(sae.b_enc, xc, sae.W_enc).topk(4, sorted=False)
-        acts = _SelectedPre.apply(xc, sae.W_enc, sae.b_enc, idx, vals).relu()
-        return (_SparseDecode.apply(acts, idx, sae.W_dec) + sae.b_dec - x).pow(2).sum()
+        acts = _SelectedPre.apply(xc, sae.W_enc, sae.b_enc, sae.b_dec, idx, vals).relu()
+        return (_sparse_decode(acts, idx, sae.W_dec) + sae.b_dec - x).pow(2).sum()
 
     def reference():
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
