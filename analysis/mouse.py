@@ -38,11 +38,12 @@ class MouseTrainConfig:
     epochs: int = 8
     """Passes over the training split.
 
-    Measured (2 CPU cores, torch threads = 2, idle machine): ShapesConfig() +
-    MouseTrainConfig() reaches 0.9955 held-out accuracy (train 0.995) in 31 s;
-    accuracy crosses 0.99 at epoch 6. For comparison, 8 px patches need 5 epochs
-    (0.997, ~65 s), and the unrestricted task (all 6 scales) stalls at 0.72 after
-    16 epochs (60 s): small sprites are what make full dSprites shape hard."""
+    Measured (2 CPU cores, idle machine): ShapesConfig() + MouseTrainConfig()
+    reaches 0.9955 held-out accuracy (train 0.995) in 34 s with torch threads = 2,
+    0.996 in 44 s with 1 thread; seed 1 (data and training) gives 0.993. Accuracy
+    crosses 0.98 at epoch 6. For comparison, 8 px patches need 5 epochs (0.997,
+    ~65 s), and all 6 scales stall at 0.72 after 16 epochs (60 s): the small
+    sprites are what make full-dSprites shape identity hard for this budget."""
     batch_size: int = 128
     """Images per optimizer step."""
     lr: float = 2e-3
@@ -54,7 +55,8 @@ class MouseTrainConfig:
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
     seed: int = 0
-    """Seeds the initialization and the shuffling; same seed, same weights."""
+    """Seeds the initialization and the shuffling. Same seed, same weights, given the
+    same device and torch thread count (thread count changes float reduction order)."""
     max_seconds: float | None = 120.0
     """Wall-clock cap on the whole call; training stops (with a warning) once passed.
     A run that hits the cap is no longer reproducible, so the default sits above the
