@@ -240,7 +240,10 @@ def train_sae(
         mean = stats.mean(0)
         row = {
             "step": step, "tokens": tokens, "loss": float(mean[0]), "aux_loss": float(mean[1]),
-            "l0": float(mean[2]), "dead_fraction": float((since_fired >= cfg.dead_tokens).float().mean()),
+            "l0": float(mean[2]),
+            # Fired on no token in the last N = min(dead_tokens, tokens seen): a run shorter than
+            # the window still reports the latents it never used, instead of a flattering 0.
+            "dead_fraction": float((since_fired >= min(cfg.dead_tokens, tokens)).float().mean()),
             "lr": opt.param_groups[0]["lr"],
         }
         log.append(row)

@@ -10,6 +10,7 @@ their content-derived paths and reused, so a second run with nothing changed onl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,11 +18,14 @@ from pathlib import Path
 
 import dagster as dg
 
+from analysis.stages.dataset import shapes_config
 from analysis.stages.report import format_summary, suite_evaluations
 from analysis.suite import SuiteSpec
 from resources.storage import check_writable
 
 DAGSTER_YAML = "telemetry:\n  enabled: false\n"
+# The terminal shows our progress lines and bars; every event still lands in the instance (the UI).
+QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def prepare_dagster_home(root: Path) -> Path:
@@ -46,7 +50,8 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
 
     def execute(job_name: str, partition_key: str | None = None) -> None:
         job = defs.resolve_job_def(job_name)
-        result = job.execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=True)
+        result = job.execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=True,
+                                        run_config=QUIET_CONSOLE)
         if not result.success:
             raise RuntimeError(f"{job_name} {partition_key or ''} failed: see the Dagster run {result.run_id}")
 
@@ -85,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     from analysis.paths import DataRoot
 
     data_root = DataRoot(root)
+    model = json.loads((data_root.model(spec.model_id) / "result.json").read_text())
     print(f"\nSuite {spec.name!r}: dataset {spec.dataset_id}, model {spec.model_id}, store {spec.store_id}")
+    print(f"Mouse ViT held-out accuracy {model['eval_accuracy']:.4f} on task "
+          f"{shapes_config(spec).task!r} ({model['train_seconds']:.0f} s of training)")
     print(format_summary(suite_evaluations(spec, data_root)))
     print(f"\nCatalog: {data_root.catalog}\nPlot:    {data_root.reports / f'{spec.name}_fvu_vs_l0.png'}")
     print(f"Stage seconds: {timings}; total {time.perf_counter() - start:.1f} s")

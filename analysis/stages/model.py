@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from analysis.catalog import write_table_partition
 from analysis.images import open_images, read_labels
@@ -42,6 +43,9 @@ def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progre
             "train_accuracy": float(result.train_accuracy), "eval_accuracy": float(result.eval_accuracy),
             "steps": int(result.steps), "train_seconds": round(float(result.seconds), 2),
             "weights_hash": result.model.weights_hash(),
+            # float reductions depend on these: the same seed on another thread count or device
+            # gives (slightly) different weights, so lineage records them.
+            "device": device, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
         }
         done.write_text(json.dumps(summary, indent=2))
     return {**json.loads(done.read_text()), "path": str(directory)}
