@@ -16,6 +16,9 @@ from typing import Literal
 import yaml
 
 from analysis.ids import content_id
+from analysis.mouse import MouseTrainConfig
+from analysis.shapes import ShapesConfig
+from analysis.vit import ViTConfig
 
 DATASET_GENERATORS = ("shapes",)
 MODEL_KINDS = ("mouse",)
@@ -41,9 +44,14 @@ class DatasetSpec:
     def __post_init__(self):
         _choice("dataset generator", self.generator, DATASET_GENERATORS)
 
+    def config(self) -> ShapesConfig:
+        """The generator's full config: code defaults with this spec's overrides."""
+        return _construct(ShapesConfig, self.params, "dataset.params")
+
     @property
     def dataset_id(self) -> str:
-        return content_id(self.generator, asdict(self))
+        # Hash the resolved config, not the overrides: a changed code default must change the id.
+        return content_id(self.generator, self.config().to_dict())
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,15 @@ class ModelSpec:
     def __post_init__(self):
         _choice("model kind", self.kind, MODEL_KINDS)
 
-    def model_id(self, dataset_id: str) -> str:
-        return content_id(self.kind, {"spec": asdict(self), "dataset": dataset_id})
+    def config(self, n_classes: int) -> MouseTrainConfig:
+        """Full training config; the architecture starts from the mouse defaults, then overrides."""
+        vit_defaults = MouseTrainConfig().vit.to_dict()
+        vit = _construct(ViTConfig, {**vit_defaults, **self.vit, "n_classes": n_classes}, "model.vit")
+        return _construct(MouseTrainConfig, {**self.train, "vit": vit}, "model.train")
+
+    def model_id(self, dataset: DatasetSpec) -> str:
+        cfg = self.config(len(dataset.config().class_names))
+        return content_id(self.kind, {"config": cfg.to_dict(), "dataset": dataset.dataset_id})
 
 
 @dataclass(frozen=True)
@@ -161,7 +176,10 @@ class SuiteSpec:
 
     @property
     def model_id(self) -> str:
-        return self.model.model_id(self.dataset_id)
+        return self.model.model_id(self.dataset)
+
+    def model_config(self) -> MouseTrainConfig:
+        return self.model.config(len(self.dataset.config().class_names))
 
     @property
     def store_id(self) -> str:
@@ -176,6 +194,15 @@ class SuiteSpec:
         return by_key[key]
 
 
+def _construct(cls, kwargs: dict, where: str):
+    """Build a config dataclass from suite overrides; an unknown key names the section and the valid keys."""
+    names = [f.name for f in fields(cls)]
+    for key in kwargs:
+        _choice(f"key in suite section {where!r}", key, names)
+    # YAML lists become tuples so the specs stay hashable and immutable.
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+
+
 _SECTIONS = {
     "dataset": DatasetSpec,
     "model": ModelSpec,
@@ -188,11 +215,7 @@ _SECTIONS = {
 def _build(cls, raw: dict, where: str):
     if not isinstance(raw, dict):
         raise ValueError(f"suite section {where!r} must be a mapping, got {type(raw).__name__}")
-    names = {f.name for f in fields(cls)}
-    for key in raw:
-        _choice(f"key in suite section {where!r}", key, sorted(names))
-    # YAML lists become tuples so the specs stay hashable and immutable.
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    return _construct(cls, raw, where)
 
 
 def parse_suite(raw: dict, name: str = "suite") -> SuiteSpec:

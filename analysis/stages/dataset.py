@@ -8,12 +8,12 @@ import numpy as np
 
 from analysis.images import open_images, read_labels, write_image_dataset
 from analysis.paths import DataRoot
-from analysis.shapes import ShapesConfig, generate_shapes
+from analysis.shapes import ShapesConfig, generate_shapes  # noqa: F401 (ShapesConfig: return type)
 from analysis.suite import SuiteSpec
 
 
 def shapes_config(spec: SuiteSpec) -> ShapesConfig:
-    return ShapesConfig(**spec.dataset.params)
+    return spec.dataset.config()
 
 
 def ensure_dataset(spec: SuiteSpec, root: DataRoot) -> dict:

@@ -32,7 +32,8 @@ def train_config(spec: SuiteSpec, member: DictionaryMember, d_in: int) -> SAETra
 
 
 def dictionary_id(spec: SuiteSpec, member: DictionaryMember) -> str:
-    return content_id("sae", {"member": asdict(member), "train": spec.dictionaries.train, "store": spec.store_id})
+    cfg = train_config(spec, member, spec.model_config().vit.d_model)
+    return content_id("sae", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
 
 
 def _open_store(spec: SuiteSpec, root: DataRoot, hook: str) -> ActivationStore:

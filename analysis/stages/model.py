@@ -10,9 +10,8 @@ import torch
 
 from analysis.catalog import write_table_partition
 from analysis.images import open_images, read_labels
-from analysis.mouse import MouseTrainConfig, train_mouse
+from analysis.mouse import train_mouse
 from analysis.paths import DataRoot
-from analysis.stages.dataset import shapes_config
 from analysis.suite import SuiteSpec
 from analysis.vit import HookedViT, ViTConfig
 
@@ -20,8 +19,7 @@ RESULT_FILE = "result.json"  # written last: its presence marks a finished model
 
 
 def vit_config(spec: SuiteSpec) -> ViTConfig:
-    n_classes = len(shapes_config(spec).class_names)
-    return ViTConfig(**{**spec.model.vit, "n_classes": n_classes})
+    return spec.model_config().vit
 
 
 def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progress: bool = True) -> dict:
@@ -30,7 +28,7 @@ def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progre
     if not done.exists():
         images = open_images(root.images(spec.dataset_id))[...]
         labels = read_labels(root.images(spec.dataset_id))
-        cfg = MouseTrainConfig(vit=vit_config(spec), **spec.model.train)
+        cfg = spec.model_config()
         result = train_mouse(
             images, labels.column("label").to_numpy(), np.asarray(labels.column("split").to_pylist()),
             cfg, device=device, progress=progress,
