@@ -91,9 +91,13 @@ class ActivationSpec:
     """Which tokens to keep: all, cls, or patches."""
     batch_size: int = 256
     """Images per forward pass during extraction."""
+    compute_dtype: str = "float32"
+    """Forward-pass precision: float32, or bfloat16/float16 autocast. It changes the stored values,
+    so it is part of the suite (and of the store id), not of the compute resource."""
 
     def __post_init__(self):
         _choice("activation dtype", self.dtype, STORE_DTYPES)
+        _choice("compute dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
         _choice("token selection", self.tokens, TOKEN_SELECTIONS)
         if self.images_per_shard % self.images_per_chunk:
             raise ValueError(

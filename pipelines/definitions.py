@@ -34,7 +34,8 @@ def resolve_suite(name_or_path: str) -> SuiteSpec:
 def default_resources(root: str | None = None) -> dict:
     return {
         "storage": StorageResource(root=root or os.environ.get("SPECTRA_ROOT", "data")),
-        "compute": ComputeResource(device=os.environ.get("SPECTRA_DEVICE", "auto")),
+        "compute": ComputeResource(device=os.environ.get("SPECTRA_DEVICE", "auto"),
+                                   threads=int(os.environ.get("SPECTRA_THREADS", "0"))),
         "tracker": TrackerResource(mode=os.environ.get("SPECTRA_TRACKER", "offline")),
         "catalog": CatalogResource(),
     }

@@ -9,11 +9,14 @@ import torch
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Device `auto` picks cuda, then mps, then cpu. threads=0 keeps torch's default."""
+    """Device `auto` picks cuda, then mps, then cpu. threads=0 keeps torch's default.
+
+    Precision is not here: it changes stored values, so it lives in the suite
+    (`activations.compute_dtype`) and in the content ids.
+    """
 
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = 0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def resolved_device(self) -> str:
         if self.device != "auto":

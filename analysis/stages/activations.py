@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import torch
+import zarr
+
 from analysis.activations import StoreLayout, create_store, extract_shard, finalize_stats, missing_shards
+from analysis.ids import code_version
 from analysis.images import open_images
 from analysis.paths import DataRoot
 from analysis.stages.dataset import shapes_config
@@ -48,9 +52,16 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
             "model_id": spec.model_id, "model_weights_hash": model_summary["weights_hash"],
             "dataset_id": spec.dataset_id, "dataset_content_hash": images.attrs["content_hash"],
             "tokens": spec.activations.tokens, "dtype": spec.activations.dtype,
+            "compute_dtype": spec.activations.compute_dtype,
             "preprocessing": "uint8 / 255 -> float32 (B, C, H, W)",
         }
-        create_store(root.hook_store(spec.store_id, hook), layout, lineage)
+        path = root.hook_store(spec.store_id, hook)
+        create_store(path, layout, lineage)
+        # The code version is lineage too, but kept outside the compared lineage: a new commit
+        # must not invalidate a store whose content ids are unchanged.
+        group = zarr.open_group(str(path), mode="r+")
+        if "code_version" not in group.attrs:
+            group.attrs["code_version"] = code_version()
     return {"store_id": spec.store_id, "path": str(root.store(spec.store_id)), "n_shards": layout.n_shards,
             "n_images": layout.n_images, "n_tokens": layout.n_tokens, "d_model": layout.d_model,
             "hooks": list(spec.activations.hooks)}
@@ -64,9 +75,13 @@ def extract(spec: SuiteSpec, root: DataRoot, shard: int, *, device: str = "cpu",
     hooks = list(spec.activations.hooks)
     stop = stop_layer(hooks)
 
+    autocast = spec.activations.compute_dtype != "float32"
+    amp_dtype = getattr(torch, spec.activations.compute_dtype)
+
     def capture(x):
-        _, cache = model.run_with_cache(x, names_filter=hooks, stop_at_layer=stop)
-        return {h: cache[h] for h in hooks}
+        with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=autocast):
+            _, cache = model.run_with_cache(x, names_filter=hooks, stop_at_layer=stop)
+        return {h: cache[h].float() for h in hooks}  # statistics and norms are taken in fp32
 
     report = extract_shard(
         capture, open_images(root.images(spec.dataset_id)), stores, shard,

@@ -1,0 +1,263 @@
+"""Extraction throughput (images/s) vs a bare forward pass over the same images.
+
+Uses the pipeline's real path: shapes images written with `write_image_dataset` and opened with
+`open_images`, a `HookedViT`, stores made by `create_store`, and `extract_shard` driven by the
+capture of `analysis.stages.activations.extract` (`run_with_cache(x, names_filter=hooks,
+stop_at_layer=...)`) on every block's `hook_resid_post`. Per model config, each repeat times
+these passes back to back (interleaved, so load spikes on a shared machine hit all alike):
+
+    bare           read uint8 from Zarr + to_model_input + model(x)       (the baseline)
+    capture        read + to_model_input + the pipeline's capture only    (hooks, no store)
+    extract_nowrite extract_shard with the writer thread discarding data   (checks, stats, cast)
+    extract        extract_shard into fresh stores                        (what the pipeline does)
+
+and one instrumented extract pass afterwards splits the time by step (not part of the ratios).
+Writes benchmarks/results/extraction.json.
+
+    python benchmarks/bench_extraction.py [--repeats 3] [--mouse-images 4096] [--large-images 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+import analysis.activations as act
+from analysis.activations import StoreLayout, create_store, extract_shard
+from analysis.images import open_images, to_model_input, write_image_dataset
+from analysis.mouse import MouseTrainConfig
+from analysis.shapes import ShapesConfig, generate_shapes
+from analysis.vit import HookedViT, ViTConfig
+
+CONFIGS = {
+    # The pipeline's mouse: 64x64x1, 16 px patches -> 17 tokens, d 64, 2 blocks.
+    "mouse": MouseTrainConfig().vit,
+    # 8 px patches -> 65 tokens, d 192, 4 blocks: the forward pass dominates.
+    "large": ViTConfig(image_size=64, patch_size=8, in_chans=1, d_model=192, n_layers=4,
+                       n_heads=4, d_mlp=768, n_classes=3),
+}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "zarr": zarr.__version__, "numpy": np.__version__}
+
+
+def make_images(directory: Path, n: int) -> zarr.Array:
+    data = generate_shapes(ShapesConfig(n_images=n))
+    write_image_dataset(directory, data.images, data.labels)
+    return open_images(directory)
+
+
+def make_capture(model: HookedViT, hooks: list[str], stop: int | None):
+    # Same as analysis.stages.activations.extract.
+    def capture(x):
+        _, cache = model.run_with_cache(x, names_filter=hooks, stop_at_layer=stop)
+        return {h: cache[h] for h in hooks}
+    return capture
+
+
+def forward_loop(fn, images: zarr.Array, batch_size: int) -> None:
+    n = images.shape[0]
+    for lo in range(0, n, batch_size):
+        with torch.inference_mode():
+            fn(to_model_input(images[lo:lo + batch_size]))
+
+
+class _DiscardWriter(act._Writer):
+    """The real writer thread and queue, minus the Zarr writes."""
+
+    def _run(self):
+        while self.queue.get() is not None:
+            pass
+
+
+class _TimedWriter(act._Writer):
+    """The real writer, summing the seconds its thread spends in Zarr writes (overlapped with compute)."""
+
+    seconds = 0.0
+    writes = 0
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            array, start, data = item
+            t0 = time.perf_counter()
+            array[start : start + len(data)] = data
+            _TimedWriter.seconds += time.perf_counter() - t0
+            _TimedWriter.writes += 1
+
+
+def run_extract(capture, images, layout: StoreLayout, hooks: list[str], workdir: Path,
+                batch_size: int, writer_cls=None) -> float:
+    """Seconds for extract_shard over every shard into fresh stores (store creation not timed)."""
+    workdir.mkdir(parents=True)
+    stores = {h: workdir / f"{h}.zarr" for h in hooks}
+    for h, p in stores.items():
+        create_store(p, layout, {"bench": True, "hook": h}, overwrite=True)
+    original = act._Writer
+    if writer_cls is not None:
+        act._Writer = writer_cls
+    try:
+        t0 = time.perf_counter()
+        for shard in range(layout.n_shards):
+            extract_shard(capture, images, stores, shard, batch_size=batch_size, progress=False)
+        seconds = time.perf_counter() - t0
+    finally:
+        act._Writer = original
+        shutil.rmtree(workdir)
+    return seconds
+
+
+class _TimedImages:
+    """Proxy for the images array that times `images[lo:hi]` (the uint8 Zarr read)."""
+
+    def __init__(self, arr, times):
+        self.arr, self.times, self.shape = arr, times, arr.shape
+
+    def __getitem__(self, key):
+        t0 = time.perf_counter()
+        out = self.arr[key]
+        self.times["read_images"] += time.perf_counter() - t0
+        return out
+
+
+def breakdown(capture, images, layout, hooks, workdir, batch_size) -> dict:
+    """One instrumented extract pass: seconds per step, by wrapping the module's helpers."""
+    times: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            times[name] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    saved = {"to_model_input": act.to_model_input, "_checked": act._checked, "_cast": act._cast,
+             "add_stats": act._ShardAccumulator.add_stats, "add_rows": act._ShardAccumulator.add_rows}
+    act.to_model_input = timed("to_model_input", saved["to_model_input"])
+    act._checked = timed("checks (_checked: isfinite, fp16 range)", saved["_checked"])
+    act._cast = timed("cast to store dtype (_cast)", saved["_cast"])
+    act._ShardAccumulator.add_stats = timed("welford stats (add_stats, float64)", saved["add_stats"])
+    act._ShardAccumulator.add_rows = timed("buffer + enqueue (add_rows)", saved["add_rows"])
+    _TimedWriter.seconds, _TimedWriter.writes = 0.0, 0
+    try:
+        total = run_extract(timed("capture (forward + hooks)", capture), _TimedImages(images, times),
+                            layout, hooks, workdir, batch_size, writer_cls=_TimedWriter)
+    finally:
+        act.to_model_input, act._checked, act._cast = saved["to_model_input"], saved["_checked"], saved["_cast"]
+        act._ShardAccumulator.add_stats, act._ShardAccumulator.add_rows = saved["add_stats"], saved["add_rows"]
+    steps = {k: round(v, 3) for k, v in times.items()}
+    steps["other (norms, .numpy(), loop, partials, markers)"] = round(total - sum(times.values()), 3)
+    return {"total_seconds": round(total, 3), "steps_seconds": steps,
+            "writer_thread_zarr_write_seconds (overlapped)": round(_TimedWriter.seconds, 3),
+            "writer_zarr_writes": _TimedWriter.writes}
+
+
+def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> dict:
+    images = make_images(tmp / f"images_{name}", n_images)
+    torch.manual_seed(0)
+    model = HookedViT(cfg).eval()
+    hooks = [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
+    stop = cfg.n_layers  # stop_layer(hooks) of the pipeline: deepest block + 1
+    capture = make_capture(model, hooks, stop)
+    ips = min(args.images_per_shard, -(-n_images // args.images_per_chunk) * args.images_per_chunk)
+    layout = StoreLayout(n_images=n_images, n_tokens=cfg.n_tokens, d_model=cfg.d_model,
+                         images_per_shard=ips, images_per_chunk=args.images_per_chunk, dtype="float16")
+    bs = args.batch_size
+    passes = {
+        "bare": lambda: _seconds(lambda: forward_loop(model, images, bs)),
+        "capture": lambda: _seconds(lambda: forward_loop(capture, images, bs)),
+        "extract_nowrite": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs, _DiscardWriter),
+        "extract": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs),
+    }
+    for fn in passes.values():  # warm-up: page cache, allocator, thread pool
+        fn()
+    runs = {k: [] for k in passes}
+    for r in range(args.repeats):
+        for k, fn in passes.items():
+            runs[k].append(n_images / fn())
+        print(f"  [{name}] repeat {r + 1}/{args.repeats}: "
+              + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()) + " images/s", flush=True)
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    split = breakdown(capture, images, layout, hooks, tmp / "w", bs)
+    bare_ms = 1000 / med["bare"]
+    return {
+        "vit": asdict(cfg), "n_tokens": cfg.n_tokens, "hooks": hooks, "stop_at_layer": stop,
+        "n_images": n_images, "batch_size": bs, "layout": asdict(layout),
+        "store_bytes_per_pass": n_images * cfg.n_tokens * cfg.d_model * 2 * len(hooks),
+        "images_per_s_median": {k: round(v, 1) for k, v in med.items()},
+        "extraction_over_bare": round(med["extract"] / med["bare"], 3),
+        "capture_over_bare": round(med["capture"] / med["bare"], 3),
+        "extract_nowrite_over_bare": round(med["extract_nowrite"] / med["bare"], 3),
+        # Extra milliseconds per image each stage adds on top of the bare forward (medians).
+        "ms_per_image": {"bare": round(bare_ms, 4),
+                         "+hooks/capture": round(1000 / med["capture"] - bare_ms, 4),
+                         "+checks/stats/cast": round(1000 / med["extract_nowrite"] - 1000 / med["capture"], 4),
+                         "+zarr writes": round(1000 / med["extract"] - 1000 / med["extract_nowrite"], 4)},
+        "breakdown_one_pass": split,
+        "runs_images_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+    }
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--mouse-images", type=int, default=4096)
+    ap.add_argument("--large-images", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=256, help="the pipeline's default")
+    ap.add_argument("--images-per-shard", type=int, default=4096, help="the pipeline's default")
+    ap.add_argument("--images-per-chunk", type=int, default=256, help="the pipeline's default")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "extraction.json"))
+    args = ap.parse_args()
+    sizes = {"mouse": args.mouse_images, "large": args.large_images}
+    t0 = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            print(f"{name}: {sizes[name]} images, batch {args.batch_size}", flush=True)
+            results[name] = bench_config(name, CONFIGS[name], sizes[name], args, Path(tmp))
+    out = {"benchmark": "extraction", "target": "extraction/bare >= 0.90",
+           "repeats": args.repeats, "wall_seconds": round(time.perf_counter() - t0, 1),
+           "machine": machine(), "configs": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+    print(f"\n{'config':<7} {'bare':>8} {'capture':>8} {'nowrite':>8} {'extract':>8}  extract/bare  (images/s, medians)")
+    for name, r in results.items():
+        m = r["images_per_s_median"]
+        print(f"{name:<7} {m['bare']:>8.0f} {m['capture']:>8.0f} {m['extract_nowrite']:>8.0f} "
+              f"{m['extract']:>8.0f}  {r['extraction_over_bare']:.3f}")
+    for name, r in results.items():
+        b = r["breakdown_one_pass"]
+        print(f"\n{name}: one instrumented extract pass, {b['total_seconds']} s")
+        for k, v in sorted(b["steps_seconds"].items(), key=lambda kv: -kv[1]):
+            print(f"  {v:7.3f} s  {k}")
+        print(f"  ({b['writer_thread_zarr_write_seconds (overlapped)']} s in the writer thread's "
+              f"{b['writer_zarr_writes']} Zarr writes, overlapped with the above)")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
