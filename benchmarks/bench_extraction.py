@@ -14,7 +14,7 @@ these passes back to back (interleaved, so load spikes on a shared machine hit a
 and one instrumented extract pass afterwards splits the time by step (not part of the ratios).
 Writes benchmarks/results/extraction.json.
 
-    python benchmarks/bench_extraction.py [--repeats 3] [--mouse-images 4096] [--large-images 1024]
+    python benchmarks/bench_extraction.py [--repeats 5] [--mouse-images 8192] [--large-images 1024]
 """
 
 from __future__ import annotations
@@ -223,12 +223,12 @@ def _seconds(fn) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--mouse-images", type=int, default=4096)
+    ap.add_argument("--mouse-images", type=int, default=8192)
     ap.add_argument("--large-images", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=256, help="the pipeline's default")
     ap.add_argument("--images-per-shard", type=int, default=4096, help="the pipeline's default")
     ap.add_argument("--images-per-chunk", type=int, default=256, help="the pipeline's default")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians reported")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "extraction.json"))
     args = ap.parse_args()
     sizes = {"mouse": args.mouse_images, "large": args.large_images}
