@@ -23,7 +23,8 @@ def plot_fvu_vs_l0(evaluations: pa.Table, path: str | Path) -> Path:
         ax.plot([r["l0"] for r in members], [r["fvu"] for r in members], marker="o",
                 label=f"{hook} {arch} ×{expansion}")
         for r in members:
-            ax.annotate(f"k={r['k']}", (r["l0"], r["fvu"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            label = f"k={r['k']}" if r.get("k") is not None else f"λ={r.get('sparsity_coef'):g}"
+            ax.annotate(label, (r["l0"], r["fvu"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("L0 (mean active latents per token)")
     ax.set_ylabel("FVU (held-out, mean-centred)")

@@ -22,7 +22,9 @@ from analysis.vit import ViTConfig
 
 DATASET_GENERATORS = ("shapes",)
 MODEL_KINDS = ("mouse",)
-ARCHITECTURES = ("topk",)
+K_ARCHITECTURES = ("topk", "batchtopk")  # sparsity set by k
+PENALTY_ARCHITECTURES = ("relu", "jumprelu")  # sparsity set by a penalty coefficient
+ARCHITECTURES = K_ARCHITECTURES + PENALTY_ARCHITECTURES
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 TOKEN_SELECTIONS = ("all", "cls", "patches")
 
@@ -119,14 +121,18 @@ class DictionaryMember:
     hook: str
     architecture: str
     expansion: int
-    k: int
+    k: int | None
+    """Active latents per token (topk, batchtopk); None for penalty architectures."""
     seed: int
+    sparsity_coef: float | None = None
+    """Sparsity penalty coefficient (relu, jumprelu); None for k architectures."""
 
     @property
     def key(self) -> str:
-        """Stable, readable partition key, e.g. `b1_resid_post-topk-x8-k16-s0`."""
+        """Stable, readable partition key, e.g. `b1_resid_post-topk-x8-k16-s0`, `b0_resid_post-relu-x4-l5-s0`."""
         hook = self.hook.replace("blocks.", "b").replace(".hook_", "_").replace(".", "_")
-        return f"{hook}-{self.architecture}-x{self.expansion}-k{self.k}-s{self.seed}"
+        sparsity = f"k{self.k}" if self.k is not None else f"l{self.sparsity_coef:g}"
+        return f"{hook}-{self.architecture}-x{self.expansion}-{sparsity}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,9 @@ class DictionaryGrid:
     expansions: tuple[int, ...] = (16,)
     """Dictionary width as a multiple of the hook's width d."""
     ks: tuple[int, ...] = (8, 32)
+    """k values for the k architectures (topk, batchtopk)."""
+    sparsity_coefs: tuple[float, ...] = ()
+    """Penalty coefficients for relu and jumprelu members."""
     seeds: tuple[int, ...] = (0,)
     train: dict = field(default_factory=dict)
     """Overrides of analysis.train_sae.SAETrainConfig (width and k come from the grid)."""
@@ -147,13 +156,23 @@ class DictionaryGrid:
         for k in self.ks:
             if k <= 0:
                 raise ValueError(f"k={k} must be positive: TopK keeps the k largest latents")
+        if any(a in PENALTY_ARCHITECTURES for a in self.architectures) and not self.sparsity_coefs:
+            raise ValueError(
+                f"architectures {self.architectures} include a penalty architecture but "
+                "dictionaries.sparsity_coefs is empty: list at least one coefficient, e.g. [1.0, 5.0]"
+            )
 
     def members(self, store_hooks: tuple[str, ...]) -> list[DictionaryMember]:
         hooks = self.hooks or store_hooks
         for hook in hooks:
             _choice("dictionary hook (it must be one of activations.hooks)", hook, store_hooks)
-        grid = itertools.product(hooks, self.architectures, self.expansions, self.ks, self.seeds)
-        return [DictionaryMember(*m) for m in grid]
+        members = []
+        for hook, arch, expansion, seed in itertools.product(hooks, self.architectures, self.expansions, self.seeds):
+            if arch in K_ARCHITECTURES:
+                members += [DictionaryMember(hook, arch, expansion, k, seed) for k in self.ks]
+            else:
+                members += [DictionaryMember(hook, arch, expansion, None, seed, float(c)) for c in self.sparsity_coefs]
+        return members
 
 
 @dataclass(frozen=True)

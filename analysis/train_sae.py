@@ -1,15 +1,16 @@
-"""Training loop for `TopKSAE` (recipe of Gao et al. 2024 / DESIGN.md §4).
+"""Training loop for every SAE architecture (recipe of Gao et al. 2024 / DESIGN.md §4).
 
 - inputs scaled by s = sqrt(d_in) / mean_norm, folded back into the returned weights;
 - b_dec starts at the geometric median of a sample, W_enc at W_dec.T;
-- unit-norm decoder rows: the gradient component parallel to each row is removed before the
-  step and the rows are renormalised after it;
-- AuxK loss on latents that have not fired for `dead_tokens` tokens;
+- unit-norm decoder rows (all but relu): the gradient component parallel to each row is removed
+  before the step and the rows are renormalised after it;
+- AuxK loss (topk/batchtopk) on latents that have not fired for `dead_tokens` tokens;
+- relu/jumprelu: sparsity penalty λ·(L1 or L0) with λ warmed up linearly;
+- batchtopk: running estimate of the inference threshold (mean of the smallest kept activation);
 - Adam with warm-up, linear decay over the last 20 % of steps, and grad-norm clipping.
 
-Speed: the encoder matmul is the only dense product. The gradient of the selected
-pre-activations is written by hand (`_SelectedPre`) as a scatter over the B*k winners instead
-of autograd's dense (B, width) backward; decoding is an embedding_bag over the k winners.
+The per-architecture forward passes (and their sparse gradients) are in
+`analysis.dictionaries.objectives`.
 """
 
 from __future__ import annotations
@@ -17,24 +18,48 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analysis.sae import SAEConfig, TopKSAE
+from pathlib import Path
+
+from analysis.dictionaries import SAEConfig, SparseAutoencoder, build_sae
+from analysis.dictionaries.resume import load_train_state, save_train_state
+from analysis.dictionaries.objectives import (
+    SelectedPre as _SelectedPre,  # noqa: F401  (re-exported for tests and notebooks)
+    auxk_loss,
+    batch_variance,
+    sparse_decode as _sparse_decode,  # noqa: F401
+    train_forward,
+)
+
+_TOPK_FAMILY = ("topk", "batchtopk")
 
 
 @dataclass(frozen=True)
 class SAETrainConfig:
-    """How to train one TopK SAE (the SAE's shape is `SAEConfig`, built from this + d_in)."""
+    """How to train one SAE (the SAE's shape is `SAEConfig`, built by `sae_config(d_in)`)."""
 
     width: int
     """Number of latents."""
-    k: int = 32
-    """Active latents per token."""
+    k: int | None = None
+    """topk/batchtopk: active latents per token, None = 32; must be None for relu/jumprelu."""
+    architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
+    """SAE family, see `analysis.dictionaries.SAEConfig.architecture`."""
+    sparsity_coef: float | None = None
+    """relu/jumprelu penalty weight λ (None = the SAEConfig default); None for the TopK families."""
+    sparsity_warmup_steps: int | None = None
+    """λ ramps linearly from ~0 over this many steps (relu/jumprelu); None = 5 % of the steps."""
+    threshold_init: float | None = None
+    """jumprelu: initial threshold in scaled-input units (None = SAEConfig default)."""
+    bandwidth: float | None = None
+    """jumprelu: kernel width ε of the threshold pseudo-gradient (None = SAEConfig default)."""
+    threshold_decay: float = 0.99
+    """batchtopk: decay of the running mean of the smallest kept activation (the inference
+    threshold); an exponential mean forgets the unrepresentative first steps."""
     batch_size: int = 4096
     """Tokens per optimizer step (incoming batches are re-chunked to this size)."""
     n_train_tokens: int = 2_000_000
@@ -46,9 +71,9 @@ class SAETrainConfig:
     lr_decay: bool = True
     """Decay the learning rate linearly to 0 over the last 20 % of steps."""
     aux_k: int | None = None
-    """Dead latents used by the AuxK loss; None means d_in // 2."""
+    """Dead latents used by the AuxK loss (topk/batchtopk); None means d_in // 2."""
     aux_coef: float = 1 / 32
-    """Weight of the AuxK loss."""
+    """Weight of the AuxK loss (topk/batchtopk only)."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many training tokens counts as dead."""
     grad_clip: float = 1.0
@@ -57,8 +82,9 @@ class SAETrainConfig:
     """Seed for the initial weights (training is otherwise deterministic on CPU)."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.k <= self.width:
-            raise ValueError(f"k={self.k} must satisfy 0 < k <= width={self.width}: lower k or raise width")
+        if self.k is None and self.architecture in _TOPK_FAMILY:
+            object.__setattr__(self, "k", 32)  # frozen: resolve once so ids hash the real value
+        self.sae_config(d_in=1)  # validates architecture, k and the sparsity fields
         for name in ("batch_size", "n_train_tokens", "dead_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
@@ -76,6 +102,15 @@ class SAETrainConfig:
             )
         if self.aux_k is not None and self.aux_k <= 0:
             raise ValueError(f"aux_k={self.aux_k} must be > 0, or None for d_in // 2")
+        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
+            raise ValueError(f"sparsity_warmup_steps={self.sparsity_warmup_steps} must be >= 0, or None for 5 %")
+        if not 0 <= self.threshold_decay < 1:
+            raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1), e.g. 0.99")
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        return SAEConfig(d_in=d_in, width=self.width, k=self.k, architecture=self.architecture,
+                         sparsity_coef=self.sparsity_coef, threshold_init=self.threshold_init,
+                         bandwidth=self.bandwidth)
 
     @property
     def total_steps(self) -> int:
@@ -95,49 +130,21 @@ class SAETrainConfig:
             lr *= (total - step) / max(1, total - decay_start)
         return lr
 
+    def sparsity_coef_at(self, step: int, coef: float) -> float:
+        """Penalty weight for 0-based `step`: `coef` ramped in linearly over the warm-up."""
+        warm = self.sparsity_warmup_steps
+        if warm is None:
+            warm = max(1, self.total_steps // 20)
+        return coef * min(1.0, (step + 1) / warm) if warm > 0 else coef
+
 
 class TrainResult(NamedTuple):
-    sae: TopKSAE
+    sae: SparseAutoencoder
     """Trained SAE with the input scale folded in: it takes RAW activations."""
     log: list[dict]
     steps: int
     tokens: int
     seconds: float
-
-
-# ---- hand-written sparse gradients ----------------------------------------------------------
-
-
-class _SelectedPre(torch.autograd.Function):
-    """pre[b, j] for the selected (b, j) pairs, pre = (x - b_dec) @ W_enc + b_enc.
-
-    Values come from the dense no-grad matmul; only the backward pass is written here:
-    - W_enc and b_enc get a scatter into the k selected columns per token (O(B·k·d), where
-      autograd's dense backward costs two (B, width, d) matmuls);
-    - b_dec enters every token the same way, so its gradient collapses to -W_enc @ grad_b_enc,
-      one mat-vec instead of a per-token gather.
-    """
-
-    @staticmethod
-    def forward(ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
-        ctx.save_for_backward(xc, W_enc, idx)
-        return vals.clone()
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        xc, W_enc, idx = ctx.saved_tensors
-        d, width = W_enc.shape
-        flat = idx.reshape(-1)
-        rows = (g.unsqueeze(-1) * xc.unsqueeze(1)).reshape(-1, d)
-        grad_w = xc.new_zeros(width, d).index_add_(0, flat, rows).T  # (d, width), width-contiguous
-        grad_b = g.new_zeros(width).index_add_(0, flat, g.reshape(-1))
-        return None, grad_w, grad_b, -(W_enc @ grad_b), None, None
-
-
-def _sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j acts[:, j] * W_dec[idx[:, j]] without bias; embedding_bag's own backward is already
-    sparse in the rows it touches (faster on CPU than a hand-written scatter)."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -177,11 +184,6 @@ def _rebatch(batches: Iterable[Tensor], size: int, d_in: int, device) -> Iterato
             buf, have = ([rest] if rest.shape[0] else []), rest.shape[0]
 
 
-def _normalized_sq_error(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the batch (the FVU of the batch)."""
-    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-
 # ---- the loop ------------------------------------------------------------------------------
 
 
@@ -195,43 +197,80 @@ def train_sae(
     progress: bool = True,
     on_log: Callable[[dict], None] | None = None,
     log_every: int = 50,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
 ) -> TrainResult:
-    """Train a TopK SAE on (B, d_in) activation batches; see the module docstring.
+    """Train an SAE of `cfg.architecture` on (B, d_in) activation batches; see the module docstring.
 
     `mean_norm` is the mean L2 norm of the raw activations (from the activation store) and
     `init_batch` a sample of raw activations for the geometric-median b_dec.
     Raises RuntimeError naming the first step whose loss was not finite.
+
+    With `checkpoint_dir`, the full training state is saved there every `checkpoint_every`
+    steps (a multiple of `log_every`) and a run finding a state resumes from it, reaching the
+    same final weights as an uninterrupted run. `batches` must then be the loader itself
+    (with `state()`/`load_state()`, e.g. `ShuffledLoader`) yielding `cfg.batch_size` rows.
     """
+    if checkpoint_dir is not None:
+        if checkpoint_every <= 0 or checkpoint_every % log_every:
+            raise ValueError(
+                f"checkpoint_every={checkpoint_every} must be a positive multiple of log_every={log_every}"
+            )
+        if not (hasattr(batches, "state") and hasattr(batches, "load_state")):
+            raise ValueError(
+                f"resumable training needs a loader with state()/load_state(), got {type(batches).__name__}: "
+                "pass the ShuffledLoader itself, not an iterator over it"
+            )
+        if getattr(batches, "batch_size", None) != cfg.batch_size:
+            raise ValueError(
+                f"loader batch_size={getattr(batches, 'batch_size', None)} != cfg.batch_size={cfg.batch_size}: "
+                "a resumable run needs whole loader batches (no re-chunking)"
+            )
     if not mean_norm > 0:
         raise ValueError(f"mean_norm={mean_norm} must be > 0 (the mean L2 norm of the activations)")
+    if init_batch.shape[-1] != d_in:
+        raise ValueError(
+            f"init_batch has width {init_batch.shape[-1]} but d_in={d_in}: "
+            "pass a sample of the activations the SAE will be trained on"
+        )
     device = init_batch.device
     scale = math.sqrt(d_in) / mean_norm
-    sae_cfg = SAEConfig(d_in=d_in, width=cfg.width, k=cfg.k)
+    sae_cfg = cfg.sae_config(d_in)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        sae = TopKSAE(sae_cfg).to(device)
+        sae = build_sae(sae_cfg).to(device)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(init_batch.float().reshape(-1, d_in) * scale).to(device))
 
-    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    params = [W_enc, b_enc, W_dec, b_dec]
+    params = list(sae.parameters())
+    W_dec = sae.W_dec
     opt = torch.optim.Adam(params, lr=cfg.lr_at(0), betas=(0.9, 0.999), eps=6.25e-10)
     aux_k = cfg.aux_k if cfg.aux_k is not None else max(1, d_in // 2)
+    use_aux = cfg.architecture in _TOPK_FAMILY and cfg.aux_coef > 0
     since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
+    threshold = None  # batchtopk: running estimate of the inference threshold (a 0-d tensor)
 
     log: list[dict] = []
-    window: list[tuple[Tensor, Tensor, Tensor]] = []  # per-step (loss, aux, l0), checked at log time
+    window: list[Tensor] = []  # per-step (loss, sparsity, aux, l0), checked at log time
     window_start = 0
     total = cfg.total_steps
     step = tokens = 0
-    bar = tqdm(total=total, desc="train SAE", unit="step", disable=not progress)
+    coef = 0.0
+    resumed = load_train_state(checkpoint_dir, sae=sae, opt=opt, device=device) if checkpoint_dir else None
+    if resumed is not None:
+        loop, meta = resumed
+        since_fired, threshold = loop["since_fired"], loop.get("threshold")
+        step = window_start = meta["step"]
+        tokens, log, coef = meta["tokens"], meta["log"], meta["coef"]
+        batches.load_state(meta["loader_state"])
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.architecture} SAE", unit="step", disable=not progress)
 
     def flush() -> None:
         nonlocal window, window_start
         if not window:
             return
-        stats = torch.stack([torch.stack(w) for w in window]).cpu()
-        bad = (~torch.isfinite(stats[:, 0])).nonzero()
+        stats = torch.stack(window).cpu()
+        bad = (~torch.isfinite(stats[:, :3].sum(1))).nonzero()
         if len(bad):
             raise RuntimeError(
                 f"SAE training diverged: loss is not finite at step {window_start + int(bad[0])}; "
@@ -239,17 +278,17 @@ def train_sae(
             )
         mean = stats.mean(0)
         row = {
-            "step": step, "tokens": tokens, "loss": float(mean[0]), "aux_loss": float(mean[1]),
-            "l0": float(mean[2]),
+            "step": step, "tokens": tokens, "loss": float(mean[0]), "sparsity_loss": float(mean[1]),
+            "aux_loss": float(mean[2]), "l0": float(mean[3]),
             # Fired on no token in the last N = min(dead_tokens, tokens seen): a run shorter than
             # the window still reports the latents it never used, instead of a flattering 0.
             "dead_fraction": float((since_fired >= min(cfg.dead_tokens, tokens)).float().mean()),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": opt.param_groups[0]["lr"], "sparsity_coef": coef,
         }
         log.append(row)
         if on_log is not None:
             on_log(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", dead=f"{row['dead_fraction']:.3f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
         window, window_start = [], step
 
     t0 = time.perf_counter()
@@ -259,47 +298,51 @@ def train_sae(
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
         x = x * scale
-        with torch.no_grad():
-            xc = x - b_dec
-            pre = torch.addmm(b_enc, xc, W_enc)
-            vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-        acts = _SelectedPre.apply(xc, W_enc, b_enc, b_dec, idx, vals).relu()
-        x_hat = _sparse_decode(acts, idx, W_dec) + b_dec
-        loss = _normalized_sq_error(x_hat, x)
-
+        fwd = train_forward(sae, x)
+        var = batch_variance(x)
+        # Both terms share the batch-variance denominator, so λ is in units of per-token squared
+        # error (Conerly et al.'s convention) while the reconstruction term is the batch FVU.
+        loss = (fwd.x_hat - x).pow(2).sum() / var
+        sparsity = torch.zeros((), device=device)
+        if sae_cfg.sparsity_coef is not None:
+            coef = cfg.sparsity_coef_at(step, sae_cfg.sparsity_coef)
+            sparsity = coef * fwd.penalty / var
         dead = since_fired >= cfg.dead_tokens
-        n_dead = int(dead.sum())
         aux_loss = torch.zeros((), device=device)
-        if n_dead > 0 and cfg.aux_coef > 0:
-            # AuxK: the best `aux_k` dead latents try to explain the residual the live ones left,
-            # which gives dead latents a gradient (Gao et al. §A.2); normalised like the main loss.
-            with torch.no_grad():
-                aux_vals, aux_idx = pre.masked_fill(~dead, -math.inf).topk(min(aux_k, n_dead), sorted=False)
-            aux_acts = _SelectedPre.apply(xc, W_enc, b_enc, b_dec, aux_idx, aux_vals).relu()
-            residual = (x - x_hat).detach()
-            aux_loss = _normalized_sq_error(_sparse_decode(aux_acts, aux_idx, W_dec), residual)
-        (loss + cfg.aux_coef * aux_loss).backward()
+        if use_aux and bool(dead.any()):
+            aux_loss = auxk_loss(sae, fwd, x, dead, aux_k)
+        (loss + sparsity + cfg.aux_coef * aux_loss).backward()
 
         with torch.no_grad():
-            # keep the decoder on the unit sphere: drop the radial part of the gradient
-            W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+            if sae.unit_norm_decoder:  # stay on the unit sphere: drop the radial gradient
+                W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            sae.normalize_decoder()
-            fired = acts.detach() > 0
-            counts = torch.zeros(cfg.width, device=device).index_add_(0, idx.reshape(-1), fired.reshape(-1).float())
-            since_fired = torch.where(counts > 0, 0, since_fired + x.shape[0])
-            window.append((loss.detach(), aux_loss.detach(), fired.sum(1).float().mean()))
+            if sae.unit_norm_decoder:
+                sae.normalize_decoder()
+            if fwd.min_kept is not None:
+                threshold = fwd.min_kept if threshold is None else (
+                    cfg.threshold_decay * threshold + (1 - cfg.threshold_decay) * fwd.min_kept)
+            since_fired = torch.where(fwd.fire_counts > 0, 0, since_fired + x.shape[0])
+            window.append(torch.stack([loss.detach(), sparsity.detach(), aux_loss.detach(), fwd.l0]))
 
         step += 1
         tokens += x.shape[0]
         bar.update(1)
         if step % log_every == 0:
             flush()
+            if checkpoint_dir is not None and step % checkpoint_every == 0 and step < total:
+                extra = {"since_fired": since_fired} | ({} if threshold is None else {"threshold": threshold})
+                save_train_state(checkpoint_dir, sae=sae, opt=opt, tensors=extra, meta={
+                    "step": step, "tokens": tokens, "log": log, "coef": coef,
+                    "loader_state": list(batches.state())})
     flush()
     bar.close()
     seconds = time.perf_counter() - t0
+    if threshold is not None:
+        with torch.no_grad():
+            sae.inference_threshold.fill_(float(threshold))
     sae.zero_grad(set_to_none=True)
     return TrainResult(sae.fold_input_scale(scale), log, step, tokens, seconds)

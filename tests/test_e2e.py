@@ -10,7 +10,7 @@ import torch
 from analysis.catalog import connect_catalog
 from analysis.loader import ActivationStore
 from analysis.paths import DataRoot
-from analysis.sae import TopKSAE
+from analysis.dictionaries import load_dictionary
 from analysis.stages.dataset import split_indices
 from analysis.stages.dictionaries import dictionary_id
 from analysis.suite import load_suite
@@ -42,14 +42,16 @@ def _data_versions(instance) -> dict[str, str]:
 def test_catalog_holds_one_evaluation_per_member_with_real_numbers(suite_run):
     spec, root, _, _ = suite_run
     con = connect_catalog(root.catalog)
-    rows = con.sql("SELECT * FROM evaluations ORDER BY hook, k").to_arrow_table().to_pylist()
+    rows = con.sql("SELECT * FROM evaluations ORDER BY hook, architecture, k").to_arrow_table().to_pylist()
     views = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     con.close()
     assert {"evaluations", "top_images", "feature_stats", "train_log", "mouse_history"} <= views
-    assert [(r["hook"], r["k"]) for r in rows] == [(m.hook, m.k) for m in sorted(spec.members(), key=lambda m: (m.hook, m.k))]
+    expected = sorted((m.hook, m.architecture, m.k, m.sparsity_coef) for m in spec.members())
+    assert [(r["hook"], r["architecture"], r["k"], r["sparsity_coef"]) for r in rows] == expected
+    assert {"topk", "jumprelu"} <= {r["architecture"] for r in rows}
     for r in rows:
         assert 0 < r["fvu"] < 1, r
-        assert 0 < r["l0"] <= r["k"]
+        assert 0 < r["l0"] <= (r["k"] or r["width"])
         assert r["ce_ablated"] > r["ce_clean"], "zero-ablating the residual stream must hurt"
         assert np.isfinite(r["loss_recovered"])
     assert (root.reports / "tiny_fvu_vs_l0.png").stat().st_size > 1000
@@ -61,7 +63,7 @@ def test_catalog_fvu_equals_fvu_recomputed_from_saved_weights_and_stored_activat
     for member in spec.members():
         dict_id = dictionary_id(spec, member)
         (fvu,) = con.execute("SELECT fvu FROM evaluations WHERE dict_id = ?", [dict_id]).fetchone()
-        sae = TopKSAE.load(root.dictionary(dict_id))
+        sae = load_dictionary(root.dictionary(dict_id))
         store = ActivationStore.open(root.hook_store(spec.store_id, member.hook))
         _, eval_idx = split_indices(root, spec.dataset_id)
         eval_idx = eval_idx[: spec.evaluation.max_images]

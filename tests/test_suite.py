@@ -58,6 +58,16 @@ def test_unknown_hook_is_rejected_before_work_with_valid_names():
         validate_suite(spec)
 
 
+def test_penalty_architectures_take_a_coefficient_axis_and_keys_stay_distinct():
+    spec = parse_suite({"name": "x", "dictionaries": {"architectures": ["topk", "relu"], "ks": [8],
+                                                     "sparsity_coefs": [1.0, 5.0]}})
+    keys = [m.key for m in spec.members()]
+    assert "b0_resid_post-relu-x16-l5-s0" in keys and "b0_resid_post-topk-x16-k8-s0" in keys
+    assert len(keys) == len(set(keys)) == 2 * 3
+    with pytest.raises(ValueError, match="sparsity_coefs is empty"):
+        parse_suite({"name": "x", "dictionaries": {"architectures": ["jumprelu"]}})
+
+
 def test_dictionary_hook_must_be_captured():
     spec = parse_suite({"name": "bad", "activations": {"hooks": ["blocks.0.hook_resid_post"]},
                         "dictionaries": {"hooks": ["blocks.1.hook_resid_post"]}})

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from analysis.metrics import reconstruction_metrics
-from analysis.sae import SAEConfig, TopKSAE
+from analysis.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig, TopKSAE
 from analysis.train_sae import (
     SAETrainConfig,
     _SelectedPre,
@@ -62,7 +62,8 @@ def test_training_recovers_sparse_structure(data):
     result = _train(data, _cfg(), on_log=rows.append)
     assert result.steps == 150_000 // 512 and result.tokens == result.steps * 512
     assert rows == result.log and [r["step"] for r in rows][:2] == [25, 50]
-    assert set(rows[0]) == {"step", "tokens", "loss", "aux_loss", "l0", "dead_fraction", "lr"}
+    assert set(rows[0]) == {"step", "tokens", "loss", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr",
+                            "sparsity_coef"}
     assert result.log[-1]["loss"] < result.log[0]["loss"]
     # the returned SAE works on RAW activations of held-out tokens
     held_out = _sparse_data(20_000, seed=1)
@@ -73,11 +74,44 @@ def test_training_recovers_sparse_structure(data):
     assert_close(result.sae.W_dec.norm(dim=1), torch.ones(WIDTH))
 
 
-def test_deterministic_for_a_seed(data):
+# Per architecture: settings that reach the sparse structure in a few seconds, and the class.
+# relu/jumprelu need a longer run: their L1/L0 penalty warms up and their thresholds move slowly.
+ARCH_RUNS = {
+    "batchtopk": (dict(architecture="batchtopk", k=4, threshold_decay=0.9), BatchTopKSAE),
+    "relu": (dict(architecture="relu", k=None, sparsity_coef=1.0, n_train_tokens=300_000), ReLUSAE),
+    "jumprelu": (dict(architecture="jumprelu", k=None, sparsity_coef=0.3, threshold_init=1.0,
+                      n_train_tokens=300_000), JumpReLUSAE),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCH_RUNS))
+def test_other_architectures_recover_sparse_structure(data, arch):
+    kw, cls = ARCH_RUNS[arch]
+    result = _train(data, _cfg(**kw))
+    assert type(result.sae) is cls and result.sae.cfg.architecture == arch
+    m = reconstruction_metrics(result.sae, _sparse_data(20_000, seed=1).split(4096))
+    assert m.fvu < 0.1, m.fvu
+    # the data has 2 active atoms per token: a sparse code needs a handful of latents, not dozens
+    assert 1.5 < m.l0 < 8, m.l0
+    assert m.dead_fraction < 0.25, m.dead_fraction
+    if arch == "batchtopk":  # inference uses the estimated threshold; its L0 stays near k
+        assert (result.sae.inference_threshold > 0).all() and abs(m.l0 - 4) < 1.0
+    if arch == "relu":  # the decoder norms are free (the L1 term is weighted by them)
+        assert result.sae.W_dec.norm(dim=1).std() > 1e-3
+    else:
+        assert_close(result.sae.W_dec.norm(dim=1), torch.ones(WIDTH))
+    if arch in ("relu", "jumprelu"):
+        coefs = [r["sparsity_coef"] for r in result.log]
+        assert coefs[0] < coefs[-1] == kw["sparsity_coef"] and result.log[-1]["sparsity_loss"] > 0
+
+
+@pytest.mark.parametrize("arch", ["topk", *ARCH_RUNS])
+def test_deterministic_for_a_seed(data, arch):
     small = data[:20_000]
-    a = _train(small, _cfg(n_train_tokens=20_480, seed=7))
-    b = _train(small, _cfg(n_train_tokens=20_480, seed=7))
-    c = _train(small, _cfg(n_train_tokens=20_480, seed=8))
+    kw = {**ARCH_RUNS.get(arch, ({}, None))[0], "n_train_tokens": 20_480}
+    a = _train(small, _cfg(**kw, seed=7))
+    b = _train(small, _cfg(**kw, seed=7))
+    c = _train(small, _cfg(**kw, seed=8))
     for (name, pa), (_, pb) in zip(a.sae.state_dict().items(), b.sae.state_dict().items()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.sae.W_dec, c.sae.W_dec)
@@ -110,9 +144,19 @@ def test_uneven_batches_are_rechunked(data):
 
 
 def test_wrong_batch_width_is_rejected(data):
-    with pytest.raises(ValueError, match=r"d_in=32"):
+    with pytest.raises(ValueError, match=r"d_in=32\), got \(512, 31\)"):
         train_sae(iter([torch.randn(512, 31)]), D, _cfg(n_train_tokens=512), mean_norm=5.0,
                   init_batch=data[:100], progress=False)
+    with pytest.raises(ValueError, match=r"width 31 but d_in=32"):
+        train_sae(iter([data[:512]]), D, _cfg(n_train_tokens=512), mean_norm=5.0,
+                  init_batch=torch.randn(100, 31), progress=False)
+
+
+def test_sparsity_warmup_schedule():
+    cfg = SAETrainConfig(width=64, architecture="relu", batch_size=10, n_train_tokens=2000)
+    assert cfg.k is None and cfg.sparsity_coef_at(0, 5.0) == pytest.approx(5.0 / 10)  # 5 % of 200 steps
+    assert cfg.sparsity_coef_at(9, 5.0) == cfg.sparsity_coef_at(150, 5.0) == 5.0
+    assert SAETrainConfig(width=64).k == 32  # the TopK default is resolved into the config
 
 
 def test_hand_written_gradients_match_autograd():
@@ -170,6 +214,12 @@ def test_lr_schedule():
     (dict(width=64, n_train_tokens=10, batch_size=20), "n_train_tokens=10"),
     (dict(width=64, lr=-1.0), "lr=-1.0"),
     (dict(width=64, aux_k=0), "aux_k=0"),
+    (dict(width=64, k=0), "k=0"),
+    (dict(width=64, architecture="relu", k=8), "k=8 has no meaning for architecture='relu'"),
+    (dict(width=64, architecture="jumprelu", sparsity_coef=-1.0), "sparsity_coef=-1.0"),
+    (dict(width=64, architecture="topk", sparsity_coef=1.0), "sparsity_coef=1.0 has no meaning"),
+    (dict(width=64, sparsity_warmup_steps=-1), "sparsity_warmup_steps=-1"),
+    (dict(width=64, threshold_decay=1.0), "threshold_decay=1.0"),
 ])
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from typing import Callable
 
@@ -17,7 +18,7 @@ from analysis.loader import ActivationStore, ShuffledLoader, iter_images
 from analysis.metrics import downstream_metrics, reconstruction_metrics
 from analysis.mining import mine_features
 from analysis.paths import DataRoot
-from analysis.sae import TopKSAE
+from analysis.dictionaries import load_dictionary
 from analysis.stages.dataset import split_indices
 from analysis.stages.model import load_model
 from analysis.suite import DictionaryMember, SuiteSpec
@@ -26,9 +27,15 @@ from analysis.train_sae import SAETrainConfig, train_sae
 SUMMARY_FILE = "train_summary.json"  # written last: its presence marks a finished checkpoint
 
 
+CHECKPOINT_EVERY = 200  # steps between resumable training states (a multiple of the log interval)
+
+
 def train_config(spec: SuiteSpec, member: DictionaryMember, d_in: int) -> SAETrainConfig:
-    return SAETrainConfig(**{**spec.dictionaries.train, "width": member.expansion * d_in,
-                             "k": member.k, "seed": member.seed})
+    overrides = {"width": member.expansion * d_in, "architecture": member.architecture, "k": member.k,
+                 "seed": member.seed}
+    if member.sparsity_coef is not None:
+        overrides["sparsity_coef"] = member.sparsity_coef
+    return SAETrainConfig(**{**spec.dictionaries.train, **overrides})
 
 
 def dictionary_id(spec: SuiteSpec, member: DictionaryMember) -> str:
@@ -49,10 +56,13 @@ def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
         store = _open_store(spec, root, member.hook)
         cfg = train_config(spec, member, store.d_model)
         train_idx, _ = split_indices(root, spec.dataset_id)
-        loader = iter(ShuffledLoader(store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device))
-        init_batch = next(loader)
-        result = train_sae(loader, store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
-                           init_batch=init_batch, progress=progress, on_log=on_log)
+        make_loader = lambda: ShuffledLoader(  # noqa: E731
+            store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
+        init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
+        # A killed run resumes from its last state in <dict dir>/resume and ends on the same weights.
+        result = train_sae(make_loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
+                           init_batch=init_batch, progress=progress, on_log=on_log,
+                           checkpoint_dir=directory / "resume", checkpoint_every=CHECKPOINT_EVERY)
         lineage = {"dict_id": dict_id, **asdict(member), "store_id": spec.store_id,
                    "store_lineage": store.lineage, "train_config": asdict(cfg), "code_version": code_version()}
         result.sae.save(directory, extra_config=lineage)
@@ -61,6 +71,7 @@ def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
                    "train_seconds": round(float(result.seconds), 2),
                    "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1)}
         done.write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(directory / "resume", ignore_errors=True)  # optimizer state is not needed past here
     return {**json.loads(done.read_text()), "path": str(directory)}
 
 
@@ -74,7 +85,7 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
     directory = root.dictionary(dict_id)
     done = directory / "evaluation.json"
     if not done.exists():
-        sae = TopKSAE.load(directory, device=device)
+        sae = load_dictionary(directory, device=device)
         store = _open_store(spec, root, member.hook)
         eval_idx = _eval_images(spec, root)
         batch = spec.evaluation.batch_images
@@ -102,7 +113,7 @@ def ensure_features(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, *
     directory = root.dictionary(dict_id)
     done = directory / "features.json"
     if not done.exists():
-        sae = TopKSAE.load(directory, device=device)
+        sae = load_dictionary(directory, device=device)
         store = _open_store(spec, root, member.hook)
         eval_idx = _eval_images(spec, root)
         batches = ((idx, acts.to(device)) for idx, acts in

@@ -9,7 +9,7 @@ from analysis.paths import DataRoot
 from analysis.plots import plot_fvu_vs_l0
 from analysis.suite import SuiteSpec
 
-SUMMARY_COLUMNS = ("hook", "k", "width", "l0", "fvu", "dead_fraction", "dense_fraction",
+SUMMARY_COLUMNS = ("hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "dead_fraction", "dense_fraction",
                    "ce_clean", "ce_spliced", "ce_ablated", "loss_recovered", "ablation_gap",
                    "acc_clean", "acc_spliced")
 
@@ -23,7 +23,7 @@ def suite_evaluations(spec: SuiteSpec, root: DataRoot) -> pa.Table:
     con = connect_catalog(root.catalog)
     try:
         return con.sql(
-            "SELECT * FROM evaluations WHERE suite = $suite AND store_id = $store ORDER BY hook, k, expansion, seed",
+            "SELECT * FROM evaluations WHERE suite = $suite AND store_id = $store ORDER BY hook, architecture, k, sparsity_coef, expansion, seed",
             params={"suite": spec.name, "store": spec.store_id},
         ).to_arrow_table()
     finally:

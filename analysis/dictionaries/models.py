@@ -1,0 +1,180 @@
+"""The four SAE architectures behind the `SparseAutoencoder` interface.
+
+- TopK (Gao et al. 2024): the k largest ReLU pre-activations per token.
+- BatchTopK (Bussmann et al. 2024): during training the k·B largest over the whole batch, so
+  tokens share a budget; the trainer tracks a threshold (running mean of the smallest kept
+  activation) and inference is a JumpReLU with it, which makes a token's code independent of
+  the rest of its batch.
+- ReLU (Conerly et al. 2024, "April update"): ReLU code, L1 penalty weighted by ‖W_dec row‖.
+- JumpReLU (Rajamanoharan et al. 2024): z = pre · H(pre − θ) with a learned per-latent θ (fp32);
+  θ gets a straight-through pseudo-gradient from a rectangle kernel of bandwidth ε.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from analysis.dictionaries.base import EncoderOutput, SparseAutoencoder, sparsify
+from analysis.dictionaries.config import SAEConfig
+
+
+class TopKSAE(SparseAutoencoder):
+    architecture = "topk"
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """TopK(ReLU(pre)). ReLU is monotone, so selecting on `pre` and applying ReLU to the k
+        winners gives the same activations while touching only B*k values."""
+        vals, idx = self.pre_acts(x).topk(self.cfg.k, dim=-1, sorted=False)
+        return EncoderOutput(vals.relu(), idx)
+
+
+def _jump(pre: Tensor, threshold: Tensor) -> Tensor:
+    # pre > 0 as well: a threshold folded or estimated to <= 0 must not let negative values through
+    return pre * ((pre > threshold) & (pre > 0))
+
+
+class _ThresholdSAE(SparseAutoencoder):
+    """Inference shared by BatchTopK and JumpReLU: a per-latent threshold held in fp32."""
+
+    @property
+    def threshold(self) -> Tensor:
+        raise NotImplementedError
+
+    def dense_latents(self, x: Tensor) -> Tensor:
+        return _jump(self.pre_acts(x), self.threshold.to(self.W_enc.dtype))
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        return sparsify(self.dense_latents(x))
+
+
+class BatchTopKSAE(_ThresholdSAE):
+    architecture = "batchtopk"
+
+    def __init__(self, cfg: SAEConfig, *, device="cpu", dtype=torch.float32):
+        super().__init__(cfg, device=device, dtype=dtype)
+        # One value for every latent (the paper's scalar), stored per latent so inference is
+        # exactly the JumpReLU code path. 0 until training estimates it (then inference = ReLU).
+        self.register_buffer("inference_threshold", torch.zeros(cfg.width, device=device, dtype=torch.float32))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.inference_threshold
+
+    def _fold_thresholds(self, s: float) -> None:
+        self.inference_threshold.div_(s)
+
+    def encode_batch(self, x: Tensor) -> EncoderOutput:
+        """The training-time code: the k·B largest positive pre-activations of the batch."""
+        vals, idx, keep = batch_topk(self.pre_acts(x), self.cfg.k)
+        return EncoderOutput(vals * keep, idx)
+
+
+def batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Select the k·B largest positive entries of a (B, width) batch.
+
+    Returns padded (vals, idx, keep), each (B, m): per row the candidates sorted descending,
+    `keep` marking the selected prefix. Exact, but avoids a top-(k·B) over all B·width values:
+    take each row's top-m (m = 4k at first), select globally among those, and widen m when some
+    row had all of its m candidates selected (only then could it hold more winners).
+    """
+    B, width = pre.shape
+    n_keep = min(k * B, B * width)
+    m = min(width, 4 * k)
+    while True:
+        vals, idx = pre.topk(m, dim=1, sorted=True)
+        flat = vals.reshape(-1).topk(n_keep, sorted=False).indices
+        chosen = torch.zeros(B * m, dtype=torch.bool, device=pre.device).index_fill_(0, flat, True).view(B, m)
+        if m == width or not bool(chosen[:, -1].any()):
+            break
+        m = min(width, 2 * m)
+    # Rows are sorted, so each row's winners form a prefix (up to ties, which are equal values).
+    keep = torch.arange(m, device=pre.device) < chosen.sum(1, keepdim=True)
+    keep &= vals > 0
+    m_used = max(1, int(keep.sum(1).max()))
+    return vals[:, :m_used], idx[:, :m_used], keep[:, :m_used]
+
+
+class ReLUSAE(SparseAutoencoder):
+    architecture = "relu"
+    unit_norm_decoder = False  # the L1 term is weighted by the row norms instead
+
+    def _init_decoder_norm(self) -> float:
+        return 0.1  # small rows, W_enc = W_dec.T (Conerly et al. 2024)
+
+    def dense_latents(self, x: Tensor) -> Tensor:
+        return self.pre_acts(x).relu()
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        return sparsify(self.dense_latents(x))
+
+
+class JumpReLUSAE(_ThresholdSAE):
+    architecture = "jumprelu"
+
+    def __init__(self, cfg: SAEConfig, *, device="cpu", dtype=torch.float32):
+        super().__init__(cfg, device=device, dtype=dtype)
+        # log θ keeps θ > 0 under any Adam step; fp32 whatever the module dtype, because a
+        # threshold rounded to bf16 moves by up to 0.4 %, flipping latents near it.
+        init = torch.full((cfg.width,), math.log(cfg.threshold_init), device=device, dtype=torch.float32)
+        self.log_threshold = nn.Parameter(init)
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def _fold_thresholds(self, s: float) -> None:
+        self.log_threshold.sub_(math.log(s))
+
+    def train_forward(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(dense code, per-token L0) with straight-through gradients for θ."""
+        theta, eps = self.threshold, self.cfg.bandwidth
+        return _JumpReLU.apply(pre, theta, eps), _Step.apply(pre, theta, eps).sum(1)
+
+
+def _kernel(pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+    """Rectangle kernel K((pre − θ)/ε)/ε: the density estimate of pre at the threshold."""
+    return ((pre - theta).abs() < eps / 2).to(pre.dtype) / eps
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre · H(pre − θ); ∂/∂pre = H(pre − θ), ∂/∂θ ≈ −θ · K((pre − θ)/ε)/ε (STE)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        pre, theta = ctx.saved_tensors
+        grad_theta = -(theta * (g * _kernel(pre, theta, ctx.eps)).sum(0))
+        return g * (pre > theta), grad_theta.to(theta.dtype), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre − θ); no gradient to pre, ∂/∂θ ≈ −K((pre − θ)/ε)/ε (STE)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        pre, theta = ctx.saved_tensors
+        return None, -(g * _kernel(pre, theta, ctx.eps)).sum(0).to(theta.dtype), None
+
+
+SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {
+    cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE)
+}
+
+
+def build_sae(cfg: SAEConfig, *, device="cpu", dtype=torch.float32) -> SparseAutoencoder:
+    """A freshly initialised SAE of the configured architecture."""
+    return SAE_CLASSES[cfg.architecture](cfg, device=device, dtype=dtype)
