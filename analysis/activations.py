@@ -175,7 +175,7 @@ def is_complete(path: str | Path) -> bool:
 
 
 class _Writer:
-    """One background thread writing whole chunks, so compute and disk I/O overlap.
+    """One background thread writing whole shards, so one hook's write overlaps the next hook's.
 
     After a failure it keeps draining the queue (the producer must never block on a full
     queue) and the error is re-raised in the producer by `check`/`close`.
@@ -211,13 +211,20 @@ class _Writer:
 
 
 class _ShardAccumulator:
-    """Per-hook state for one shard: chunk buffers for the writer and Welford partials."""
+    """Per-hook state for one shard: a whole-shard buffer for the writer and Welford partials.
+
+    The shard is written in ONE call: Zarr rewrites a shard file on every partial write, so
+    chunk-by-chunk writes cost 5-7x (measured: 8.9 MB shard 0.02-0.05 s whole vs 0.14-0.17 s in
+    16 chunk writes; 102 MB: 0.15 s vs 0.77 s). Memory per hook is one shard: size
+    `images_per_shard` for the model at hand.
+    """
 
     def __init__(self, group: zarr.Group, layout: StoreLayout, start: int, stat_dtype: torch.dtype):
         self.acts, self.norms = group["acts"], group["norms"]
-        self.layout, self.chunk_start, self.stat_dtype = layout, start, stat_dtype
-        self.buf_acts: list[np.ndarray] = []
-        self.buf_norms: list[np.ndarray] = []
+        self.layout, self.start, self.stat_dtype = layout, start, stat_dtype
+        self.buf_acts: np.ndarray | None = None
+        self.buf_norms: np.ndarray | None = None
+        self.filled = 0
         self.count, self.mean, self.m2, self.norm_sum = 0, None, None, 0.0
 
     def add_stats(self, x: torch.Tensor, norms: torch.Tensor):
@@ -232,21 +239,20 @@ class _ShardAccumulator:
             self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, nb, mean_b, m2_b)
 
     def add_rows(self, acts: np.ndarray, norms: np.ndarray, writer: _Writer, final: bool):
-        """Buffer rows; hand every full chunk (and the shard's short tail) to the writer."""
-        self.buf_acts.append(acts)
-        self.buf_norms.append(norms)
-        ipc = self.layout.images_per_chunk
-        have = sum(len(a) for a in self.buf_acts)
-        if have < ipc and not final:
-            return
-        acts_all, norms_all = np.concatenate(self.buf_acts), np.concatenate(self.buf_norms)
-        n_out = len(acts_all) if final else (have // ipc) * ipc
-        for lo in range(0, n_out, ipc):
-            hi = min(lo + ipc, n_out)
-            writer.put(self.acts, self.chunk_start + lo, acts_all[lo:hi])
-            writer.put(self.norms, self.chunk_start + lo, norms_all[lo:hi])
-        self.chunk_start += n_out
-        self.buf_acts, self.buf_norms = [acts_all[n_out:]], [norms_all[n_out:]]
+        """Copy rows into the shard buffer; hand the full shard to the writer at the end."""
+        if self.buf_acts is None:
+            n = self.layout.shard_bounds(self.layout_shard())[1] - self.start
+            self.buf_acts = np.empty((n, *acts.shape[1:]), dtype=acts.dtype)
+            self.buf_norms = np.empty((n, *norms.shape[1:]), dtype=norms.dtype)
+        self.buf_acts[self.filled : self.filled + len(acts)] = acts
+        self.buf_norms[self.filled : self.filled + len(norms)] = norms
+        self.filled += len(acts)
+        if final:
+            writer.put(self.acts, self.start, self.buf_acts[: self.filled])
+            writer.put(self.norms, self.start, self.buf_norms[: self.filled])
+
+    def layout_shard(self) -> int:
+        return self.start // self.layout.images_per_shard
 
 
 def chan_merge(n_a: int, mean_a, m2_a, n_b: int, mean_b, m2_b):

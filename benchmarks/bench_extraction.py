@@ -11,10 +11,11 @@ these passes back to back (interleaved, so load spikes on a shared machine hit a
     extract_nowrite extract_shard with the writer thread discarding data   (checks, stats, cast)
     extract        extract_shard into fresh stores                        (what the pipeline does)
 
-and one instrumented extract pass afterwards splits the time by step (not part of the ratios).
+and one instrumented extract pass afterwards splits the time by step (not part of the ratios);
+last, one activation shard is written chunk by chunk (as the writer thread does) vs in one call.
 Writes benchmarks/results/extraction.json.
 
-    python benchmarks/bench_extraction.py [--repeats 5] [--mouse-images 8192] [--large-images 1024]
+    python benchmarks/bench_extraction.py [--repeats 7] [--mouse-images 4096] [--large-images 512]
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ def make_images(directory: Path, n: int) -> zarr.Array:
     return open_images(directory)
 
 
-def make_capture(model: HookedViT, hooks: list[str], stop: int | None):
-    # Same as analysis.stages.activations.extract.
+def make_capture(model: HookedViT, hooks: list[str], stop: int | None, compute_dtype: str = "float32"):
+    # Same as analysis.stages.activations.extract (autocast is off at the default float32).
+    autocast, amp_dtype = compute_dtype != "float32", getattr(torch, compute_dtype)
+
     def capture(x):
-        _, cache = model.run_with_cache(x, names_filter=hooks, stop_at_layer=stop)
-        return {h: cache[h] for h in hooks}
+        with torch.autocast(device_type="cpu", dtype=amp_dtype, enabled=autocast):
+            _, cache = model.run_with_cache(x, names_filter=hooks, stop_at_layer=stop)
+        return {h: cache[h].float() for h in hooks}
     return capture
 
 
@@ -168,48 +172,92 @@ def breakdown(capture, images, layout, hooks, workdir, batch_size) -> dict:
             "writer_zarr_writes": _TimedWriter.writes}
 
 
+def shard_write_pattern(layout: StoreLayout, n_hooks: int, tmp: Path, repeats: int) -> dict:
+    # layout.images_per_shard here is the requested one, not capped at N (see bench_config).
+    """One Zarr shard of acts written the way _Writer does (chunk by chunk) vs in one call.
+
+    Chunk-by-chunk writes into a sharded array rewrite the shard file each time (read-modify-
+    write), so the bytes written grow with (chunks per shard)^2 / 2.
+    """
+    ips, ipc = layout.images_per_shard, layout.images_per_chunk
+    rows = ips  # a full shard of the requested geometry (pipeline: 4096 images), even when N is smaller
+    data = np.random.default_rng(0).standard_normal((rows, layout.n_tokens, layout.d_model)).astype(np.float16)
+    runs = {"chunk_by_chunk": [], "whole_shard": []}
+    for _ in range(repeats):
+        for mode in runs:
+            arr = zarr.create_array(store=str(tmp / "pattern.zarr"), shape=data.shape, dtype="float16",
+                                    chunks=(ipc,) + data.shape[1:], shards=(ips,) + data.shape[1:],
+                                    compressors=None, fill_value=0, overwrite=True)
+            t0 = time.perf_counter()
+            if mode == "whole_shard":
+                arr[:] = data
+            else:
+                for lo in range(0, rows, ipc):
+                    arr[lo:lo + ipc] = data[lo:lo + ipc]
+            runs[mode].append(time.perf_counter() - t0)
+            shutil.rmtree(tmp / "pattern.zarr")
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    return {"shard_mb": round(data.nbytes / 1e6, 2), "chunks_per_shard": -(-rows // ipc),
+            "seconds_median": {k: round(v, 4) for k, v in med.items()},
+            "chunk_by_chunk_over_whole": round(med["chunk_by_chunk"] / med["whole_shard"], 2),
+            "per_shard_all_hooks_seconds": {k: round(v * n_hooks, 3) for k, v in med.items()},
+            "runs_seconds": {k: [round(x, 4) for x in v] for k, v in runs.items()}}
+
+
 def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> dict:
     images = make_images(tmp / f"images_{name}", n_images)
     torch.manual_seed(0)
     model = HookedViT(cfg).eval()
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
     stop = cfg.n_layers  # stop_layer(hooks) of the pipeline: deepest block + 1
-    capture = make_capture(model, hooks, stop)
+    capture = make_capture(model, hooks, stop, args.compute_dtype)
     ips = min(args.images_per_shard, -(-n_images // args.images_per_chunk) * args.images_per_chunk)
     layout = StoreLayout(n_images=n_images, n_tokens=cfg.n_tokens, d_model=cfg.d_model,
                          images_per_shard=ips, images_per_chunk=args.images_per_chunk, dtype="float16")
     bs = args.batch_size
     passes = {
-        "bare": lambda: _seconds(lambda: forward_loop(model, images, bs)),
         "capture": lambda: _seconds(lambda: forward_loop(capture, images, bs)),
-        "extract_nowrite": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs, _DiscardWriter),
+        "bare": lambda: _seconds(lambda: forward_loop(model, images, bs)),
         "extract": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs),
+        "extract_nowrite": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs, _DiscardWriter),
     }
     for fn in passes.values():  # warm-up: page cache, allocator, thread pool
         fn()
     runs = {k: [] for k in passes}
+    order = list(passes)
     for r in range(args.repeats):
-        for k, fn in passes.items():
-            runs[k].append(n_images / fn())
+        # bare and extract run back to back; the order flips every repeat so a load change
+        # on a shared machine does not favour one side. Headline: median of per-repeat ratios.
+        for k in order if r % 2 == 0 else order[::-1]:
+            runs[k].append(n_images / passes[k]())
         print(f"  [{name}] repeat {r + 1}/{args.repeats}: "
               + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()) + " images/s", flush=True)
     med = {k: float(np.median(v)) for k, v in runs.items()}
     split = breakdown(capture, images, layout, hooks, tmp / "w", bs)
+    full = StoreLayout(n_images=args.images_per_shard, n_tokens=cfg.n_tokens, d_model=cfg.d_model,
+                       images_per_shard=args.images_per_shard, images_per_chunk=args.images_per_chunk)
+    pattern = shard_write_pattern(full, len(hooks), tmp, min(args.repeats, 3))
+    per_repeat = [e / b for e, b in zip(runs["extract"], runs["bare"])]
+    ratios = {k: float(np.median([x / b for x, b in zip(runs[k], runs["bare"])]))
+              for k in ("capture", "extract_nowrite", "extract")}
     bare_ms = 1000 / med["bare"]
     return {
         "vit": asdict(cfg), "n_tokens": cfg.n_tokens, "hooks": hooks, "stop_at_layer": stop,
-        "n_images": n_images, "batch_size": bs, "layout": asdict(layout),
+        "n_images": n_images, "batch_size": bs, "compute_dtype": args.compute_dtype, "layout": asdict(layout),
         "store_bytes_per_pass": n_images * cfg.n_tokens * cfg.d_model * 2 * len(hooks),
         "images_per_s_median": {k: round(v, 1) for k, v in med.items()},
-        "extraction_over_bare": round(med["extract"] / med["bare"], 3),
-        "capture_over_bare": round(med["capture"] / med["bare"], 3),
-        "extract_nowrite_over_bare": round(med["extract_nowrite"] / med["bare"], 3),
+        "extraction_over_bare": round(ratios["extract"], 3),
+        "extraction_over_bare_of_medians": round(med["extract"] / med["bare"], 3),
+        "extraction_over_bare_per_repeat": [round(x, 3) for x in per_repeat],
+        "capture_over_bare": round(ratios["capture"], 3),
+        "extract_nowrite_over_bare": round(ratios["extract_nowrite"], 3),
         # Extra milliseconds per image each stage adds on top of the bare forward (medians).
         "ms_per_image": {"bare": round(bare_ms, 4),
                          "+hooks/capture": round(1000 / med["capture"] - bare_ms, 4),
                          "+checks/stats/cast": round(1000 / med["extract_nowrite"] - 1000 / med["capture"], 4),
                          "+zarr writes": round(1000 / med["extract"] - 1000 / med["extract_nowrite"], 4)},
         "breakdown_one_pass": split,
+        "acts_shard_write_pattern": pattern,
         "runs_images_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
     }
 
@@ -223,14 +271,20 @@ def _seconds(fn) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--mouse-images", type=int, default=8192)
-    ap.add_argument("--large-images", type=int, default=1024)
+    ap.add_argument("--mouse-images", type=int, default=4096)
+    ap.add_argument("--large-images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=256, help="the pipeline's default")
     ap.add_argument("--images-per-shard", type=int, default=4096, help="the pipeline's default")
     ap.add_argument("--images-per-chunk", type=int, default=256, help="the pipeline's default")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported")
+    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the suite's activations.compute_dtype (autocast); the bare baseline stays float32")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads (0 keeps torch's default, as SPECTRA_THREADS unset)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats; medians reported")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "extraction.json"))
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     sizes = {"mouse": args.mouse_images, "large": args.large_images}
     t0 = time.perf_counter()
     results = {}
@@ -244,11 +298,14 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
-    print(f"\n{'config':<7} {'bare':>8} {'capture':>8} {'nowrite':>8} {'extract':>8}  extract/bare  (images/s, medians)")
+    print(f"\n{'config':<7} {'bare':>8} {'capture':>8} {'nowrite':>8} {'extract':>8}  extract/bare: median of per-repeat "
+          "ratios  (images/s: medians)")
     for name, r in results.items():
         m = r["images_per_s_median"]
         print(f"{name:<7} {m['bare']:>8.0f} {m['capture']:>8.0f} {m['extract_nowrite']:>8.0f} "
-              f"{m['extract']:>8.0f}  {r['extraction_over_bare']:.3f}")
+              f"{m['extract']:>8.0f}  {r['extraction_over_bare']:.3f}   (ratio of medians "
+              f"{r['extraction_over_bare_of_medians']:.3f}; capture/bare {r['capture_over_bare']:.3f}, "
+              f"nowrite/bare {r['extract_nowrite_over_bare']:.3f})")
     for name, r in results.items():
         b = r["breakdown_one_pass"]
         print(f"\n{name}: one instrumented extract pass, {b['total_seconds']} s")
@@ -256,6 +313,11 @@ def main():
             print(f"  {v:7.3f} s  {k}")
         print(f"  ({b['writer_thread_zarr_write_seconds (overlapped)']} s in the writer thread's "
               f"{b['writer_zarr_writes']} Zarr writes, overlapped with the above)")
+    for name, r in results.items():
+        w = r["acts_shard_write_pattern"]
+        print(f"{name}: one {w['shard_mb']} MB acts shard ({w['chunks_per_shard']} chunks): chunk-by-chunk "
+              f"{w['seconds_median']['chunk_by_chunk']} s vs whole-shard {w['seconds_median']['whole_shard']} s "
+              f"({w['chunk_by_chunk_over_whole']}x)")
     print(f"\nwrote {args.out}")
 
 
