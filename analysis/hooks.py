@@ -51,10 +51,15 @@ class HookPoint(nn.Module):
 
 
 class ActivationCache:
-    """Read-only mapping hook name -> detached activation, in forward order."""
+    """Read-only mapping hook name -> detached activation, in forward order.
 
-    def __init__(self, acts: dict[str, torch.Tensor]) -> None:
+    `model` (set by `run_with_cache`) lets the residual-stream helpers below read the
+    model's config and weights (layer scale, LayerNorm parameters).
+    """
+
+    def __init__(self, acts: dict[str, torch.Tensor], model: nn.Module | None = None) -> None:
         self._acts = acts
+        self.model = model
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._acts:
@@ -83,6 +88,31 @@ class ActivationCache:
 
     def __repr__(self) -> str:
         return f"ActivationCache({list(self._acts)})"
+
+    # Residual-stream helpers (TransformerLens semantics); implemented in analysis.cache_tools.
+    def accumulated_resid(self, layer: int | None = None, **kwargs):
+        """Residual stream before each block < layer; see cache_tools.accumulated_resid."""
+        from analysis.cache_tools import accumulated_resid
+
+        return accumulated_resid(self, layer, **kwargs)
+
+    def decompose_resid(self, layer: int | None = None, **kwargs):
+        """Additive terms of the stream entering `layer`; see cache_tools.decompose_resid."""
+        from analysis.cache_tools import decompose_resid
+
+        return decompose_resid(self, layer, **kwargs)
+
+    def stack_head_results(self, layer: int | None = None, **kwargs):
+        """Per-head writes into the stream; see cache_tools.stack_head_results."""
+        from analysis.cache_tools import stack_head_results
+
+        return stack_head_results(self, layer, **kwargs)
+
+    def apply_ln_to_stack(self, stack: torch.Tensor, layer: int | None = None, **kwargs) -> torch.Tensor:
+        """Components through the (frozen-scale) LayerNorm at `layer`; see cache_tools.apply_ln_to_stack."""
+        from analysis.cache_tools import apply_ln_to_stack
+
+        return apply_ln_to_stack(self, stack, layer, **kwargs)
 
 
 class HookedRootModule(nn.Module):

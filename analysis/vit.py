@@ -1,25 +1,31 @@
-"""HookedViT: a small pre-norm Vision Transformer with a hook point at every stage.
+"""HookedViT: a pre-norm Vision Transformer with a hook point at every stage.
 
-Token layout: index 0 is the class token, then the (image_size/patch_size)^2
-patches in row-major order. Hook points (see `hook_names()`):
+Token layout: the class token (if `class_token`), then `n_registers` register tokens,
+then the (image_size/patch_size)^2 patches in row-major order. Hook points (see
+`hook_names()`; optional modules only exist when the config enables them):
 
-    hook_embed, hook_pos_embed                        (B, T, d)
+    hook_embed, hook_pos_embed                        (B, T, d)  tokens; position term (0 on
+                                                                 prefix tokens if not pos_embed_prefix)
+    ln_pre.hook_scale / hook_normalized               (B, T, 1) / (B, T, d), when ln_pre
     blocks.{i}.hook_resid_pre / hook_resid_mid / hook_resid_post
-    blocks.{i}.hook_attn_out / hook_mlp_out           (B, T, d)
-    blocks.{i}.ln1.hook_normalized, ln2.hook_normalized
+    blocks.{i}.hook_attn_out / hook_mlp_out           (B, T, d), after layer scale
+    blocks.{i}.ln1.hook_scale / hook_normalized, ln2.*
     blocks.{i}.attn.hook_q / hook_k / hook_v / hook_z (B, T, n_heads, d_head)
-    blocks.{i}.attn.hook_pattern                      (B, n_heads, T, T), only when hooked
+    blocks.{i}.attn.hook_attn_scores / hook_pattern   (B, n_heads, T, T), only when hooked
+    blocks.{i}.attn.hook_result                       (B, T, n_heads, d), only when hooked
     blocks.{i}.mlp.hook_pre / hook_post               (B, T, d_mlp)
-    ln_final.hook_normalized                          (B, T, d)
+    ln_final.hook_scale / hook_normalized             (B, T, d), when norm == "final"
+    hook_pooled                                       (B, d) what the head reads
+    fc_norm.hook_normalized                           (B, d), when norm == "fc_norm"
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,182 +33,100 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from analysis.hooks import ActivationCache, HookedRootModule, HookFn, HookPoint, NameFilter
+from analysis.vit_blocks import Block, LayerNorm
+from analysis.vit_config import ViTConfig
+
+__all__ = ["HookedViT", "ViTConfig", "resample_pos_embed", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
-@dataclass(frozen=True)
-class ViTConfig:
-    """Architecture of a HookedViT (the run config lives elsewhere, e.g. MouseTrainConfig)."""
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, n_prefix: int) -> torch.Tensor:
+    """(1, n_prefix + g*g, d) -> (1, n_prefix + new_grid^2, d): bicubic, antialiased, prefix rows kept.
 
-    image_size: int = 64
-    """Input height and width in pixels (square images)."""
-    patch_size: int = 8
-    """Patch height and width; must divide image_size."""
-    in_chans: int = 1
-    """Input channels (1 for dSprites-style shapes, 3 for RGB)."""
-    d_model: int = 64
-    """Residual stream width."""
-    n_layers: int = 2
-    """Number of transformer blocks."""
-    n_heads: int = 4
-    """Attention heads per block; must divide d_model."""
-    d_mlp: int = 256
-    """Hidden width of each MLP."""
-    n_classes: int = 3
-    """Output classes of the linear head."""
-    pool: Literal["cls", "mean"] = "cls"
-    """What the head reads: the class token, or the mean over patch tokens."""
-    ln_eps: float = 1e-6
-    """LayerNorm epsilon."""
-
-    def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "in_chans", "d_model", "n_layers", "n_heads", "d_mlp", "n_classes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive int")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"patch_size={self.patch_size} does not divide image_size={self.image_size}; "
-                f"pick a divisor such as {[p for p in (4, 8, 16, 32) if self.image_size % p == 0]}"
-            )
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} does not divide d_model={self.d_model}; "
-                "pick n_heads so each head gets d_model // n_heads dimensions"
-            )
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool={self.pool!r}: expected 'cls' or 'mean'")
-        if not self.ln_eps > 0:
-            raise ValueError(f"ln_eps={self.ln_eps}: expected a small positive float, e.g. 1e-6")
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def n_tokens(self) -> int:
-        return 1 + (self.image_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ViTConfig keys {sorted(unknown)}; expected a subset of {sorted(known)}")
-        return cls(**d)
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm whose affine output passes through `hook_normalized`."""
-
-    def __init__(self, d: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-        self.bias = nn.Parameter(torch.zeros(d))
-        self.hook_normalized = HookPoint()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hook_normalized(F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps))
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
-        self.hook_pattern = HookPoint()
-        self.hook_z = HookPoint()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.d_head).unbind(2)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, dh)
-        if self.hook_pattern.has_hooks:
-            # The fused kernel never materializes the pattern; build it only when asked.
-            scores = (q @ k.transpose(-1, -2)) * self.d_head**-0.5
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
-            z = pattern @ v
-        else:
-            z = F.scaled_dot_product_attention(q, k, v)
-        z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
-        return self.proj(z.reshape(b, t, d))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model)
-        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.hook_post(F.gelu(self.hook_pre(self.fc1(x)))))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        # Registered in forward order so hook_names() lists hooks in the order they fire.
-        self.hook_resid_pre = HookPoint()
-        self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
-        self.attn = Attention(cfg)
-        self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint()
-        self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
-        self.mlp = MLP(cfg)
-        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        resid_pre = self.hook_resid_pre(x)
-        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(self.ln1(resid_pre))))
-        return self.hook_resid_post(resid_mid + self.hook_mlp_out(self.mlp(self.ln2(resid_mid))))
+    Same recipe as timm's `resample_abs_pos_embed`, so a resized model matches timm's.
+    """
+    prefix, grid = pos_embed[:, :n_prefix], pos_embed[:, n_prefix:]
+    old = int(round(grid.shape[1] ** 0.5))
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embedding has {grid.shape[1]} patch rows: expected a square grid")
+    d = grid.shape[-1]
+    img = grid.float().reshape(1, old, old, d).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=(new_grid, new_grid), mode="bicubic", antialias=True, align_corners=False)
+    grid = img.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
 
 
 class HookedViT(HookedRootModule):
-    """Class token + learned position embedding, pre-norm blocks, final LayerNorm, linear head."""
+    """Patch embedding + prefix tokens + position embedding, pre-norm blocks, norm, pooling, head."""
 
-    def __init__(self, cfg: ViTConfig) -> None:
+    def __init__(self, cfg: ViTConfig, *, init: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.n_tokens = cfg.n_tokens
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.d_model, cfg.patch_size, stride=cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.n_tokens, cfg.d_model))
+        d = cfg.d_model
+        self.patch_embed = nn.Conv2d(cfg.in_chans, d, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        if cfg.n_registers:
+            self.reg_token = nn.Parameter(torch.zeros(1, cfg.n_registers, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.n_pos, d))
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        if cfg.ln_pre:
+            self.ln_pre = LayerNorm(d, cfg.ln_eps)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_final = LayerNorm(cfg.d_model, cfg.ln_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.n_classes)
-        self._init_weights()
+        if cfg.norm == "final":
+            self.ln_final = LayerNorm(d, cfg.ln_eps)
+        self.hook_pooled = HookPoint()
+        if cfg.norm == "fc_norm":
+            self.fc_norm = LayerNorm(d, cfg.ln_eps)
+        if cfg.head != "none":
+            self.head = nn.Linear(d, cfg.n_classes, bias=cfg.head == "linear")
+        if init:
+            self._init_weights()
         self.setup()
 
     def _init_weights(self) -> None:
         # ViT-style small init (uses the global torch RNG: seed it for reproducible models).
+        # The order of draws is fixed so a seed gives the same mouse model as before.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cfg.class_token:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cfg.n_registers:
+            nn.init.trunc_normal_(self.reg_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     # ---- forward -----------------------------------------------------------------
+    def _full_pos_embed(self) -> torch.Tensor:
+        """(1, T, d) position term; zeros on prefix tokens when they have no position."""
+        if self.cfg.pos_embed_prefix or not self.cfg.n_prefix:
+            return self.pos_embed
+        pad = self.pos_embed.new_zeros(1, self.cfg.n_prefix, self.cfg.d_model)
+        return torch.cat([pad, self.pos_embed], dim=1)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels (B, C, H, W) -> residual stream before block 0, (B, T, d)."""
         c, s = self.cfg.in_chans, self.cfg.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ValueError(
                 f"expected float input (B, {c}, {s}, {s}), got {tuple(x.shape)}; "
-                "convert uint8 (B, H, W, C) images with analysis.images.to_model_input"
+                "convert uint8 (B, H, W, C) images with analysis.images.to_model_input, "
+                "or build a model for another size with model.resize(image_size)"
             )
+        b = x.shape[0]
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, P, d), row-major patches
-        tokens = self.hook_embed(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1))
-        return tokens + self.hook_pos_embed(self.pos_embed.expand(x.shape[0], -1, -1))
+        prefix = []
+        if self.cfg.class_token:
+            prefix.append(self.cls_token.expand(b, -1, -1))
+        if self.cfg.n_registers:
+            prefix.append(self.reg_token.expand(b, -1, -1))
+        tokens = self.hook_embed(torch.cat([*prefix, patches], dim=1) if prefix else patches)
+        resid = tokens + self.hook_pos_embed(self._full_pos_embed().expand(b, -1, -1))
+        return self.ln_pre(resid) if self.cfg.ln_pre else resid
 
     def _check_layer(self, n: int) -> int:
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.cfg.n_layers:
@@ -220,11 +144,18 @@ class HookedViT(HookedRootModule):
             resid = block(resid)
         return resid
 
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, d): class token, or mean over patch tokens (prefix tokens excluded)."""
+        return tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, self.cfg.n_prefix :].mean(dim=1)
+
     def forward_head(self, resid: torch.Tensor) -> torch.Tensor:
-        """Final residual stream (B, T, d) -> logits (B, n_classes)."""
-        normed = self.ln_final(resid)
-        pooled = normed[:, 0] if self.cfg.pool == "cls" else normed[:, 1:].mean(dim=1)
-        return self.head(pooled)
+        """Final residual stream (B, T, d) -> output (B, d_out): logits or embedding."""
+        if self.cfg.norm == "final":
+            resid = self.ln_final(resid)
+        pooled = self.hook_pooled(self.pool(resid))
+        if self.cfg.norm == "fc_norm":
+            pooled = self.fc_norm(pooled)
+        return pooled if self.cfg.head == "none" else self.head(pooled)
 
     def forward(self, x: torch.Tensor, *, stop_at_layer: int | None = None) -> torch.Tensor:
         """Logits (B, n_classes), or with stop_at_layer=n the residual stream (B, T, d) after n blocks."""
@@ -249,10 +180,12 @@ class HookedViT(HookedRootModule):
         *,
         names_filter: None | str | list[str] | Callable[[str], bool] = None,
         stop_at_layer: int | None = None,
+        device: str | torch.device | None = None,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Forward pass that also returns the detached activations at the selected hooks.
 
         names_filter: None (every hook), one name, a list of names, or name -> bool.
+        device: where cached tensors go (None = where they were computed).
         Hooks past `stop_at_layer` never fire, so they are absent from the cache.
         """
         if names_filter is None:
@@ -267,10 +200,36 @@ class HookedViT(HookedRootModule):
         acts: dict[str, torch.Tensor] = {}
 
         def save(act: torch.Tensor, *, hook: HookPoint) -> None:
-            acts[hook.name] = act.detach()
+            act = act.detach()
+            acts[hook.name] = act if device is None else act.to(device)
 
         out = self.run_with_hooks(x, fwd_hooks=[(n, save) for n in names], stop_at_layer=stop_at_layer)
-        return out, ActivationCache(acts)
+        return out, ActivationCache(acts, model=self)
+
+    # ---- other sizes and other libraries ------------------------------------------
+    def resize(self, image_size: int) -> "HookedViT":
+        """A copy for `image_size` inputs, the position embedding resampled bicubically (as timm does)."""
+        cfg = dataclasses.replace(self.cfg, image_size=image_size)
+        new = HookedViT(cfg, init=False).to(self.pos_embed.device, self.pos_embed.dtype)
+        state = {k: v for k, v in self.state_dict().items() if k != "pos_embed"}
+        n_prefix = cfg.n_prefix if cfg.pos_embed_prefix else 0
+        state["pos_embed"] = resample_pos_embed(self.pos_embed.detach(), cfg.grid_size, n_prefix)
+        new.load_state_dict(state, strict=True)
+        return new.train(self.training)
+
+    @classmethod
+    def from_timm(cls, model: Any) -> "HookedViT":
+        """Convert an instantiated timm `VisionTransformer` (weights copied; outputs match)."""
+        from analysis.vit_convert import from_timm
+
+        return from_timm(model)
+
+    @classmethod
+    def from_open_clip(cls, model: Any) -> "HookedViT":
+        """Convert an open_clip CLIP model (or its `.visual` ViT); forward() = `encode_image`."""
+        from analysis.vit_convert import from_open_clip
+
+        return from_open_clip(model)
 
     # ---- persistence -------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -288,7 +247,7 @@ class HookedViT(HookedRootModule):
         if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"no HookedViT at {directory}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
         meta = json.loads((directory / CONFIG_FILE).read_text())
-        model = cls(ViTConfig.from_dict(meta["config"]))
+        model = cls(ViTConfig.from_dict(meta["config"]), init=False)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
         return model.to(device).eval()
 
