@@ -11,12 +11,13 @@ from resources import StorageResource
 
 def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(name="catalog", group_name="catalog", code_version="1", deps=["evaluations", "features"],
-              kinds={"duckdb"}, description="DuckDB views over every Parquet table under the data root.")
+              kinds={"duckdb"}, description="Cross-seed stability, then DuckDB views over every Parquet table under the data root.")
     def catalog(storage: StorageResource) -> dg.MaterializeResult:
         root = storage.data_root()
-        views = build_catalog(root)
+        built = build_catalog(spec, root)
         return dg.MaterializeResult(
-            metadata={"path": dg.MetadataValue.path(str(root.catalog)), "views": ", ".join(views)},
+            metadata={"path": dg.MetadataValue.path(str(root.catalog)), "views": ", ".join(built["views"]),
+                      "stability_rows": built["stability_rows"]},
             data_version=data_version(spec.store_id, *(m.key for m in spec.members())),
         )
 

@@ -1,5 +1,7 @@
 """The whole graph, in-process, on the tiny suite: real Zarr, real DuckDB, a real Dagster instance."""
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -12,7 +14,8 @@ from analysis.loader import ActivationStore
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
 from analysis.stages.dataset import split_indices
-from analysis.stages.dictionaries import dictionary_id
+from analysis.stability import matched_cosine
+from analysis.stages.dictionaries import dictionary_id, load_member
 from analysis.suite import load_suite
 from pipelines.run import run_suite
 
@@ -45,7 +48,7 @@ def test_catalog_holds_one_evaluation_per_member_with_real_numbers(suite_run):
     rows = con.sql("SELECT * FROM evaluations ORDER BY hook, architecture, k").to_arrow_table().to_pylist()
     views = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     con.close()
-    assert {"evaluations", "top_images", "feature_stats", "train_log", "mouse_history"} <= views
+    assert {"evaluations", "top_images", "feature_stats", "train_log", "mouse_history", "stability"} <= views
     expected = sorted((m.hook, m.architecture, m.k, m.sparsity_coef) for m in spec.members())
     assert [(r["hook"], r["architecture"], r["k"], r["sparsity_coef"]) for r in rows] == expected
     assert {"topk", "jumprelu"} <= {r["architecture"] for r in rows}
@@ -99,3 +102,26 @@ def test_second_run_reuses_everything_with_the_same_data_versions(suite_run):
     assert _data_versions(instance) == before
     assert [w.stat().st_mtime_ns for w in weights] == mtimes, "nothing may be retrained"
     assert (root.model(spec.model_id) / "model.safetensors").stat().st_mtime_ns == model_mtime
+
+
+def test_stability_matches_decoders_across_seeds(suite_run):
+    spec, root, _, _ = suite_run
+    con = connect_catalog(root.catalog)
+    rows = con.sql("SELECT * FROM stability ORDER BY architecture, k").to_arrow_table().to_pylist()
+    con.close()
+    groups = {(m.architecture, m.k, m.sparsity_coef) for m in spec.members()}
+    assert len(rows) == len(groups) and all(r["n_seeds"] == 2 for r in rows)
+    for r in rows:
+        saes = [load_dictionary(root.dictionary(d)) for d in r["dict_ids"]]
+        assert saes[0].lineage["seed"] != saes[1].lineage["seed"]
+        assert 0 < r["mean_matched_cosine"] < 1  # seeds differ, but match far better than chance
+        assert abs(r["mean_matched_cosine"] - matched_cosine(saes[0], saes[1]).mean_cosine) < 1e-12
+
+
+def test_a_dictionary_from_another_store_is_refused_with_both_lineages(suite_run, tmp_path):
+    spec, root, _, _ = suite_run
+    other = dataclasses.replace(spec, activations=dataclasses.replace(spec.activations, dtype="float32"))
+    member = spec.members()[0]
+    shutil.copytree(root.dictionary(dictionary_id(spec, member)), root.dictionary(dictionary_id(other, member)))
+    with pytest.raises(ValueError, match=f"trained on store '{spec.store_id}'.*reads store '{other.store_id}'"):
+        load_member(other, root, member)

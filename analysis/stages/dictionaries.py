@@ -75,6 +75,20 @@ def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
     return {**json.loads(done.read_text()), "path": str(directory)}
 
 
+def load_member(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, device: str = "cpu"):
+    """The member's trained dictionary, refused when its lineage is not this store and hook."""
+    sae = load_dictionary(root.dictionary(dictionary_id(spec, member)), device=device)
+    lineage = sae.lineage or {}
+    if (lineage.get("store_id"), lineage.get("hook")) != (spec.store_id, member.hook):
+        raise ValueError(
+            f"dictionary at {root.dictionary(dictionary_id(spec, member))} was trained on store "
+            f"{lineage.get('store_id')!r}, hook {lineage.get('hook')!r} (lineage {lineage.get('store_lineage')}), "
+            f"but this suite member reads store {spec.store_id!r}, hook {member.hook!r}: "
+            "delete that directory and rematerialize the member"
+        )
+    return sae
+
+
 def _eval_images(spec: SuiteSpec, root: DataRoot) -> np.ndarray:
     _, eval_idx = split_indices(root, spec.dataset_id)
     return eval_idx[: spec.evaluation.max_images]
@@ -85,7 +99,7 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
     directory = root.dictionary(dict_id)
     done = directory / "evaluation.json"
     if not done.exists():
-        sae = load_dictionary(directory, device=device)
+        sae = load_member(spec, root, member, device)
         store = _open_store(spec, root, member.hook)
         eval_idx = _eval_images(spec, root)
         batch = spec.evaluation.batch_images
@@ -113,7 +127,7 @@ def ensure_features(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, *
     directory = root.dictionary(dict_id)
     done = directory / "features.json"
     if not done.exists():
-        sae = load_dictionary(directory, device=device)
+        sae = load_member(spec, root, member, device)
         store = _open_store(spec, root, member.hook)
         eval_idx = _eval_images(spec, root)
         batches = ((idx, acts.to(device)) for idx, acts in

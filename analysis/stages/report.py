@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from analysis.catalog import connect_catalog, refresh_catalog
+from analysis.catalog import connect_catalog, refresh_catalog, write_table_partition
 from analysis.paths import DataRoot
 from analysis.plots import plot_fvu_vs_l0
+from analysis.stability import suite_stability
+from analysis.stages.dictionaries import dictionary_id, load_member
 from analysis.suite import SuiteSpec
 
 SUMMARY_COLUMNS = ("hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "dead_fraction", "dense_fraction",
@@ -14,8 +16,10 @@ SUMMARY_COLUMNS = ("hook", "architecture", "k", "sparsity_coef", "width", "l0", 
                    "acc_clean", "acc_spliced")
 
 
-def build_catalog(root: DataRoot) -> list[str]:
-    return refresh_catalog(root.catalog, root.root / "tables")
+def build_catalog(spec: SuiteSpec, root: DataRoot) -> dict:
+    """Cross-seed stability first (it is a table too), then the views over every table."""
+    n_stability = write_stability(spec, root)
+    return {"views": refresh_catalog(root.catalog, root.root / "tables"), "stability_rows": n_stability}
 
 
 def suite_evaluations(spec: SuiteSpec, root: DataRoot) -> pa.Table:
@@ -28,6 +32,29 @@ def suite_evaluations(spec: SuiteSpec, root: DataRoot) -> pa.Table:
         ).to_arrow_table()
     finally:
         con.close()
+
+
+def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
+    """Mean Hungarian-matched decoder cosine across seeds, per member that differs only by seed.
+
+    Written as the `stability` table (one partition per suite); returns its row count (0 when the
+    suite has a single seed: stability needs at least two).
+    """
+    groups: dict[tuple, list] = {}
+    for m in spec.members():
+        groups.setdefault((m.hook, m.architecture, m.expansion, m.k, m.sparsity_coef), []).append(m)
+    rows = []
+    for (hook, arch, expansion, k, coef), members in groups.items():
+        if len(members) < 2:
+            continue
+        saes = [load_member(spec, root, m) for m in members]
+        rows.append({"suite": spec.name, "store_id": spec.store_id, "hook": hook, "architecture": arch,
+                     "expansion": expansion, "k": k, "sparsity_coef": coef, "n_seeds": len(members),
+                     "mean_matched_cosine": suite_stability(saes),
+                     "dict_ids": [dictionary_id(spec, m) for m in members]})
+    if rows:
+        write_table_partition(root.table("stability"), {"store_id": spec.store_id}, pa.Table.from_pylist(rows))
+    return len(rows)
 
 
 def write_report(spec: SuiteSpec, root: DataRoot) -> dict:
