@@ -20,6 +20,7 @@ import dagster as dg
 
 from analysis.stages.dataset import shapes_config
 from analysis.stages.report import format_summary, suite_evaluations
+from analysis.stages.validate import validate_suite
 from analysis.suite import SuiteSpec
 from resources.storage import check_writable
 
@@ -78,11 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=os.environ.get("SPECTRA_ROOT", "data"), help="data root")
     args = parser.parse_args(argv)
 
-    from pipelines.definitions import resolve_suite
+    try:  # everything that can be wrong with the input fails here, before any work, in one line
+        from pipelines.definitions import resolve_suite
 
-    root = Path(args.root).expanduser().resolve()
-    check_writable(root)
-    spec = resolve_suite(args.suite)
+        root = Path(args.root).expanduser().resolve()
+        check_writable(root)
+        spec = resolve_suite(args.suite)
+        validate_suite(spec)
+    except (ValueError, PermissionError, FileNotFoundError) as err:
+        print(f"spectra: {err}", file=sys.stderr)
+        return 2
     prepare_dagster_home(root)
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()

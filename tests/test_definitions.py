@@ -43,3 +43,28 @@ def test_compute_resource_resolves_a_device():
 
     assert ComputeResource(device="cpu").apply() == "cpu"
     assert ComputeResource().resolved_device() in ("cpu", "cuda", "mps")
+
+
+def _run_cli(*args, env=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "pipelines.run", *args], cwd=repo, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_cli_rejects_bad_input_before_any_work_in_one_line(tmp_path):
+    bad_suite = tmp_path / "bad.yaml"
+    bad_suite.write_text("name: bad\nactivations:\n  hooks: [blocks.7.hook_resid_post]\n")
+    for args, message in [
+        (["--suite", "nope", "--root", str(tmp_path / "a")], "unknown suite 'nope'; valid: default"),
+        (["--suite", str(bad_suite), "--root", str(tmp_path / "b")], "blocks.0.hook_resid_post"),
+        (["--root", str(tmp_path / "file" / "data")], str(tmp_path / "file")),
+    ]:
+        (tmp_path / "file").write_text("not a directory")
+        proc = _run_cli(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir()), "nothing may be written"
