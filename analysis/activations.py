@@ -22,6 +22,7 @@ import math
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
@@ -175,17 +176,20 @@ def is_complete(path: str | Path) -> bool:
 
 
 class _Writer:
-    """One background thread writing whole shards, so one hook's write overlaps the next hook's.
+    """Background thread(s) writing whole shards, so writes overlap compute.
 
-    After a failure it keeps draining the queue (the producer must never block on a full
-    queue) and the error is re-raised in the producer by `check`/`close`.
+    One thread by default: a second did not shorten the end-of-shard write tail (measured),
+    as Zarr runs its I/O on one event loop anyway. After a failure they keep draining the queue (the producer must never block on a full
+    queue) and the first error is re-raised in the producer by `check`/`close`.
     """
 
-    def __init__(self, maxsize: int):
+    def __init__(self, maxsize: int, n_threads: int = 1):
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, name="activation-writer", daemon=True)
+                        for _ in range(n_threads)]
+        for t in self.threads:
+            t.start()
 
     def _run(self):
         while (item := self.queue.get()) is not None:
@@ -194,7 +198,7 @@ class _Writer:
                 try:
                     array[start : start + len(data)] = data
                 except BaseException as e:  # handed to the producer thread, not swallowed
-                    self.error = e
+                    self.error = self.error or e
 
     def put(self, array: zarr.Array, start: int, data: np.ndarray):
         self.check()
@@ -204,9 +208,16 @@ class _Writer:
         if self.error is not None:
             raise RuntimeError(f"activation writer failed: {self.error!r}") from self.error
 
+    def stop(self):
+        """Stop and join the threads (idempotent); queued writes finish first."""
+        for t in self.threads:
+            if t.is_alive():
+                self.queue.put(None)
+        for t in self.threads:
+            t.join()
+
     def close(self):
-        self.queue.put(None)
-        self.thread.join()
+        self.stop()
         self.check()
 
 
@@ -228,25 +239,39 @@ class _ShardAccumulator:
         self.count, self.mean, self.m2, self.norm_sum = 0, None, None, 0.0
 
     def add_stats(self, x: torch.Tensor, norms: torch.Tensor):
-        flat = x.reshape(-1, x.shape[-1]).to(self.stat_dtype)
+        """Fold one batch in: per-batch moments in float32, merged across batches in float64.
+
+        A float64 copy of the batch cost ~4x this (measured 14.5 ms vs 3.8 ms for a
+        (16640, 192) batch). Two passes about the float32 batch mean keep M2 free of
+        cancellation; the residual sum corrects the float32 mean's rounding (corrected
+        two-pass), so the result matches a float64 reference to ~1e-7 relative.
+        """
+        flat = x.reshape(-1, x.shape[-1])
         nb = flat.shape[0]
-        mean_b = flat.mean(0)
-        m2_b = (flat - mean_b).square().sum(0)
-        self.norm_sum += float(norms.to(self.stat_dtype).sum())
+        mean32 = flat.mean(0)
+        dev = flat - mean32
+        resid = dev.sum(0).to(self.stat_dtype)
+        mean_b = mean32.to(self.stat_dtype) + resid / nb
+        m2_b = dev.square_().sum(0).to(self.stat_dtype) - resid.square() / nb
+        self.norm_sum += float(norms.sum(dtype=self.stat_dtype))
         if self.mean is None:
             self.count, self.mean, self.m2 = nb, mean_b, m2_b
         else:
             self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, nb, mean_b, m2_b)
 
-    def add_rows(self, acts: np.ndarray, norms: np.ndarray, writer: _Writer, final: bool):
-        """Copy rows into the shard buffer; hand the full shard to the writer at the end."""
+    def add_rows(self, x: torch.Tensor, norms: torch.Tensor, writer: "_Writer", final: bool):
+        """Cast rows straight into the shard buffer; hand the full shard to the writer at the end."""
         if self.buf_acts is None:
             n = self.layout.shard_bounds(self.layout_shard())[1] - self.start
-            self.buf_acts = np.empty((n, *acts.shape[1:]), dtype=acts.dtype)
-            self.buf_norms = np.empty((n, *norms.shape[1:]), dtype=norms.dtype)
-        self.buf_acts[self.filled : self.filled + len(acts)] = acts
-        self.buf_norms[self.filled : self.filled + len(norms)] = norms
-        self.filled += len(acts)
+            self.buf_acts = np.empty((n, *x.shape[1:]), dtype=_ZARR_DTYPE[self.layout.dtype])
+            self.buf_norms = np.empty((n, *norms.shape[1:]), dtype=np.float32)
+        rows = slice(self.filled, self.filled + len(x))
+        dst = torch.from_numpy(self.buf_acts[rows])
+        if self.layout.dtype == "bfloat16":
+            dst = dst.view(torch.bfloat16)
+        dst.copy_(x)  # one fused cast + device-to-host copy into the buffer
+        torch.from_numpy(self.buf_norms[rows]).copy_(norms)
+        self.filled += len(x)
         if final:
             writer.put(self.acts, self.start, self.buf_acts[: self.filled])
             writer.put(self.norms, self.start, self.buf_norms[: self.filled])
@@ -260,12 +285,6 @@ def chan_merge(n_a: int, mean_a, m2_a, n_b: int, mean_b, m2_b):
     n = n_a + n_b
     delta = mean_b - mean_a
     return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
-
-
-def _cast(x: torch.Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
-    return x.to(getattr(torch, dtype)).cpu().numpy()
 
 
 def _select_tokens(x: torch.Tensor, tokens: str) -> torch.Tensor:
@@ -317,26 +336,29 @@ def extract_shard(
     stat_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
     accs = {h: _ShardAccumulator(g, layout, start, stat_dtype) for h, g in groups.items()}
     writer = _Writer(maxsize=4 * len(todo))
+    for group in groups.values():  # known up front: written while the shard computes
+        writer.put(group["image_idx"], start, np.arange(start, stop, dtype=np.int64))
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-reader")
     try:
-        bar = tqdm(range(start, stop, batch_size), desc=f"shard {shard}", disable=not progress)
-        for lo in bar:
-            hi = min(lo + batch_size, stop)
+        spans = [(lo, min(lo + batch_size, stop)) for lo in range(start, stop, batch_size)]
+        # The next batch's uint8 Zarr read runs in a thread while this batch computes.
+        pending = reader.submit(images.__getitem__, slice(*spans[0]))
+        for i, (lo, hi) in enumerate(tqdm(spans, desc=f"shard {shard}", disable=not progress)):
+            batch = pending.result()
+            if i + 1 < len(spans):
+                pending = reader.submit(images.__getitem__, slice(*spans[i + 1]))
             with torch.inference_mode():
-                out = capture(to_model_input(images[lo:hi], device))
-                xs = _checked(out, list(accs), layout, tokens, (lo, hi))
-                for hook, x in xs.items():
-                    norms = torch.linalg.vector_norm(x, dim=-1)  # fp32, before the cast
+                out = capture(to_model_input(batch, device))
+                for hook, (x, norms) in _checked(out, list(accs), layout, tokens, (lo, hi)).items():
                     accs[hook].add_stats(x, norms)
-                    accs[hook].add_rows(_cast(x, layout.dtype), norms.cpu().numpy(), writer, hi == stop)
+                    accs[hook].add_rows(x, norms, writer, hi == stop)
         writer.close()
     finally:
-        if writer.thread.is_alive():  # an exception above: stop the thread, keep the first error
-            writer.queue.put(None)
-            writer.thread.join()
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.stop()  # after an exception above: stop the threads, keep the first error
 
     for hook, group in groups.items():
         acc = accs[hook]
-        group["image_idx"][start:stop] = np.arange(start, stop, dtype=np.int64)
         p = group["partials"]
         p["count"][shard] = acc.count
         p["norm_sum"][shard] = acc.norm_sum
@@ -346,9 +368,15 @@ def extract_shard(
     return ShardReport(shard, stop - start, time.perf_counter() - t0, False, 0)
 
 
-def _checked(out, hooks, layout, tokens, span) -> dict[str, torch.Tensor]:
-    """Select tokens and validate shape, finiteness and the float16 range for every hook."""
-    xs, bad = {}, {}
+def _checked(out, hooks, layout, tokens, span) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Select tokens, validate shape, finiteness and the float16 range: {hook: (x, norms)}.
+
+    The token norms (stored anyway) carry both checks at 1/d of the cost of full passes over
+    x: a NaN or inf element makes its token's norm non-finite, and |x_i| <= ||x||, so a norm
+    within the float16 range proves every element is. Full passes over x run only when a
+    norm fails, to count non-finite values or to confirm an overflow exactly.
+    """
+    res, bad = {}, {}
     where = f"images {span[0]}..{span[1] - 1}"
     for hook in hooks:
         if hook not in out:
@@ -360,22 +388,24 @@ def _checked(out, hooks, layout, tokens, span) -> dict[str, torch.Tensor]:
                 f"hook {hook!r} gave {tuple(x.shape)} after tokens={tokens!r}, the store expects "
                 f"{expected}: create the store with this hook's n_tokens/d_model"
             )
-        xs[hook] = x
-        bad[hook] = int((~torch.isfinite(x)).sum())
-    if any(bad.values()):
-        raise ValueError(
-            f"non-finite activations in {where}, counts per hook: {bad}; nothing was marked "
-            "complete (check the model and inputs, e.g. overflow of a half-precision model)"
-        )
+        norms = torch.linalg.vector_norm(x, dim=-1)  # fp32, before the cast to the store dtype
+        res[hook] = (x, norms)
+        bad[hook] = float(norms.amax())  # NaN/inf here if any element is (or the norm overflows)
+    if not all(math.isfinite(v) for v in bad.values()):
+        counts = {h: int((~torch.isfinite(x)).sum()) for h, (x, _) in res.items()}
+        if any(counts.values()):
+            raise ValueError(
+                f"non-finite activations in {where}, counts per hook: {counts}; nothing was marked "
+                "complete (check the model and inputs, e.g. overflow of a half-precision model)"
+            )
     if layout.dtype == "float16":
-        for hook, x in xs.items():
-            peak = float(x.abs().amax())
-            if peak > FLOAT16_MAX:
+        for hook, (x, _) in res.items():
+            if not bad[hook] <= FLOAT16_MAX and (peak := float(x.abs().amax())) > FLOAT16_MAX:
                 raise ValueError(
                     f"hook {hook!r} has |x| up to {peak:.4g} in {where}, above the float16 max "
                     f"{FLOAT16_MAX}: create the store with dtype='bfloat16' (or 'float32')"
                 )
-    return xs
+    return res
 
 
 def merge_partials(path: str | Path) -> StoreStats:

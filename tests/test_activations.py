@@ -252,3 +252,67 @@ def test_finalize_requires_all_shards(tmp_path, image_array):
     stores, _ = build(tmp_path, image_array, layout(), shards=[1])
     with pytest.raises(ValueError, match=r"shards \[0, 2\] not extracted"):
         finalize_stats(stores["blocks.0"])
+
+
+class Constant(SyntheticCapture):
+    """Every activation set to `value` (plus the synthetic values times `noise`)."""
+
+    def __init__(self, value, noise=0.0):
+        super().__init__()
+        self.value, self.noise = value, noise
+
+    def __call__(self, x):
+        return {h: v * self.noise + self.value for h, v in super().__call__(x).items()}
+
+
+def test_stats_match_numpy_with_a_large_offset(tmp_path, image_array):
+    # mean >> std: the regime where float32 batch moments would lose digits without the
+    # two-pass / residual-corrected formulation; still within assert_close's float64 defaults.
+    cap = Constant(1000.0, noise=1.0)
+    stores, _ = build(tmp_path, image_array, layout(dtype="float32"), capture=cap)
+    for hook, path in stores.items():
+        ref = reference(cap, make_images(), hook).reshape(-1, D).double().numpy()
+        stats = finalize_stats(path)
+        torch.testing.assert_close(torch.from_numpy(stats.mean), torch.from_numpy(ref.mean(0)))
+        torch.testing.assert_close(torch.from_numpy(stats.var), torch.from_numpy(ref.var(0)))
+
+
+def test_float16_check_is_exact_when_only_the_norm_exceeds_the_range(tmp_path, image_array):
+    # Every element 40000 fits float16 though each token's norm (~1.4e5) does not: no error.
+    stores, _ = build(tmp_path, image_array, layout(), capture=Constant(40000.0), shards=[0])
+    acts = zarr.open_group(str(stores["blocks.0"]), mode="r")["acts"][:64]
+    assert acts.dtype == np.float16 and np.all(acts == 40000)
+    assert missing_shards(stores["blocks.0"]) == [1, 2]
+
+
+def test_norm_overflow_alone_is_not_reported_as_nonfinite(tmp_path, image_array):
+    # Finite 1e20 values overflow the float32 norm to inf; the exact count finds none.
+    stores, _ = build(tmp_path, image_array, layout(dtype="float32"), capture=Constant(1e20), shards=[0])
+    assert np.all(zarr.open_group(str(stores["blocks.1"]), mode="r")["acts"][:64] == np.float32(1e20))
+    with pytest.raises(ValueError, match="float16 max"):
+        build(tmp_path / "h", image_array, layout(), capture=Constant(1e20), shards=[0])
+
+
+class FailingImages:
+    """The images array, failing on reads that reach row `fail_at` (exercises the prefetch)."""
+
+    def __init__(self, arr, fail_at):
+        self.arr, self.fail_at, self.shape = arr, fail_at, arr.shape
+
+    def __getitem__(self, key):
+        if key.stop > self.fail_at:
+            raise OSError("read failed")
+        return self.arr[key]
+
+
+def test_prefetched_read_error_propagates_and_leaves_no_marker(tmp_path, image_array):
+    lay = layout()
+    stores = {h: tmp_path / f"{h}.zarr" for h in ("blocks.0", "blocks.1")}
+    for p in stores.values():
+        create_store(p, lay, {})
+    with pytest.raises(OSError, match="read failed"):
+        extract_shard(SyntheticCapture(), FailingImages(image_array, 50), stores, 0,
+                      batch_size=BATCH, progress=False)
+    assert missing_shards(stores["blocks.0"]) == [0, 1, 2]
+    assert _no_writer_thread()
+    assert not any(t.name.startswith("activation-reader") for t in threading.enumerate())
