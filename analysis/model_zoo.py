@@ -169,11 +169,15 @@ def _load_open_clip(arch: str, weights: str | Path | None, kwargs: dict) -> Hook
 
     if arch not in open_clip.list_models():
         raise _unknown(f"open_clip:{arch}", list_models("open_clip"))
-    if weights is None:
-        raise _no_weights_offline(f"open_clip:{arch}") if not hub_reachable() else ValueError(
-            f"open_clip:{arch}: name the pretrained tag's file explicitly: download it once and pass "
-            "weights='/path/to/open_clip_model.safetensors'"
-        )
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if weights is None or (str(weights) in tags and not Path(str(weights)).exists()):
+        # A pretrained tag (e.g. "laion2b_s34b_b79k") downloads when online; a bare name needs one.
+        if not hub_reachable():
+            raise _no_weights_offline(f"open_clip:{arch}")
+        if weights is None:
+            raise ValueError(f"open_clip:{arch}: name a pretrained tag ({', '.join(tags) or 'none known'}) "
+                             "or a local file: weights='/path/to/open_clip_model.safetensors'")
+        return HookedViT.from_open_clip(open_clip.create_model(arch, pretrained=str(weights), **kwargs).eval())
     model = open_clip.create_model(arch, pretrained=None, **kwargs).eval()
     if str(weights) != "random":
         state = read_state_dict(weights)

@@ -123,3 +123,14 @@ def test_library_imports_do_not_pull_in_timm_or_open_clip():
             "analysis.vit_convert; print(sorted(m for m in ('timm', 'open_clip', 'dagster') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_open_clip_pretrained_tag_offline_fails_at_once_with_the_fix():
+    import time
+
+    from analysis.model_zoo import load_model
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="weights="):
+        load_model("open_clip:ViT-B-32", weights="laion2b_s34b_b79k")
+    assert time.monotonic() - start < 5
