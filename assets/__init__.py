@@ -4,7 +4,7 @@
 import dagster as dg
 
 from analysis.suite import SuiteSpec
-from assets.activations import activation_assets
+from assets.activations import activation_assets, activation_checks
 from assets.dictionaries import dictionary_assets
 from assets.images import images_asset
 from assets.model import model_asset
@@ -14,3 +14,7 @@ from assets.report import report_assets
 def build_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     return [images_asset(spec), model_asset(spec), *activation_assets(spec), *dictionary_assets(spec),
             *report_assets(spec)]
+
+
+def build_asset_checks(spec: SuiteSpec) -> list[dg.AssetChecksDefinition]:
+    return activation_checks(spec)

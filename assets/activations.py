@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from analysis.stages.activations import ensure_layout, ensure_stats, extract, store_layout
+from analysis.stages.activations import ensure_layout, ensure_stats, extract, nonfinite_counts, store_layout
 from analysis.suite import SuiteSpec
 from assets._common import data_version, metadata
 from resources import ComputeResource, StorageResource
@@ -37,3 +37,14 @@ def activation_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(spec.store_id))
 
     return [activation_layout, activations, activation_stats]
+
+
+def activation_checks(spec: SuiteSpec) -> list[dg.AssetChecksDefinition]:
+    @dg.asset_check(asset="activation_stats", blocking=True,
+                    description="Every stored activation and statistic is finite (counts per hook).")
+    def activations_are_finite(storage: StorageResource) -> dg.AssetCheckResult:
+        counts = nonfinite_counts(spec, storage.data_root())
+        return dg.AssetCheckResult(passed=not any(counts.values()),
+                                   metadata={f"nonfinite.{hook}": n for hook, n in counts.items()})
+
+    return [activations_are_finite]

@@ -14,7 +14,7 @@ import dagster as dg
 
 from analysis.stages.validate import validate_suite
 from analysis.suite import SuiteSpec, load_suite
-from assets import build_assets
+from assets import build_asset_checks, build_assets
 from resources import CatalogResource, ComputeResource, StorageResource, TrackerResource
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -57,7 +57,8 @@ def build_definitions(spec: SuiteSpec, resources: dict | None = None) -> dg.Defi
     # Weekly rerun of the unpartitioned head: with nothing changed it reuses every artifact.
     schedule = dg.ScheduleDefinition(job=jobs[0], cron_schedule="0 3 * * 1",
                                      default_status=dg.DefaultScheduleStatus.STOPPED)
-    return dg.Definitions(assets=build_assets(spec), jobs=jobs, schedules=[schedule],
+    return dg.Definitions(assets=build_assets(spec), asset_checks=build_asset_checks(spec), jobs=jobs,
+                          schedules=[schedule],
                           resources=resources or default_resources())
 
 

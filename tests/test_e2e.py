@@ -92,6 +92,13 @@ def test_top_images_are_held_out_and_ranked(suite_run):
             assert a["activation"] >= b["activation"]
 
 
+def test_blocking_finiteness_check_ran_and_passed(suite_run):
+    _, _, instance, _ = suite_run
+    key = dg.AssetCheckKey(dg.AssetKey("activation_stats"), "activations_are_finite")
+    record = instance.get_latest_asset_check_evaluation_record(key)
+    assert record is not None and record.evaluation.passed
+
+
 def test_second_run_reuses_everything_with_the_same_data_versions(suite_run):
     spec, root, instance, _ = suite_run
     before = _data_versions(instance)

@@ -42,3 +42,34 @@ def test_bfloat16_autocast_extraction_is_close_to_fp32_and_lands_in_its_own_stor
     assert not torch.equal(a, b), "autocast must actually change the precision"
     rel = (a - b).norm() / a.norm()
     assert rel < 0.05, rel
+
+
+def test_blocking_finiteness_check_fails_with_counts_and_stops_the_run(tmp_path):
+    import dagster as dg
+
+    from analysis.stages.activations import ensure_stats, nonfinite_counts
+    from pipelines.definitions import build_definitions, default_resources
+
+    spec = load_suite(TINY)
+    root = DataRoot(tmp_path)
+    ensure_dataset(spec, root)
+    ensure_model(spec, root, progress=False)
+    ensure_layout(spec, root)
+    for shard in range(3):
+        extract(spec, root, shard, progress=False)
+    ensure_stats(spec, root)
+    assert nonfinite_counts(spec, root) == {h: 0 for h in spec.activations.hooks}
+
+    hook = spec.activations.hooks[0]
+    norms = zarr.open_group(str(root.hook_store(spec.store_id, hook)), mode="r+")["norms"]
+    norms[3, 2] = float("nan")
+    norms[700, 0] = float("inf")
+    assert nonfinite_counts(spec, root)[hook] == 2
+
+    defs = build_definitions(spec, default_resources(str(tmp_path)))
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("stats_job").execute_in_process(instance=instance, raise_on_error=False)
+        assert not result.success, "a blocking check that fails must fail the run"
+        evaluation = next(e for e in result.get_asset_check_evaluations())
+        assert not evaluation.passed
+        assert evaluation.metadata[f"nonfinite.{hook}"].value == 2

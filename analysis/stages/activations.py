@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 import zarr
 
 from analysis.activations import StoreLayout, create_store, extract_shard, finalize_stats, missing_shards
 from analysis.ids import code_version
 from analysis.images import open_images
+from analysis.loader import ActivationStore
 from analysis.paths import DataRoot
 from analysis.stages.dataset import shapes_config
 from analysis.stages.model import load_model, vit_config
@@ -99,3 +101,22 @@ def ensure_stats(spec: SuiteSpec, root: DataRoot) -> dict:
         out[f"{hook}.mean_norm"] = round(float(stats.mean_norm), 4)
         out[f"{hook}.n_tokens"] = int(stats.n_tokens)
     return out
+
+
+def nonfinite_counts(spec: SuiteSpec, root: DataRoot) -> dict[str, int]:
+    """Per hook: tokens whose stored norm is NaN/inf plus non-finite stats entries.
+
+    A token's norm is non-finite exactly when one of its elements is, so reading the (N, T) norms
+    checks every stored activation without reading the (N, T, d) arrays.
+    """
+    counts = {}
+    for hook in spec.activations.hooks:
+        store = ActivationStore.open(root.hook_store(spec.store_id, hook))
+        bad = 0
+        for start in range(0, store.n_images, store.chunk_images):
+            norms = store.read_norms(start, min(start + store.chunk_images, store.n_images))
+            bad += int((~torch.isfinite(norms)).sum())
+        stats = store.stats
+        bad += int((~np.isfinite(stats.mean)).sum() + (~np.isfinite(stats.var)).sum())
+        counts[hook] = bad
+    return counts
