@@ -3,21 +3,22 @@
 
 import dagster as dg
 
-from analysis.stages.report import build_catalog, write_report
+from analysis.stages.report import write_report, write_stability
 from analysis.suite import SuiteSpec
 from assets._common import data_version, image_markdown, metadata
-from resources import StorageResource
+from resources import CatalogResource, StorageResource
 
 
 def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(name="catalog", group_name="catalog", code_version="1", deps=["evaluations", "features"],
               kinds={"duckdb"}, description="Cross-seed stability, then DuckDB views over every Parquet table under the data root.")
-    def catalog(storage: StorageResource) -> dg.MaterializeResult:
+    def catalog(storage: StorageResource, catalog: CatalogResource) -> dg.MaterializeResult:
         root = storage.data_root()
-        built = build_catalog(spec, root)
+        n_stability = write_stability(spec, root)  # a table too, so it comes before the views
+        views = catalog.refresh(root)
         return dg.MaterializeResult(
-            metadata={"path": dg.MetadataValue.path(str(root.catalog)), "views": ", ".join(built["views"]),
-                      "stability_rows": built["stability_rows"]},
+            metadata={"path": dg.MetadataValue.path(str(root.catalog)), "views": ", ".join(views),
+                      "stability_rows": n_stability},
             data_version=data_version(spec.store_id, *(m.key for m in spec.members())),
         )
 

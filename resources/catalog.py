@@ -1,20 +1,22 @@
-"""The DuckDB catalog: views over the Parquet tables under the data root."""
+"""The DuckDB catalog: views over the Parquet tables under the data root (`<root>/catalog.duckdb`)."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from analysis.catalog import connect_catalog, refresh_catalog
+from analysis.paths import DataRoot
 
 
 class CatalogResource(dg.ConfigurableResource):
-    """One short-lived writer (the catalog asset); everyone else attaches read-only."""
+    """One short-lived writer (the catalog asset); everyone else attaches read-only.
 
-    path: str = ""
-    """DuckDB file; empty means `<data root>/catalog.duckdb`."""
+    The file's place is fixed by the storage layout (DESIGN.md §2), so notebooks find it from the
+    data root alone.
+    """
 
-    def refresh(self, data_root) -> list[str]:
-        return refresh_catalog(self.path or data_root.catalog, data_root.root / "tables")
+    def refresh(self, root: DataRoot) -> list[str]:
+        return refresh_catalog(root.catalog, root.root / "tables")
 
-    def connect(self, data_root, read_only: bool = True):
-        return connect_catalog(self.path or data_root.catalog, read_only=read_only)
+    def connect(self, root: DataRoot, read_only: bool = True):
+        return connect_catalog(root.catalog, read_only=read_only)

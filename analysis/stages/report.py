@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from analysis.catalog import connect_catalog, refresh_catalog, write_table_partition
+from analysis.catalog import connect_catalog, write_table_partition
 from analysis.paths import DataRoot
 from analysis.plots import plot_fvu_vs_l0
 from analysis.stability import suite_stability
@@ -14,12 +14,6 @@ from analysis.suite import SuiteSpec
 SUMMARY_COLUMNS = ("hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "dead_fraction", "dense_fraction",
                    "ce_clean", "ce_spliced", "ce_ablated", "loss_recovered", "ablation_gap",
                    "acc_clean", "acc_spliced")
-
-
-def build_catalog(spec: SuiteSpec, root: DataRoot) -> dict:
-    """Cross-seed stability first (it is a table too), then the views over every table."""
-    n_stability = write_stability(spec, root)
-    return {"views": refresh_catalog(root.catalog, root.root / "tables"), "stability_rows": n_stability}
 
 
 def suite_evaluations(spec: SuiteSpec, root: DataRoot) -> pa.Table:
