@@ -262,7 +262,7 @@ class _ShardAccumulator:
     def add_rows(self, x: torch.Tensor, norms: torch.Tensor, writer: "_Writer", final: bool):
         """Cast rows straight into the shard buffer; hand the full shard to the writer at the end."""
         if self.buf_acts is None:
-            n = self.layout.shard_bounds(self.layout_shard())[1] - self.start
+            n = self.layout.shard_bounds(self.start // self.layout.images_per_shard)[1] - self.start
             self.buf_acts = np.empty((n, *x.shape[1:]), dtype=_ZARR_DTYPE[self.layout.dtype])
             self.buf_norms = np.empty((n, *norms.shape[1:]), dtype=np.float32)
         rows = slice(self.filled, self.filled + len(x))
@@ -275,9 +275,6 @@ class _ShardAccumulator:
         if final:
             writer.put(self.acts, self.start, self.buf_acts[: self.filled])
             writer.put(self.norms, self.start, self.buf_norms[: self.filled])
-
-    def layout_shard(self) -> int:
-        return self.start // self.layout.images_per_shard
 
 
 def chan_merge(n_a: int, mean_a, m2_a, n_b: int, mean_b, m2_b):

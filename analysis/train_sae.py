@@ -35,6 +35,7 @@ from analysis.dictionaries.objectives import (
     sparse_decode as _sparse_decode,  # noqa: F401
     train_forward,
 )
+from analysis.optim import remove_parallel_grad, warmup_decay_lr
 
 _TOPK_FAMILY = ("topk", "batchtopk")
 
@@ -121,14 +122,7 @@ class SAETrainConfig:
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based `step`: warm-up, flat, then linear decay to 0."""
-        lr = self.base_lr()
-        if self.warmup_steps > 0:
-            lr *= min(1.0, (step + 1) / self.warmup_steps)
-        total = self.total_steps
-        decay_start = int(0.8 * total)
-        if self.lr_decay and step >= decay_start:
-            lr *= (total - step) / max(1, total - decay_start)
-        return lr
+        return warmup_decay_lr(step, self.total_steps, self.base_lr(), self.warmup_steps, self.lr_decay)
 
     def sparsity_coef_at(self, step: int, coef: float) -> float:
         """Penalty weight for 0-based `step`: `coef` ramped in linearly over the warm-up."""
@@ -315,7 +309,7 @@ def train_sae(
 
         with torch.no_grad():
             if sae.unit_norm_decoder:  # stay on the unit sphere: drop the radial gradient
-                W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+                remove_parallel_grad(W_dec)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

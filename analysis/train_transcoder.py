@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from analysis.activations import chan_merge
 from analysis.dictionaries.transcoder import TopKTranscoder, TranscoderConfig
+from analysis.optim import remove_parallel_grad, warmup_decay_lr
 from analysis.train_sae import geometric_median
 
 
@@ -99,11 +100,7 @@ def train_transcoder(
 
     def lr_at(step: int) -> float:
         warm = warmup_steps if warmup_steps is not None else max(1, total // 20)
-        f = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
-        decay_start = int(0.8 * total)
-        if step >= decay_start:
-            f *= (total - step) / max(1, total - decay_start)
-        return base_lr * f
+        return warmup_decay_lr(step, total, base_lr, warm)
 
     def flush() -> None:
         nonlocal window
@@ -138,8 +135,7 @@ def train_transcoder(
         loss = (out.y_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
         loss.backward()
         with torch.no_grad():
-            W = tc.W_dec  # stay on the unit sphere: drop the radial gradient component
-            W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+            remove_parallel_grad(tc.W_dec)
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()

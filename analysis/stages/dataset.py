@@ -8,7 +8,7 @@ import numpy as np
 
 from analysis.images import open_images, read_labels, write_image_dataset
 from analysis.paths import DataRoot
-from analysis.shapes import ShapesConfig, generate_shapes  # noqa: F401 (ShapesConfig: return type)
+from analysis.shapes import ShapesConfig, generate_shapes
 from analysis.suite import SuiteSpec
 
 
