@@ -19,9 +19,9 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-import zarr
 
-from analysis.activations import StoreStats, merge_partials, missing_shards, read_layout
+from analysis.activation_stats import StoreStats, merge_partials, read_stats
+from analysis.activation_store import StoreLocation, completed, is_url, open_layout
 
 
 def decode(raw: np.ndarray, logical_dtype: str) -> torch.Tensor:
@@ -35,18 +35,21 @@ def decode(raw: np.ndarray, logical_dtype: str) -> torch.Tensor:
 
 
 class ActivationStore:
-    """A complete store opened read-only (use `ActivationStore.open`)."""
+    """A complete store opened read-only (use `ActivationStore.open`).
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        missing = missing_shards(self.path)
+    `path` is a local directory or an fsspec URL (memory://, s3://, …); `self.path` keeps a URL
+    as the string it was given and turns anything else into a Path.
+    """
+
+    def __init__(self, path: StoreLocation):
+        self.path: StoreLocation = path if is_url(path) else Path(path)
+        group, self.layout = open_layout(self.path)
+        missing = np.flatnonzero(~completed(group)).tolist()
         if missing:
             raise ValueError(
                 f"activation store {self.path} is incomplete: shards {missing} are missing; "
                 "materialize the activations for those partitions first"
             )
-        self.layout = read_layout(self.path)
-        group = zarr.open_group(str(self.path), mode="r")
         self._group, self._acts = group, group["acts"]
         self.n_images, self.n_tokens = self.layout.n_images, self.layout.n_tokens
         self.d_model, self.dtype = self.layout.d_model, self.layout.dtype
@@ -55,7 +58,7 @@ class ActivationStore:
         self._stats: StoreStats | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "ActivationStore":
+    def open(cls, path: StoreLocation) -> "ActivationStore":
         return cls(path)
 
     @property
@@ -66,12 +69,7 @@ class ActivationStore:
     def stats(self) -> StoreStats:
         """Finalized statistics, or merged in memory from the shard partials if not finalized."""
         if self._stats is None:
-            g = self._group
-            if "mean" in g and "n_tokens_total" in g.attrs:
-                self._stats = StoreStats(g["mean"][:], g["var"][:], float(g.attrs["mean_norm"]),
-                                         int(g.attrs["n_tokens_total"]))
-            else:
-                self._stats = merge_partials(self.path)
+            self._stats = read_stats(self._group) or merge_partials(self.path)
         return self._stats
 
     def read(self, start: int, stop: int) -> torch.Tensor:

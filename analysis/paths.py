@@ -9,9 +9,22 @@ from pathlib import Path
 @dataclass(frozen=True)
 class DataRoot:
     root: Path
+    """Local directory every artifact lives under (activation stores too, unless redirected)."""
+    activations_url: str | None = None
+    """Where activation stores live instead of <root>/activations: an fsspec URL such as
+    s3://bucket/spectra/activations (s3fs installed) or memory://… (tests), or a local path."""
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+        url = self.activations_url
+        if url is not None:
+            if not isinstance(url, str) or not url.strip():
+                raise ValueError(
+                    f"DataRoot.activations_url={url!r}: expected a URL such as "
+                    "'s3://bucket/activations' or a local path, or None for <root>/activations"
+                )
+            if "://" not in url:  # a local path: normalize like root
+                object.__setattr__(self, "activations_url", str(Path(url).expanduser().resolve()))
 
     def images(self, dataset_id: str) -> Path:
         return self.root / "images" / dataset_id
@@ -19,11 +32,20 @@ class DataRoot:
     def model(self, model_id: str) -> Path:
         return self.root / "models" / model_id
 
-    def store(self, store_id: str) -> Path:
-        return self.root / "activations" / store_id
+    def store(self, store_id: str) -> Path | str:
+        """A store id's folder: a Path, or a str URL when activations_url is one."""
+        url = self.activations_url
+        if url is None:
+            return self.root / "activations" / store_id
+        if "://" in url:
+            return f"{url.rstrip('/')}/{store_id}"
+        return Path(url) / store_id
 
-    def hook_store(self, store_id: str, hook: str) -> Path:
-        return self.store(store_id) / f"{hook}.zarr"
+    def hook_store(self, store_id: str, hook: str) -> Path | str:
+        """One hook's store: the only place that computes it (Path locally, str for a URL)."""
+        store = self.store(store_id)
+        name = f"{hook}.zarr"
+        return f"{store}/{name}" if isinstance(store, str) else store / name
 
     def dictionary(self, dict_id: str) -> Path:
         return self.root / "dictionaries" / dict_id

@@ -6,13 +6,14 @@ capture of `analysis.stages.activations.extract` (`run_with_cache(x, names_filte
 stop_at_layer=...)`) on every block's `hook_resid_post`. Per model config, each repeat times
 these passes back to back (interleaved, so load spikes on a shared machine hit all alike):
 
+    forward_only   model(x) on inputs already converted in memory         (the stricter baseline)
     bare           read uint8 from Zarr + to_model_input + model(x)       (the baseline)
     capture        read + to_model_input + the pipeline's capture only    (hooks, no store)
-    extract_nowrite extract_shard with the writer thread discarding data   (checks, stats, cast)
+    extract_nowrite extract_shard minus the acts/norms/image_idx Zarr writes (checks, stats, cast)
     extract        extract_shard into fresh stores                        (what the pipeline does)
 
-and one instrumented extract pass afterwards splits the time by step (not part of the ratios);
-last, one activation shard is written chunk by chunk (as the writer thread does) vs in one call.
+and one instrumented extract pass afterwards splits the time by step and thread (not part of
+the ratios); last, one activation shard is written chunk by chunk vs in one call (as extraction does).
 Writes benchmarks/results/extraction.json.
 
     python benchmarks/bench_extraction.py [--repeats 7] [--mouse-images 4096] [--large-images 512]
@@ -21,11 +22,13 @@ Writes benchmarks/results/extraction.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -35,7 +38,8 @@ import numpy as np
 import torch
 import zarr
 
-import analysis.activations as act
+import analysis.activation_extract as extraction
+import analysis.activation_stats as act_stats
 from analysis.activations import StoreLayout, create_store, extract_shard
 from analysis.images import open_images, to_model_input, write_image_dataset
 from analysis.mouse import MouseTrainConfig
@@ -82,46 +86,35 @@ def forward_loop(fn, images: zarr.Array, batch_size: int) -> None:
             fn(to_model_input(images[lo:lo + batch_size]))
 
 
-class _DiscardWriter(act._Writer):
-    """The real writer thread and queue, minus the Zarr writes."""
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
 
-    def _run(self):
-        while self.queue.get() is not None:
-            pass
 
-
-class _TimedWriter(act._Writer):
-    """The real writer, summing the seconds its thread spends in Zarr writes (overlapped with compute)."""
-
-    seconds = 0.0
-    writes = 0
-
-    def _run(self):
-        while (item := self.queue.get()) is not None:
-            array, start, data = item
-            t0 = time.perf_counter()
-            array[start : start + len(data)] = data
-            _TimedWriter.seconds += time.perf_counter() - t0
-            _TimedWriter.writes += 1
+def _discard_put(self, name, data):
+    """The real worker thread and queue, minus the Zarr writes of acts, norms and image_idx."""
 
 
 def run_extract(capture, images, layout: StoreLayout, hooks: list[str], workdir: Path,
-                batch_size: int, writer_cls=None) -> float:
+                batch_size: int, discard_writes: bool = False) -> float:
     """Seconds for extract_shard over every shard into fresh stores (store creation not timed)."""
     workdir.mkdir(parents=True)
     stores = {h: workdir / f"{h}.zarr" for h in hooks}
     for h, p in stores.items():
         create_store(p, layout, {"bench": True, "hook": h}, overwrite=True)
-    original = act._Writer
-    if writer_cls is not None:
-        act._Writer = writer_cls
+    put = _discard_put if discard_writes else extraction._HookShard._put
     try:
-        t0 = time.perf_counter()
-        for shard in range(layout.n_shards):
-            extract_shard(capture, images, stores, shard, batch_size=batch_size, progress=False)
-        seconds = time.perf_counter() - t0
+        with _patched(extraction._HookShard, "_put", put):
+            t0 = time.perf_counter()
+            for shard in range(layout.n_shards):
+                extract_shard(capture, images, stores, shard, batch_size=batch_size, progress=False)
+            seconds = time.perf_counter() - t0
     finally:
-        act._Writer = original
         shutil.rmtree(workdir)
     return seconds
 
@@ -129,47 +122,50 @@ def run_extract(capture, images, layout: StoreLayout, hooks: list[str], workdir:
 class _TimedImages:
     """Proxy for the images array that times `images[lo:hi]` (the uint8 Zarr read)."""
 
-    def __init__(self, arr, times):
-        self.arr, self.times, self.shape = arr, times, arr.shape
+    def __init__(self, arr, timed):
+        self.arr, self.shape = arr, arr.shape
+        self._get = timed("read_images", arr.__getitem__)
 
     def __getitem__(self, key):
-        t0 = time.perf_counter()
-        out = self.arr[key]
-        self.times["read_images (prefetch thread, overlapped)"] += time.perf_counter() - t0
-        return out
+        return self._get(key)
 
 
 def breakdown(capture, images, layout, hooks, workdir, batch_size) -> dict:
-    """One instrumented extract pass: seconds per step, by wrapping the module's helpers."""
+    """One instrumented extract pass: seconds per step and per thread, by wrapping the steps.
+
+    Only the caller thread's time adds up to the wall time; the reader and worker threads run
+    beside it (on a second core when torch runs one thread).
+    """
     times: dict[str, float] = defaultdict(float)
 
     def timed(name, fn):
         def wrapper(*a, **k):
             t0 = time.perf_counter()
-            out = fn(*a, **k)
-            times[name] += time.perf_counter() - t0
-            return out
+            try:
+                return fn(*a, **k)
+            finally:
+                times[f"{name} [{threading.current_thread().name.split('_')[0]}]"] += time.perf_counter() - t0
         return wrapper
 
-    saved = {"to_model_input": act.to_model_input, "_checked": act._checked,
-             "add_stats": act._ShardAccumulator.add_stats, "add_rows": act._ShardAccumulator.add_rows}
-    act.to_model_input = timed("to_model_input", saved["to_model_input"])
-    act._checked = timed("norms + checks (_checked: finiteness, fp16 range via norms)", saved["_checked"])
-    act._ShardAccumulator.add_stats = timed("welford stats (add_stats: f32 batch moments, f64 merge)", saved["add_stats"])
-    act._ShardAccumulator.add_rows = timed("cast into shard buffer + enqueue (add_rows)", saved["add_rows"])
-    _TimedWriter.seconds, _TimedWriter.writes = 0.0, 0
-    try:
-        total = run_extract(timed("capture (forward + hooks)", capture), _TimedImages(images, times),
-                            layout, hooks, workdir, batch_size, writer_cls=_TimedWriter)
-    finally:
-        act.to_model_input, act._checked = saved["to_model_input"], saved["_checked"]
-        act._ShardAccumulator.add_stats, act._ShardAccumulator.add_rows = saved["add_stats"], saved["add_rows"]
-    steps = {k: round(v, 3) for k, v in times.items()}
-    on_main = sum(v for k, v in times.items() if "overlapped" not in k)
-    steps["other (loop, waiting on the prefetched read and the final write, partials, markers)"] = round(total - on_main, 3)
-    return {"total_seconds": round(total, 3), "steps_seconds": steps,
-            "writer_thread_zarr_write_seconds (overlapped)": round(_TimedWriter.seconds, 3),
-            "writer_zarr_writes": _TimedWriter.writes}
+    shard = extraction._HookShard
+    steps = [
+        (extraction, "to_model_input", "to_model_input"),
+        (extraction, "_checked", "token selection + norms + checks (_checked)"),
+        (shard, "add", "stats + cast into the shard buffer (_HookShard.add)"),
+        (act_stats.Moments, "add", "stats (Moments.add)"),
+        (shard, "_put", "zarr writes of acts, norms, image_idx"),
+        (extraction, "write_partial", "zarr writes of the statistics rows (= completion markers)"),
+        (extraction, "_open_todo", "open stores, read layouts and markers"),
+    ]
+    with contextlib.ExitStack() as stack:
+        for obj, name, label in steps:
+            stack.enter_context(_patched(obj, name, timed(label, getattr(obj, name))))
+        total = run_extract(timed("capture (forward + hooks)", capture), _TimedImages(images, timed),
+                            layout, hooks, workdir, batch_size)
+    steps_s = {k: round(v, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+    on_caller = sum(v for k, v in times.items() if k.endswith("[MainThread]"))
+    steps_s["other on the caller (loop, waiting for the reader, the final writes) [MainThread]"] = round(total - on_caller, 4)
+    return {"total_seconds": round(total, 4), "steps_seconds": steps_s}
 
 
 def shard_write_pattern(layout: StoreLayout, n_hooks: int, tmp: Path, repeats: int) -> dict:
@@ -215,11 +211,19 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
     layout = StoreLayout(n_images=n_images, n_tokens=cfg.n_tokens, d_model=cfg.d_model,
                          images_per_shard=ips, images_per_chunk=args.images_per_chunk, dtype="float16")
     bs = args.batch_size
+    inputs = [to_model_input(images[lo:lo + bs]) for lo in range(0, n_images, bs)]
+
+    def forward_only():
+        with torch.inference_mode():
+            for x in inputs:
+                model(x)
+
     passes = {
+        "forward_only": lambda: _seconds(forward_only),
         "capture": lambda: _seconds(lambda: forward_loop(capture, images, bs)),
         "bare": lambda: _seconds(lambda: forward_loop(model, images, bs)),
         "extract": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs),
-        "extract_nowrite": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs, _DiscardWriter),
+        "extract_nowrite": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs, discard_writes=True),
     }
     for fn in passes.values():  # warm-up: page cache, allocator, thread pool
         fn()
@@ -250,6 +254,9 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
         "extraction_over_bare_of_medians": round(med["extract"] / med["bare"], 3),
         "extraction_over_bare_per_repeat": [round(x, 3) for x in per_repeat],
         "capture_over_bare": round(ratios["capture"], 3),
+        # Stricter: model(x) alone on inputs already in memory (no Zarr read, no conversion).
+        "extraction_over_forward_only": round(float(np.median(
+            [e / f for e, f in zip(runs["extract"], runs["forward_only"])])), 3),
         "extract_nowrite_over_bare": round(ratios["extract_nowrite"], 3),
         # Extra milliseconds per image each stage adds on top of the bare forward (medians).
         "ms_per_image": {"bare": round(bare_ms, 4),
@@ -305,14 +312,13 @@ def main():
         print(f"{name:<7} {m['bare']:>8.0f} {m['capture']:>8.0f} {m['extract_nowrite']:>8.0f} "
               f"{m['extract']:>8.0f}  {r['extraction_over_bare']:.3f}   (ratio of medians "
               f"{r['extraction_over_bare_of_medians']:.3f}; capture/bare {r['capture_over_bare']:.3f}, "
-              f"nowrite/bare {r['extract_nowrite_over_bare']:.3f})")
+              f"nowrite/bare {r['extract_nowrite_over_bare']:.3f}; extract/forward_only "
+              f"{r['extraction_over_forward_only']:.3f} at {m['forward_only']:.0f} images/s)")
     for name, r in results.items():
         b = r["breakdown_one_pass"]
         print(f"\n{name}: one instrumented extract pass, {b['total_seconds']} s")
         for k, v in sorted(b["steps_seconds"].items(), key=lambda kv: -kv[1]):
-            print(f"  {v:7.3f} s  {k}")
-        print(f"  ({b['writer_thread_zarr_write_seconds (overlapped)']} s in the writer thread's "
-              f"{b['writer_zarr_writes']} Zarr writes, overlapped with the above)")
+            print(f"  {v:7.4f} s  {k}")
     for name, r in results.items():
         w = r["acts_shard_write_pattern"]
         print(f"{name}: one {w['shard_mb']} MB acts shard ({w['chunks_per_shard']} chunks): chunk-by-chunk "

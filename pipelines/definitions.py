@@ -2,7 +2,8 @@
 
 `workspace.yaml` loads `pipelines.definitions:defs`. Which suite and data root come from the
 environment: SPECTRA_SUITE (a name in pipelines/suites/ or a YAML path; default `default`) and
-SPECTRA_ROOT (default `./data`). SPECTRA_TRACKER picks wandb's mode (offline, online, disabled).
+SPECTRA_ROOT (default `./data`); SPECTRA_ACTIVATIONS_URL moves activation stores to an fsspec URL
+(e.g. s3://bucket/activations; default <root>/activations). SPECTRA_TRACKER picks wandb's mode (offline, online, disabled).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def resolve_suite(name_or_path: str) -> SuiteSpec:
 
 def default_resources(root: str | None = None) -> dict:
     return {
-        "storage": StorageResource(root=root or os.environ.get("SPECTRA_ROOT", "data")),
+        "storage": StorageResource(root=root or os.environ.get("SPECTRA_ROOT", "data"),
+                                   activations_url=os.environ.get("SPECTRA_ACTIVATIONS_URL") or None),
         "compute": ComputeResource(device=os.environ.get("SPECTRA_DEVICE", "auto"),
                                    threads=int(os.environ.get("SPECTRA_THREADS", "0"))),
         "tracker": TrackerResource(mode=os.environ.get("SPECTRA_TRACKER", "offline")),

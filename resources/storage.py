@@ -1,4 +1,4 @@
-"""The data root every asset writes under."""
+"""The data root every asset writes under, and where activation stores live."""
 
 from __future__ import annotations
 
@@ -12,14 +12,37 @@ from analysis.paths import DataRoot
 
 
 class StorageResource(dg.ConfigurableResource):
-    """A local data root (default `./data`, or $SPECTRA_ROOT)."""
+    """A local data root (default `./data`, or $SPECTRA_ROOT); activation stores optionally elsewhere."""
 
     root: str = "data"
+    activations_url: str | None = None
+    """Where activation stores live: None for <root>/activations, else an fsspec URL such as
+    s3://bucket/spectra/activations ($SPECTRA_ACTIVATIONS_URL; s3:// needs `pip install s3fs`)."""
 
     def data_root(self) -> DataRoot:
         root = Path(self.root).expanduser().resolve()
         check_writable(root)
-        return DataRoot(root)
+        url = self.activations_url or None
+        if url is not None and "://" in url:
+            check_url(url)
+        elif url is not None:
+            check_writable(Path(url).expanduser().resolve())
+        return DataRoot(root, activations_url=url)
+
+
+def check_url(url: str) -> None:
+    """Fail early when no fsspec filesystem serves the URL's scheme (e.g. s3fs not installed)."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as err:
+        raise ValueError(
+            f"activations_url={url!r}: no filesystem for {protocol!r}:// ({err}); install its fsspec "
+            "backend (s3:// needs `pip install s3fs`, gs:// `pip install gcsfs`) or unset "
+            "SPECTRA_ACTIVATIONS_URL to keep stores under <root>/activations"
+        ) from err
 
 
 def check_writable(root: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 import zarr
 
 from analysis.activations import (
+    ShardWriteError,
     StoreLayout,
     create_store,
     extract_shard,
@@ -133,7 +134,7 @@ def test_wrong_token_count_is_a_clear_error(tmp_path, image_array):
 def _arrays(path):
     g = zarr.open_group(str(path), mode="r")
     out = {k: g[k][:] for k in ("acts", "norms", "image_idx", "mean", "var")}
-    out.update({f"partials/{k}": g["partials"][k][:] for k in ("count", "norm_sum", "mean", "m2")})
+    out["partials"] = g["partials"][:]
     return out
 
 
@@ -157,13 +158,13 @@ def test_resume_skips_done_shards_and_is_bit_identical(tmp_path, image_array):
 def test_shard_done_in_one_store_only_runs_for_the_other(tmp_path, image_array):
     lay = layout()
     stores, _ = build(tmp_path, image_array, lay, shards=[0])
-    (stores["blocks.1"] / "_complete" / "0").unlink()
+    zarr.open_group(str(stores["blocks.1"]), mode="r+")["partials"][0] = 0  # as if never marked
     rep = extract_shard(SyntheticCapture(), image_array, stores, 0, batch_size=BATCH, progress=False)
     assert not rep.skipped and missing_shards(stores["blocks.1"]) == [1, 2]
 
 
 def _no_writer_thread():
-    return not any(t.name == "activation-writer" for t in threading.enumerate())
+    return not any(t.name == "activation-worker" for t in threading.enumerate())
 
 
 def test_capture_error_mid_shard_leaves_no_marker(tmp_path, image_array):
@@ -188,7 +189,7 @@ def test_writer_error_propagates_and_leaves_no_marker(tmp_path, image_array):
     for p in stores.values():
         create_store(p, lay, {})
     (stores["blocks.1"] / "acts" / "c").write_text("not a directory")  # chunk writes must fail
-    with pytest.raises(RuntimeError, match="activation writer failed"):
+    with pytest.raises(ShardWriteError, match=r"writing shard 1 of .*blocks\.1\.zarr failed"):
         extract_shard(SyntheticCapture(), image_array, stores, 1, batch_size=BATCH, progress=False)
     assert missing_shards(stores["blocks.1"]) == [0, 1, 2]
     assert missing_shards(stores["blocks.0"]) == [0, 1, 2]
@@ -316,3 +317,44 @@ def test_prefetched_read_error_propagates_and_leaves_no_marker(tmp_path, image_a
     assert missing_shards(stores["blocks.0"]) == [0, 1, 2]
     assert _no_writer_thread()
     assert not any(t.name.startswith("activation-reader") for t in threading.enumerate())
+
+
+def test_store_of_another_format_is_a_clear_error(tmp_path):
+    path = tmp_path / "s.zarr"
+    create_store(path, layout(), {"model": "m"})
+    zarr.open_group(str(path), mode="r+").attrs["format"] = "spectra.activations/1"
+    with pytest.raises(ValueError, match=r"format 'spectra.activations/1'.*overwrite=True"):
+        missing_shards(path)
+    with pytest.raises(ValueError, match="format"):
+        create_store(path, layout(), {"model": "m"})
+    create_store(path, layout(), {"model": "m"}, overwrite=True)
+    assert missing_shards(path) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("batches_per_read", [1, 2])
+def test_image_reads_in_blocks_give_the_same_store(tmp_path, image_array, monkeypatch, batches_per_read):
+    import analysis.activation_extract as extraction
+
+    reads = []
+
+    class Recording(FailingImages):
+        def __getitem__(self, key):
+            reads.append((key.start, key.stop))
+            return super().__getitem__(key)
+
+    whole, _ = build(tmp_path / "whole", image_array, layout())
+    monkeypatch.setattr(extraction, "_READ_BYTES", batches_per_read * BATCH * H * H * 3)
+    blocks, _ = build(tmp_path / "blocks", Recording(image_array, N + 1), layout())
+    step = batches_per_read * BATCH
+    # Whole batches per read, never across a shard boundary.
+    assert sorted(reads) == sorted({(lo, min(lo + step, hi)) for s0, hi in ((0, 64), (64, 128), (128, N))
+                                    for lo in range(s0, hi, step)})
+    for hook in whole:
+        a, b = _arrays_before_stats(whole[hook]), _arrays_before_stats(blocks[hook])
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _arrays_before_stats(path):
+    g = zarr.open_group(str(path), mode="r")
+    return {k: g[k][:] for k in ("acts", "norms", "image_idx", "partials")}

@@ -24,3 +24,30 @@ def test_tracker_offline_writes_a_local_wandb_run_and_finishes_on_error(tmp_path
     with tracker.run("sae-test-2", {"k": 8}, DataRoot(tmp_path)) as log:
         log({"loss": 0.25})
     assert len(list(Path(tmp_path / "wandb").rglob("offline-run-*"))) == 2
+
+
+def test_storage_activations_url_moves_only_activation_stores(tmp_path):
+    from resources import StorageResource
+
+    root = StorageResource(root=str(tmp_path), activations_url="memory://spectra/acts").data_root()
+    assert root.hook_store("s", "blocks.0") == "memory://spectra/acts/s/blocks.0.zarr"
+    assert root.model("m") == tmp_path.resolve() / "models" / "m"
+    default = StorageResource(root=str(tmp_path)).data_root()
+    assert default.hook_store("s", "h") == tmp_path.resolve() / "activations" / "s" / "h.zarr"
+
+
+def test_storage_unknown_url_scheme_fails_early_with_the_fix(tmp_path):
+    from resources import StorageResource
+
+    with pytest.raises(ValueError, match=r"no filesystem for 'nosuchfs'.*pip install s3fs"):
+        StorageResource(root=str(tmp_path), activations_url="nosuchfs://b/acts").data_root()
+
+
+def test_definitions_read_the_activations_url_from_the_environment(tmp_path, monkeypatch):
+    from pipelines.definitions import default_resources
+
+    monkeypatch.setenv("SPECTRA_ACTIVATIONS_URL", "memory://env/acts")
+    storage = default_resources(str(tmp_path))["storage"]
+    assert storage.data_root().hook_store("s", "h") == "memory://env/acts/s/h.zarr"
+    monkeypatch.delenv("SPECTRA_ACTIVATIONS_URL")
+    assert default_resources(str(tmp_path))["storage"].activations_url is None

@@ -1,4 +1,7 @@
-"""Stage 3: residual-stream activations into Zarr, one store per hook, one partition per shard."""
+"""Stage 3: residual-stream activations into Zarr, one store per hook, one partition per shard.
+
+Stores live where `DataRoot.hook_store` says: under the data root, or under an fsspec URL.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,9 @@ import json
 
 import numpy as np
 import torch
-import zarr
 
 from analysis.activations import StoreLayout, create_store, extract_shard, finalize_stats, missing_shards
+from analysis.activation_store import open_store_group
 from analysis.ids import code_version
 from analysis.images import open_images
 from analysis.loader import ActivationStore
@@ -61,7 +64,7 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
         create_store(path, layout, lineage)
         # The code version is lineage too, but kept outside the compared lineage: a new commit
         # must not invalidate a store whose content ids are unchanged.
-        group = zarr.open_group(str(path), mode="r+")
+        group = open_store_group(path, "r+")
         if "code_version" not in group.attrs:
             group.attrs["code_version"] = code_version()
     return {"store_id": spec.store_id, "path": str(root.store(spec.store_id)), "n_shards": layout.n_shards,
