@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(SPECTRA_ROOT)/dagster_home
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install run test ui bench clean
+.PHONY: install run test ui bench bench-peers clean
 
 install: $(STAMP)
 
@@ -34,6 +34,20 @@ ui: install
 
 bench: install
 	for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script; done
+
+# Peer SAE trainers live in their own venv so they can never change the project's pinned packages.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): pyproject.toml benchmarks/peers-requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 2>&1 | { grep -v "is ignored" || true; }
+	$(PEERS_VENV)/bin/python -m pip install --quiet -e . -r benchmarks/peers-requirements.txt torch==2.14.1 torchvision==0.29.1 2>&1 | { grep -v "is ignored" || true; }
+	$(PEERS_VENV)/bin/python -c "import torch, sparsify, sae_lens; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/python benchmarks/bench_sae_peers.py $(BENCH_ARGS)
 
 clean:
 	rm -rf data

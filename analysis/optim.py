@@ -19,4 +19,22 @@ def warmup_decay_lr(step: int, total: int, base_lr: float, warmup: int, decay: b
 @torch.no_grad()
 def remove_parallel_grad(W: torch.nn.Parameter) -> None:
     """Keep unit-norm rows on the sphere: drop each row's gradient component along the row."""
-    W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+    # row dot products without a (rows, d) temporary, then one in-place update
+    W.grad.addcmul_(W, torch.linalg.vecdot(W.grad, W).unsqueeze(1), value=-1)
+
+
+@torch.no_grad()
+def match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give every per-parameter optimizer tensor its parameter's memory layout.
+
+    A loaded state dict comes back contiguous while a fresh state follows the parameter's
+    strides (zeros_like); fused Adam takes another code path, with other rounding, when the
+    two differ, so a resumed run would drift from an uninterrupted one.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+

@@ -35,7 +35,7 @@ from analysis.dictionaries.objectives import (
     sparse_decode as _sparse_decode,  # noqa: F401
     train_forward,
 )
-from analysis.optim import remove_parallel_grad, warmup_decay_lr
+from analysis.optim import match_state_layout, remove_parallel_grad, warmup_decay_lr
 
 _TOPK_FAMILY = ("topk", "batchtopk")
 
@@ -81,6 +81,12 @@ class SAETrainConfig:
     """Max global grad norm; 0 disables clipping."""
     seed: int = 0
     """Seed for the initial weights (training is otherwise deterministic on CPU)."""
+    autocast: Literal["auto", "off", "bfloat16"] = "auto"
+    """Precision of the dense matmuls. "bfloat16": topk/batchtopk choose their latents from a
+    bf16 encoder matmul and recompute the chosen values in fp32 (values and gradients of the
+    chosen latents are fp32; near-ties at the k-th place may pick another latent); relu/jumprelu
+    run their forward under torch.autocast. Parameters, thresholds and the loss stay fp32.
+    "auto": bfloat16 on CUDA, off elsewhere. "off": fp32 throughout."""
 
     def __post_init__(self) -> None:
         if self.k is None and self.architecture in _TOPK_FAMILY:
@@ -105,6 +111,8 @@ class SAETrainConfig:
             raise ValueError(f"aux_k={self.aux_k} must be > 0, or None for d_in // 2")
         if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
             raise ValueError(f"sparsity_warmup_steps={self.sparsity_warmup_steps} must be >= 0, or None for 5 %")
+        if self.autocast not in ("auto", "off", "bfloat16"):
+            raise ValueError(f"autocast={self.autocast!r} must be 'auto', 'off' or 'bfloat16'")
         if not 0 <= self.threshold_decay < 1:
             raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1), e.g. 0.99")
 
@@ -112,6 +120,12 @@ class SAETrainConfig:
         return SAEConfig(d_in=d_in, width=self.width, k=self.k, architecture=self.architecture,
                          sparsity_coef=self.sparsity_coef, threshold_init=self.threshold_init,
                          bandwidth=self.bandwidth)
+
+    def low_precision(self, device: torch.device | str) -> torch.dtype | None:
+        """The dtype of the dense matmuls on `device` (None = fp32), resolving "auto"."""
+        if self.autocast == "bfloat16" or (self.autocast == "auto" and torch.device(device).type == "cuda"):
+            return torch.bfloat16
+        return None
 
     @property
     def total_steps(self) -> int:
@@ -238,7 +252,9 @@ def train_sae(
 
     params = list(sae.parameters())
     W_dec = sae.W_dec
-    opt = torch.optim.Adam(params, lr=cfg.lr_at(0), betas=(0.9, 0.999), eps=6.25e-10)
+    # fused: one kernel over all parameters (on CPU ~7x faster than the per-tensor loop at 4.7M params)
+    opt = torch.optim.Adam(params, lr=cfg.lr_at(0), betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    low = cfg.low_precision(device)
     aux_k = cfg.aux_k if cfg.aux_k is not None else max(1, d_in // 2)
     use_aux = cfg.architecture in _TOPK_FAMILY and cfg.aux_coef > 0
     since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)
@@ -253,6 +269,7 @@ def train_sae(
     resumed = load_train_state(checkpoint_dir, sae=sae, opt=opt, device=device) if checkpoint_dir else None
     if resumed is not None:
         loop, meta = resumed
+        match_state_layout(opt)
         since_fired, threshold = loop["since_fired"], loop.get("threshold")
         step = window_start = meta["step"]
         tokens, log, coef = meta["tokens"], meta["log"], meta["coef"]
@@ -285,6 +302,7 @@ def train_sae(
         bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
         window, window_start = [], step
 
+    reuse = None  # the (B, width) pre-activation buffer, overwritten each step
     t0 = time.perf_counter()
     for x in _rebatch(batches, cfg.batch_size, d_in, device):
         if step >= total:
@@ -292,7 +310,7 @@ def train_sae(
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
         x = x * scale
-        fwd = train_forward(sae, x)
+        fwd = train_forward(sae, x, low_precision=low, reuse=reuse)
         var = batch_variance(x)
         # Both terms share the batch-variance denominator, so λ is in units of per-token squared
         # error (Conerly et al.'s convention) while the reconstruction term is the batch FVU.
@@ -321,6 +339,8 @@ def train_sae(
                     cfg.threshold_decay * threshold + (1 - cfg.threshold_decay) * fwd.min_kept)
             since_fired = torch.where(fwd.fire_counts > 0, 0, since_fired + x.shape[0])
             window.append(torch.stack([loss.detach(), sparsity.detach(), aux_loss.detach(), fwd.l0]))
+        reuse = fwd.pre
+        del fwd  # drop this step's graph before the next forward allocates
 
         step += 1
         tokens += x.shape[0]

@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from analysis.metrics import reconstruction_metrics
+from analysis.optim import remove_parallel_grad
 from analysis.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig, TopKSAE
 from analysis.train_sae import (
     SAETrainConfig,
@@ -190,6 +191,32 @@ def test_hand_written_gradients_match_autograd():
     assert grads[0]["W_enc"].stride() == sae.W_enc.stride()
 
 
+def test_bf16_selection_trains_as_well_as_fp32(data):
+    """autocast="bfloat16" (bf16 latent choice, fp32 values) reaches the fp32 run's quality."""
+    held_out = _sparse_data(20_000, seed=1).split(4096)
+    fp32 = reconstruction_metrics(_train(data, _cfg(autocast="off")).sae, held_out)
+    bf16 = reconstruction_metrics(_train(data, _cfg(autocast="bfloat16")).sae, held_out)
+    assert bf16.fvu < 0.1 and abs(bf16.fvu - fp32.fvu) < 0.01, (bf16.fvu, fp32.fvu)
+    assert bf16.dead_fraction <= 0.05 and abs(bf16.l0 - 4) < 0.05
+
+
+def test_autocast_resolution():
+    assert SAETrainConfig(width=64).low_precision("cpu") is None  # auto: fp32 on CPU
+    assert SAETrainConfig(width=64).low_precision("cuda") is torch.bfloat16  # no GPU needed to resolve
+    assert SAETrainConfig(width=64, autocast="off").low_precision("cuda") is None
+    assert SAETrainConfig(width=64, autocast="bfloat16").low_precision("cpu") is torch.bfloat16
+
+
+def test_remove_parallel_grad_leaves_the_tangent_part():
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(10, 6), dim=1))
+    W.grad = torch.randn(10, 6)
+    tangent = W.grad - (W.grad * W).sum(1, keepdim=True) * W
+    remove_parallel_grad(W)
+    assert_close(W.grad, tangent)
+    assert_close((W.grad * W).sum(1), torch.zeros(10), atol=1e-6, rtol=0)
+
+
 def test_geometric_median_resists_outliers():
     torch.manual_seed(0)
     x = torch.cat([torch.randn(900, 4) * 0.1 + 2.0, torch.full((100, 4), 1000.0)])
@@ -220,6 +247,7 @@ def test_lr_schedule():
     (dict(width=64, architecture="topk", sparsity_coef=1.0), "sparsity_coef=1.0 has no meaning"),
     (dict(width=64, sparsity_warmup_steps=-1), "sparsity_warmup_steps=-1"),
     (dict(width=64, threshold_decay=1.0), "threshold_decay=1.0"),
+    (dict(width=64, autocast="float16"), "autocast='float16'"),
 ])
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -1,15 +1,20 @@
 """One training forward pass per architecture, on inputs already scaled to mean norm sqrt(d).
 
-TopK and BatchTopK keep the encoder matmul as the only dense product: the gradient of the
-selected pre-activations is written by hand (`SelectedPre`) as a scatter over the chosen
-(token, latent) pairs instead of autograd's dense (B, width) backward, and decoding is an
-embedding_bag over those pairs. ReLU and JumpReLU codes are dense by nature during training
-(early on most latents are active), so they use plain autograd with a dense decode.
+TopK and BatchTopK keep the encoder matmul as the only dense product. Everything after the
+selection touches only the chosen (token, latent) pairs:
+- the gradient of the selected pre-activations (`SelectedPre`) and of the decoder
+  (`SparseDecode`) are written by hand: each weight gradient is one embedding_bag over the
+  pairs sorted by latent (`scatter_rows`), each per-pair gradient one fused gathered dot
+  product (`gathered_dot`); autograd's dense (B, width) backward never runs;
+- with `low_precision` (bf16) the dense matmul only *chooses* the latents; the chosen values are
+  recomputed in fp32 by `gathered_dot`, so every value and gradient of a selected latent is the
+  fp32 one (only near-ties at the k-th place can pick a different latent).
+ReLU and JumpReLU codes are dense by nature during training (early on most latents are active),
+so they use plain autograd with a dense decode, under torch.autocast when `low_precision` is set.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -22,27 +27,59 @@ from analysis.dictionaries.models import batch_topk
 
 class TrainForward(NamedTuple):
     x_hat: Tensor
-    """(B, d) reconstruction of the scaled input (differentiable)."""
+    """(B, d) fp32 reconstruction of the scaled input (differentiable)."""
     penalty: Tensor
-    """Scalar: sum over tokens of the unweighted sparsity penalty (0 for TopK/BatchTopK)."""
+    """Scalar fp32: sum over tokens of the unweighted sparsity penalty (0 for TopK/BatchTopK)."""
     fire_counts: Tensor
     """(width,) float count of tokens on which each latent fired."""
     l0: Tensor
     """Scalar: mean nonzero latents per token."""
     pre: Tensor | None
-    """(B, width) no-grad pre-activations (TopK families, for AuxK)."""
+    """(B, width) no-grad pre-activations used to choose latents (TopK families, for AuxK);
+    bf16 under `low_precision`."""
     xc: Tensor | None
     """(B, d) x − b_dec (TopK families, for AuxK)."""
     min_kept: Tensor | None
     """BatchTopK: smallest selected activation of the batch (the threshold estimate)."""
 
 
+# ---- sparse products over (token, latent) pairs --------------------------------------------
+
+
+def gathered_dot(table: Tensor, idx: Tensor, vecs: Tensor) -> Tensor:
+    """out[b, j] = table[idx[b, j]] · vecs[b] for an (n, d) table, (B, m) ids and (B, d) vectors.
+
+    This is exactly the gradient of embedding_bag's per-sample weights, which torch computes
+    with a fused kernel reading each table row in place; indexing `table[idx]` first would
+    materialise (B, m, d) rows (200 MB at B=4096, m=32, d=384) and run ~8x slower.
+    """
+    with torch.enable_grad():
+        w = torch.zeros(idx.shape, dtype=vecs.dtype, device=vecs.device, requires_grad=True)
+        bags = F.embedding_bag(idx, table.detach(), per_sample_weights=w, mode="sum")
+        (out,) = torch.autograd.grad(bags, w, vecs)
+    return out
+
+
+def scatter_rows(idx: Tensor, weights: Tensor, vecs: Tensor, n: int) -> Tensor:
+    """(n, d) out[i] = Σ over pairs with idx[b, j] = i of weights[b, j] · vecs[b].
+
+    Sorted by latent, the pairs of latent i are one bag of token rows, so the whole product is
+    a single embedding_bag that writes each output row once (an index_add would first build
+    and then scatter a (B·m, d) tensor of scaled rows).
+    """
+    flat = idx.reshape(-1)
+    order = flat.sort(stable=True).indices  # stable: a fixed summation order within each bag
+    counts = torch.bincount(flat, minlength=n)
+    offsets = counts.cumsum(0) - counts
+    tokens = order // idx.shape[1]
+    return F.embedding_bag(tokens, vecs, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
+
+
 class SelectedPre(torch.autograd.Function):
     """pre[b, j] for selected (b, j) pairs, pre = (x - b_dec) @ W_enc + b_enc.
 
-    Values come from the dense no-grad matmul; only the backward pass is written here:
-    - W_enc and b_enc get a scatter into the selected columns per token (O(B·m·d), where
-      autograd's dense backward costs two (B, width, d) matmuls);
+    Values are given (from the no-grad selection); only the backward pass is written here:
+    - W_enc and b_enc get the per-pair gradient scattered into the selected latents only;
     - b_dec enters every token the same way, so its gradient collapses to -W_enc @ grad_b_enc,
       one mat-vec instead of a per-token gather.
     """
@@ -55,47 +92,97 @@ class SelectedPre(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         xc, W_enc, idx = ctx.saved_tensors
-        d, width = W_enc.shape
-        flat = idx.reshape(-1)
-        rows = (g.unsqueeze(-1) * xc.unsqueeze(1)).reshape(-1, d)
-        grad_w = xc.new_zeros(width, d).index_add_(0, flat, rows).T  # (d, width), width-contiguous
-        grad_b = g.new_zeros(width).index_add_(0, flat, g.reshape(-1))
+        width = W_enc.shape[1]
+        grad_w = scatter_rows(idx, g, xc, width).T  # (d, width) view of a width-major tensor, like W_enc
+        grad_b = g.new_zeros(width).index_add_(0, idx.reshape(-1), g.reshape(-1))
         return None, grad_w, grad_b, -(W_enc @ grad_b), None, None
 
 
+class SparseDecode(torch.autograd.Function):
+    """Σ_j acts[:, j] · W_dec[idx[:, j]] (no bias) with a backward over the selected rows only:
+    torch's own embedding_bag weight gradient sorts and scatter-adds through a dense path
+    that costs ~5x `scatter_rows` at training sizes."""
+
+    @staticmethod
+    def forward(ctx, acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(acts, idx, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        acts, idx, W_dec = ctx.saved_tensors
+        grad_acts = gathered_dot(W_dec, idx, g) if ctx.needs_input_grad[0] else None
+        grad_w = scatter_rows(idx, acts, g, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
+        return grad_acts, None, grad_w
+
+
 def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j acts[:, j] * W_dec[idx[:, j]] without bias; embedding_bag's own backward is already
-    sparse in the rows it touches (faster on CPU than a hand-written scatter)."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
+    """sum_j acts[:, j] * W_dec[idx[:, j]] without bias (differentiable in acts and W_dec)."""
+    return SparseDecode.apply(acts, idx, W_dec)
+
+
+def exact_selected(xc: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
+    """fp32 pre-activations of the selected pairs: xc[b] · W_enc[:, idx[b, j]] + b_enc[idx[b, j]]."""
+    return gathered_dot(W_enc.T, idx, xc) + b_enc[idx]
 
 
 def _counts(width: int, idx: Tensor, fired: Tensor) -> Tensor:
     return fired.new_zeros(width, dtype=torch.float32).index_add_(0, idx.reshape(-1), fired.reshape(-1).float())
 
 
-def train_forward(sae: SparseAutoencoder, x: Tensor) -> TrainForward:
-    arch, width = sae.cfg.architecture, sae.cfg.width
-    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    zero = x.new_zeros(())
-    if arch in ("topk", "batchtopk"):
-        with torch.no_grad():
-            xc = x - b_dec
-            pre = torch.addmm(b_enc, xc, W_enc)
-            if arch == "topk":
-                vals, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-                keep = None
-            else:
-                vals, idx, keep = batch_topk(pre, sae.cfg.k)
-        acts = SelectedPre.apply(xc, W_enc, b_enc, b_dec, idx, vals).relu()
-        min_kept = None
-        if keep is not None:
-            acts = acts * keep  # unselected slots: value and gradient 0
-            min_kept = vals[keep].min() if bool(keep.any()) else None
-        x_hat = sparse_decode(acts, idx, W_dec) + b_dec
-        fired = acts.detach() > 0
-        return TrainForward(x_hat, zero, _counts(width, idx, fired), fired.sum(1).float().mean(), pre, xc, min_kept)
+# ---- forward passes ------------------------------------------------------------------------
 
-    pre = torch.addmm(b_enc, x - b_dec, W_enc)
+
+def train_forward(sae: SparseAutoencoder, x: Tensor, *, low_precision: torch.dtype | None = None,
+                  reuse: Tensor | None = None) -> TrainForward:
+    """Training forward of `sae` on scaled fp32 inputs; `low_precision` (e.g. torch.bfloat16)
+    runs the dense matmuls in that dtype, see the module docstring.
+
+    `reuse`: the previous step's `pre` (TopK families), overwritten with this step's. A fresh
+    (B, width) tensor (100 MB at B=4096, width 6144) costs the kernel a page fault per 4 kB on
+    first touch, ~15 % of a CPU step; a warm one costs nothing."""
+    if sae.cfg.architecture in ("topk", "batchtopk"):
+        return _topk_forward(sae, x, low_precision, reuse)
+    with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
+        return _dense_forward(sae, x)
+
+
+def _topk_forward(sae: SparseAutoencoder, x: Tensor, low: torch.dtype | None, reuse: Tensor | None) -> TrainForward:
+    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+    dtype = low or x.dtype
+    shape = (x.shape[0], sae.cfg.width)
+    out = reuse if reuse is not None and reuse.shape == shape and reuse.dtype == dtype else None
+    with torch.no_grad():
+        xc = x - b_dec
+        # with `low`, the matmul only chooses the latents; their fp32 values are recomputed below
+        pre = torch.addmm(b_enc.to(dtype), xc.to(dtype), W_enc.to(dtype), out=out)
+        if sae.cfg.architecture == "topk":
+            vals, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+            keep = None
+        else:
+            vals, idx, keep = batch_topk(pre, sae.cfg.k)
+        if low is not None:
+            vals = exact_selected(xc, W_enc, b_enc, idx)
+    acts = SelectedPre.apply(xc, W_enc, b_enc, b_dec, idx, vals).relu()
+    min_kept = None
+    if keep is not None:
+        acts = acts * keep  # unselected slots: value and gradient 0
+        kept = keep & (vals > 0)
+        min_kept = vals[kept].min() if bool(kept.any()) else None
+    x_hat = sparse_decode(acts, idx, W_dec) + b_dec
+    fired = acts.detach() > 0
+    return TrainForward(x_hat, x.new_zeros(()), _counts(sae.cfg.width, idx, fired), fired.sum(1).float().mean(),
+                        pre, xc, min_kept)
+
+
+def _dense_forward(sae: SparseAutoencoder, x: Tensor) -> TrainForward:
+    arch = sae.cfg.architecture
+    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+    # JumpReLU's encoder stays fp32 under autocast: bf16 rounds pre in steps of 2^-6 at values
+    # 2-4, a third of the default kernel width ε = 0.05, which moved the threshold
+    # pseudo-gradient by 12 % in tests/test_sae_objectives.py's autocast case
+    with torch.autocast(x.device.type, enabled=arch != "jumprelu" and torch.is_autocast_enabled(x.device.type)):
+        pre = torch.addmm(b_enc, x - b_dec, W_enc)
     if arch == "relu":
         z = pre.relu()
         penalty = (z @ W_dec.norm(dim=1)).sum()  # Σ_tokens Σ_i z_i ‖W_dec,i‖
@@ -106,15 +193,25 @@ def train_forward(sae: SparseAutoencoder, x: Tensor) -> TrainForward:
         raise ValueError(f"no training forward for architecture={arch!r}")
     fired = z.detach() > 0
     x_hat = torch.addmm(b_dec, z, W_dec)
-    return TrainForward(x_hat, penalty, fired.sum(0).float(), fired.sum(1).float().mean(), None, None, None)
+    # the loss and its reductions stay fp32 whatever precision the matmuls ran in
+    return TrainForward(x_hat.float(), penalty.float(), fired.sum(0).float(), fired.sum(1).float().mean(),
+                        None, None, None)
 
 
 def auxk_loss(sae: SparseAutoencoder, fwd: TrainForward, x: Tensor, dead: Tensor, aux_k: int) -> Tensor:
     """AuxK (Gao et al. §A.2): the best `aux_k` dead latents try to explain the residual the live
-    ones left, which gives dead latents a gradient; normalised like the main loss."""
-    n_dead = int(dead.sum())
+    ones left, which gives dead latents a gradient; normalised like the main loss.
+
+    Only the dead columns of `pre` are searched (a gather of n_dead columns, instead of a
+    masked copy of the whole (B, width) tensor); values are recomputed in fp32 when `pre` was
+    a low-precision selection."""
     with torch.no_grad():
-        aux_vals, aux_idx = fwd.pre.masked_fill(~dead, -math.inf).topk(min(aux_k, n_dead), sorted=False)
+        dead_ids = dead.nonzero().squeeze(1)
+        cand = fwd.pre if len(dead_ids) == dead.numel() else fwd.pre.index_select(1, dead_ids)
+        aux_vals, pos = cand.topk(min(aux_k, len(dead_ids)), dim=-1, sorted=False)
+        aux_idx = dead_ids[pos]
+        if aux_vals.dtype != fwd.xc.dtype:
+            aux_vals = exact_selected(fwd.xc, sae.W_enc, sae.b_enc, aux_idx)
     aux_acts = SelectedPre.apply(fwd.xc, sae.W_enc, sae.b_enc, sae.b_dec, aux_idx, aux_vals).relu()
     residual = (x - fwd.x_hat).detach()
     return normalized_sq_error(sparse_decode(aux_acts, aux_idx, sae.W_dec), residual)
