@@ -1,14 +1,15 @@
 """The one definition of every dictionary metric (DESIGN.md §4).
 
-`reconstruction_metrics` streams an evaluation set once; `downstream_metrics` splices the SAE
-into a model's forward pass. Any object with `cfg.width` whose call returns
+`reconstruction_metrics` (SAEs) and `prediction_metrics` (transcoders) stream an evaluation set
+once; `downstream_metrics` splices the SAE into a model's forward pass, `spliced_downstream_metrics`
+any set of replacement hooks (e.g. `transcoder_splice_hooks`). Any object with `cfg.width` whose call returns
 (x_hat, top_acts, top_indices) works as `sae` (TopK SAEs, and stubs in tests).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -63,14 +64,45 @@ class _RunningMoments:
 @torch.no_grad()
 def reconstruction_metrics(sae, batches: Iterable[Tensor], *, dense_threshold: float = 0.1) -> ReconstructionMetrics:
     """Stream (B, d) batches of RAW activations through `sae` and score the reconstructions."""
-    width = sae.cfg.width
+
+    def scored():
+        for x in batches:
+            x = x.reshape(-1, x.shape[-1])
+            out = sae(x)
+            yield x, out.x_hat.reshape(x.shape), out.top_acts, out.top_indices
+
+    return _score(scored(), sae.cfg.width, dense_threshold)
+
+
+@torch.no_grad()
+def prediction_metrics(model, pairs: Iterable[tuple[Tensor, Tensor]], *,
+                       dense_threshold: float = 0.1) -> ReconstructionMetrics:
+    """The same metrics for a dictionary that predicts another hook (a transcoder): `model(x_in)`
+    returns (y_hat, top_acts, top_indices) and every formula is applied to the target y, so FVU is
+    Σ‖y − ŷ‖² / Σ‖y − μ_y‖² and shrinkage is ‖ŷ‖/‖y‖."""
+    device = next(model.parameters()).device
+
+    def scored():
+        for x, y in pairs:
+            x = x.reshape(-1, x.shape[-1]).to(device, torch.float32)
+            y = y.reshape(-1, y.shape[-1]).to(device, torch.float32)
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"paired batches must hold the same tokens, got {x.shape[0]} inputs and "
+                                 f"{y.shape[0]} targets")
+            out = model(x)
+            yield y, out.y_hat.reshape(y.shape), out.top_acts, out.top_indices
+
+    return _score(scored(), model.cfg.width, dense_threshold)
+
+
+def _score(scored: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], width: int,
+           dense_threshold: float) -> ReconstructionMetrics:
+    """Metrics over a stream of (target, prediction, top_acts, top_indices), all per token."""
     moments: _RunningMoments | None = None
     sq_err = cos_sum = shrink_sum = nnz = 0.0
     fire = torch.zeros(width, dtype=torch.int64)
-    for x in batches:
-        x = x.reshape(-1, x.shape[-1])
-        out = sae(x)
-        x64, xh64 = x.double(), out.x_hat.reshape(x.shape).double()
+    for x, x_hat, top_acts, top_indices in scored:
+        x64, xh64 = x.double(), x_hat.double()
         if moments is None:
             moments = _RunningMoments(x.shape[-1])
         moments.update(x64)
@@ -78,9 +110,9 @@ def reconstruction_metrics(sae, batches: Iterable[Tensor], *, dense_threshold: f
         x_norm, xh_norm = x64.norm(dim=1), xh64.norm(dim=1)
         cos_sum += float(F.cosine_similarity(x64, xh64, dim=1, eps=1e-12).sum())
         shrink_sum += float((xh_norm / x_norm.clamp_min(1e-12)).sum())
-        active = out.top_acts != 0
+        active = top_acts != 0
         nnz += float(active.sum())
-        fire += torch.bincount(out.top_indices[active].reshape(-1).cpu(), minlength=width)
+        fire += torch.bincount(top_indices[active].reshape(-1).cpu(), minlength=width)
     if moments is None or moments.n == 0:
         raise ValueError("reconstruction_metrics got no tokens: pass at least one non-empty batch")
     n = moments.n
@@ -99,6 +131,26 @@ def reconstruction_metrics(sae, batches: Iterable[Tensor], *, dense_threshold: f
         dense_fraction=float((counts > dense_threshold * n).mean()),
         fire_counts=counts,
     )
+
+
+def log10_density_histogram(fire_counts: np.ndarray, n_tokens: int, *, bins_per_decade: int = 4) -> list[dict]:
+    """Histogram of log10(firing density) over latents, the standard SAE health plot.
+
+    Bins span [floor(log10(1/n_tokens)), 0] (the smallest density a latent that fired once can
+    have, up to firing on every token); latents that never fired get their own first row with
+    `log10_lo = -inf`, since log10(0) has no bin. Rows: log10_lo, log10_hi, n_latents.
+    """
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens={n_tokens} must be > 0")
+    counts = np.asarray(fire_counts, dtype=np.int64)
+    lo = math.floor(math.log10(1.0 / n_tokens))
+    edges = np.linspace(lo, 0.0, -lo * bins_per_decade + 1)
+    fired = counts[counts > 0]
+    hist, _ = np.histogram(np.log10(fired / n_tokens), bins=edges)
+    rows = [{"log10_lo": -math.inf, "log10_hi": float(edges[0]), "n_latents": int((counts == 0).sum())}]
+    rows += [{"log10_lo": float(a), "log10_hi": float(b), "n_latents": int(c)}
+             for a, b, c in zip(edges[:-1], edges[1:], hist)]
+    return rows
 
 
 class DownstreamMetrics(NamedTuple):
@@ -125,7 +177,6 @@ def _kl_sum(clean_logp: Tensor, other_logits: Tensor) -> float:
     return float(F.kl_div(other_logp, clean_logp, reduction="sum", log_target=True))
 
 
-@torch.no_grad()
 def downstream_metrics(model, sae, hook_name: str, batches: Iterable[tuple[Tensor, Tensor]]) -> DownstreamMetrics:
     """Clean vs SAE-spliced vs zero-ablated forward passes at `hook_name`.
 
@@ -137,6 +188,52 @@ def downstream_metrics(model, sae, hook_name: str, batches: Iterable[tuple[Tenso
         x_hat = sae(act.reshape(-1, act.shape[-1])).x_hat
         return x_hat.reshape(act.shape).to(act.dtype)
 
+    return spliced_downstream_metrics(model, [(hook_name, splice)], hook_name, batches)
+
+
+def transcoder_splice_hooks(transcoder, in_hook: str, out_hook: str) -> list[tuple[str, Callable]]:
+    """Forward hooks replacing `out_hook` by the transcoder's prediction from `in_hook` of the same
+    forward pass (`in_hook` must run first, e.g. resid_mid -> mlp_out of one block)."""
+    held: dict[str, Tensor] = {}
+
+    def read(act: Tensor, *, hook) -> None:
+        held["x"] = act
+
+    def write(act: Tensor, *, hook) -> Tensor:
+        if "x" not in held:
+            raise RuntimeError(f"{out_hook} ran before {in_hook}: a transcoder must read an earlier hook")
+        x = held.pop("x")
+        y_hat = transcoder(x.reshape(-1, x.shape[-1])).y_hat
+        return y_hat.reshape(act.shape).to(act.dtype)
+
+    return [(in_hook, read), (out_hook, write)]
+
+
+def crosscoder_splice_hooks(model, crosscoder, hooks: Sequence[str]) -> Callable[[Tensor], list]:
+    """Per batch: every hook of an acausal crosscoder replaced by its reconstruction.
+
+    The crosscoder reads all its layers at once (later ones included), so the clean activations
+    come from a first forward pass and the reconstructions are spliced into a second."""
+
+    def make(x: Tensor) -> list[tuple[str, Callable]]:
+        _, cache = model.run_with_cache(x, names_filter=list(hooks))
+        acts = [cache[h] for h in hooks]
+        x_hat = crosscoder([a.reshape(-1, a.shape[-1]) for a in acts]).x_hat
+        x_hat = x_hat.unbind(1) if isinstance(x_hat, Tensor) else x_hat
+        recon = {h: r.reshape(a.shape).to(a.dtype) for h, r, a in zip(hooks, x_hat, acts)}
+        return [(h, lambda act, *, hook, h=h: recon[h]) for h in hooks]
+
+    return make
+
+
+@torch.no_grad()
+def spliced_downstream_metrics(model, splice_hooks: list[tuple[str, Callable]] | Callable[[Tensor], list],
+                               ablate_hooks: str | Sequence[str],
+                               batches: Iterable[tuple[Tensor, Tensor]]) -> DownstreamMetrics:
+    """Clean vs spliced vs zero-ablated passes. `splice_hooks` are forward hooks, or a function
+    of the batch returning them (e.g. `crosscoder_splice_hooks`); `ablate_hooks` are zeroed."""
+    ablate_hooks = [ablate_hooks] if isinstance(ablate_hooks, str) else list(ablate_hooks)
+
     def ablate(act: Tensor, *, hook) -> Tensor:
         return torch.zeros_like(act)
 
@@ -147,8 +244,8 @@ def downstream_metrics(model, sae, hook_name: str, batches: Iterable[tuple[Tenso
     for x, labels in batches:
         logits = {
             "clean": model(x),
-            "spliced": model.run_with_hooks(x, fwd_hooks=[(hook_name, splice)]),
-            "ablated": model.run_with_hooks(x, fwd_hooks=[(hook_name, ablate)]),
+            "spliced": model.run_with_hooks(x, fwd_hooks=splice_hooks(x) if callable(splice_hooks) else splice_hooks),
+            "ablated": model.run_with_hooks(x, fwd_hooks=[(h, ablate) for h in ablate_hooks]),
         }
         labels = labels.to(logits["clean"].device)
         clean_logp = logits["clean"].double().log_softmax(-1)

@@ -57,10 +57,12 @@ class MouseTrainConfig:
     seed: int = 0
     """Seeds the initialization and the shuffling. Same seed, same weights, given the
     same device and torch thread count (thread count changes float reduction order)."""
-    max_seconds: float | None = 120.0
-    """Wall-clock cap on the whole call; training stops (with a warning) once passed.
-    A run that hits the cap is no longer reproducible, so the default sits above the
-    expected time and only guards against a slow machine. None disables it."""
+    max_seconds: float | None = None
+    """Wall-clock cap on the whole call; training stops (with a warning) once passed. None (the
+    default) trains every epoch: a run that hits the cap depends on how busy the machine was, yet
+    lands on the same content id, so a cap is for quick experiments only (measured here: a loaded
+    2-core machine stopped the default mouse at step 171 of 2,000, held-out accuracy 0.745
+    instead of 0.9955)."""
     train_eval_images: int = 4096
     """Training images (a fixed seeded subset) used to report train accuracy."""
     eval_batch_size: int = 512

@@ -12,11 +12,19 @@ import pyarrow as pa  # noqa: E402
 
 
 def plot_fvu_vs_l0(evaluations: pa.Table, path: str | Path) -> Path:
-    """One line per (hook, architecture, expansion): FVU against L0, log-x, the sparsity frontier."""
+    """One line per (hook, architecture, expansion): FVU against L0, log-x, the sparsity frontier.
+
+    A transcoder's line is labelled `in -> out` (its FVU is of the predicted hook), a crosscoder's
+    `a + b` (its FVU pooled over its hooks)."""
     rows = evaluations.to_pylist()
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["hook"], r["architecture"], r["expansion"]), []).append(r)
+        hook = f"{r['hook']} -> {r['out_hook']}" if r.get("out_hook") else r["hook"]
+        if r.get("hooks"):
+            hook = " + ".join(r["hooks"])
+        kind = r.get("kind") or "sae"
+        arch = r["architecture"] + ("" if kind == "sae" else f" {kind}") + (" +skip" if r.get("skip") else "")
+        groups.setdefault((hook, arch, r["expansion"]), []).append(r)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for (hook, arch, expansion), members in sorted(groups.items()):
         members.sort(key=lambda r: r["l0"])

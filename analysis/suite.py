@@ -11,7 +11,7 @@ import difflib
 import itertools
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal, Union
 
 import yaml
 
@@ -25,6 +25,7 @@ MODEL_KINDS = ("mouse",)
 K_ARCHITECTURES = ("topk", "batchtopk")  # sparsity set by k
 PENALTY_ARCHITECTURES = ("relu", "jumprelu")  # sparsity set by a penalty coefficient
 ARCHITECTURES = K_ARCHITECTURES + PENALTY_ARCHITECTURES
+CROSSCODER_ARCHITECTURES = ("topk", "relu")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 TOKEN_SELECTIONS = ("all", "cls", "patches")
 
@@ -48,7 +49,7 @@ class DatasetSpec:
 
     def config(self) -> ShapesConfig:
         """The generator's full config: code defaults with this spec's overrides."""
-        return _construct(ShapesConfig, self.params, "dataset.params")
+        return construct(ShapesConfig, self.params, "dataset.params")
 
     @property
     def dataset_id(self) -> str:
@@ -71,8 +72,8 @@ class ModelSpec:
     def config(self, n_classes: int) -> MouseTrainConfig:
         """Full training config; the architecture starts from the mouse defaults, then overrides."""
         vit_defaults = MouseTrainConfig().vit.to_dict()
-        vit = _construct(ViTConfig, {**vit_defaults, **self.vit, "n_classes": n_classes}, "model.vit")
-        return _construct(MouseTrainConfig, {**self.train, "vit": vit}, "model.train")
+        vit = construct(ViTConfig, {**vit_defaults, **self.vit, "n_classes": n_classes}, "model.vit")
+        return construct(MouseTrainConfig, {**self.train, "vit": vit}, "model.train")
 
     def model_id(self, dataset: DatasetSpec) -> str:
         cfg = self.config(len(dataset.config().class_names))
@@ -114,9 +115,16 @@ class ActivationSpec:
         return content_id("acts", {"spec": payload, "model": model_id, "dataset": dataset_id})
 
 
+def short_hook(hook: str) -> str:
+    """`blocks.1.hook_resid_post` -> `b1_resid_post` (partition keys stay short and readable)."""
+    return hook.replace("blocks.", "b").replace(".hook_", "_").replace(".", "_")
+
+
 @dataclass(frozen=True)
 class DictionaryMember:
-    """One checkpoint of the suite: one Dagster partition."""
+    """One SAE checkpoint of the suite: one Dagster partition."""
+
+    kind: ClassVar[str] = "sae"
 
     hook: str
     architecture: str
@@ -130,9 +138,34 @@ class DictionaryMember:
     @property
     def key(self) -> str:
         """Stable, readable partition key, e.g. `b1_resid_post-topk-x8-k16-s0`, `b0_resid_post-relu-x4-l5-s0`."""
-        hook = self.hook.replace("blocks.", "b").replace(".hook_", "_").replace(".", "_")
         sparsity = f"k{self.k}" if self.k is not None else f"l{self.sparsity_coef:g}"
-        return f"{hook}-{self.architecture}-x{self.expansion}-{sparsity}-s{self.seed}"
+        return f"{short_hook(self.hook)}-{self.architecture}-x{self.expansion}-{sparsity}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class TranscoderMember:
+    """One TopK transcoder checkpoint of the suite (reads `hook`, predicts `out_hook`)."""
+
+    kind: ClassVar[str] = "transcoder"
+    architecture: ClassVar[str] = "topk"
+    sparsity_coef: ClassVar[None] = None
+
+    hook: str
+    """Input hook, e.g. blocks.1.hook_resid_mid."""
+    out_hook: str
+    """Predicted hook, e.g. blocks.1.hook_mlp_out."""
+    expansion: int
+    """Width as a multiple of the input hook's width."""
+    k: int
+    skip: bool
+    """With a dense linear skip connection (zero at init)."""
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """E.g. `tc-b1_resid_mid-b1_mlp_out-x4-k8-skip-s0`."""
+        skip = "-skip" if self.skip else ""
+        return f"tc-{short_hook(self.hook)}-{short_hook(self.out_hook)}-x{self.expansion}-k{self.k}{skip}-s{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -176,12 +209,132 @@ class DictionaryGrid:
 
 
 @dataclass(frozen=True)
+class CrosscoderMember:
+    """One acausal crosscoder checkpoint of the suite: one code over several hooks at once."""
+
+    kind: ClassVar[str] = "crosscoder"
+
+    hooks: tuple[str, ...]
+    """The hooks read and reconstructed, in model order."""
+    architecture: str
+    """topk or relu (decoder-norm-weighted L1 penalty)."""
+    expansion: int
+    """Width as a multiple of ONE hook's width."""
+    k: int | None
+    sparsity_coef: float | None
+    seed: int
+
+    @property
+    def hook(self) -> str:
+        """The first hook (where summaries that name one hook list this member)."""
+        return self.hooks[0]
+
+    @property
+    def key(self) -> str:
+        """E.g. `cc-b0_resid_post+b1_resid_post-topk-x4-k32-s0`."""
+        sparsity = f"k{self.k}" if self.k is not None else f"l{self.sparsity_coef:g}"
+        hooks = "+".join(short_hook(h) for h in self.hooks)
+        return f"cc-{hooks}-{self.architecture}-x{self.expansion}-{sparsity}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class CrosscoderGrid:
+    """Acausal crosscoders, each over one group of hooks (all in activations.hooks)."""
+
+    hook_groups: tuple[tuple[str, ...], ...] = ()
+    """Groups of >= 2 hooks, e.g. [[blocks.0.hook_resid_post, blocks.1.hook_resid_post]]; empty = none."""
+    architectures: tuple[str, ...] = ("topk",)
+    """topk and/or relu."""
+    expansions: tuple[int, ...] = (4,)
+    ks: tuple[int, ...] = (32,)
+    """k values for topk members."""
+    sparsity_coefs: tuple[float, ...] = ()
+    """Penalty coefficients for relu members."""
+    seeds: tuple[int, ...] = (0,)
+    train: dict = field(default_factory=dict)
+    """Overrides of analysis.train_crosscoder.CrosscoderTrainConfig (width, architecture, k,
+    sparsity_coef and seed come from the grid)."""
+
+    def __post_init__(self):
+        groups = tuple(tuple(g) for g in self.hook_groups)
+        for group in groups:
+            if len(group) < 2 or len(set(group)) != len(group):
+                raise ValueError(
+                    f"crosscoders.hook_groups entry {list(group)} must list at least two different hooks, "
+                    "e.g. [blocks.0.hook_resid_post, blocks.1.hook_resid_post]"
+                )
+        object.__setattr__(self, "hook_groups", groups)
+        for arch in self.architectures:
+            _choice("crosscoder architecture", arch, CROSSCODER_ARCHITECTURES)
+        for k in self.ks:
+            if k <= 0:
+                raise ValueError(f"crosscoders.ks holds k={k}: k must be positive")
+        if "relu" in self.architectures and not self.sparsity_coefs:
+            raise ValueError("crosscoders.architectures includes relu but crosscoders.sparsity_coefs is empty: "
+                             "list at least one coefficient, e.g. [5.0]")
+
+    def members(self, store_hooks: tuple[str, ...]) -> list[CrosscoderMember]:
+        for group in self.hook_groups:
+            for hook in group:
+                _choice("crosscoder hook (it must be one of activations.hooks)", hook, store_hooks)
+        members = []
+        for group, arch, expansion, seed in itertools.product(self.hook_groups, self.architectures,
+                                                              self.expansions, self.seeds):
+            if arch == "topk":
+                members += [CrosscoderMember(group, arch, expansion, k, None, seed) for k in self.ks]
+            else:
+                members += [CrosscoderMember(group, arch, expansion, None, float(c), seed) for c in self.sparsity_coefs]
+        return members
+
+
+@dataclass(frozen=True)
+class TranscoderGrid:
+    """Transcoders hook A -> hook B (both must be in activations.hooks), e.g. MLP in -> MLP out."""
+
+    pairs: tuple[tuple[str, str], ...] = ()
+    """(input hook, output hook) pairs; empty = no transcoders."""
+    expansions: tuple[int, ...] = (4,)
+    ks: tuple[int, ...] = (32,)
+    skip: tuple[bool, ...] = (True,)
+    """Train with and/or without the linear skip connection."""
+    seeds: tuple[int, ...] = (0,)
+    train: dict = field(default_factory=dict)
+    """Overrides of analysis.train_transcoder.TranscoderTrainConfig (width, k, skip, seed come from the grid)."""
+
+    def __post_init__(self):
+        pairs = tuple(tuple(p) for p in self.pairs)
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(
+                    f"transcoders.pairs entry {list(pair)} must be two different hooks [input, output], "
+                    "e.g. [blocks.1.hook_resid_mid, blocks.1.hook_mlp_out]"
+                )
+        object.__setattr__(self, "pairs", pairs)
+        for k in self.ks:
+            if k <= 0:
+                raise ValueError(f"transcoders.ks holds k={k}: k must be positive")
+        for skip in self.skip:
+            if not isinstance(skip, bool):
+                raise ValueError(f"transcoders.skip holds {skip!r}: expected true or false")
+
+    def members(self, store_hooks: tuple[str, ...]) -> list[TranscoderMember]:
+        for pair in self.pairs:
+            for hook in pair:
+                _choice("transcoder hook (it must be one of activations.hooks)", hook, store_hooks)
+        return [TranscoderMember(a, b, e, k, skip, seed) for (a, b), e, k, skip, seed
+                in itertools.product(self.pairs, self.expansions, self.ks, self.skip, self.seeds)]
+
+
+@dataclass(frozen=True)
 class EvaluationSpec:
     max_images: int = 2048
     """Held-out images used for reconstruction and downstream metrics (and mining)."""
     n_top: int = 16
     """Max-activating images kept per feature."""
     batch_images: int = 128
+
+
+Member = Union[DictionaryMember, TranscoderMember, CrosscoderMember]
 
 
 @dataclass(frozen=True)
@@ -191,6 +344,8 @@ class SuiteSpec:
     model: ModelSpec = ModelSpec()
     activations: ActivationSpec = ActivationSpec()
     dictionaries: DictionaryGrid = DictionaryGrid()
+    transcoders: TranscoderGrid = TranscoderGrid()
+    crosscoders: CrosscoderGrid = CrosscoderGrid()
     evaluation: EvaluationSpec = EvaluationSpec()
 
     @property
@@ -208,16 +363,19 @@ class SuiteSpec:
     def store_id(self) -> str:
         return self.activations.store_id(self.model_id, self.dataset_id)
 
-    def members(self) -> list[DictionaryMember]:
-        return self.dictionaries.members(self.activations.hooks)
+    def members(self) -> list[Member]:
+        """Every checkpoint of the suite: SAEs, transcoders, crosscoders; keys are unique."""
+        hooks = self.activations.hooks
+        return [*self.dictionaries.members(hooks), *self.transcoders.members(hooks),
+                *self.crosscoders.members(hooks)]
 
-    def member(self, key: str) -> DictionaryMember:
+    def member(self, key: str) -> Member:
         by_key = {m.key: m for m in self.members()}
         _choice("suite member", key, list(by_key))
         return by_key[key]
 
 
-def _construct(cls, kwargs: dict, where: str):
+def construct(cls, kwargs: dict, where: str):
     """Build a config dataclass from suite overrides; an unknown key names the section and the valid keys."""
     names = [f.name for f in fields(cls)]
     for key in kwargs:
@@ -231,6 +389,8 @@ _SECTIONS = {
     "model": ModelSpec,
     "activations": ActivationSpec,
     "dictionaries": DictionaryGrid,
+    "transcoders": TranscoderGrid,
+    "crosscoders": CrosscoderGrid,
     "evaluation": EvaluationSpec,
 }
 
@@ -238,7 +398,7 @@ _SECTIONS = {
 def _build(cls, raw: dict, where: str):
     if not isinstance(raw, dict):
         raise ValueError(f"suite section {where!r} must be a mapping, got {type(raw).__name__}")
-    return _construct(cls, raw, where)
+    return construct(cls, raw, where)
 
 
 def parse_suite(raw: dict, name: str = "suite") -> SuiteSpec:

@@ -6,25 +6,60 @@
 - unit-norm decoder rows: the gradient parallel to each row is removed before the step and the
   rows renormalised after it;
 - Adam with linear warm-up, linear decay over the last 20 % of steps, grad-norm clipping;
-- loss = Σ‖ŷ − y‖² / Σ‖y − mean_batch(y)‖² (the batch FVU of the target).
+- loss = Σ‖ŷ − y‖² / Σ‖y − mean_batch(y)‖² (the batch FVU of the target);
+- with `checkpoint_dir`, the whole training state is saved every `checkpoint_every` steps and a
+  rerun resumes from it to the same final weights (analysis.dictionaries.resume).
 
-Plain autograd for now (no sparse backward, no AuxK).
+Plain autograd (no sparse backward, no AuxK).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, NamedTuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analysis.activations import chan_merge
+from analysis.dictionaries.resume import load_train_state, save_train_state
 from analysis.dictionaries.transcoder import TopKTranscoder, TranscoderConfig
+from analysis.metrics import prediction_metrics
 from analysis.optim import remove_parallel_grad, warmup_decay_lr
 from analysis.train_sae import geometric_median
+
+
+@dataclass(frozen=True)
+class TranscoderTrainConfig:
+    """How a suite trains its transcoders (the shape comes from the grid: width, k, skip)."""
+
+    batch_size: int = 4096
+    """Tokens per optimizer step."""
+    n_train_tokens: int = 2_000_000
+    """Training length in tokens."""
+    lr: float | None = None
+    """Adam learning rate; None means 2e-4 / sqrt(width / 2**14)."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warm-up; None means 5 % of the steps."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead in the log."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "n_train_tokens", "dead_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TranscoderTrainConfig.{name}={getattr(self, name)} must be > 0")
+        if self.n_train_tokens < self.batch_size:
+            raise ValueError(f"n_train_tokens={self.n_train_tokens} < batch_size={self.batch_size}: "
+                             "train for at least one full batch")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0, or None for the width-scaled default")
+        if self.grad_clip < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ValueError(f"grad_clip={self.grad_clip} and warmup_steps={self.warmup_steps} must be >= 0")
 
 
 class TranscoderTrainResult(NamedTuple):
@@ -61,6 +96,10 @@ def train_transcoder(
     warmup_steps: int | None = None,
     grad_clip: float = 1.0,
     log_every: int = 50,
+    dead_tokens: int | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
 ) -> TranscoderTrainResult:
     """Train a TopK transcoder on aligned (x_in, y) batches (e.g. a `PairedShuffledLoader`).
 
@@ -68,8 +107,21 @@ def train_transcoder(
     (x_in, y) sample for the bias inits. Training stops after `n_train_tokens` tokens; the
     schedule's step count is n_train_tokens // (first batch size). `lr` None means
     2e-4 / sqrt(width / 2**14); `warmup_steps` None means 5 % of the steps.
-    Raises RuntimeError naming the first step whose loss is not finite.
+    A latent counts as dead in the log when it has not fired for `dead_tokens` tokens (None: for
+    the whole run). Raises RuntimeError naming the first step whose loss is not finite.
+
+    With `checkpoint_dir`, the training state is saved there every `checkpoint_every` steps (a
+    multiple of `log_every`) and a run finding a state resumes from it; `batches` must then be the
+    loader itself (`state()`/`load_state()`, e.g. `PairedShuffledLoader`).
     """
+    if checkpoint_dir is not None:
+        if checkpoint_every <= 0 or checkpoint_every % log_every:
+            raise ValueError(
+                f"checkpoint_every={checkpoint_every} must be a positive multiple of log_every={log_every}")
+        if not (hasattr(batches, "state") and hasattr(batches, "load_state")):
+            raise ValueError(
+                f"resumable training needs a loader with state()/load_state(), got {type(batches).__name__}: "
+                "pass the PairedShuffledLoader itself, not an iterator over it")
     for name, v in (("mean_norm_in", mean_norm_in), ("mean_norm_out", mean_norm_out)):
         if not v > 0:
             raise ValueError(f"{name}={v} must be > 0 (the mean L2 norm of the raw activations)")
@@ -96,7 +148,14 @@ def train_transcoder(
     window: list[Tensor] = []
     step = tokens = 0
     total = None
-    bar = tqdm(total=n_train_tokens, desc="train transcoder", unit="tok", unit_scale=True, disable=not progress)
+    resumed = load_train_state(checkpoint_dir, sae=tc, opt=opt, device=device) if checkpoint_dir else None
+    if resumed is not None:
+        loop, meta = resumed
+        since_fired = loop["since_fired"]
+        step, tokens, log, total = meta["step"], meta["tokens"], meta["log"], meta["total"]
+        batches.load_state(meta["loader_state"])
+    bar = tqdm(total=n_train_tokens, initial=tokens, desc="train transcoder", unit="tok", unit_scale=True,
+               disable=not progress)
 
     def lr_at(step: int) -> float:
         warm = warmup_steps if warmup_steps is not None else max(1, total // 20)
@@ -114,9 +173,11 @@ def train_transcoder(
                 "lower lr or check the activations for NaN/inf")
         mean = stats.mean(0)
         row = {"step": step, "tokens": tokens, "loss": float(mean[0]), "l0": float(mean[1]),
-               "dead_fraction": float((since_fired >= tokens).float().mean()),
+               "dead_fraction": float((since_fired >= min(dead_tokens or tokens, tokens)).float().mean()),
                "lr": opt.param_groups[0]["lr"]}
         log.append(row)
+        if on_log is not None:
+            on_log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", dead=f"{row['dead_fraction']:.3f}")
         window = []
 
@@ -150,6 +211,10 @@ def train_transcoder(
         bar.update(x.shape[0])
         if step % log_every == 0:
             flush()
+            if checkpoint_dir is not None and step % checkpoint_every == 0 and tokens < n_train_tokens:
+                save_train_state(checkpoint_dir, sae=tc, opt=opt, tensors={"since_fired": since_fired}, meta={
+                    "step": step, "tokens": tokens, "log": log, "total": total,
+                    "loader_state": list(batches.state())})
     if step == 0:
         raise ValueError("batches yielded nothing: pass a non-empty (x_in, y) stream")
     flush()
@@ -158,30 +223,14 @@ def train_transcoder(
     return TranscoderTrainResult(tc.fold_scales(s_in, s_out), log, step, tokens, time.perf_counter() - t0)
 
 
-@torch.no_grad()
 def transcoder_metrics(tc: TopKTranscoder, paired_batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float]:
-    """(L0, FVU_out) over an evaluation stream of raw (x_in, y) batches (DESIGN.md §4).
+    """(L0, FVU_out) over an evaluation stream of raw (x_in, y) batches (DESIGN.md §4); the full
+    set of metrics is `analysis.metrics.prediction_metrics`."""
 
-    FVU = Σ‖y − ŷ‖² / Σ‖y − μ_y‖², μ_y the per-dimension mean of the evaluation targets; the
-    denominator is merged per batch in float64 (Chan et al.), never variance-from-zero.
-    """
-    n, mean, m2 = 0, None, None
-    err = 0.0
-    active = 0
-    dev = tc.W_dec.device
-    for x, y in paired_batches:
-        _check_pair(x, y, tc.cfg)
-        x, y = x.to(dev, torch.float32), y.to(dev, torch.float32)
-        out = tc(x)
-        err += float((out.y_hat.double() - y.double()).pow(2).sum())
-        active += int((out.top_acts != 0).sum())
-        yd = y.double()
-        b_mean = yd.mean(0)
-        b_m2 = (yd - b_mean).pow(2).sum(0)
-        if mean is None:
-            n, mean, m2 = y.shape[0], b_mean, b_m2
-        else:
-            n, mean, m2 = chan_merge(n, mean, m2, y.shape[0], b_mean, b_m2)
-    if n == 0:
-        raise ValueError("paired_batches yielded nothing: pass a non-empty evaluation stream")
-    return active / n, err / max(float(m2.sum()), 1e-300)
+    def checked():
+        for x, y in paired_batches:
+            _check_pair(x, y, tc.cfg)
+            yield x, y
+
+    m = prediction_metrics(tc, checked())
+    return m.l0, m.fvu

@@ -20,7 +20,7 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
 
     @dg.asset(name="dictionaries", group_name="dictionaries", code_version="1", deps=["activation_stats"],
               partitions_def=partitions, kinds={"pytorch", "safetensors"},
-              description="One sparse autoencoder checkpoint per suite member, with full lineage.")
+              description="One dictionary checkpoint (SAE, transcoder or crosscoder) per suite member, with full lineage.")
     def dictionaries(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
                      tracker: TrackerResource) -> dg.MaterializeResult:
         member = spec.member(context.partition_key)

@@ -16,3 +16,17 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def materialize_store(spec, root) -> None:
+    """Stages 1–3 of `spec` without Dagster: dataset, mouse model, every shard, statistics."""
+    from analysis.stages.activations import ensure_layout, ensure_stats, extract, store_layout
+    from analysis.stages.dataset import ensure_dataset
+    from analysis.stages.model import ensure_model
+
+    ensure_dataset(spec, root)
+    ensure_model(spec, root, progress=False)
+    ensure_layout(spec, root)
+    for shard in range(store_layout(spec).n_shards):
+        extract(spec, root, shard, progress=False)
+    ensure_stats(spec, root)

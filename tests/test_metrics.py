@@ -213,3 +213,52 @@ def test_downstream_with_the_real_hooked_vit():
     sae = TopKSAE(SAEConfig(d_in=16, width=64, k=4))
     m = downstream_metrics(model, sae, hook, batches)
     assert m.n_images == 12 and m.kl_spliced > 0
+
+
+class _ExactMLPTranscoder(nn.Module):
+    """A stand-in transcoder whose prediction IS the block's MLP output (y_hat = MLP(LN2(x)))."""
+
+    def __init__(self, block, width=8):
+        super().__init__()
+        self.block, self.cfg = block, SimpleNamespace(width=width)
+
+    def forward(self, x):
+        y = self.block.mlp(self.block.ln2(x))
+        idx = torch.arange(2).expand(x.shape[0], 2)
+        return SimpleNamespace(y_hat=y, top_acts=torch.ones(x.shape[0], 2), top_indices=idx)
+
+
+def test_transcoder_splice_of_the_exact_mlp_equals_clean_and_of_zero_equals_ablated():
+    from analysis.metrics import prediction_metrics, spliced_downstream_metrics, transcoder_splice_hooks
+    from analysis.vit import HookedViT, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=8, in_chans=1, d_model=16, n_layers=2, n_heads=2, d_mlp=32, n_classes=3)
+    model = HookedViT(cfg).eval()
+    x = torch.randn(12, 1, 16, 16)
+    batches = [(x[:6], torch.tensor([0, 1, 2, 0, 1, 2])), (x[6:], torch.tensor([2, 2, 1, 0, 0, 1]))]
+    exact = _ExactMLPTranscoder(model.blocks[1])
+    hooks = transcoder_splice_hooks(exact, "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out")
+    m = spliced_downstream_metrics(model, hooks, "blocks.1.hook_mlp_out", batches)
+    assert m.ce_spliced == pytest.approx(m.ce_clean, abs=1e-6) and m.kl_spliced == pytest.approx(0.0, abs=1e-7)
+    assert m.ce_ablated != pytest.approx(m.ce_clean)  # the MLP matters, so the check above can fail
+
+    zero = _ExactMLPTranscoder(model.blocks[1])
+    zero.forward = lambda x: SimpleNamespace(y_hat=torch.zeros(x.shape[0], 16), top_acts=torch.zeros(x.shape[0], 1),
+                                             top_indices=torch.zeros(x.shape[0], 1, dtype=torch.long))
+    hooks = transcoder_splice_hooks(zero, "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out")
+    m0 = spliced_downstream_metrics(model, hooks, "blocks.1.hook_mlp_out", batches)
+    assert m0.ce_spliced == pytest.approx(m0.ce_ablated, abs=1e-9) and m0.loss_recovered == pytest.approx(0.0, abs=1e-9)
+
+    # reading a hook that runs AFTER the replaced one is an error, not a silent stale value
+    backwards = transcoder_splice_hooks(exact, "blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid")
+    with pytest.raises(RuntimeError, match="ran before"):
+        spliced_downstream_metrics(model, backwards, "blocks.1.hook_resid_mid", batches)
+
+    # prediction metrics of the exact transcoder: FVU 0 against the true MLP output
+    cache = {}
+    with torch.no_grad():
+        model.run_with_hooks(x, fwd_hooks=[(n, lambda a, hook, n=n: cache.__setitem__(n, a.clone()))
+                                           for n in ("blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out")])
+    pm = prediction_metrics(exact, [(cache["blocks.1.hook_resid_mid"], cache["blocks.1.hook_mlp_out"])])
+    assert pm.fvu == pytest.approx(0.0, abs=1e-10) and pm.l0 == 2.0

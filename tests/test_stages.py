@@ -47,17 +47,13 @@ def test_bfloat16_autocast_extraction_is_close_to_fp32_and_lands_in_its_own_stor
 def test_blocking_finiteness_check_fails_with_counts_and_stops_the_run(tmp_path):
     import dagster as dg
 
-    from analysis.stages.activations import ensure_stats, nonfinite_counts
+    from analysis.stages.activations import nonfinite_counts
+    from conftest import materialize_store
     from pipelines.definitions import build_definitions, default_resources
 
     spec = load_suite(TINY)
     root = DataRoot(tmp_path)
-    ensure_dataset(spec, root)
-    ensure_model(spec, root, progress=False)
-    ensure_layout(spec, root)
-    for shard in range(3):
-        extract(spec, root, shard, progress=False)
-    ensure_stats(spec, root)
+    materialize_store(spec, root)
     assert nonfinite_counts(spec, root) == {h: 0 for h in spec.activations.hooks}
 
     hook = spec.activations.hooks[0]

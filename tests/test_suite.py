@@ -85,3 +85,41 @@ def test_spec_is_frozen():
     spec = SuiteSpec(name="x")
     with pytest.raises(Exception):
         spec.name = "y"
+
+
+def test_transcoder_grid_makes_members_with_readable_keys_and_its_own_ids():
+    spec = load_suite(TINY)
+    (tc,) = [m for m in spec.members() if m.kind == "transcoder"]
+    assert tc.key == "tc-b1_resid_mid-b1_mlp_out-x4-k8-skip-s0"
+    assert spec.member(tc.key) == tc
+    from analysis.stages.dictionaries import dictionary_id
+
+    ids = {dictionary_id(spec, m) for m in spec.members()}
+    assert len(ids) == len(spec.members()) and dictionary_id(spec, tc).startswith("transcoder-")
+    import dataclasses
+
+    longer = dataclasses.replace(spec, transcoders=dataclasses.replace(
+        spec.transcoders, train={**spec.transcoders.train, "n_train_tokens": 81920}))
+    assert dictionary_id(longer, tc) != dictionary_id(spec, tc)  # the training config is in the id
+    sae = next(m for m in spec.members() if m.kind == "sae")
+    assert dictionary_id(longer, sae) == dictionary_id(spec, sae)
+
+
+@pytest.mark.parametrize(
+    "transcoders, message",
+    [
+        ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_ot"]]}, "did you mean blocks.1.hook_mlp_out"),
+        ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_resid_mid"]]}, "two different hooks"),
+        ({"pairs": [["blocks.1.hook_resid_mid"]]}, "two different hooks"),
+        ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]], "ks": [0]}, "k=0"),
+        ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]], "skip": ["yes"]}, "expected true or false"),
+        ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]], "train": {"batch_sise": 8}},
+         "did you mean batch_size"),
+    ],
+)
+def test_bad_transcoder_grids_fail_before_any_work(transcoders, message):
+    from analysis.stages.validate import validate_suite
+
+    hooks = ["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]
+    with pytest.raises(ValueError, match=message):
+        validate_suite(parse_suite({"name": "bad", "activations": {"hooks": hooks}, "transcoders": transcoders}))

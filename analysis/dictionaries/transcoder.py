@@ -114,6 +114,11 @@ class TopKTranscoder(nn.Module):
             y = y + self._check(x_in) @ self.W_skip
         return y
 
+    def dense_latents(self, x_in: Tensor) -> Tensor:
+        """(B, width) latent vector: the k encoded activations, zeros elsewhere (for mining)."""
+        acts, idx = self.encode(x_in)
+        return torch.zeros(acts.shape[0], self.cfg.width, device=acts.device, dtype=acts.dtype).scatter_(1, idx, acts)
+
     def forward(self, x_in: Tensor) -> TranscoderOutput:
         acts, idx = self.encode(x_in)
         y = self.decode(acts, idx, x_in)

@@ -1,4 +1,8 @@
-"""Stage 4–6 for one suite member: train its dictionary, evaluate it, mine its features."""
+"""Stage 4–6 for one suite member: train its dictionary, evaluate it, mine its features.
+
+The flow (ids, done-markers, lineage, tables) is shared by every member kind; the SAE-specific
+parts are here and the transcoder-specific ones in `analysis.stages.transcoders`.
+"""
 
 from __future__ import annotations
 
@@ -15,19 +19,24 @@ from analysis.catalog import write_table_partition
 from analysis.ids import code_version, content_id
 from analysis.images import open_images, read_labels, to_model_input
 from analysis.loader import ActivationStore, ShuffledLoader, iter_images
-from analysis.metrics import downstream_metrics, reconstruction_metrics
+from analysis.metrics import downstream_metrics, log10_density_histogram, reconstruction_metrics
 from analysis.mining import mine_features
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
+from analysis.dictionaries.resume import RESUME_DIR
 from analysis.stages.dataset import split_indices
+from analysis.stages import crosscoders, transcoders
 from analysis.stages.model import load_model
-from analysis.suite import DictionaryMember, SuiteSpec
+from analysis.suite import DictionaryMember, Member, SuiteSpec
 from analysis.train_sae import SAETrainConfig, train_sae
 
 SUMMARY_FILE = "train_summary.json"  # written last: its presence marks a finished checkpoint
 
 
 CHECKPOINT_EVERY = 200  # steps between resumable training states (a multiple of the log interval)
+
+# member kind -> module with its member_id, train_member, evaluate_member, check_lineage
+KIND_STAGES = {"transcoder": transcoders, "crosscoder": crosscoders}
 
 
 def train_config(spec: SuiteSpec, member: DictionaryMember, d_in: int) -> SAETrainConfig:
@@ -38,7 +47,9 @@ def train_config(spec: SuiteSpec, member: DictionaryMember, d_in: int) -> SAETra
     return SAETrainConfig(**{**spec.dictionaries.train, **overrides})
 
 
-def dictionary_id(spec: SuiteSpec, member: DictionaryMember) -> str:
+def dictionary_id(spec: SuiteSpec, member: Member) -> str:
+    if member.kind in KIND_STAGES:
+        return KIND_STAGES[member.kind].member_id(spec, member)
     cfg = train_config(spec, member, spec.model_config().vit.d_model)
     return content_id("sae", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
 
@@ -47,46 +58,69 @@ def _open_store(spec: SuiteSpec, root: DataRoot, hook: str) -> ActivationStore:
     return ActivationStore.open(root.hook_store(spec.store_id, hook))
 
 
-def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, *, device: str = "cpu",
+def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu",
                       on_log: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
     done = directory / SUMMARY_FILE
     if not done.exists():
-        store = _open_store(spec, root, member.hook)
-        cfg = train_config(spec, member, store.d_model)
         train_idx, _ = split_indices(root, spec.dataset_id)
-        make_loader = lambda: ShuffledLoader(  # noqa: E731
-            store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
-        init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
+        train = KIND_STAGES[member.kind].train_member if member.kind in KIND_STAGES else _train_sae_member
         # A killed run resumes from its last state in <dict dir>/resume and ends on the same weights.
-        result = train_sae(make_loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
-                           init_batch=init_batch, progress=progress, on_log=on_log,
-                           checkpoint_dir=directory / "resume", checkpoint_every=CHECKPOINT_EVERY)
-        lineage = {"dict_id": dict_id, **asdict(member), "store_id": spec.store_id,
-                   "store_lineage": store.lineage, "train_config": asdict(cfg), "code_version": code_version()}
-        result.sae.save(directory, extra_config=lineage)
+        try:
+            result, train_cfg, store_lineage = train(
+                spec, root, member, train_idx, checkpoint_dir=directory, checkpoint_every=CHECKPOINT_EVERY,
+                device=device, on_log=on_log, progress=progress)
+        except RuntimeError as err:  # diverged: say where the last good state is, and keep it
+            state = directory / RESUME_DIR / "state.json"
+            kept = (f"the last good training state (step {json.loads(state.read_text())['step']}, weights at "
+                    f"training scale) is kept in {state.parent}" if state.exists()
+                    else "no training state was saved before it")
+            raise RuntimeError(f"member {member.key}: {err}; {kept}") from err
+        lineage = {"dict_id": dict_id, "kind": member.kind, **asdict(member), "store_id": spec.store_id,
+                   "store_lineage": store_lineage, "train_config": train_cfg, "code_version": code_version()}
+        model = result[0]
+        model.save(directory, extra_config=lineage)
         write_table_partition(root.table("train_log"), {"dict_id": dict_id}, pa.Table.from_pylist(result.log))
         summary = {"dict_id": dict_id, "steps": int(result.steps), "train_tokens": int(result.tokens),
                    "train_seconds": round(float(result.seconds), 2),
                    "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1)}
         done.write_text(json.dumps(summary, indent=2))
-        shutil.rmtree(directory / "resume", ignore_errors=True)  # optimizer state is not needed past here
+        shutil.rmtree(directory / RESUME_DIR, ignore_errors=True)  # optimizer state is not needed past here
     return {**json.loads(done.read_text()), "path": str(directory)}
 
 
-def load_member(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, device: str = "cpu"):
-    """The member's trained dictionary, refused when its lineage is not this store and hook."""
-    sae = load_dictionary(root.dictionary(dictionary_id(spec, member)), device=device)
-    lineage = sae.lineage or {}
+def _train_sae_member(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, train_idx: np.ndarray, *,
+                      checkpoint_dir, checkpoint_every: int, device: str,
+                      on_log: Callable[[dict], None] | None, progress: bool):
+    store = _open_store(spec, root, member.hook)
+    cfg = train_config(spec, member, store.d_model)
+    make_loader = lambda: ShuffledLoader(  # noqa: E731
+        store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
+    init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
+    result = train_sae(make_loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
+                       init_batch=init_batch, progress=progress, on_log=on_log,
+                       checkpoint_dir=checkpoint_dir,
+                       checkpoint_every=checkpoint_every)
+    return result, asdict(cfg), store.lineage
+
+
+def load_member(spec: SuiteSpec, root: DataRoot, member: Member, device: str = "cpu"):
+    """The member's trained dictionary, refused when its lineage is not this store and hook(s)."""
+    path = root.dictionary(dictionary_id(spec, member))
+    model = load_dictionary(path, device=device)
+    if member.kind in KIND_STAGES:
+        KIND_STAGES[member.kind].check_lineage(model, spec, member, path)
+        return model
+    lineage = model.lineage or {}
     if (lineage.get("store_id"), lineage.get("hook")) != (spec.store_id, member.hook):
         raise ValueError(
-            f"dictionary at {root.dictionary(dictionary_id(spec, member))} was trained on store "
+            f"dictionary at {path} was trained on store "
             f"{lineage.get('store_id')!r}, hook {lineage.get('hook')!r} (lineage {lineage.get('store_lineage')}), "
             f"but this suite member reads store {spec.store_id!r}, hook {member.hook!r}: "
             "delete that directory and rematerialize the member"
         )
-    return sae
+    return model
 
 
 def _eval_images(spec: SuiteSpec, root: DataRoot) -> np.ndarray:
@@ -94,50 +128,66 @@ def _eval_images(spec: SuiteSpec, root: DataRoot) -> np.ndarray:
     return eval_idx[: spec.evaluation.max_images]
 
 
-def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, *, device: str = "cpu") -> dict:
+def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
     done = directory / "evaluation.json"
     if not done.exists():
-        sae = load_member(spec, root, member, device)
-        store = _open_store(spec, root, member.hook)
+        dictionary = load_member(spec, root, member, device)
         eval_idx = _eval_images(spec, root)
         batch = spec.evaluation.batch_images
-        tokens = (acts.reshape(-1, acts.shape[-1]).to(device)
-                  for _, acts in iter_images(store, eval_idx, images_per_batch=batch))
-        rec = reconstruction_metrics(sae, tokens)
         images = open_images(root.images(spec.dataset_id))
         labels = torch.from_numpy(read_labels(root.images(spec.dataset_id)).column("label").to_numpy().copy())
         model = load_model(spec, root, device=device)
         model_batches = ((to_model_input(images.get_orthogonal_selection((eval_idx[i:i + batch],)), device),
                           labels[eval_idx[i:i + batch]].to(device)) for i in range(0, len(eval_idx), batch))
-        down = downstream_metrics(model, sae, member.hook, model_batches)
-        row = {"dict_id": dict_id, "suite": spec.name, **asdict(member), "width": sae.cfg.width,
-               "store_id": spec.store_id, "model_id": spec.model_id, "dataset_id": spec.dataset_id,
+        extra = {}
+        if member.kind in KIND_STAGES:
+            rec, down, extra = KIND_STAGES[member.kind].evaluate_member(
+                spec, root, member, dictionary, eval_idx, model, model_batches, device=device)
+        else:
+            store = _open_store(spec, root, member.hook)
+            tokens = (acts.reshape(-1, acts.shape[-1]).to(device)
+                      for _, acts in iter_images(store, eval_idx, images_per_batch=batch))
+            rec = reconstruction_metrics(dictionary, tokens)
+            down = downstream_metrics(model, dictionary, member.hook, model_batches)
+        row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook, "out_hook": None,
+               "hooks": None, "sparsity_coef": None, "skip": None, **asdict(member),
+               "architecture": member.architecture,
+               "width": dictionary.cfg.width, "store_id": spec.store_id, "model_id": spec.model_id,
+               "dataset_id": spec.dataset_id,
                **{k: float(v) for k, v in rec._asdict().items() if k not in ("fire_counts", "n_tokens")},
-               "n_eval_tokens": int(rec.n_tokens), **{k: float(v) for k, v in down._asdict().items()}}
+               "n_eval_tokens": int(rec.n_tokens), **{k: float(v) for k, v in down._asdict().items()}, **extra}
         row["n_images"] = int(row["n_images"])
         write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, pa.Table.from_pylist([row]))
+        histogram = log10_density_histogram(rec.fire_counts, rec.n_tokens)
+        write_table_partition(root.table("density_histogram"), {"dict_id": dict_id},
+                              pa.Table.from_pylist(histogram))
         done.write_text(json.dumps(row, indent=2))
     return json.loads(done.read_text())
 
 
-def ensure_features(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, *, device: str = "cpu") -> dict:
+def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
+    """Max-activating held-out images per latent (a transcoder's latents read its input hook, a
+    crosscoder's all of its hooks)."""
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
     done = directory / "features.json"
     if not done.exists():
-        sae = load_member(spec, root, member, device)
-        store = _open_store(spec, root, member.hook)
+        dictionary = load_member(spec, root, member, device)
         eval_idx = _eval_images(spec, root)
-        batches = ((idx, acts.to(device)) for idx, acts in
-                   iter_images(store, eval_idx, images_per_batch=spec.evaluation.batch_images))
-        mined = mine_features(sae, batches, n_top=spec.evaluation.n_top)
+        if member.kind == "crosscoder":  # its latents read every hook at once
+            miner, batches = crosscoders.mining_input(spec, root, member, dictionary, eval_idx, device)
+        else:
+            store = _open_store(spec, root, member.hook)
+            miner, batches = dictionary, ((idx, acts.to(device)) for idx, acts in
+                                          iter_images(store, eval_idx, images_per_batch=spec.evaluation.batch_images))
+        mined = mine_features(miner, batches, n_top=spec.evaluation.n_top)
         write_table_partition(root.table("top_images"), {"dict_id": dict_id}, mined.top_images)
         write_table_partition(root.table("feature_stats"), {"dict_id": dict_id}, mined.feature_stats)
         np.save(directory / "heatmaps.npy", mined.heatmaps)
         alive = int((np.asarray(mined.feature_stats.column("fire_count")) > 0).sum())
-        summary = {"dict_id": dict_id, "n_features": int(sae.cfg.width), "n_alive": alive,
+        summary = {"dict_id": dict_id, "n_features": int(dictionary.cfg.width), "n_alive": alive,
                    "n_top_rows": mined.top_images.num_rows}
         done.write_text(json.dumps(summary, indent=2))
     return json.loads(done.read_text())

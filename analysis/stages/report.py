@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 
 from analysis.catalog import connect_catalog, write_table_partition
@@ -11,7 +13,7 @@ from analysis.stability import suite_stability
 from analysis.stages.dictionaries import dictionary_id, load_member
 from analysis.suite import SuiteSpec
 
-SUMMARY_COLUMNS = ("hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "dead_fraction", "dense_fraction",
+SUMMARY_COLUMNS = ("kind", "hook", "out_hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "dead_fraction", "dense_fraction",
                    "ce_clean", "ce_spliced", "ce_ablated", "loss_recovered", "ablation_gap",
                    "acc_clean", "acc_spliced")
 
@@ -21,7 +23,7 @@ def suite_evaluations(spec: SuiteSpec, root: DataRoot) -> pa.Table:
     con = connect_catalog(root.catalog)
     try:
         return con.sql(
-            "SELECT * FROM evaluations WHERE suite = $suite AND store_id = $store ORDER BY hook, architecture, k, sparsity_coef, expansion, seed",
+            "SELECT * FROM evaluations WHERE suite = $suite AND store_id = $store ORDER BY kind, hook, architecture, k, sparsity_coef, expansion, seed",
             params={"suite": spec.name, "store": spec.store_id},
         ).to_arrow_table()
     finally:
@@ -34,17 +36,18 @@ def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
     Written as the `stability` table (one partition per suite); returns its row count (0 when the
     suite has a single seed: stability needs at least two).
     """
-    groups: dict[tuple, list] = {}
+    groups: dict = {}
     for m in spec.members():
-        groups.setdefault((m.hook, m.architecture, m.expansion, m.k, m.sparsity_coef), []).append(m)
+        groups.setdefault(dataclasses.replace(m, seed=0), []).append(m)  # the member up to its seed
     rows = []
-    for (hook, arch, expansion, k, coef), members in groups.items():
+    for key, members in groups.items():
         if len(members) < 2:
             continue
-        saes = [load_member(spec, root, m) for m in members]
-        rows.append({"suite": spec.name, "store_id": spec.store_id, "hook": hook, "architecture": arch,
-                     "expansion": expansion, "k": k, "sparsity_coef": coef, "n_seeds": len(members),
-                     "mean_matched_cosine": suite_stability(saes),
+        dictionaries = [load_member(spec, root, m) for m in members]
+        rows.append({"suite": spec.name, "store_id": spec.store_id, "kind": key.kind, "hook": key.hook,
+                     "out_hook": getattr(key, "out_hook", None), "architecture": key.architecture,
+                     "expansion": key.expansion, "k": key.k, "sparsity_coef": key.sparsity_coef,
+                     "n_seeds": len(members), "mean_matched_cosine": suite_stability(dictionaries),
                      "dict_ids": [dictionary_id(spec, m) for m in members]})
     if rows:
         write_table_partition(root.table("stability"), {"store_id": spec.store_id}, pa.Table.from_pylist(rows))
@@ -70,6 +73,8 @@ def format_summary(evals: pa.Table) -> str:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)

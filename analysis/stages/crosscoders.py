@@ -1,0 +1,120 @@
+"""The crosscoder-specific half of stages 4–6 (config, training, metrics) for one suite member.
+
+`analysis.stages.dictionaries` owns the shared flow (ids, done-markers, lineage, tables) and
+calls these for members of kind "crosscoder": one acausal crosscoder reads and reconstructs all
+of `member.hooks` at once, trained on an aligned loader over the hooks' stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from analysis.dictionaries import Crosscoder, SAEOutput
+from analysis.ids import content_id
+from analysis.loader import ActivationStore, iter_images
+from analysis.metrics import (
+    DownstreamMetrics,
+    ReconstructionMetrics,
+    crosscoder_splice_hooks,
+    reconstruction_metrics,
+    spliced_downstream_metrics,
+)
+from analysis.multi_loader import MultiShuffledLoader
+from analysis.paths import DataRoot
+from analysis.suite import CrosscoderMember, SuiteSpec, construct
+from analysis.train_crosscoder import CrosscoderTrainConfig, CrosscoderTrainResult, crosscoder_metrics, train_crosscoder
+
+
+def crosscoder_train_config(spec: SuiteSpec, member: CrosscoderMember, d: int) -> CrosscoderTrainConfig:
+    grid = {"width": member.expansion * d, "architecture": member.architecture, "k": member.k,
+            "sparsity_coef": member.sparsity_coef, "seed": member.seed}
+    return construct(CrosscoderTrainConfig, {**spec.crosscoders.train, **grid}, "crosscoders.train")
+
+
+def member_id(spec: SuiteSpec, member: CrosscoderMember) -> str:
+    cfg = crosscoder_train_config(spec, member, spec.model_config().vit.d_model)
+    return content_id("crosscoder", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
+
+
+def _stores(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember) -> list[ActivationStore]:
+    return [ActivationStore.open(root.hook_store(spec.store_id, h)) for h in member.hooks]
+
+
+def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, train_idx: np.ndarray, *,
+                 checkpoint_dir: Path, checkpoint_every: int, device: str,
+                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[CrosscoderTrainResult, dict, dict]:
+    """(result, train config as a dict, first store's lineage); resumes from `checkpoint_dir`."""
+    stores = _stores(spec, root, member)
+    cfg = crosscoder_train_config(spec, member, stores[0].d_model)
+    make_loader = lambda: MultiShuffledLoader(  # noqa: E731
+        stores, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
+    init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
+    loader = make_loader()
+    result = train_crosscoder(loader, cfg, mean_norms=loader.mean_norms, init_batch=init_batch, progress=progress,
+                              on_log=on_log, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    return result, asdict(cfg), stores[0].lineage
+
+
+class ConcatenatedView(nn.Module):
+    """A crosscoder seen as an SAE over the concatenated layers (tokens, Σ d_l): what the shared
+    metrics and mining code take (`cfg.width`, `__call__ -> (x_hat, top_acts, top_indices)`,
+    `dense_latents`)."""
+
+    def __init__(self, crosscoder: Crosscoder):
+        super().__init__()
+        self.crosscoder, self.cfg = crosscoder, crosscoder.cfg
+
+    def forward(self, x_cat: Tensor):
+        enc = self.crosscoder.encode_concat(x_cat)
+        x_hat = self.crosscoder.decode_concat(enc.top_acts, enc.top_indices)
+        return SAEOutput(x_hat, enc.top_acts, enc.top_indices)
+
+    def dense_latents(self, x_cat: Tensor) -> Tensor:
+        enc = self.crosscoder.encode_concat(x_cat)
+        return enc.top_acts.new_zeros(enc.top_acts.shape[0], self.cfg.width).scatter_(1, enc.top_indices, enc.top_acts)
+
+
+def iter_concatenated(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember,
+                      image_indices: np.ndarray) -> Iterator[tuple[np.ndarray, Tensor]]:
+    """(image_idx (n,), acts (n, T, Σ d_l)): every hook of the member, side by side per token."""
+    streams = [iter_images(s, image_indices, images_per_batch=spec.evaluation.batch_images)
+               for s in _stores(spec, root, member)]
+    for parts in zip(*streams, strict=True):
+        yield parts[0][0], torch.cat([acts for _, acts in parts], dim=-1)
+
+
+def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
+                    eval_idx: np.ndarray, model, model_batches, *, device: str
+                    ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
+    """Pooled metrics over the concatenated layers, FVU per layer, and the loss with every
+    hook replaced by its reconstruction at once (vs all of them zero-ablated)."""
+    tokens = lambda: (a.reshape(-1, a.shape[-1]).to(device)  # noqa: E731
+                      for _, a in iter_concatenated(spec, root, member, eval_idx))
+    rec = reconstruction_metrics(ConcatenatedView(cc), tokens())
+    per_layer = crosscoder_metrics(cc, (x.split(list(cc.cfg.d_ins), dim=-1) for x in tokens()))
+    down = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, cc, member.hooks), member.hooks,
+                                      model_batches)
+    return rec, down, {"fvu_per_layer": list(per_layer.fvu_per_layer)}
+
+
+def mining_input(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
+                 eval_idx: np.ndarray, device: str):
+    """What `mine_features` reads: the concatenated view and per-image concatenated activations."""
+    return ConcatenatedView(cc), ((idx, acts.to(device)) for idx, acts in
+                                  iter_concatenated(spec, root, member, eval_idx))
+
+
+def check_lineage(cc: Crosscoder, spec: SuiteSpec, member: CrosscoderMember, path) -> None:
+    lineage = cc.lineage or {}
+    got = (lineage.get("store_id"), tuple(lineage.get("hooks") or ()))
+    if got != (spec.store_id, member.hooks):
+        raise ValueError(
+            f"crosscoder at {path} was trained on store {got[0]!r}, hooks {list(got[1])} (lineage "
+            f"{lineage.get('store_lineage')}), but this suite member reads store {spec.store_id!r}, hooks "
+            f"{list(member.hooks)}: delete that directory and rematerialize the member")

@@ -1,0 +1,93 @@
+"""The transcoder-specific half of stages 4–6 (config, training, metrics) for one suite member.
+
+`analysis.stages.dictionaries` owns the shared flow (ids, done-markers, lineage, tables) and
+calls these for members of kind "transcoder": a TopK transcoder reads `member.hook` and predicts
+`member.out_hook` of the same tokens, trained on a paired loader over the two hook stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from analysis.dictionaries import TopKTranscoder, TranscoderConfig
+from analysis.ids import content_id
+from analysis.loader import ActivationStore, iter_images
+from analysis.metrics import (
+    DownstreamMetrics,
+    ReconstructionMetrics,
+    prediction_metrics,
+    spliced_downstream_metrics,
+    transcoder_splice_hooks,
+)
+from analysis.paired_loader import PairedShuffledLoader
+from analysis.paths import DataRoot
+from analysis.suite import SuiteSpec, TranscoderMember, construct
+from analysis.train_transcoder import TranscoderTrainConfig, TranscoderTrainResult, train_transcoder
+
+
+def transcoder_train_config(spec: SuiteSpec) -> TranscoderTrainConfig:
+    return construct(TranscoderTrainConfig, spec.transcoders.train, "transcoders.train")
+
+
+def transcoder_config(member: TranscoderMember, d_in: int, d_out: int) -> TranscoderConfig:
+    return TranscoderConfig(d_in=d_in, d_out=d_out, width=member.expansion * d_in, k=member.k, skip=member.skip)
+
+
+def member_id(spec: SuiteSpec, member: TranscoderMember) -> str:
+    d = spec.model_config().vit.d_model  # every hook a transcoder may pair is a d_model stream
+    return content_id("transcoder", {"member": asdict(member), "shape": asdict(transcoder_config(member, d, d)),
+                                     "train": asdict(transcoder_train_config(spec)), "store": spec.store_id})
+
+
+def _stores(spec: SuiteSpec, root: DataRoot, member: TranscoderMember) -> tuple[ActivationStore, ActivationStore]:
+    return (ActivationStore.open(root.hook_store(spec.store_id, member.hook)),
+            ActivationStore.open(root.hook_store(spec.store_id, member.out_hook)))
+
+
+def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, train_idx: np.ndarray, *,
+                 checkpoint_dir: Path, checkpoint_every: int, device: str,
+                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TranscoderTrainResult, dict, dict]:
+    """(result, train config as a dict, input store lineage); resumes from `checkpoint_dir`."""
+    store_in, store_out = _stores(spec, root, member)
+    cfg = transcoder_train_config(spec)
+    shape = transcoder_config(member, store_in.d_model, store_out.d_model)
+    make_loader = lambda: PairedShuffledLoader(  # noqa: E731
+        store_in, store_out, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
+    init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
+    loader = make_loader()
+    result = train_transcoder(
+        loader, shape, mean_norm_in=float(store_in.stats.mean_norm), mean_norm_out=float(store_out.stats.mean_norm),
+        init_batch=init_batch, n_train_tokens=cfg.n_train_tokens, lr=cfg.lr, seed=member.seed,
+        progress=progress, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, dead_tokens=cfg.dead_tokens,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, on_log=on_log)
+    return result, {**asdict(cfg), "shape": asdict(shape)}, store_in.lineage
+
+
+def evaluate_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,
+                    eval_idx: np.ndarray, model, model_batches, *, device: str
+                    ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
+    """Prediction metrics of `out_hook` from `hook`, and the loss when `out_hook` is replaced."""
+    store_in, store_out = _stores(spec, root, member)
+    batch = spec.evaluation.batch_images
+    pairs = ((x.to(device), y.to(device)) for (_, x), (_, y) in zip(
+        iter_images(store_in, eval_idx, images_per_batch=batch),
+        iter_images(store_out, eval_idx, images_per_batch=batch), strict=True))
+    rec = prediction_metrics(tc, pairs)
+    hooks = transcoder_splice_hooks(tc, member.hook, member.out_hook)
+    down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches)
+    return rec, down, {}
+
+
+def check_lineage(tc: TopKTranscoder, spec: SuiteSpec, member: TranscoderMember, path) -> None:
+    lineage = tc.lineage or {}
+    got = (lineage.get("store_id"), lineage.get("hook"), lineage.get("out_hook"))
+    if got != (spec.store_id, member.hook, member.out_hook):
+        raise ValueError(
+            f"transcoder at {path} was trained on store {got[0]!r}, {got[1]!r} -> {got[2]!r} "
+            f"(lineage {lineage.get('store_lineage')}), but this suite member reads store {spec.store_id!r}, "
+            f"{member.hook!r} -> {member.out_hook!r}: delete that directory and rematerialize the member")
+
