@@ -59,6 +59,7 @@ def test_catalog_holds_one_evaluation_per_member_with_real_numbers(suite_run):
         assert 0 < r["l0"] <= (r["k"] or r["width"])
         assert r["ce_ablated"] > r["ce_clean"], "zero-ablating the residual stream must hurt"
         assert np.isfinite(r["loss_recovered"])
+        assert r["fvu_cls"] > 0 and 0 < r["fvu_patches"] < 1, r  # the tiny store keeps every token
     assert (root.reports / "tiny_fvu_vs_l0.png").stat().st_size > 1000
 
 
@@ -88,6 +89,12 @@ def test_catalog_fvu_equals_fvu_recomputed_from_saved_weights_and_stored_activat
             else:
                 x_hat = dictionary(x.float()).x_hat.double()
         naive = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        if member.kind == "sae":  # the CLS-only FVU: token 0 of every image, its own mean
+            (fvu_cls,) = con.execute("SELECT fvu_cls FROM evaluations WHERE dict_id = ?", [dict_id]).fetchone()
+            t = len(x) // len(eval_idx)
+            c, c_hat = x[::t], x_hat[::t]
+            naive_cls = ((c - c_hat) ** 2).sum() / ((c - c.mean(0)) ** 2).sum()
+            torch.testing.assert_close(torch.tensor(fvu_cls, dtype=torch.float64), naive_cls, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(torch.tensor(fvu, dtype=torch.float64), naive, rtol=1e-4, atol=1e-6)
     con.close()
 

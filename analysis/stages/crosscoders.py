@@ -80,13 +80,21 @@ class ConcatenatedView(nn.Module):
         return enc.top_acts.new_zeros(enc.top_acts.shape[0], self.cfg.width).scatter_(1, enc.top_indices, enc.top_acts)
 
 
-def iter_concatenated(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember,
-                      image_indices: np.ndarray) -> Iterator[tuple[np.ndarray, Tensor]]:
+def iter_concatenated(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, image_indices: np.ndarray,
+                      positions: slice = slice(None)) -> Iterator[tuple[np.ndarray, Tensor]]:
     """(image_idx (n,), acts (n, T, Σ d_l)): every hook of the member, side by side per token."""
     streams = [iter_images(s, image_indices, images_per_batch=spec.evaluation.batch_images)
                for s in _stores(spec, root, member)]
     for parts in zip(*streams, strict=True):
-        yield parts[0][0], torch.cat([acts for _, acts in parts], dim=-1)
+        yield parts[0][0], torch.cat([acts[:, positions] for _, acts in parts], dim=-1)
+
+
+def reconstruction(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
+                   eval_idx: np.ndarray, *, device: str, positions: slice = slice(None)) -> ReconstructionMetrics:
+    """Pooled metrics over the concatenated layers, on the token `positions` of each image."""
+    tokens = (a.reshape(-1, a.shape[-1]).to(device) for _, a in
+              iter_concatenated(spec, root, member, eval_idx, positions))
+    return reconstruction_metrics(ConcatenatedView(cc), tokens)
 
 
 def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
@@ -94,10 +102,9 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, c
                     ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
     """Pooled metrics over the concatenated layers, FVU per layer, and the loss with every
     hook replaced by its reconstruction at once (vs all of them zero-ablated)."""
-    tokens = lambda: (a.reshape(-1, a.shape[-1]).to(device)  # noqa: E731
-                      for _, a in iter_concatenated(spec, root, member, eval_idx))
-    rec = reconstruction_metrics(ConcatenatedView(cc), tokens())
-    per_layer = crosscoder_metrics(cc, (x.split(list(cc.cfg.d_ins), dim=-1) for x in tokens()))
+    rec = reconstruction(spec, root, member, cc, eval_idx, device=device)
+    tokens = (a.reshape(-1, a.shape[-1]).to(device) for _, a in iter_concatenated(spec, root, member, eval_idx))
+    per_layer = crosscoder_metrics(cc, (x.split(list(cc.cfg.d_ins), dim=-1) for x in tokens))
     down = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, cc, member.hooks), member.hooks,
                                       model_batches)
     return rec, down, {"fvu_per_layer": list(per_layer.fvu_per_layer)}

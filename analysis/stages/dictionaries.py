@@ -146,11 +146,9 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device
             rec, down, extra = KIND_STAGES[member.kind].evaluate_member(
                 spec, root, member, dictionary, eval_idx, model, model_batches, device=device)
         else:
-            store = _open_store(spec, root, member.hook)
-            tokens = (acts.reshape(-1, acts.shape[-1]).to(device)
-                      for _, acts in iter_images(store, eval_idx, images_per_batch=batch))
-            rec = reconstruction_metrics(dictionary, tokens)
+            rec = _sae_reconstruction(spec, root, member, dictionary, eval_idx, device=device)
             down = downstream_metrics(model, dictionary, member.hook, model_batches)
+        extra.update(_fvu_by_token_kind(spec, root, member, dictionary, eval_idx, rec, device))
         row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook, "out_hook": None,
                "hooks": None, "sparsity_coef": None, "skip": None, **asdict(member),
                "architecture": member.architecture,
@@ -165,6 +163,28 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device
                               pa.Table.from_pylist(histogram))
         done.write_text(json.dumps(row, indent=2))
     return json.loads(done.read_text())
+
+
+def _sae_reconstruction(spec: SuiteSpec, root: DataRoot, member: DictionaryMember, sae, eval_idx: np.ndarray, *,
+                        device: str, positions: slice = slice(None)):
+    store = _open_store(spec, root, member.hook)
+    tokens = (acts[:, positions].reshape(-1, acts.shape[-1]).to(device) for _, acts in
+              iter_images(store, eval_idx, images_per_batch=spec.evaluation.batch_images))
+    return reconstruction_metrics(sae, tokens)
+
+
+def _fvu_by_token_kind(spec: SuiteSpec, root: DataRoot, member: Member, dictionary, eval_idx: np.ndarray,
+                       rec, device: str) -> dict:
+    """FVU on the CLS token alone and on the patch tokens alone. The pooled FVU is dominated by the
+    patches (16 of 17 tokens in the default mouse), while the classifier reads the CLS token: a
+    dictionary can reconstruct patches well, CLS badly, and lose the task when spliced in."""
+    tokens = spec.activations.tokens
+    if tokens != "all":  # the store holds one kind only: the pooled FVU is that kind's
+        return {"fvu_cls": rec.fvu if tokens == "cls" else None, "fvu_patches": rec.fvu if tokens == "patches" else None}
+    stage = KIND_STAGES.get(member.kind)
+    scorer = stage.reconstruction if stage is not None else _sae_reconstruction
+    return {name: scorer(spec, root, member, dictionary, eval_idx, device=device, positions=positions).fvu
+            for name, positions in (("fvu_cls", slice(0, 1)), ("fvu_patches", slice(1, None)))}
 
 
 def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:

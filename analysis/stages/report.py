@@ -13,7 +13,7 @@ from analysis.stability import suite_stability
 from analysis.stages.dictionaries import dictionary_id, load_member
 from analysis.suite import SuiteSpec
 
-SUMMARY_COLUMNS = ("kind", "hook", "out_hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "dead_fraction", "dense_fraction",
+SUMMARY_COLUMNS = ("kind", "hook", "out_hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "fvu_cls", "dead_fraction", "dense_fraction",
                    "ce_clean", "ce_spliced", "ce_ablated", "loss_recovered", "ablation_gap",
                    "acc_clean", "acc_spliced")
 

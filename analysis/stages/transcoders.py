@@ -67,16 +67,22 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, trai
     return result, {**asdict(cfg), "shape": asdict(shape)}, store_in.lineage
 
 
+def reconstruction(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,
+                   eval_idx: np.ndarray, *, device: str, positions: slice = slice(None)) -> ReconstructionMetrics:
+    """Prediction metrics of `out_hook` from `hook` over the token `positions` of each image."""
+    store_in, store_out = _stores(spec, root, member)
+    batch = spec.evaluation.batch_images
+    pairs = ((x[:, positions].to(device), y[:, positions].to(device)) for (_, x), (_, y) in zip(
+        iter_images(store_in, eval_idx, images_per_batch=batch),
+        iter_images(store_out, eval_idx, images_per_batch=batch), strict=True))
+    return prediction_metrics(tc, pairs)
+
+
 def evaluate_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,
                     eval_idx: np.ndarray, model, model_batches, *, device: str
                     ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
     """Prediction metrics of `out_hook` from `hook`, and the loss when `out_hook` is replaced."""
-    store_in, store_out = _stores(spec, root, member)
-    batch = spec.evaluation.batch_images
-    pairs = ((x.to(device), y.to(device)) for (_, x), (_, y) in zip(
-        iter_images(store_in, eval_idx, images_per_batch=batch),
-        iter_images(store_out, eval_idx, images_per_batch=batch), strict=True))
-    rec = prediction_metrics(tc, pairs)
+    rec = reconstruction(spec, root, member, tc, eval_idx, device=device)
     hooks = transcoder_splice_hooks(tc, member.hook, member.out_hook)
     down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches)
     return rec, down, {}
