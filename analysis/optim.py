@@ -1,6 +1,8 @@
-"""Optimisation pieces shared by every dictionary trainer (SAEs, transcoders)."""
+"""Optimisation pieces shared by every dictionary trainer (SAEs, transcoders, crosscoders)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -38,3 +40,54 @@ def match_state_layout(opt: torch.optim.Optimizer) -> None:
                 if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
+
+
+class TrainSchedule:
+    """What the SAE and crosscoder trainer configs share: validation of the common fields and the
+    learning-rate / sparsity-coefficient schedules. Mixed into frozen dataclasses that define
+    width, lr, batch_size, n_train_tokens, warmup_steps, lr_decay, grad_clip, aux_coef, aux_k,
+    dead_tokens, sparsity_warmup_steps and autocast."""
+
+    def check_schedule(self) -> None:
+        for name in ("batch_size", "n_train_tokens", "dead_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.n_train_tokens < self.batch_size:
+            raise ValueError(f"n_train_tokens={self.n_train_tokens} < batch_size={self.batch_size}: "
+                             "train for at least one full batch")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0, or None for the width-scaled default")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.aux_coef < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
+                             f"aux_coef={self.aux_coef} must all be >= 0")
+        if self.aux_k is not None and self.aux_k <= 0:
+            raise ValueError(f"aux_k={self.aux_k} must be > 0, or None for half the input width")
+        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
+            raise ValueError(f"sparsity_warmup_steps={self.sparsity_warmup_steps} must be >= 0, or None for 5 %")
+        if self.autocast not in ("auto", "off", "bfloat16"):
+            raise ValueError(f"autocast={self.autocast!r} must be 'auto', 'off' or 'bfloat16'")
+
+    def low_precision(self, device: torch.device | str) -> torch.dtype | None:
+        """The dtype of the dense matmuls on `device` (None = fp32), resolving "auto"."""
+        if self.autocast == "bfloat16" or (self.autocast == "auto" and torch.device(device).type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    @property
+    def total_steps(self) -> int:
+        return self.n_train_tokens // self.batch_size
+
+    def base_lr(self) -> float:
+        """`lr`, or 2e-4 / sqrt(width / 2**14) (Gao et al.'s scaling with width)."""
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.width / 2**14)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for 0-based `step`: warm-up, flat, then linear decay to 0."""
+        return warmup_decay_lr(step, self.total_steps, self.base_lr(), self.warmup_steps, self.lr_decay)
+
+    def sparsity_coef_at(self, step: int, coef: float) -> float:
+        """Penalty weight for 0-based `step`: `coef` ramped in linearly over the warm-up."""
+        warm = self.sparsity_warmup_steps
+        if warm is None:
+            warm = max(1, self.total_steps // 20)
+        return coef * min(1.0, (step + 1) / warm) if warm > 0 else coef

@@ -11,7 +11,7 @@ import difflib
 import itertools
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Union
 
 import yaml
 

@@ -42,7 +42,7 @@ from analysis.dictionaries.crosscoder import Crosscoder, CrosscoderConfig
 from analysis.dictionaries.objectives import TrainForward, auxk_loss, train_forward
 from analysis.dictionaries.resume import load_train_state, save_train_state
 from analysis.metrics import _RunningMoments
-from analysis.optim import match_state_layout, remove_parallel_grad, warmup_decay_lr
+from analysis.optim import TrainSchedule, match_state_layout, remove_parallel_grad
 from analysis.train_sae import _rebatch, geometric_median
 
 Batch = Tensor | Sequence[Tensor]
@@ -50,7 +50,7 @@ Batch = Tensor | Sequence[Tensor]
 
 
 @dataclass(frozen=True)
-class CrosscoderTrainConfig:
+class CrosscoderTrainConfig(TrainSchedule):
     """How to train one crosscoder; its shape (d_ins, n_layers, hooks) comes from the data."""
 
     width: int
@@ -92,51 +92,12 @@ class CrosscoderTrainConfig:
         if self.k is None and self.architecture == "topk":
             object.__setattr__(self, "k", 32)  # frozen: resolve once so ids hash the real value
         self.crosscoder_config((1,))  # validates architecture, width, k and sparsity_coef
-        for name in ("batch_size", "n_train_tokens", "dead_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.n_train_tokens < self.batch_size:
-            raise ValueError(
-                f"n_train_tokens={self.n_train_tokens} < batch_size={self.batch_size}: train for at least one batch")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0, or None for the width-scaled default")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.aux_coef < 0:
-            raise ValueError(
-                f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, aux_coef={self.aux_coef} "
-                "must all be >= 0")
-        if self.aux_k is not None and self.aux_k <= 0:
-            raise ValueError(f"aux_k={self.aux_k} must be > 0, or None for sum(d_ins) // 2")
-        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
-            raise ValueError(f"sparsity_warmup_steps={self.sparsity_warmup_steps} must be >= 0, or None for 5 %")
-        if self.autocast not in ("auto", "off", "bfloat16"):
-            raise ValueError(f"autocast={self.autocast!r} must be 'auto', 'off' or 'bfloat16'")
+        self.check_schedule()
 
     def crosscoder_config(self, d_ins: Sequence[int], hooks: Sequence[str] | None = None) -> CrosscoderConfig:
         return CrosscoderConfig(d_ins=tuple(d_ins), n_layers=len(d_ins), width=self.width,
                                 architecture=self.architecture, k=self.k, sparsity_coef=self.sparsity_coef,
                                 hooks=None if hooks is None else tuple(hooks))
-
-    def low_precision(self, device: torch.device | str) -> torch.dtype | None:
-        """The dtype of the dense matmuls on `device` (None = fp32), resolving "auto"."""
-        if self.autocast == "bfloat16" or (self.autocast == "auto" and torch.device(device).type == "cuda"):
-            return torch.bfloat16
-        return None
-
-    @property
-    def total_steps(self) -> int:
-        return self.n_train_tokens // self.batch_size
-
-    def base_lr(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.width / 2**14)
-
-    def lr_at(self, step: int) -> float:
-        return warmup_decay_lr(step, self.total_steps, self.base_lr(), self.warmup_steps, self.lr_decay)
-
-    def sparsity_coef_at(self, step: int, coef: float) -> float:
-        warm = self.sparsity_warmup_steps
-        if warm is None:
-            warm = max(1, self.total_steps // 20)
-        return coef * min(1.0, (step + 1) / warm) if warm > 0 else coef
 
 
 class CrosscoderTrainResult(NamedTuple):

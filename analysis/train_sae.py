@@ -35,13 +35,13 @@ from analysis.dictionaries.objectives import (
     sparse_decode as _sparse_decode,  # noqa: F401
     train_forward,
 )
-from analysis.optim import match_state_layout, remove_parallel_grad, warmup_decay_lr
+from analysis.optim import TrainSchedule, match_state_layout, remove_parallel_grad
 
 _TOPK_FAMILY = ("topk", "batchtopk")
 
 
 @dataclass(frozen=True)
-class SAETrainConfig:
+class SAETrainConfig(TrainSchedule):
     """How to train one SAE (the SAE's shape is `SAEConfig`, built by `sae_config(d_in)`)."""
 
     width: int
@@ -92,27 +92,7 @@ class SAETrainConfig:
         if self.k is None and self.architecture in _TOPK_FAMILY:
             object.__setattr__(self, "k", 32)  # frozen: resolve once so ids hash the real value
         self.sae_config(d_in=1)  # validates architecture, k and the sparsity fields
-        for name in ("batch_size", "n_train_tokens", "dead_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.n_train_tokens < self.batch_size:
-            raise ValueError(
-                f"n_train_tokens={self.n_train_tokens} < batch_size={self.batch_size}: "
-                "train for at least one full batch"
-            )
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0, or None for the width-scaled default")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.aux_coef < 0:
-            raise ValueError(
-                f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, aux_coef={self.aux_coef} "
-                "must all be >= 0"
-            )
-        if self.aux_k is not None and self.aux_k <= 0:
-            raise ValueError(f"aux_k={self.aux_k} must be > 0, or None for d_in // 2")
-        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
-            raise ValueError(f"sparsity_warmup_steps={self.sparsity_warmup_steps} must be >= 0, or None for 5 %")
-        if self.autocast not in ("auto", "off", "bfloat16"):
-            raise ValueError(f"autocast={self.autocast!r} must be 'auto', 'off' or 'bfloat16'")
+        self.check_schedule()
         if not 0 <= self.threshold_decay < 1:
             raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1), e.g. 0.99")
 
@@ -120,30 +100,6 @@ class SAETrainConfig:
         return SAEConfig(d_in=d_in, width=self.width, k=self.k, architecture=self.architecture,
                          sparsity_coef=self.sparsity_coef, threshold_init=self.threshold_init,
                          bandwidth=self.bandwidth)
-
-    def low_precision(self, device: torch.device | str) -> torch.dtype | None:
-        """The dtype of the dense matmuls on `device` (None = fp32), resolving "auto"."""
-        if self.autocast == "bfloat16" or (self.autocast == "auto" and torch.device(device).type == "cuda"):
-            return torch.bfloat16
-        return None
-
-    @property
-    def total_steps(self) -> int:
-        return self.n_train_tokens // self.batch_size
-
-    def base_lr(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.width / 2**14)
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate for 0-based `step`: warm-up, flat, then linear decay to 0."""
-        return warmup_decay_lr(step, self.total_steps, self.base_lr(), self.warmup_steps, self.lr_decay)
-
-    def sparsity_coef_at(self, step: int, coef: float) -> float:
-        """Penalty weight for 0-based `step`: `coef` ramped in linearly over the warm-up."""
-        warm = self.sparsity_warmup_steps
-        if warm is None:
-            warm = max(1, self.total_steps // 20)
-        return coef * min(1.0, (step + 1) / warm) if warm > 0 else coef
 
 
 class TrainResult(NamedTuple):

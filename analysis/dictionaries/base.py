@@ -146,14 +146,7 @@ class SparseAutoencoder(nn.Module):
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path, extra_config: dict | None = None) -> Path:
         """weights.safetensors + config.json; `extra_config` (lineage) is stored under "lineage"."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE))
-        lineage = extra_config if extra_config is not None else self.lineage
-        config = {**self.cfg.to_dict(), DICTIONARY_KEY: "sae", "lineage": lineage or {}}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        return directory
+        return write_checkpoint(directory, self, self.cfg.to_dict(), "sae", extra_config)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
@@ -171,16 +164,50 @@ class SparseAutoencoder(nn.Module):
         return sae
 
 
-def read_config(directory: str | Path) -> tuple[SAEConfig, dict]:
-    """(config, lineage) of a checkpoint directory, with clear errors when absent."""
+def write_checkpoint(directory: str | Path, module: nn.Module, config: dict, family: str,
+                     extra_config: dict | None = None) -> Path:
+    """Every dictionary's `save`: weights.safetensors beside config.json, which holds the shape
+    config, the family under "dictionary" and the lineage (`extra_config`, else `module.lineage`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    lineage = extra_config if extra_config is not None else getattr(module, "lineage", None)
+    config = {**config, DICTIONARY_KEY: family, "lineage": lineage or {}}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return directory
+
+
+def read_family_config(directory: str | Path, family: str) -> tuple[dict, dict]:
+    """(shape config dict, lineage) of a checkpoint that must be of `family`, with clear errors."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(f"no SAE checkpoint at {directory}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+        what = "SAE" if family == "sae" else family
+        raise FileNotFoundError(f"no {what} checkpoint at {directory}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = json.loads((directory / CONFIG_FILE).read_text())
     lineage = config.pop("lineage", {})
     kind = config.pop(DICTIONARY_KEY, "sae")  # checkpoints written before the key existed are SAEs
-    if kind != "sae":
-        raise ValueError(f"{directory} holds a {kind!r} dictionary; this loader reads only 'sae'")
+    if kind != family:
+        raise ValueError(
+            f"{directory} holds a {kind!r} dictionary, not a {family!r}: "
+            "load it with analysis.dictionaries.load_dictionary(directory)")
+    return config, lineage
+
+
+def load_family(cls, directory: str | Path, family: str, config_cls, device: str | torch.device = "cpu"):
+    """Every non-SAE dictionary's `load`: `cls(config_cls.from_dict(config))` with the weights
+    loaded strictly (a missing or extra tensor means a foreign or corrupt file) and its lineage."""
+    config, lineage = read_family_config(directory, family)
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(device))
+    module = cls(config_cls.from_dict(config), device=device, dtype=tensors["W_dec"].dtype)
+    module.load_state_dict(tensors, strict=True)
+    module.lineage = lineage
+    return module
+
+
+def read_config(directory: str | Path) -> tuple[SAEConfig, dict]:
+    """(config, lineage) of an SAE checkpoint directory, with clear errors when absent."""
+    config, lineage = read_family_config(directory, "sae")
     return SAEConfig.from_dict(config), lineage
 
 

@@ -31,7 +31,6 @@ beside weights.safetensors; `analysis.dictionaries.load_dictionary` dispatches h
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,10 +38,9 @@ from typing import Literal, NamedTuple, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from analysis.dictionaries.base import CONFIG_FILE, DICTIONARY_KEY, WEIGHTS_FILE, EncoderOutput, sparsify
+from analysis.dictionaries.base import EncoderOutput, sparsify, load_family, write_checkpoint
 
 DICTIONARY_NAME = "crosscoder"
 CrosscoderArchitecture = Literal["topk", "relu"]
@@ -303,30 +301,8 @@ class Crosscoder(nn.Module):
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path, extra_config: dict | None = None) -> Path:
         """weights.safetensors + config.json ("dictionary": "crosscoder"; lineage under "lineage")."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE))
-        lineage = extra_config if extra_config is not None else self.lineage
-        config = {**self.cfg.to_dict(), DICTIONARY_KEY: DICTIONARY_NAME, "lineage": lineage or {}}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        return directory
+        return write_checkpoint(directory, self, self.cfg.to_dict(), DICTIONARY_NAME, extra_config)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Crosscoder:
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
-            raise FileNotFoundError(
-                f"no crosscoder checkpoint at {directory}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        lineage = config.pop("lineage", {})
-        kind = config.pop(DICTIONARY_KEY, None)
-        if kind != DICTIONARY_NAME:
-            raise ValueError(
-                f"{directory} holds a {kind!r} dictionary, not a {DICTIONARY_NAME!r}: "
-                "load it with analysis.dictionaries.load_dictionary(directory)")
-        tensors = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-        cc = cls(CrosscoderConfig.from_dict(config), device=device, dtype=tensors["W_dec"].dtype)
-        cc.load_state_dict(tensors, strict=True)  # a missing/extra tensor means a foreign file
-        cc.lineage = lineage
-        return cc
+        return load_family(cls, directory, DICTIONARY_NAME, CrosscoderConfig, device)

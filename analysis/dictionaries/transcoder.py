@@ -12,17 +12,15 @@ nonlinear remainder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from analysis.dictionaries.base import CONFIG_FILE, DICTIONARY_KEY, WEIGHTS_FILE
+from analysis.dictionaries.base import load_family, write_checkpoint
 
 DICTIONARY_NAME = "transcoder"
 
@@ -154,30 +152,8 @@ class TopKTranscoder(nn.Module):
     # -- persistence ----------------------------------------------------------------------
     def save(self, directory: str | Path, extra_config: dict | None = None) -> Path:
         """weights.safetensors + config.json ("dictionary": "transcoder"; lineage under "lineage")."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE))
-        lineage = extra_config if extra_config is not None else self.lineage
-        config = {**self.cfg.to_dict(), DICTIONARY_KEY: DICTIONARY_NAME, "lineage": lineage or {}}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        return directory
+        return write_checkpoint(directory, self, self.cfg.to_dict(), DICTIONARY_NAME, extra_config)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> TopKTranscoder:
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
-            raise FileNotFoundError(
-                f"no transcoder checkpoint at {directory}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        lineage = config.pop("lineage", {})
-        kind = config.pop(DICTIONARY_KEY, None)
-        if kind != DICTIONARY_NAME:
-            raise ValueError(
-                f"{directory} holds a {kind!r} dictionary, not a {DICTIONARY_NAME!r}: "
-                "load SAEs with analysis.dictionaries.load_dictionary")
-        tensors = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-        tc = cls(TranscoderConfig.from_dict(config), device=device, dtype=tensors["W_dec"].dtype)
-        tc.load_state_dict(tensors, strict=True)  # a missing/extra tensor means a foreign file
-        tc.lineage = lineage
-        return tc
+        return load_family(cls, directory, DICTIONARY_NAME, TranscoderConfig, device)
