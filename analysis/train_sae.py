@@ -163,8 +163,13 @@ def train_sae(
     log_every: int = 50,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
+    eval_tokens: Tensor | None = None,
 ) -> TrainResult:
     """Train an SAE of `cfg.architecture` on (B, d_in) activation batches; see the module docstring.
+
+    With `eval_tokens` (raw held-out activations, (N, d_in)), every log row also carries
+    `eval_fvu` and `eval_l0` on them: the training-time code (BatchTopK's batch selection) against
+    the held-out mean, so overfitting or collapse shows while training runs.
 
     `mean_norm` is the mean L2 norm of the raw activations (from the activation store) and
     `init_batch` a sample of raw activations for the geometric-median b_dec.
@@ -252,11 +257,25 @@ def train_sae(
             "dead_fraction": float((since_fired >= min(cfg.dead_tokens, tokens)).float().mean()),
             "lr": opt.param_groups[0]["lr"], "sparsity_coef": coef,
         }
+        if eval_x is not None:
+            row.update(held_out())
         log.append(row)
         if on_log is not None:
             on_log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
         window, window_start = [], step
+
+    eval_x = None
+    if eval_tokens is not None:
+        if eval_tokens.ndim != 2 or eval_tokens.shape[1] != d_in or not len(eval_tokens):
+            raise ValueError(f"eval_tokens must be (N > 0, d_in={d_in}) raw activations, got {tuple(eval_tokens.shape)}")
+        eval_x = eval_tokens.to(device=device, dtype=torch.float32) * scale
+
+    @torch.no_grad()
+    def held_out() -> dict:
+        fwd_eval = train_forward(sae, eval_x)
+        fvu = (fwd_eval.x_hat - eval_x).pow(2).sum() / batch_variance(eval_x)
+        return {"eval_fvu": float(fvu), "eval_l0": float(fwd_eval.l0)}
 
     reuse = None  # the (B, width) pre-activation buffer, overwritten each step
     t0 = time.perf_counter()

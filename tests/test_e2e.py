@@ -207,3 +207,12 @@ def test_crosscoder_member_reconstructs_every_hook_and_reports_each_layer(suite_
         other = dataclasses.replace(member, hooks=tuple(reversed(member.hooks)))
         shutil.copytree(root.dictionary(dictionary_id(spec, member)), root.dictionary(dictionary_id(spec, other)))
         load_member(spec, root, other)
+
+
+def test_sae_training_logs_held_out_fvu(suite_run):
+    _, root, _, _ = suite_run
+    con = connect_catalog(root.catalog)
+    rows = con.sql("SELECT dict_id, step, eval_fvu FROM train_log WHERE dict_id LIKE 'sae-%' "
+                   "ORDER BY dict_id, step").to_arrow_table().to_pylist()
+    con.close()
+    assert rows and all(r["eval_fvu"] is not None and 0 < r["eval_fvu"] < 2 for r in rows)

@@ -252,3 +252,17 @@ def test_lr_schedule():
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SAETrainConfig(**kw)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_held_out_fvu_is_logged_and_equals_the_formula_at_the_end(data, arch):
+    held_out = _sparse_data(2000, seed=7)
+    res = _train(data, _cfg(architecture=arch), eval_tokens=held_out)
+    rows = [r for r in res.log if "eval_fvu" in r]
+    assert len(rows) == len(res.log) and rows[-1]["eval_fvu"] < rows[0]["eval_fvu"]
+    assert all(math.isfinite(r["eval_fvu"]) and r["eval_l0"] > 0 for r in rows)
+    if arch == "topk":  # the training-time code IS the inference code: the last row is the metric
+        final = reconstruction_metrics(res.sae, [held_out]).fvu
+        assert rows[-1]["eval_fvu"] == pytest.approx(final, rel=1e-3)
+    with pytest.raises(ValueError, match="eval_tokens"):
+        _train(data, _cfg(architecture=arch), eval_tokens=held_out[:, :3])

@@ -35,6 +35,8 @@ SUMMARY_FILE = "train_summary.json"  # written last: its presence marks a finish
 
 CHECKPOINT_EVERY = 200  # steps between resumable training states (a multiple of the log interval)
 
+EVAL_IMAGES_DURING_TRAINING = 256  # held-out images scored at every training log row (SAEs)
+
 # member kind -> module with its member_id, train_member, evaluate_member, check_lineage
 KIND_STAGES = {"transcoder": transcoders, "crosscoder": crosscoders}
 
@@ -98,10 +100,13 @@ def _train_sae_member(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
     make_loader = lambda: ShuffledLoader(  # noqa: E731
         store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
+    # held-out tokens for the eval_fvu column of the training log (never trained on)
+    held_out = _eval_images(spec, root)[:EVAL_IMAGES_DURING_TRAINING]
+    eval_tokens = torch.cat([acts for _, acts in iter_images(store, held_out)]).reshape(-1, store.d_model)
     result = train_sae(make_loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
                        init_batch=init_batch, progress=progress, on_log=on_log,
-                       checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=checkpoint_every)
+                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                       eval_tokens=eval_tokens.to(device))
     return result, asdict(cfg), store.lineage
 
 
