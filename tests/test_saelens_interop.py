@@ -78,14 +78,19 @@ def test_cfg_json_has_documented_keys(tmp_path):
     sae = _random_sae("topk")
     export_saelens(sae, tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
+    # the keys SAELens 6.54's own save_model writes for a TopK SAE (benchmarks/check_saelens_interop.py
+    # loads our export with SAELens itself); a sae_lens_version below 6 would make SAELens convert
+    # the file as a pre-6.0 one
     for key in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
-                "normalize_activations", "reshape_activations", "k", "meta",
-                "activation_fn_str", "activation_fn_kwargs", "model_name", "hook_name"):
+                "normalize_activations", "reshape_activations", "k", "metadata"):
         assert key in cfg, key
-    assert cfg["architecture"] == "topk" and cfg["k"] == K and cfg["activation_fn_kwargs"] == {"k": K}
+    assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6
+    assert isinstance(cfg["metadata"]["hook_name"], str)
+    assert cfg["architecture"] == "topk" and cfg["k"] == K
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D, WIDTH, "float32")
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
-    assert cfg["meta"] == {"model_name": "vit-tiny", "hook_name": "blocks.3.hook_resid_post"}
+    assert cfg["metadata"] == {"sae_lens_version": "6.0.0", "model_name": "vit-tiny",
+                               "hook_name": "blocks.3.hook_resid_post"}
     w = load_file(str(tmp_path / "sae_weights.safetensors"))
     assert set(w) == {"W_enc", "W_dec", "b_enc", "b_dec"}
     assert w["W_enc"].shape == (D, WIDTH) and w["W_dec"].shape == (WIDTH, D)

@@ -4,16 +4,20 @@ A SAELens SAE is a folder holding
 
     cfg.json                  {"architecture", "d_in", "d_sae", "dtype", "device",
                                "apply_b_dec_to_input", "normalize_activations",
-                               "reshape_activations", "k" (topk only), "meta": {"model_name",
-                               "hook_name", ...}}
+                               "reshape_activations", "k" (topk only), "metadata":
+                               {"sae_lens_version", "model_name", "hook_name", ...}}
     sae_weights.safetensors   W_enc (d_in, d_sae), W_dec (d_sae, d_in), b_enc (d_sae,),
                                b_dec (d_in,), threshold (d_sae,) for jumprelu
 
 and computes pre = (x - b_dec·apply_b_dec_to_input) @ W_enc + b_enc, then
 standard: ReLU(pre); topk: ReLU of the k largest of pre; jumprelu: ReLU(pre)·[pre > threshold];
-x̂ = z @ W_dec + b_dec. Older (≤ 5.x) files keep `model_name`/`hook_name` at the top level and
-name the activation in `activation_fn_str` with k in `activation_fn_kwargs`; both are read and
-both are written (SAELens 6 ignores keys its config class does not know).
+x̂ = z @ W_dec + b_dec. SAELens reads a file as the 6.x layout only when
+`metadata.sae_lens_version` >= 6.0 (else it converts it as a pre-6.0 file, and fails on a missing
+hook name), so the export writes that layout with version "6.0.0" (the format, not a claim that
+SAELens wrote it) and a hook name of "" when the lineage has none. Older (<= 5.x) files keep
+`model_name`/`hook_name` at the top level and name the activation in `activation_fn_str` with k
+in `activation_fn_kwargs`; the import reads both layouts. Checked against SAELens 6.54.12 by
+benchmarks/check_saelens_interop.py (its own load_from_disk/encode/decode/save_model).
 
 Architecture map (ours ↔ SAELens):
     relu ↔ standard, topk ↔ topk, jumprelu ↔ jumprelu (threshold = exp(log_threshold)),
@@ -48,6 +52,8 @@ _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "ba
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 
+
+SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written (SAELens 6.x)
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -88,7 +94,7 @@ def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name:
     if arch == "jumprelu":
         # SAELens keeps the threshold in the module dtype; ours is fp32. Writing fp32 keeps it exact.
         tensors["threshold"] = sae.threshold.detach().float().contiguous().cpu()
-    meta = {"model_name": model_name, "hook_name": hook_name}
+    meta = {"sae_lens_version": SAELENS_FORMAT_VERSION, "model_name": model_name, "hook_name": hook_name or ""}
     out = {
         "architecture": arch,
         "d_in": cfg.d_in,
@@ -98,12 +104,7 @@ def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name:
         "apply_b_dec_to_input": True,  # our encoder always subtracts b_dec
         "normalize_activations": "none",  # input scaling is folded into the weights at save
         "reshape_activations": "none",
-        "meta": meta,
-        # pre-6.0 readers
-        "model_name": model_name,
-        "hook_name": hook_name,
-        "activation_fn_str": {"standard": "relu", "topk": "topk", "jumprelu": "relu"}[arch],
-        "activation_fn_kwargs": {"k": cfg.k} if arch == "topk" else {},
+        "metadata": meta,
         SPECTRA_KEY: {"config": cfg.to_dict(), "lineage": sae.lineage or {}},
     }
     if arch == "topk":
@@ -197,9 +198,9 @@ def import_saelens(directory: str | Path, device: str | torch.device = "cpu") ->
         k = _k(cfg, directory) if arch in ("topk", "batchtopk") else None
         sae_cfg = SAEConfig(d_in=d_in, width=width, k=k, architecture=arch)
     if not lineage:
-        meta = cfg.get("meta") or {}
+        meta = cfg.get("metadata") or cfg.get("meta") or {}
         lineage = {"source": "saelens", "model_name": meta.get("model_name", cfg.get("model_name")),
-                   "hook_name": meta.get("hook_name", cfg.get("hook_name"))}
+                   "hook_name": meta.get("hook_name", cfg.get("hook_name")) or None}
 
     dtype = _DTYPES.get(str(cfg.get("dtype", "float32")).removeprefix("torch."), tensors["W_dec"].dtype)
     sae = build_sae(sae_cfg, device=device, dtype=dtype)
