@@ -120,7 +120,11 @@ class _HookShard:
         n = stop - start
         self.acts = np.empty((n, layout.n_tokens, layout.d_model), dtype=ZARR_DTYPE[layout.dtype])
         self.norms = np.empty((n, layout.n_tokens), dtype=np.float32)
-        self.filled = 0
+        self.filled = self.written = 0
+        # Zarr shard files are written whole, each as soon as its images are in (read from the
+        # array: a store made with another file size is still written file by file)
+        self.per_write = group["acts"].shards[0] if group["acts"].shards else n
+        self.shard = None
         self.moments = Moments(acc_dtype)
 
     def add(self, x: torch.Tensor, norms: torch.Tensor) -> None:
@@ -132,29 +136,37 @@ class _HookShard:
         dst.copy_(x)  # one fused cast + device-to-host copy into the buffer
         torch.from_numpy(self.norms[rows]).copy_(norms)
         self.filled += len(x)
+        while self.filled - self.written >= self.per_write:  # a whole file is ready: write it now
+            self._write_rows(self.written, self.written + self.per_write)
+
+    def _write_rows(self, lo: int, hi: int) -> None:
+        def arrays():
+            self._put("acts", self.acts[lo:hi], lo)
+            self._put("norms", self.norms[lo:hi], lo)
+
+        self._write(self.shard, arrays)
+        self.written = hi
 
     def write_index(self, shard: int) -> None:
         """image_idx is known before any batch: written while the first batches compute."""
+        self.shard = shard
         index = np.arange(self.start, self.start + len(self.acts), dtype=np.int64)
-        self._write(shard, lambda: self._put("image_idx", index))
+        self._write(shard, lambda: self._put("image_idx", index, 0))
 
     def write(self, shard: int) -> None:
-        """The shard's data arrays, one call each."""
+        """What is left of the shard's data (the files not yet written as they filled)."""
         if self.filled != len(self.acts):
             raise AssertionError(f"shard buffer holds {self.filled} of {len(self.acts)} images")
-
-        def arrays():
-            self._put("acts", self.acts)
-            self._put("norms", self.norms)
-
-        self._write(shard, arrays)
+        if self.written < self.filled:
+            self._write_rows(self.written, self.filled)
 
     def mark_complete(self, shard: int) -> None:
         """The statistics row, which doubles as the completion marker: only after all data."""
         self._write(shard, lambda: write_partial(self.group, shard, self.moments.partial()))
 
-    def _put(self, name: str, data: np.ndarray) -> None:
-        self.group[name].with_config(_WRITE_CONFIG)[self.start : self.start + len(data)] = data
+    def _put(self, name: str, data: np.ndarray, offset: int) -> None:
+        lo = self.start + offset
+        self.group[name].with_config(_WRITE_CONFIG)[lo : lo + len(data)] = data
 
     def _write(self, shard: int, fn: Callable[[], None]) -> None:
         try:

@@ -81,6 +81,16 @@ class StoreLayout:
             )
 
     @property
+    def images_per_write(self) -> int:
+        """Images per Zarr shard file: about a quarter of an extraction shard, whole chunks, dividing
+        it. Extraction writes each file as soon as its images are computed, so only the last
+        quarter's write is not hidden behind the forward pass (a file is always written whole:
+        rewriting part of one costs 3-10x)."""
+        n_chunks = self.images_per_shard // self.images_per_chunk
+        per_write = next(m for m in range(math.ceil(n_chunks / 4), n_chunks + 1) if n_chunks % m == 0)
+        return per_write * self.images_per_chunk
+
+    @property
     def n_shards(self) -> int:
         return math.ceil(self.n_images / self.images_per_shard)
 
@@ -157,7 +167,7 @@ def create_store(location: StoreLocation, layout: StoreLayout, lineage: dict, *,
         return
     group = open_store_group(location, "w")
     n, t, d = layout.n_images, layout.n_tokens, layout.d_model
-    ipc, ips = layout.images_per_chunk, layout.images_per_shard
+    ipc, ips = layout.images_per_chunk, layout.images_per_write  # ips: images per Zarr shard file
     common = dict(compressors=None, fill_value=0)
     group.create_array("acts", shape=(n, t, d), chunks=(ipc, t, d), shards=(ips, t, d),
                        dtype=ZARR_DTYPE[layout.dtype], **common)

@@ -96,7 +96,7 @@ def _patched(obj, name, value):
         setattr(obj, name, saved)
 
 
-def _discard_put(self, name, data):
+def _discard_put(self, name, data, offset):
     """The real worker thread and queue, minus the Zarr writes of acts, norms and image_idx."""
 
 

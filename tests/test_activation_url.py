@@ -137,10 +137,10 @@ def test_write_failure_on_a_url_marks_no_shard_of_any_hook(images, url, monkeypa
     """The norms write of the second hook fails after the first hook's writes landed."""
     real_put = extraction._HookShard._put
 
-    def failing_put(self, name, data):
+    def failing_put(self, name, data, offset):
         if name == "norms" and str(self.location).endswith("blocks.1.zarr"):
             raise OSError("injected write failure")
-        real_put(self, name, data)
+        real_put(self, name, data, offset)
 
     monkeypatch.setattr(extraction._HookShard, "_put", failing_put)
     with pytest.raises(extraction.ShardWriteError, match="injected write failure"):

@@ -115,7 +115,8 @@ def test_values_norms_and_dtypes(tmp_path, image_array, dtype):
         norms = torch.from_numpy(g["norms"][:])
         torch.testing.assert_close(norms, torch.linalg.vector_norm(ref, dim=-1))
         np.testing.assert_array_equal(g["image_idx"][:], np.arange(N))
-        assert g["acts"].chunks == (16, T, D) and g["acts"].shards == (64, T, D)
+        # a 64-image extraction shard is written as four 16-image Zarr shard files, each as it fills
+        assert g["acts"].chunks == (16, T, D) and g["acts"].shards == (16, T, D)
 
 
 @pytest.mark.parametrize("tokens,n_tok,sl", [("cls", 1, slice(0, 1)), ("patches", T - 1, slice(1, None))])
@@ -358,3 +359,25 @@ def test_image_reads_in_blocks_give_the_same_store(tmp_path, image_array, monkey
 def _arrays_before_stats(path):
     g = zarr.open_group(str(path), mode="r")
     return {k: g[k][:] for k in ("acts", "norms", "image_idx", "partials")}
+
+
+def test_each_zarr_shard_file_is_written_once_whole_as_soon_as_it_fills(tmp_path, image_array, monkeypatch):
+    from analysis import activation_extract
+
+    calls = []
+    real_put = activation_extract._HookShard._put
+
+    def recording_put(self, name, data, offset):
+        calls.append((Path(str(self.location)).name, name, self.start + offset, len(data), self.filled))
+        real_put(self, name, data, offset)
+
+    monkeypatch.setattr(activation_extract._HookShard, "_put", recording_put)
+    lay = layout()  # 64-image extraction shards of four 16-image files; the last shard holds 22
+    stores, _ = build(tmp_path, image_array, lay)
+    acts = [c for c in calls if c[0] == "blocks.0.zarr" and c[1] == "acts"]
+    assert [(lo, n) for _, _, lo, n, _ in acts] == [(lo, 16) for lo in range(0, 128, 16)] + [(128, 16), (144, 6)]
+    # the first file of a shard is written while later batches are still to come
+    assert acts[0][4] < 64
+    ref = reference(SyntheticCapture(), image_array[:], "blocks.0")
+    got = torch.from_numpy(zarr.open_group(str(stores["blocks.0"]), mode="r")["acts"][:].astype("float32"))
+    torch.testing.assert_close(got, ref.half().float(), rtol=0, atol=0)
