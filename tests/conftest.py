@@ -13,6 +13,15 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: threading only adds overhead (and stalls badly on a shared 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

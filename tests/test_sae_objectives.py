@@ -18,12 +18,7 @@ from analysis.dictionaries.objectives import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sae(arch="topk", d=12, width=40, k=5, seed=0, dtype=torch.double, **kw):

@@ -21,13 +21,7 @@ from analysis.train_sae import (
 D, WIDTH, N_ATOMS, K_TRUE = 32, 128, 64, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: threading only adds overhead (and stalls badly on a shared 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sparse_data(n: int, seed: int = 0) -> torch.Tensor:
