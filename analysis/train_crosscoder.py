@@ -152,8 +152,12 @@ def train_crosscoder(
     log_every: int = 50,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
+    eval_batch: Batch | None = None,
 ) -> CrosscoderTrainResult:
     """Train a crosscoder on aligned per-layer batches (e.g. a `MultiShuffledLoader`).
+
+    With `eval_batch` (raw held-out tokens in either batch form), every log row also carries
+    `eval_fvu` (pooled, against the held-out mean) and `eval_l0` on it.
 
     `mean_norms` holds each layer's mean raw token norm (store stats; `loader.mean_norms`),
     `init_batch` a raw sample in either batch form; n_layers and d_ins are read from it. `hooks`
@@ -247,11 +251,21 @@ def train_crosscoder(
             "lr": opt.param_groups[0]["lr"], "sparsity_coef": coef,
             "layer_fvu": [float(v) for v in mean[4:]],
         }
+        if eval_x is not None:
+            row.update(held_out())
         log.append(row)
         if on_log is not None:
             on_log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
         window, window_start = [], step
+
+    eval_x = None if eval_batch is None else cc.concat(eval_batch).to(device, torch.float32) * scale
+
+    @torch.no_grad()
+    def held_out() -> dict:
+        fwd_eval = _train_forward(cc, eval_x, low)
+        fvu = (fwd_eval.x_hat - eval_x).pow(2).sum() / (eval_x - eval_x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return {"eval_fvu": float(fvu), "eval_l0": float(fwd_eval.l0)}
 
     concat = (cc.concat(b) for b in loader)  # checks every batch's layer count and widths
     reuse = None  # topk: the (B, width) pre-activation buffer, overwritten each step

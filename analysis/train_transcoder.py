@@ -98,6 +98,7 @@ def train_transcoder(
     log_every: int = 50,
     dead_tokens: int | None = None,
     on_log: Callable[[dict], None] | None = None,
+    eval_batch: tuple[Tensor, Tensor] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
 ) -> TranscoderTrainResult:
@@ -107,7 +108,8 @@ def train_transcoder(
     (x_in, y) sample for the bias inits. Training stops after `n_train_tokens` tokens; the
     schedule's step count is n_train_tokens // (first batch size). `lr` None means
     2e-4 / sqrt(width / 2**14); `warmup_steps` None means 5 % of the steps.
-    A latent counts as dead in the log when it has not fired for `dead_tokens` tokens (None: for
+    With `eval_batch` (raw held-out (x_in, y)), every log row also carries `eval_fvu` (of y,
+    against the held-out mean) and `eval_l0` on it. A latent counts as dead in the log when it has not fired for `dead_tokens` tokens (None: for
     the whole run). Raises RuntimeError naming the first step whose loss is not finite.
 
     With `checkpoint_dir`, the training state is saved there every `checkpoint_every` steps (a
@@ -175,11 +177,24 @@ def train_transcoder(
         row = {"step": step, "tokens": tokens, "loss": float(mean[0]), "l0": float(mean[1]),
                "dead_fraction": float((since_fired >= min(dead_tokens or tokens, tokens)).float().mean()),
                "lr": opt.param_groups[0]["lr"]}
+        if eval_batch is not None:
+            row.update(held_out())
         log.append(row)
         if on_log is not None:
             on_log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", dead=f"{row['dead_fraction']:.3f}")
         window = []
+
+    if eval_batch is not None:
+        _check_pair(*eval_batch, cfg)
+        eval_x = eval_batch[0].to(device, torch.float32) * s_in
+        eval_y = eval_batch[1].to(device, torch.float32) * s_out
+
+    @torch.no_grad()
+    def held_out() -> dict:
+        out = tc(eval_x)
+        fvu = (out.y_hat - eval_y).pow(2).sum() / (eval_y - eval_y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return {"eval_fvu": float(fvu), "eval_l0": float((out.top_acts > 0).sum(1).float().mean())}
 
     t0 = time.perf_counter()
     for x, y in batches:

@@ -1,7 +1,6 @@
 import os
 import stat
 
-import dagster as dg
 import pytest
 
 from resources.storage import StorageResource

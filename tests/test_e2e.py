@@ -209,10 +209,10 @@ def test_crosscoder_member_reconstructs_every_hook_and_reports_each_layer(suite_
         load_member(spec, root, other)
 
 
-def test_sae_training_logs_held_out_fvu(suite_run):
-    _, root, _, _ = suite_run
+def test_every_dictionary_logs_held_out_fvu_while_training(suite_run):
+    spec, root, _, _ = suite_run
     con = connect_catalog(root.catalog)
-    rows = con.sql("SELECT dict_id, step, eval_fvu FROM train_log WHERE dict_id LIKE 'sae-%' "
-                   "ORDER BY dict_id, step").to_arrow_table().to_pylist()
+    rows = con.sql("SELECT dict_id, step, eval_fvu, eval_l0 FROM train_log ORDER BY dict_id, step").to_arrow_table().to_pylist()
     con.close()
-    assert rows and all(r["eval_fvu"] is not None and 0 < r["eval_fvu"] < 2 for r in rows)
+    assert {r["dict_id"] for r in rows} == {dictionary_id(spec, m) for m in spec.members()}
+    assert all(r["eval_fvu"] is not None and 0 < r["eval_fvu"] < 2 and r["eval_l0"] > 0 for r in rows), rows

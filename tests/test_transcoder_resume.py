@@ -22,7 +22,7 @@ def stores(tmp_path_factory):
     return make_stores(tmp_path_factory.mktemp("pair"))
 
 
-def _run(stores, checkpoint_dir=None, stop_at=None, rows=None):
+def _run(stores, checkpoint_dir=None, stop_at=None, rows=None, eval_batch=None):
     sa, sb = stores
     loader = PairedShuffledLoader(sa, sb, np.arange(N), batch_size=20, seed=5, buffer_chunks=2)
     init = next(iter(PairedShuffledLoader(sa, sb, np.arange(N), batch_size=20, seed=5, buffer_chunks=2)))
@@ -37,7 +37,7 @@ def _run(stores, checkpoint_dir=None, stop_at=None, rows=None):
     return train_transcoder(loader, TranscoderConfig(sa.d_model, sb.d_model, 12, 2, skip=True),
                             mean_norm_in=float(sa.stats.mean_norm), mean_norm_out=float(sb.stats.mean_norm),
                             init_batch=init, n_train_tokens=20 * 26, lr=3e-3, seed=1, progress=False,
-                            warmup_steps=2, log_every=4, on_log=on_log, checkpoint_dir=checkpoint_dir,
+                            warmup_steps=2, log_every=4, on_log=on_log, checkpoint_dir=checkpoint_dir, eval_batch=eval_batch,
                             checkpoint_every=8 if checkpoint_dir else 0)
 
 
@@ -74,3 +74,14 @@ def test_resumable_run_needs_the_loader_itself(stores, tmp_path):
 def test_train_config_rejects_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
         TranscoderTrainConfig(**bad)
+
+
+def test_held_out_fvu_in_the_log_equals_the_metric_at_the_end(stores):
+    from analysis.train_transcoder import transcoder_metrics
+
+    sa, sb = stores
+    held_out = (sa.read(0, 10).reshape(-1, sa.d_model), sb.read(0, 10).reshape(-1, sb.d_model))
+    res = _run(stores, eval_batch=held_out)
+    assert all("eval_fvu" in r for r in res.log) and res.log[-1]["eval_fvu"] < res.log[0]["eval_fvu"]
+    _, fvu = transcoder_metrics(res.transcoder, [held_out])
+    assert res.log[-1]["eval_fvu"] == pytest.approx(fvu, rel=1e-3)

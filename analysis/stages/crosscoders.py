@@ -27,6 +27,7 @@ from analysis.metrics import (
 )
 from analysis.multi_loader import MultiShuffledLoader
 from analysis.paths import DataRoot
+from analysis.stages.dataset import training_monitor_images
 from analysis.suite import CrosscoderMember, SuiteSpec, construct
 from analysis.train_crosscoder import CrosscoderTrainConfig, CrosscoderTrainResult, crosscoder_metrics, train_crosscoder
 
@@ -55,9 +56,13 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, trai
     make_loader = lambda: MultiShuffledLoader(  # noqa: E731
         stores, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
+    held_out = training_monitor_images(spec, root)
+    eval_batch = [torch.cat([a for _, a in iter_images(s, held_out)]).reshape(-1, s.d_model).to(device)
+                  for s in stores]
     loader = make_loader()
     result = train_crosscoder(loader, cfg, mean_norms=loader.mean_norms, init_batch=init_batch, progress=progress,
-                              on_log=on_log, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+                              on_log=on_log, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                              eval_batch=eval_batch)
     return result, asdict(cfg), stores[0].lineage
 
 

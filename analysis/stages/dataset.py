@@ -45,3 +45,19 @@ def split_indices(root: DataRoot, dataset_id: str) -> tuple[np.ndarray, np.ndarr
     """(train image indices, eval image indices) from the dataset's own per-image split."""
     split = np.asarray(read_labels(root.images(dataset_id)).column("split").to_pylist())
     return np.flatnonzero(split == "train"), np.flatnonzero(split == "eval")
+
+
+EVAL_IMAGES_DURING_TRAINING = 256
+"""Held-out images every dictionary trainer scores at each log row (the eval_fvu column)."""
+
+
+def evaluation_images(spec, root: DataRoot) -> np.ndarray:
+    """The held-out images a suite evaluates and mines on: the first `evaluation.max_images` of
+    the eval split (never trained on)."""
+    _, eval_idx = split_indices(root, spec.dataset_id)
+    return eval_idx[: spec.evaluation.max_images]
+
+
+def training_monitor_images(spec, root: DataRoot) -> np.ndarray:
+    """The held-out images scored during training: the first EVAL_IMAGES_DURING_TRAINING of them."""
+    return evaluation_images(spec, root)[:EVAL_IMAGES_DURING_TRAINING]

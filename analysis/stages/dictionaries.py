@@ -24,7 +24,7 @@ from analysis.mining import mine_features
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
 from analysis.dictionaries.resume import RESUME_DIR
-from analysis.stages.dataset import split_indices
+from analysis.stages.dataset import evaluation_images, split_indices, training_monitor_images
 from analysis.stages import crosscoders, transcoders
 from analysis.stages.model import load_model
 from analysis.suite import DictionaryMember, Member, SuiteSpec
@@ -34,8 +34,6 @@ SUMMARY_FILE = "train_summary.json"  # written last: its presence marks a finish
 
 
 CHECKPOINT_EVERY = 200  # steps between resumable training states (a multiple of the log interval)
-
-EVAL_IMAGES_DURING_TRAINING = 256  # held-out images scored at every training log row (SAEs)
 
 # member kind -> module with its member_id, train_member, evaluate_member, check_lineage
 KIND_STAGES = {"transcoder": transcoders, "crosscoder": crosscoders}
@@ -101,7 +99,7 @@ def _train_sae_member(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
         store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
     # held-out tokens for the eval_fvu column of the training log (never trained on)
-    held_out = _eval_images(spec, root)[:EVAL_IMAGES_DURING_TRAINING]
+    held_out = training_monitor_images(spec, root)
     eval_tokens = torch.cat([acts for _, acts in iter_images(store, held_out)]).reshape(-1, store.d_model)
     result = train_sae(make_loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
                        init_batch=init_batch, progress=progress, on_log=on_log,
@@ -128,18 +126,13 @@ def load_member(spec: SuiteSpec, root: DataRoot, member: Member, device: str = "
     return model
 
 
-def _eval_images(spec: SuiteSpec, root: DataRoot) -> np.ndarray:
-    _, eval_idx = split_indices(root, spec.dataset_id)
-    return eval_idx[: spec.evaluation.max_images]
-
-
 def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
     done = directory / "evaluation.json"
     if not done.exists():
         dictionary = load_member(spec, root, member, device)
-        eval_idx = _eval_images(spec, root)
+        eval_idx = evaluation_images(spec, root)
         batch = spec.evaluation.batch_images
         images = open_images(root.images(spec.dataset_id))
         labels = torch.from_numpy(read_labels(root.images(spec.dataset_id)).column("label").to_numpy().copy())
@@ -200,7 +193,7 @@ def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: 
     done = directory / "features.json"
     if not done.exists():
         dictionary = load_member(spec, root, member, device)
-        eval_idx = _eval_images(spec, root)
+        eval_idx = evaluation_images(spec, root)
         if member.kind == "crosscoder":  # its latents read every hook at once
             miner, batches = crosscoders.mining_input(spec, root, member, dictionary, eval_idx, device)
         else:

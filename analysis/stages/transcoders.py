@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from analysis.dictionaries import TopKTranscoder, TranscoderConfig
 from analysis.ids import content_id
@@ -25,6 +26,7 @@ from analysis.metrics import (
 )
 from analysis.paired_loader import PairedShuffledLoader
 from analysis.paths import DataRoot
+from analysis.stages.dataset import training_monitor_images
 from analysis.suite import SuiteSpec, TranscoderMember, construct
 from analysis.train_transcoder import TranscoderTrainConfig, TranscoderTrainResult, train_transcoder
 
@@ -58,12 +60,15 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, trai
     make_loader = lambda: PairedShuffledLoader(  # noqa: E731
         store_in, store_out, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
+    held_out = training_monitor_images(spec, root)
+    eval_batch = tuple(torch.cat([a for _, a in iter_images(s, held_out)]).reshape(-1, s.d_model).to(device)
+                       for s in (store_in, store_out))
     loader = make_loader()
     result = train_transcoder(
         loader, shape, mean_norm_in=float(store_in.stats.mean_norm), mean_norm_out=float(store_out.stats.mean_norm),
         init_batch=init_batch, n_train_tokens=cfg.n_train_tokens, lr=cfg.lr, seed=member.seed,
         progress=progress, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, dead_tokens=cfg.dead_tokens,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, on_log=on_log)
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, on_log=on_log, eval_batch=eval_batch)
     return result, {**asdict(cfg), "shape": asdict(shape)}, store_in.lineage
 
 
