@@ -114,17 +114,17 @@ class _Worker:
 class _HookShard:
     """One hook's part of one shard: statistics and a whole-shard buffer in the stored dtype."""
 
-    def __init__(self, group: zarr.Group, location: StoreLocation, layout: StoreLayout,
-                 start: int, stop: int, acc_dtype: torch.dtype):
-        self.group, self.location, self.dtype, self.start = group, location, layout.dtype, start
-        n = stop - start
+    def __init__(self, group: zarr.Group, location: StoreLocation, layout: StoreLayout, shard: int,
+                 acc_dtype: torch.dtype):
+        self.group, self.location, self.dtype, self.shard = group, location, layout.dtype, shard
+        self.start, stop = layout.shard_bounds(shard)
+        n = stop - self.start
         self.acts = np.empty((n, layout.n_tokens, layout.d_model), dtype=ZARR_DTYPE[layout.dtype])
         self.norms = np.empty((n, layout.n_tokens), dtype=np.float32)
         self.filled = self.written = 0
         # Zarr shard files are written whole, each as soon as its images are in (read from the
         # array: a store made with another file size is still written file by file)
         self.per_write = group["acts"].shards[0] if group["acts"].shards else n
-        self.shard = None
         self.moments = Moments(acc_dtype)
 
     def add(self, x: torch.Tensor, norms: torch.Tensor) -> None:
@@ -144,35 +144,34 @@ class _HookShard:
             self._put("acts", self.acts[lo:hi], lo)
             self._put("norms", self.norms[lo:hi], lo)
 
-        self._write(self.shard, arrays)
+        self._write(arrays)
         self.written = hi
 
-    def write_index(self, shard: int) -> None:
+    def write_index(self) -> None:
         """image_idx is known before any batch: written while the first batches compute."""
-        self.shard = shard
         index = np.arange(self.start, self.start + len(self.acts), dtype=np.int64)
-        self._write(shard, lambda: self._put("image_idx", index, 0))
+        self._write(lambda: self._put("image_idx", index, 0))
 
-    def write(self, shard: int) -> None:
+    def write(self) -> None:
         """What is left of the shard's data (the files not yet written as they filled)."""
         if self.filled != len(self.acts):
             raise AssertionError(f"shard buffer holds {self.filled} of {len(self.acts)} images")
         if self.written < self.filled:
             self._write_rows(self.written, self.filled)
 
-    def mark_complete(self, shard: int) -> None:
+    def mark_complete(self) -> None:
         """The statistics row, which doubles as the completion marker: only after all data."""
-        self._write(shard, lambda: write_partial(self.group, shard, self.moments.partial()))
+        self._write(lambda: write_partial(self.group, self.shard, self.moments.partial()))
 
     def _put(self, name: str, data: np.ndarray, offset: int) -> None:
         lo = self.start + offset
         self.group[name].with_config(_WRITE_CONFIG)[lo : lo + len(data)] = data
 
-    def _write(self, shard: int, fn: Callable[[], None]) -> None:
+    def _write(self, fn: Callable[[], None]) -> None:
         try:
             fn()
         except Exception as e:
-            raise ShardWriteError(f"writing shard {shard} of {self.location} failed: {e!r}") from e
+            raise ShardWriteError(f"writing shard {self.shard} of {self.location} failed: {e!r}") from e
 
 
 def _read_blocks(start: int, stop: int, batch_size: int, image_bytes: int) -> list[tuple[int, int]]:
@@ -235,7 +234,7 @@ def extract_shard(
         return ShardReport(shard, stop - start, time.perf_counter() - t0, True, 0)
 
     acc_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
-    parts = {h: _HookShard(g, stores[h], layout, start, stop, acc_dtype) for h, g in groups.items()}
+    parts = {h: _HookShard(g, stores[h], layout, shard, acc_dtype) for h, g in groups.items()}
 
     def process(out: dict[str, torch.Tensor], span: tuple[int, int]) -> None:
         for hook, (x, norms) in _checked(out, list(parts), layout, tokens, span).items():
@@ -248,7 +247,7 @@ def extract_shard(
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-reader")
     try:
         for part in parts.values():
-            worker.submit(lambda part=part: part.write_index(shard))
+            worker.submit(lambda part=part: part.write_index())
         blocks = _read_blocks(start, stop, batch_size, int(np.prod(images.shape[1:])))
         pending = reader.submit(images.__getitem__, slice(*blocks[0]))
         with tqdm(total=stop - start, desc=f"shard {shard}", unit="img", disable=not progress) as bar:
@@ -265,14 +264,14 @@ def extract_shard(
                     worker.submit(lambda out=out, span=span: process(out, span))
                     bar.update(span[1] - lo)
         for part in parts.values():  # one after another: parallel writes were slower (measured)
-            worker.submit(lambda part=part: part.write(shard))
+            worker.submit(lambda part=part: part.write())
         worker.close()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         worker.stop()  # after an exception above: finish or skip the queue, keep the first error
 
     for part in parts.values():
-        part.mark_complete(shard)  # last: every write above has landed
+        part.mark_complete()  # last: every write above has landed
     return ShardReport(shard, stop - start, time.perf_counter() - t0, False, 0)
 
 

@@ -321,3 +321,10 @@ def iter_images(store: ActivationStore, image_indices, *,
             have -= images_per_batch
     if have:
         yield np.concatenate(pend_idx), torch.cat(pend_acts)
+
+
+def read_tokens(store: ActivationStore, image_indices, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Every token of the given images as one (n_images * T, d) float32 tensor (small sets only:
+    the held-out images a trainer scores while it runs)."""
+    acts = torch.cat([a for _, a in iter_images(store, image_indices)])
+    return acts.reshape(-1, store.d_model).to(device)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from analysis.dictionaries import Crosscoder, SAEOutput
 from analysis.ids import content_id
-from analysis.loader import ActivationStore, iter_images
+from analysis.loader import ActivationStore, iter_images, read_tokens
 from analysis.metrics import (
     DownstreamMetrics,
     ReconstructionMetrics,
@@ -57,8 +57,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, trai
         stores, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
     held_out = training_monitor_images(spec, root)
-    eval_batch = [torch.cat([a for _, a in iter_images(s, held_out)]).reshape(-1, s.d_model).to(device)
-                  for s in stores]
+    eval_batch = [read_tokens(s, held_out, device) for s in stores]
     loader = make_loader()
     result = train_crosscoder(loader, cfg, mean_norms=loader.mean_norms, init_batch=init_batch, progress=progress,
                               on_log=on_log, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
@@ -120,13 +119,3 @@ def mining_input(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: 
     """What `mine_features` reads: the concatenated view and per-image concatenated activations."""
     return ConcatenatedView(cc), ((idx, acts.to(device)) for idx, acts in
                                   iter_concatenated(spec, root, member, eval_idx))
-
-
-def check_lineage(cc: Crosscoder, spec: SuiteSpec, member: CrosscoderMember, path) -> None:
-    lineage = cc.lineage or {}
-    got = (lineage.get("store_id"), tuple(lineage.get("hooks") or ()))
-    if got != (spec.store_id, member.hooks):
-        raise ValueError(
-            f"crosscoder at {path} was trained on store {got[0]!r}, hooks {list(got[1])} (lineage "
-            f"{lineage.get('store_lineage')}), but this suite member reads store {spec.store_id!r}, hooks "
-            f"{list(member.hooks)}: delete that directory and rematerialize the member")

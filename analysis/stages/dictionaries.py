@@ -18,7 +18,7 @@ import torch
 from analysis.catalog import write_table_partition
 from analysis.ids import code_version, content_id
 from analysis.images import open_images, read_labels, to_model_input
-from analysis.loader import ActivationStore, ShuffledLoader, iter_images
+from analysis.loader import ActivationStore, ShuffledLoader, iter_images, read_tokens
 from analysis.metrics import downstream_metrics, log10_density_histogram, reconstruction_metrics
 from analysis.mining import mine_features
 from analysis.paths import DataRoot
@@ -35,7 +35,7 @@ SUMMARY_FILE = "train_summary.json"  # written last: its presence marks a finish
 
 CHECKPOINT_EVERY = 200  # steps between resumable training states (a multiple of the log interval)
 
-# member kind -> module with its member_id, train_member, evaluate_member, check_lineage
+# member kind -> module with its member_id, train_member, evaluate_member, reconstruction
 KIND_STAGES = {"transcoder": transcoders, "crosscoder": crosscoders}
 
 
@@ -99,12 +99,11 @@ def _train_sae_member(spec: SuiteSpec, root: DataRoot, member: DictionaryMember,
         store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
     # held-out tokens for the eval_fvu column of the training log (never trained on)
-    held_out = training_monitor_images(spec, root)
-    eval_tokens = torch.cat([acts for _, acts in iter_images(store, held_out)]).reshape(-1, store.d_model)
+    eval_tokens = read_tokens(store, training_monitor_images(spec, root), device)
     result = train_sae(make_loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
                        init_batch=init_batch, progress=progress, on_log=on_log,
                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                       eval_tokens=eval_tokens.to(device))
+                       eval_tokens=eval_tokens)
     return result, asdict(cfg), store.lineage
 
 
@@ -112,16 +111,16 @@ def load_member(spec: SuiteSpec, root: DataRoot, member: Member, device: str = "
     """The member's trained dictionary, refused when its lineage is not this store and hook(s)."""
     path = root.dictionary(dictionary_id(spec, member))
     model = load_dictionary(path, device=device)
-    if member.kind in KIND_STAGES:
-        KIND_STAGES[member.kind].check_lineage(model, spec, member, path)
-        return model
     lineage = model.lineage or {}
-    if (lineage.get("store_id"), lineage.get("hook")) != (spec.store_id, member.hook):
+    # the member fields that name hooks: hook (SAE), hook + out_hook (transcoder), hooks (crosscoder);
+    # JSON round trip so a saved list compares equal to the member's tuple
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(member).items() if "hook" in k}))
+    got = {k: lineage.get(k) for k in wanted}
+    if (lineage.get("store_id"), got) != (spec.store_id, wanted):
         raise ValueError(
-            f"dictionary at {path} was trained on store "
-            f"{lineage.get('store_id')!r}, hook {lineage.get('hook')!r} (lineage {lineage.get('store_lineage')}), "
-            f"but this suite member reads store {spec.store_id!r}, hook {member.hook!r}: "
-            "delete that directory and rematerialize the member"
+            f"{member.kind} at {path} was trained on store {lineage.get('store_id')!r}, {got} "
+            f"(lineage {lineage.get('store_lineage')}), but this suite member reads store {spec.store_id!r}, "
+            f"{wanted}: delete that directory and rematerialize the member"
         )
     return model
 

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from analysis.dictionaries import TopKTranscoder, TranscoderConfig
 from analysis.ids import content_id
-from analysis.loader import ActivationStore, iter_images
+from analysis.loader import ActivationStore, iter_images, read_tokens
 from analysis.metrics import (
     DownstreamMetrics,
     ReconstructionMetrics,
@@ -61,8 +60,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, trai
         store_in, store_out, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
     held_out = training_monitor_images(spec, root)
-    eval_batch = tuple(torch.cat([a for _, a in iter_images(s, held_out)]).reshape(-1, s.d_model).to(device)
-                       for s in (store_in, store_out))
+    eval_batch = (read_tokens(store_in, held_out, device), read_tokens(store_out, held_out, device))
     loader = make_loader()
     result = train_transcoder(
         loader, shape, mean_norm_in=float(store_in.stats.mean_norm), mean_norm_out=float(store_out.stats.mean_norm),
@@ -91,14 +89,3 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, t
     hooks = transcoder_splice_hooks(tc, member.hook, member.out_hook)
     down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches)
     return rec, down, {}
-
-
-def check_lineage(tc: TopKTranscoder, spec: SuiteSpec, member: TranscoderMember, path) -> None:
-    lineage = tc.lineage or {}
-    got = (lineage.get("store_id"), lineage.get("hook"), lineage.get("out_hook"))
-    if got != (spec.store_id, member.hook, member.out_hook):
-        raise ValueError(
-            f"transcoder at {path} was trained on store {got[0]!r}, {got[1]!r} -> {got[2]!r} "
-            f"(lineage {lineage.get('store_lineage')}), but this suite member reads store {spec.store_id!r}, "
-            f"{member.hook!r} -> {member.out_hook!r}: delete that directory and rematerialize the member")
-
