@@ -5,8 +5,9 @@ Three threads per shard, so the forward pass is the only work on the critical pa
     reader   uint8 Zarr read of the next block of batches (up to 64 MiB)
     caller   to_model_input + capture (the forward pass with hooks)
     worker   token selection, checks, norms, statistics, the cast into whole-shard buffers,
-             and at the end the Zarr writes (one call per array per shard: partial writes
-             into a Zarr shard rewrite the whole shard file, 5-10x the cost)
+             and each Zarr shard file's write as soon as its images are in (always a whole
+             file: a partial write rewrites the file, 5-10x the cost; analysis.zarr_shard_file
+             builds the file without zarr's per-chunk pipeline, which held the GIL)
 
 The worker's queue is bounded: memory is one shard buffer per hook, three batches of capture
 outputs and two image blocks.
@@ -22,7 +23,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from analysis.activation_store import (
     open_layout,
 )
 from analysis.images import to_model_input
+from analysis.zarr_shard_file import ShardFileWriter
 
 Capture = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 """Model input (B, C, H, W) float32 in [0, 1] -> {hook: (B, T, d) activations}.
@@ -126,6 +128,9 @@ class _HookShard:
         # array: a store made with another file size is still written file by file)
         self.per_write = group["acts"].shards[0] if group["acts"].shards else n
         self.moments = Moments(acc_dtype)
+        # Opened once: each group[name] reads and parses the array's metadata again (0.3 ms).
+        self.writers = {name: ShardFileWriter(group[name].with_config(_WRITE_CONFIG))
+                        for name in ("acts", "norms", "image_idx")}
 
     def add(self, x: torch.Tensor, norms: torch.Tensor) -> None:
         self.moments.add(x, norms)
@@ -164,8 +169,7 @@ class _HookShard:
         self._write(lambda: write_partial(self.group, self.shard, self.moments.partial()))
 
     def _put(self, name: str, data: np.ndarray, offset: int) -> None:
-        lo = self.start + offset
-        self.group[name].with_config(_WRITE_CONFIG)[lo : lo + len(data)] = data
+        self.writers[name].write(self.start + offset, data)
 
     def _write(self, fn: Callable[[], None]) -> None:
         try:
@@ -180,12 +184,25 @@ def _read_blocks(start: int, stop: int, batch_size: int, image_bytes: int) -> li
     return [(lo, min(lo + per, stop)) for lo in range(start, stop, per)]
 
 
-def _select_tokens(x: torch.Tensor, tokens: str) -> torch.Tensor:
-    if tokens == "cls":
-        return x[:, :1]
-    if tokens == "patches":
-        return x[:, 1:]
-    return x
+TokenPositions = Union[slice, Sequence[int]]
+"""Positions along the capture's token axis to keep (analysis.tokens.select_tokens, per model)."""
+
+
+def _token_positions(tokens: TokenPositions) -> slice | torch.Tensor:
+    if isinstance(tokens, slice):
+        return tokens
+    if isinstance(tokens, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in tokens):
+        raise ValueError(
+            f"tokens={tokens!r}: expected a slice or a sequence of token positions; "
+            "analysis.tokens.select_tokens(vit_config, 'cls' | 'patches' | ...).keep gives them"
+        )
+    return torch.as_tensor(list(tokens), dtype=torch.int64)
+
+
+def _select_tokens(x: torch.Tensor, keep: slice | torch.Tensor) -> torch.Tensor:
+    if isinstance(keep, slice):
+        return x[:, keep]
+    return x.index_select(1, keep.to(x.device))
 
 
 def _open_todo(stores: dict[str, StoreLocation], shard: int) -> tuple[StoreLayout, dict[str, zarr.Group]]:
@@ -207,18 +224,18 @@ def extract_shard(
     *,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
-    tokens: Literal["all", "cls", "patches"] = "all",
+    tokens: TokenPositions = slice(None),
     progress: bool = True,
 ) -> ShardReport:
     """Compute one shard's activations for every hook in `stores` and write them.
 
-    `stores` maps hook -> store location (local path or fsspec URL). Skips quickly when every
+    `stores` maps hook -> store location (local path or fsspec URL). `tokens` are the positions of
+    the capture's token axis the stores keep (all by default). Skips quickly when every
     store already has the shard. Marks a store's shard complete only after all of its data and
     statistics partials are written; any error leaves no marker.
     """
     t0 = time.perf_counter()
-    if tokens not in ("all", "cls", "patches"):
-        raise ValueError(f"tokens={tokens!r}: expected 'all', 'cls' or 'patches'")
+    keep = _token_positions(tokens)
     if not stores:
         raise ValueError("stores is empty: pass {hook: store_location} for at least one hook")
     if batch_size < 1:
@@ -237,7 +254,7 @@ def extract_shard(
     parts = {h: _HookShard(g, stores[h], layout, shard, acc_dtype) for h, g in groups.items()}
 
     def process(out: dict[str, torch.Tensor], span: tuple[int, int]) -> None:
-        for hook, (x, norms) in _checked(out, list(parts), layout, tokens, span).items():
+        for hook, (x, norms) in _checked(out, list(parts), layout, keep, span).items():
             parts[hook].add(x, norms)
 
     # One batch queued, one in the worker, one in the forward: at most three batches of capture
@@ -275,7 +292,7 @@ def extract_shard(
     return ShardReport(shard, stop - start, time.perf_counter() - t0, False, 0)
 
 
-def _checked(out, hooks, layout, tokens, span) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _checked(out, hooks, layout, keep, span) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Select tokens, validate shape, finiteness and the float16 range: {hook: (x, norms)}.
 
     The token norms (stored anyway) carry both checks at 1/d of the cost of full passes over
@@ -288,11 +305,11 @@ def _checked(out, hooks, layout, tokens, span) -> dict[str, tuple[torch.Tensor, 
     for hook in hooks:
         if hook not in out:
             raise ValueError(f"capture returned hooks {sorted(out)}, missing {hook!r}")
-        x = _select_tokens(out[hook], tokens).float()
+        x = _select_tokens(out[hook], keep).float()
         expected = (span[1] - span[0], layout.n_tokens, layout.d_model)
         if tuple(x.shape) != expected:
             raise ValueError(
-                f"hook {hook!r} gave {tuple(x.shape)} after tokens={tokens!r}, the store expects "
+                f"hook {hook!r} gave {tuple(x.shape)} after keeping tokens {_describe(keep)}, the store expects "
                 f"{expected}: create the store with this hook's n_tokens/d_model"
             )
         norms = torch.linalg.vector_norm(x, dim=-1)  # fp32, before the cast to the store dtype
@@ -313,3 +330,9 @@ def _checked(out, hooks, layout, tokens, span) -> dict[str, tuple[torch.Tensor, 
                     f"{FLOAT16_MAX}: create the store with dtype='bfloat16' (or 'float32')"
                 )
     return res
+
+
+def _describe(keep: slice | torch.Tensor) -> str:
+    if isinstance(keep, slice):
+        return "all" if keep == slice(None) else f"{keep.start}..{keep.stop}"
+    return str(keep.tolist())

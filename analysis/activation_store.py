@@ -23,10 +23,12 @@ from typing import Literal, Union
 import numpy as np
 import zarr
 
+from analysis.tokens import TokenGroups
+
 StoreLocation = Union[str, Path]
 """A local directory (Path or plain str) or an fsspec URL such as memory://… or s3://…."""
 
-FORMAT = "spectra.activations/2"
+FORMAT = "spectra.activations/3"  # 3: token_groups attribute; 2: completion markers in the store
 ZARR_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 PARTIALS = "partials"
 
@@ -121,7 +123,7 @@ def _check_format(attrs: dict, location: StoreLocation) -> None:
     if attrs.get("format") != FORMAT:
         raise ValueError(
             f"activation store {location} has format {attrs.get('format')!r}, this code reads "
-            f"{FORMAT!r} (completion markers moved into the store): delete the store, or "
+            f"{FORMAT!r} (the store now records its token groups): delete the store, or "
             "re-create it with create_store(..., overwrite=True), and extract again"
         )
 
@@ -145,17 +147,27 @@ def read_layout(location: StoreLocation) -> StoreLayout:
 
 
 def create_store(location: StoreLocation, layout: StoreLayout, lineage: dict, *,
-                 overwrite: bool = False) -> None:
+                 token_groups: TokenGroups | None = None, overwrite: bool = False) -> None:
     """Create an empty store, or keep an existing identical one (and its completed shards).
 
-    Raises ValueError when a store with a different layout or lineage is already there: paths
-    are content-derived, so that means a bug upstream; pass overwrite=True to replace it.
+    `token_groups` says where the class token, registers and patches sit along the token axis;
+    None when the tokens are not a ViT's (then `ActivationStore.token_groups` is None too).
+    Raises ValueError when a store with a different layout, token groups or lineage is already
+    there: paths are content-derived, so that means a bug upstream; pass overwrite=True to
+    replace it.
     """
     lineage = _jsonable(lineage, "lineage")
-    wanted = {"layout": asdict(layout), "lineage": lineage}
+    groups = None if token_groups is None else token_groups.to_dict()
+    if token_groups is not None and token_groups.n_tokens != layout.n_tokens:
+        raise ValueError(
+            f"token_groups cover {token_groups.n_tokens} tokens ({groups}) but the layout has "
+            f"n_tokens={layout.n_tokens}: derive both from the same analysis.tokens.select_tokens"
+        )
+    wanted = {"layout": asdict(layout), "token_groups": groups, "lineage": lineage}
     attrs = None if overwrite else _existing_attrs(location)
     if attrs and "layout" in attrs:  # attrs are written last, so without them creation was cut short
-        found = {"layout": attrs["layout"], "lineage": attrs.get("lineage")}
+        _check_format(attrs, location)
+        found = {"layout": attrs["layout"], "token_groups": attrs.get("token_groups"), "lineage": attrs.get("lineage")}
         if found != wanted:
             raise ValueError(
                 f"activation store {location} exists with a different layout/lineage:\n"
@@ -163,7 +175,6 @@ def create_store(location: StoreLocation, layout: StoreLayout, lineage: dict, *,
                 "store paths are content-derived, so this points at an id bug; pass "
                 "overwrite=True only if replacing the store is intended"
             )
-        _check_format(attrs, location)
         return
     group = open_store_group(location, "w")
     n, t, d = layout.n_images, layout.n_tokens, layout.d_model

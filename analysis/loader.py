@@ -22,6 +22,7 @@ import torch
 
 from analysis.activation_stats import StoreStats, merge_partials, read_stats
 from analysis.activation_store import StoreLocation, completed, is_url, open_layout
+from analysis.tokens import TokenGroups
 
 
 def decode(raw: np.ndarray, logical_dtype: str) -> torch.Tensor:
@@ -55,6 +56,9 @@ class ActivationStore:
         self.d_model, self.dtype = self.layout.d_model, self.layout.dtype
         self.chunk_images = self.layout.images_per_chunk
         self.lineage: dict = dict(group.attrs.get("lineage", {}))
+        groups = group.attrs.get("token_groups")
+        self.token_groups: TokenGroups | None = None if groups is None else TokenGroups.from_dict(groups)
+        """Where the class token, registers and patches sit along the token axis (None: not recorded)."""
         self._stats: StoreStats | None = None
 
     @classmethod

@@ -18,6 +18,7 @@ import yaml
 from analysis.ids import content_id
 from analysis.mouse import MouseTrainConfig
 from analysis.shapes import ShapesConfig
+from analysis.tokens import TOKEN_SELECTIONS, select_tokens
 from analysis.vit import ViTConfig
 
 DATASET_GENERATORS = ("shapes",)
@@ -27,7 +28,6 @@ PENALTY_ARCHITECTURES = ("relu", "jumprelu")  # sparsity set by a penalty coeffi
 ARCHITECTURES = K_ARCHITECTURES + PENALTY_ARCHITECTURES
 CROSSCODER_ARCHITECTURES = ("topk", "relu")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
-TOKEN_SELECTIONS = ("all", "cls", "patches")
 
 
 def _choice(what: str, value, valid) -> None:
@@ -91,7 +91,8 @@ class ActivationSpec:
     dtype: str = "float16"
     """Store dtype: float16, bfloat16 (kept as uint16 bits) or float32."""
     tokens: str = "all"
-    """Which tokens to keep: all, cls, or patches."""
+    """Which tokens to keep: all, cls, patches, or no_registers (class token and patches);
+    see analysis.tokens."""
     batch_size: int = 256
     """Images per forward pass during extraction."""
     compute_dtype: str = "float32"
@@ -347,6 +348,9 @@ class SuiteSpec:
     transcoders: TranscoderGrid = TranscoderGrid()
     crosscoders: CrosscoderGrid = CrosscoderGrid()
     evaluation: EvaluationSpec = EvaluationSpec()
+
+    def __post_init__(self):
+        select_tokens(self.model_config().vit, self.activations.tokens)  # e.g. 'cls' on a model without one
 
     @property
     def dataset_id(self) -> str:

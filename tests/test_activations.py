@@ -64,7 +64,7 @@ def layout(**kw):
     return StoreLayout(**{**base, **kw})
 
 
-def build(root: Path, images, lay, capture=None, shards=None, tokens="all", lineage=None):
+def build(root: Path, images, lay, capture=None, shards=None, tokens=slice(None), lineage=None):
     stores = {h: root / f"{h}.zarr" for h in ("blocks.0", "blocks.1")}
     for p in stores.values():
         create_store(p, lay, lineage or {"model": "m", "images": "i"})
@@ -119,7 +119,11 @@ def test_values_norms_and_dtypes(tmp_path, image_array, dtype):
         assert g["acts"].chunks == (16, T, D) and g["acts"].shards == (16, T, D)
 
 
-@pytest.mark.parametrize("tokens,n_tok,sl", [("cls", 1, slice(0, 1)), ("patches", T - 1, slice(1, None))])
+@pytest.mark.parametrize("tokens,n_tok,sl", [
+    (slice(0, 1), 1, [0]),                 # the first token
+    (slice(1, None), T - 1, list(range(1, T))),  # all but the first
+    ((0, 2, 3), 3, [0, 2, 3]),             # not contiguous: one dropped between kept ones
+])
 def test_token_selection(tmp_path, image_array, tokens, n_tok, sl):
     stores, _ = build(tmp_path, image_array, layout(n_tokens=n_tok, dtype="float32"), tokens=tokens)
     got = zarr.open_group(str(stores["blocks.0"]), mode="r")["acts"][:]
@@ -128,8 +132,10 @@ def test_token_selection(tmp_path, image_array, tokens, n_tok, sl):
 
 
 def test_wrong_token_count_is_a_clear_error(tmp_path, image_array):
-    with pytest.raises(ValueError, match=r"gave \(20, 5, 12\) after tokens='all'"):
+    with pytest.raises(ValueError, match=r"gave \(20, 5, 12\) after keeping tokens all"):
         build(tmp_path, image_array, layout(n_tokens=4))
+    with pytest.raises(ValueError, match=r"tokens='cls': expected a slice or a sequence.*select_tokens"):
+        build(tmp_path / "b", image_array, layout(), tokens="cls")
 
 
 def _arrays(path):

@@ -59,7 +59,8 @@ def test_catalog_holds_one_evaluation_per_member_with_real_numbers(suite_run):
         assert 0 < r["l0"] <= (r["k"] or r["width"])
         assert r["ce_ablated"] > r["ce_clean"], "zero-ablating the residual stream must hurt"
         assert np.isfinite(r["loss_recovered"])
-        assert r["fvu_cls"] > 0 and 0 < r["fvu_patches"] < 1, r  # the tiny store keeps every token
+        # the tiny store keeps every token: the class token, one register and the patches
+        assert r["fvu_cls"] > 0 and r["fvu_registers"] > 0 and 0 < r["fvu_patches"] < 1, r
     assert (root.reports / "tiny_fvu_vs_l0.png").stat().st_size > 1000
 
 
@@ -89,12 +90,15 @@ def test_catalog_fvu_equals_fvu_recomputed_from_saved_weights_and_stored_activat
             else:
                 x_hat = dictionary(x.float()).x_hat.double()
         naive = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-        if member.kind == "sae":  # the CLS-only FVU: token 0 of every image, its own mean
-            (fvu_cls,) = con.execute("SELECT fvu_cls FROM evaluations WHERE dict_id = ?", [dict_id]).fetchone()
+        if member.kind == "sae":  # per kind of token, each against its own mean: [CLS, register, 16 patches]
             t = len(x) // len(eval_idx)
-            c, c_hat = x[::t], x_hat[::t]
-            naive_cls = ((c - c_hat) ** 2).sum() / ((c - c.mean(0)) ** 2).sum()
-            torch.testing.assert_close(torch.tensor(fvu_cls, dtype=torch.float64), naive_cls, rtol=1e-4, atol=1e-6)
+            assert t == 18
+            for column, positions in (("fvu_cls", [0]), ("fvu_registers", [1]), ("fvu_patches", range(2, 18))):
+                (got,) = con.execute(f"SELECT {column} FROM evaluations WHERE dict_id = ?", [dict_id]).fetchone()
+                rows = torch.cat([torch.arange(p, len(x), t) for p in positions])
+                c, c_hat = x[rows], x_hat[rows]
+                naive_kind = ((c - c_hat) ** 2).sum() / ((c - c.mean(0)) ** 2).sum()
+                torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), naive_kind, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(torch.tensor(fvu, dtype=torch.float64), naive, rtol=1e-4, atol=1e-6)
     con.close()
 

@@ -1,16 +1,19 @@
-"""Stage functions without Dagster: bf16 autocast extraction against the fp32 path."""
+"""Stage functions without Dagster: bf16 autocast extraction against the fp32 path, token selections."""
 
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 import zarr
 
+from analysis.images import open_images, to_model_input
 from analysis.paths import DataRoot
 from analysis.stages.activations import ensure_layout, extract, stop_layer
 from analysis.stages.dataset import ensure_dataset
-from analysis.stages.model import ensure_model
+from analysis.stages.model import ensure_model, load_model
 from analysis.suite import load_suite
+from analysis.tokens import TokenGroups
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"
 
@@ -69,3 +72,29 @@ def test_blocking_finiteness_check_fails_with_counts_and_stops_the_run(tmp_path)
         evaluation = next(e for e in result.get_asset_check_evaluations())
         assert not evaluation.passed
         assert evaluation.metadata[f"nonfinite.{hook}"].value == 2
+
+
+@pytest.mark.parametrize("selection", ["all", "cls", "patches", "no_registers"])
+def test_each_token_selection_stores_exactly_the_models_tokens_of_those_kinds(tmp_path, selection):
+    """The tiny mouse has a class token, one register and a 4x4 patch grid (18 tokens)."""
+    base = load_suite(TINY)
+    spec = dataclasses.replace(base, activations=dataclasses.replace(base.activations, tokens=selection))
+    root = DataRoot(tmp_path)
+    ensure_dataset(spec, root)
+    ensure_model(spec, root, progress=False)
+    ensure_layout(spec, root)
+    extract(spec, root, 0, progress=False)
+    hook = spec.activations.hooks[-1]
+    store = zarr.open_group(str(root.hook_store(spec.store_id, hook)), mode="r")
+    kept = {"all": list(range(18)), "cls": [0], "patches": list(range(2, 18)),
+            "no_registers": [0, *range(2, 18)]}[selection]
+    images = open_images(root.images(spec.dataset_id))[0:64]
+    model = load_model(spec, root)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(to_model_input(images), names_filter=[hook])
+    assert cache[hook].shape[1] == 18
+    torch.testing.assert_close(torch.from_numpy(store["acts"][0:64].astype("float32")),
+                               cache[hook][:, kept].half().float(), rtol=0, atol=0)
+    groups = TokenGroups.from_dict(store.attrs["token_groups"])
+    assert groups.n_tokens == len(kept) and groups.patch_grid == (4, 4)
+    assert (groups.positions("registers") is not None) == (selection == "all")

@@ -19,15 +19,20 @@ from analysis.paths import DataRoot
 from analysis.stages.dataset import shapes_config
 from analysis.stages.model import load_model, vit_config
 from analysis.suite import SuiteSpec
+from analysis.tokens import TokenSelection, select_tokens
 from analysis.vit import HookedViT
+
+
+def token_selection(spec: SuiteSpec) -> TokenSelection:
+    """The suite's token selection applied to its model: positions kept and their groups."""
+    return select_tokens(vit_config(spec), spec.activations.tokens)
 
 
 def store_layout(spec: SuiteSpec) -> StoreLayout:
     vit = vit_config(spec)
-    n_patches = (vit.image_size // vit.patch_size) ** 2
-    n_tokens = {"all": n_patches + 1, "cls": 1, "patches": n_patches}[spec.activations.tokens]
     return StoreLayout(
-        n_images=shapes_config(spec).n_images, n_tokens=n_tokens, d_model=vit.d_model,
+        n_images=shapes_config(spec).n_images, n_tokens=token_selection(spec).groups.n_tokens,
+        d_model=vit.d_model,
         images_per_shard=spec.activations.images_per_shard,
         images_per_chunk=spec.activations.images_per_chunk, dtype=spec.activations.dtype,
     )
@@ -61,7 +66,7 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
             "preprocessing": "uint8 / 255 -> float32 (B, C, H, W)",
         }
         path = root.hook_store(spec.store_id, hook)
-        create_store(path, layout, lineage)
+        create_store(path, layout, lineage, token_groups=token_selection(spec).groups)
         # The code version is lineage too, but kept outside the compared lineage: a new commit
         # must not invalidate a store whose content ids are unchanged.
         group = open_store_group(path, "r+")
@@ -90,7 +95,7 @@ def extract(spec: SuiteSpec, root: DataRoot, shard: int, *, device: str = "cpu",
 
     report = extract_shard(
         capture, open_images(root.images(spec.dataset_id)), stores, shard,
-        batch_size=spec.activations.batch_size, device=device, tokens=spec.activations.tokens,
+        batch_size=spec.activations.batch_size, device=device, tokens=token_selection(spec).keep,
         progress=progress,
     )
     return {"shard": shard, "skipped": report.skipped, "n_images": report.n_images,

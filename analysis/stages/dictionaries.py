@@ -26,6 +26,7 @@ from analysis.dictionaries import load_dictionary
 from analysis.dictionaries.resume import RESUME_DIR
 from analysis.stages.dataset import evaluation_images, split_indices, training_monitor_images
 from analysis.stages import crosscoders, transcoders
+from analysis.stages.activations import token_selection
 from analysis.stages.model import load_model
 from analysis.suite import DictionaryMember, Member, SuiteSpec
 from analysis.train_sae import SAETrainConfig, train_sae
@@ -172,16 +173,18 @@ def _sae_reconstruction(spec: SuiteSpec, root: DataRoot, member: DictionaryMembe
 
 def _fvu_by_token_kind(spec: SuiteSpec, root: DataRoot, member: Member, dictionary, eval_idx: np.ndarray,
                        rec, device: str) -> dict:
-    """FVU on the CLS token alone and on the patch tokens alone. The pooled FVU is dominated by the
-    patches (16 of 17 tokens in the default mouse), while the classifier reads the CLS token: a
+    """FVU on the class token alone, the registers alone and the patch tokens alone (None for a
+    kind the store does not keep), each against its own mean. The pooled FVU is dominated by the
+    patches (16 of 17 tokens in the default mouse), while the classifier reads the class token: a
     dictionary can reconstruct patches well, CLS badly, and lose the task when spliced in."""
-    tokens = spec.activations.tokens
-    if tokens != "all":  # the store holds one kind only: the pooled FVU is that kind's
-        return {"fvu_cls": rec.fvu if tokens == "cls" else None, "fvu_patches": rec.fvu if tokens == "patches" else None}
+    groups = token_selection(spec).groups
+    kinds = {f"fvu_{kind}": groups.positions(kind) for kind in ("cls", "registers", "patches")}
+    if sum(p is not None for p in kinds.values()) == 1:  # one kind only: the pooled FVU is its own
+        return {name: None if p is None else rec.fvu for name, p in kinds.items()}
     stage = KIND_STAGES.get(member.kind)
     scorer = stage.reconstruction if stage is not None else _sae_reconstruction
-    return {name: scorer(spec, root, member, dictionary, eval_idx, device=device, positions=positions).fvu
-            for name, positions in (("fvu_cls", slice(0, 1)), ("fvu_patches", slice(1, None)))}
+    return {name: None if p is None else scorer(spec, root, member, dictionary, eval_idx, device=device, positions=p).fvu
+            for name, p in kinds.items()}
 
 
 def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:

@@ -1,0 +1,59 @@
+"""Token selection against a naive per-position list of token kinds."""
+
+import itertools
+
+import pytest
+
+from analysis.tokens import TOKEN_SELECTIONS, TokenGroups, select_tokens
+from analysis.vit_config import ViTConfig
+
+
+def _config(class_token: bool, n_registers: int) -> ViTConfig:
+    return ViTConfig(image_size=12, patch_size=4, in_chans=1, d_model=8, n_layers=1, n_heads=2, d_mlp=16,
+                     n_classes=3, class_token=class_token, n_registers=n_registers,
+                     pool="cls" if class_token else "mean")
+
+
+def _kinds(cfg: ViTConfig) -> list[str]:
+    """The model's token axis, one entry per position, as analysis.vit lays it out."""
+    return ["cls"] * cfg.class_token + ["registers"] * cfg.n_registers + ["patches"] * 9
+
+
+WANTED = {"all": {"cls", "registers", "patches"}, "cls": {"cls"}, "patches": {"patches"},
+          "no_registers": {"cls", "patches"}}
+
+
+@pytest.mark.parametrize("class_token,n_registers,selection",
+                         list(itertools.product([True, False], [0, 1, 4], TOKEN_SELECTIONS)))
+def test_kept_positions_and_groups_match_the_models_token_kinds(class_token, n_registers, selection):
+    cfg = _config(class_token, n_registers)
+    kinds = _kinds(cfg)
+    if selection == "cls" and not class_token:
+        with pytest.raises(ValueError, match="no class token.*'patches' or 'all'"):
+            select_tokens(cfg, selection)
+        return
+    sel = select_tokens(cfg, selection)
+    kept = list(range(len(kinds)))[sel.keep] if isinstance(sel.keep, slice) else list(sel.keep)
+    assert kept == [i for i, k in enumerate(kinds) if k in WANTED[selection]]  # in model order
+    stored = [kinds[i] for i in kept]
+    g = sel.groups
+    assert g.n_tokens == len(stored) and g.patch_grid == (3, 3)
+    for kind in ("cls", "registers", "patches"):
+        span = g.positions(kind)
+        expected = [i for i, k in enumerate(stored) if k == kind]
+        assert (list(range(len(stored)))[span] if span else []) == expected, kind
+
+
+def test_registers_dropped_is_not_contiguous_only_with_a_class_token_and_registers():
+    assert select_tokens(_config(True, 4), "no_registers").keep == (0, *range(5, 14))
+    assert select_tokens(_config(False, 4), "no_registers").keep == slice(4, 13)
+    assert select_tokens(_config(True, 0), "no_registers").keep == slice(0, 10)
+
+
+def test_groups_round_trip_and_bad_names():
+    g = select_tokens(_config(True, 2), "all").groups
+    assert TokenGroups.from_dict(g.to_dict()) == g
+    with pytest.raises(ValueError, match="token kind 'patch'"):
+        g.positions("patch")
+    with pytest.raises(ValueError, match="token selection 'registers_dropped'.*no_registers"):
+        select_tokens(_config(True, 2), "registers_dropped")
