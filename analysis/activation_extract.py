@@ -1,28 +1,32 @@
 """Extraction of one shard: model forward on the caller's thread, everything else overlapped.
 
-Three threads per shard, so the forward pass is the only work on the critical path:
+Four threads per shard, so the forward pass is the only work on the critical path:
 
     reader   uint8 Zarr read of the next block of batches (up to 64 MiB)
     caller   to_model_input + capture (the forward pass with hooks)
-    worker   token selection, checks, norms, statistics, the cast into whole-shard buffers,
-             and each Zarr shard file's write as soon as its images are in (always a whole
-             file: a partial write rewrites the file, 5-10x the cost; analysis.zarr_shard_file
-             builds the file without zarr's per-chunk pipeline, which held the GIL)
+    worker   token selection, checks, norms, statistics, and the cast into a buffer of one Zarr
+             shard file per hook; when the forward leaves no core spare, the caller does this
+             share itself (see _spare_core)
+    writer   each Zarr shard file's write as soon as its images are in (always a whole file: a
+             partial write rewrites the file, 5-10x the cost; analysis.zarr_shard_file builds
+             the file without zarr's per-chunk pipeline, which held the GIL), so compute and
+             I/O overlap even where the caller does the worker's share, and on object stores
 
-The worker's queue is bounded: memory is one shard buffer per hook, three batches of capture
-outputs and two image blocks.
+Memory is bounded: two file buffers per hook, three batches of capture outputs (the worker's
+queue holds one) and two image blocks.
 Any error — in the worker, a write or the caller — is re-raised in the caller, and the
-completion markers (the statistics rows) are written by the caller only after the worker
-finished every data write of every hook without error.
+completion markers (the statistics rows) are written by the caller only after every data write
+of every hook has landed without error.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, NamedTuple, Sequence, Union
 
 import numpy as np
@@ -73,17 +77,20 @@ class ShardWriteError(RuntimeError):
 
 
 class _Worker:
-    """One thread running submitted tasks in order, behind a bounded queue.
+    """One thread running submitted tasks in order, behind a bounded queue (or, with
+    `threaded=False`, the caller running each task as it is submitted).
 
     After the first error it skips the remaining tasks but keeps draining (so `submit` never
     blocks on a full queue) and `check`/`close` re-raise that error in the caller's thread.
     """
 
-    def __init__(self, maxsize: int):
-        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+    def __init__(self, maxsize: int, *, threaded: bool = True):
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="activation-worker", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if threaded:
+            self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+            self.thread = threading.Thread(target=self._run, name="activation-worker", daemon=True)
+            self.thread.start()
 
     def _run(self):
         with torch.inference_mode():  # as the caller's thread: no autograd state on these tensors
@@ -96,7 +103,10 @@ class _Worker:
 
     def submit(self, task: Callable[[], None]) -> None:
         self.check()
-        self.queue.put(task)
+        if self.thread is None:
+            task()
+        else:
+            self.queue.put(task)
 
     def check(self) -> None:
         if self.error is not None:
@@ -104,7 +114,7 @@ class _Worker:
 
     def stop(self) -> None:
         """Finish the queued tasks and join the thread (idempotent); never raises."""
-        if self.thread.is_alive():
+        if self.thread is not None and self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
 
@@ -113,20 +123,47 @@ class _Worker:
         self.check()
 
 
+def _spare_core(device: torch.device) -> bool:
+    """Whether a worker thread would have a core the forward pass leaves free.
+
+    With the forward on an accelerator, or on fewer CPU threads than cores, the worker's
+    checks, statistics, cast and writes run beside it. When torch's CPU threads already fill
+    every core, a worker thread only preempts them. Mouse ViT, 2 cores, median of 7 (extract
+    images/s over a bare forward; benchmarks/results/extraction*.json): 2 torch threads, 0.665
+    with the worker thread vs 0.780 with its work inline; 1 torch thread, 0.943 vs 0.907.
+    """
+    if device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cores
+
+
 class _HookShard:
-    """One hook's part of one shard: statistics and a whole-shard buffer in the stored dtype."""
+    """One hook's part of one shard: statistics, and two Zarr shard file buffers in the stored dtype.
+
+    Rows go into one buffer as batches arrive; when it holds a whole file, the file's write goes
+    to the writer thread and the other buffer fills meanwhile (waiting first for that buffer's
+    previous write). Two file buffers instead of the whole extraction shard: half the memory,
+    and pages that stay warm instead of ~2,200 fresh page faults per 8.9 MB shard.
+    """
 
     def __init__(self, group: zarr.Group, location: StoreLocation, layout: StoreLayout, shard: int,
-                 acc_dtype: torch.dtype):
+                 acc_dtype: torch.dtype, writes: ThreadPoolExecutor):
         self.group, self.location, self.dtype, self.shard = group, location, layout.dtype, shard
         self.start, stop = layout.shard_bounds(shard)
-        n = stop - self.start
-        self.acts = np.empty((n, layout.n_tokens, layout.d_model), dtype=ZARR_DTYPE[layout.dtype])
-        self.norms = np.empty((n, layout.n_tokens), dtype=np.float32)
-        self.filled = self.written = 0
-        # Zarr shard files are written whole, each as soon as its images are in (read from the
-        # array: a store made with another file size is still written file by file)
-        self.per_write = group["acts"].shards[0] if group["acts"].shards else n
+        self.n = stop - self.start
+        # Files are written whole, each as soon as its images are in (the file size is read from
+        # the array: a store made with another file size is still written file by file).
+        per_file = group["acts"].shards[0] if group["acts"].shards else self.n
+        rows = min(per_file, self.n)
+        self.buffers = [(np.empty((rows, layout.n_tokens, layout.d_model), dtype=ZARR_DTYPE[layout.dtype]),
+                         np.empty((rows, layout.n_tokens), dtype=np.float32)) for _ in range(2)]
+        self.pending: list[Future | None] = [None, None]  # each buffer's write in flight
+        self.current = 0
+        self.written = 0  # rows of the shard handed to the writer
+        self.buffered = 0  # rows in the current buffer after those
+        self.writes = writes
+        self.index_write: Future | None = None
         self.moments = Moments(acc_dtype)
         # Opened once: each group[name] reads and parses the array's metadata again (0.3 ms).
         self.writers = {name: ShardFileWriter(group[name].with_config(_WRITE_CONFIG))
@@ -134,35 +171,50 @@ class _HookShard:
 
     def add(self, x: torch.Tensor, norms: torch.Tensor) -> None:
         self.moments.add(x, norms)
-        rows = slice(self.filled, self.filled + len(x))
-        dst = torch.from_numpy(self.acts[rows])
-        if self.dtype == "bfloat16":
-            dst = dst.view(torch.bfloat16)
-        dst.copy_(x)  # one fused cast + device-to-host copy into the buffer
-        torch.from_numpy(self.norms[rows]).copy_(norms)
-        self.filled += len(x)
-        while self.filled - self.written >= self.per_write:  # a whole file is ready: write it now
-            self._write_rows(self.written, self.written + self.per_write)
+        done = 0
+        while done < len(x):  # a batch may end one file and start the next
+            acts, norm_rows = self.buffers[self.current]
+            if self.buffered == 0 and self.pending[self.current] is not None:
+                self.pending[self.current].result()  # this buffer's last write has landed (or raises)
+                self.pending[self.current] = None
+            take = min(len(x) - done, len(acts) - self.buffered)
+            rows = slice(self.buffered, self.buffered + take)
+            dst = torch.from_numpy(acts[rows])
+            if self.dtype == "bfloat16":
+                dst = dst.view(torch.bfloat16)
+            dst.copy_(x[done : done + take])  # one fused cast + device-to-host copy into the buffer
+            torch.from_numpy(norm_rows[rows]).copy_(norms[done : done + take])
+            self.buffered += take
+            done += take
+            if self.buffered == len(acts):  # a whole file is in: write it, fill the other buffer
+                self._flush()
 
-    def _write_rows(self, lo: int, hi: int) -> None:
+    def _flush(self) -> None:
+        lo, n = self.written, self.buffered
+        acts, norms = self.buffers[self.current]
+
         def arrays():
-            self._put("acts", self.acts[lo:hi], lo)
-            self._put("norms", self.norms[lo:hi], lo)
+            self._put("acts", acts[:n], lo)
+            self._put("norms", norms[:n], lo)
 
-        self._write(arrays)
-        self.written = hi
+        self.pending[self.current] = self.writes.submit(self._write, arrays)
+        self.current ^= 1
+        self.written, self.buffered = lo + n, 0
 
     def write_index(self) -> None:
         """image_idx is known before any batch: written while the first batches compute."""
-        index = np.arange(self.start, self.start + len(self.acts), dtype=np.int64)
-        self._write(lambda: self._put("image_idx", index, 0))
+        index = np.arange(self.start, self.start + self.n, dtype=np.int64)
+        self.index_write = self.writes.submit(self._write, lambda: self._put("image_idx", index, 0))
 
     def write(self) -> None:
-        """What is left of the shard's data (the files not yet written as they filled)."""
-        if self.filled != len(self.acts):
-            raise AssertionError(f"shard buffer holds {self.filled} of {len(self.acts)} images")
-        if self.written < self.filled:
-            self._write_rows(self.written, self.filled)
+        """What is left of the shard's data (a last, short file), then wait for every write."""
+        if self.written + self.buffered != self.n:
+            raise AssertionError(f"shard got {self.written + self.buffered} of {self.n} images")
+        if self.buffered:
+            self._flush()
+        for future in (self.index_write, *self.pending):
+            if future is not None:
+                future.result()  # re-raises a write's ShardWriteError here
 
     def mark_complete(self) -> None:
         """The statistics row, which doubles as the completion marker: only after all data."""
@@ -251,7 +303,9 @@ def extract_shard(
         return ShardReport(shard, stop - start, time.perf_counter() - t0, True, 0)
 
     acc_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
-    parts = {h: _HookShard(g, stores[h], layout, shard, acc_dtype) for h, g in groups.items()}
+    # Every hook's file writes, in order, on one thread: parallel writes were slower (measured).
+    writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-writer")
+    parts = {h: _HookShard(g, stores[h], layout, shard, acc_dtype, writes) for h, g in groups.items()}
 
     def process(out: dict[str, torch.Tensor], span: tuple[int, int]) -> None:
         for hook, (x, norms) in _checked(out, list(parts), layout, keep, span).items():
@@ -260,11 +314,11 @@ def extract_shard(
     # One batch queued, one in the worker, one in the forward: at most three batches of capture
     # outputs alive (fp32, every hook), against one without the worker. The worker's share of a
     # batch is ~10x shorter than the forward, so a deeper queue would only hold more memory.
-    worker = _Worker(maxsize=1)
+    worker = _Worker(maxsize=1, threaded=_spare_core(torch.device(device)))
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-reader")
     try:
         for part in parts.values():
-            worker.submit(lambda part=part: part.write_index())
+            part.write_index()
         blocks = _read_blocks(start, stop, batch_size, int(np.prod(images.shape[1:])))
         pending = reader.submit(images.__getitem__, slice(*blocks[0]))
         with tqdm(total=stop - start, desc=f"shard {shard}", unit="img", disable=not progress) as bar:
@@ -280,12 +334,13 @@ def extract_shard(
                         out = capture(to_model_input(block[lo - b_lo : span[1] - b_lo], device))
                     worker.submit(lambda out=out, span=span: process(out, span))
                     bar.update(span[1] - lo)
-        for part in parts.values():  # one after another: parallel writes were slower (measured)
+        for part in parts.values():  # the last files, then wait for every write
             worker.submit(lambda part=part: part.write())
         worker.close()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         worker.stop()  # after an exception above: finish or skip the queue, keep the first error
+        writes.shutdown(wait=True, cancel_futures=True)
 
     for part in parts.values():
         part.mark_complete()  # last: every write above has landed

@@ -12,13 +12,16 @@ Zarr v3 sharding spec lays it out:
     index bytes as little-endian uint32 (index codecs `bytes` + `crc32c`, index at the end)
 
 Because a shard spans whole rows and inner chunks split only the first axis, that payload is the
-rows' bytes as they are in memory plus a small index: 1.0 ms and 0.45 ms of CPU for the same
-two files. The bytes are identical to zarr's own (tests/test_zarr_shard_file.py compares them),
-and anything else — another codec chain, a partial last shard, an unaligned range — goes
-through zarr unchanged.
+rows' bytes as they are in memory plus a small index: 1.0 ms and 0.45 ms of CPU for the same two
+files through the store, 0.69 and 0.17 ms written straight to a local file. The bytes are
+identical to zarr's own (tests/test_zarr_shard_file.py compares them), and anything else —
+another codec chain, a partial last shard, an unaligned range — goes through zarr unchanged.
 """
 
 from __future__ import annotations
+
+import os
+import uuid
 
 import google_crc32c
 import numpy as np
@@ -26,6 +29,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 
 def _is_little_bytes(codec) -> bool:
@@ -73,22 +77,41 @@ class ShardFileWriter:
                 or stop > self.array.shape[0] or data.shape[1:] != self.array.shape[1:]:
             self.array[start:stop] = data
             return
-        sync(self._set(start // self.layout[0], self._payload(data)))
-
-    def _payload(self, data: np.ndarray) -> np.ndarray:
-        rows_per_file, rows_per_chunk = self.layout
-        n_chunks = rows_per_file // rows_per_chunk
         body = np.ascontiguousarray(data, dtype=self.dtype).view(np.uint8).reshape(-1)
-        chunk_bytes = body.size // n_chunks
+        index = self._index(body.size)
+        coords = (start // self.layout[0],) + (0,) * (self.array.ndim - 1)
+        key = "/".join(p for p in (self.array.store_path.path, self.array.metadata.encode_chunk_key(coords)) if p)
+        store = self.array.store_path.store
+        if isinstance(store, LocalStore):
+            _write_local(store, key, body, index)
+        else:
+            payload = np.concatenate([body, np.frombuffer(index, dtype=np.uint8)])
+            sync(store.set(key, self._prototype.buffer.from_array_like(payload)))
+
+    def _index(self, body_bytes: int) -> bytes:
+        """The shard index: (offset, nbytes) per inner chunk, then its crc32c."""
+        n_chunks = self.layout[0] // self.layout[1]
+        chunk_bytes = body_bytes // n_chunks
         index = np.empty((n_chunks, 2), dtype="<u8")
         index[:, 0] = np.arange(n_chunks, dtype=np.uint64) * chunk_bytes
         index[:, 1] = chunk_bytes
         index_bytes = index.tobytes()
-        checksum = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
-        return np.concatenate([body, np.frombuffer(index_bytes + checksum, dtype=np.uint8)])
+        return index_bytes + np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
 
-    async def _set(self, file_index: int, payload: np.ndarray) -> None:
-        coords = (file_index,) + (0,) * (self.array.ndim - 1)
-        key = self.array.metadata.encode_chunk_key(coords)
-        target = self.array.store_path / key
-        await target.set(self._prototype.buffer.from_array_like(payload))
+
+def _write_local(store: LocalStore, key: str, body: np.ndarray, index: bytes) -> None:
+    """The file written from this thread, through a temporary file and a rename as zarr's
+    LocalStore does (a reader never sees half a file): without zarr's event loop and I/O thread,
+    0.69 instead of 1.14 ms of CPU for a 2.2 MB file, 0.17 instead of 0.45 ms for 70 kB (measured)."""
+    if store.read_only:
+        raise ValueError(f"store {store} is read-only: open it with mode='r+' to write")
+    path = store.root / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(memoryview(body))
+            f.write(index)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -288,10 +288,16 @@ def main():
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads (0 keeps torch's default, as SPECTRA_THREADS unset)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats; medians reported")
+    ap.add_argument("--worker", default="auto", choices=["auto", "thread", "inline"],
+                    help="where extraction does its non-forward work: as the pipeline decides (auto: a "
+                         "worker thread only when torch leaves a core spare), or forced, to compare")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "extraction.json"))
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.worker != "auto":
+        extraction._spare_core = lambda device: args.worker == "thread"
+    worker = "thread" if extraction._spare_core(torch.device("cpu")) else "inline"
     sizes = {"mouse": args.mouse_images, "large": args.large_images}
     t0 = time.perf_counter()
     results = {}
@@ -301,7 +307,7 @@ def main():
             results[name] = bench_config(name, CONFIGS[name], sizes[name], args, Path(tmp))
     out = {"benchmark": "extraction", "target": "extraction/bare >= 0.90",
            "repeats": args.repeats, "wall_seconds": round(time.perf_counter() - t0, 1),
-           "machine": machine(), "configs": results}
+           "machine": machine(), "worker": {"requested": args.worker, "used": worker}, "configs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 

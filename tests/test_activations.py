@@ -1,5 +1,6 @@
 """Activation extraction: values, dtypes, token selection, resume, failures, stats."""
 
+import os
 import threading
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from analysis.activations import (
     is_complete,
     missing_shards,
 )
+from analysis.activation_extract import _spare_core
 from analysis.images import to_model_input
 
 N, H, P, D = 150, 8, 4, 12  # images, image side, patch side, width
@@ -49,6 +51,16 @@ def reference(capture, images, hook, batch=BATCH):
     """The capture run on the same batches extraction uses, in fp32."""
     outs = [capture(to_model_input(images[i : i + batch]))[hook] for i in range(0, len(images), batch)]
     return torch.cat(outs).float()
+
+
+@pytest.fixture(autouse=True, params=["worker thread", "inline"])
+def worker_mode(request, monkeypatch):
+    """Every test runs both ways extraction does its non-forward work: on a worker thread (a core
+    is spare) and on the caller's thread (torch's threads fill every core)."""
+    from analysis import activation_extract
+
+    monkeypatch.setattr(activation_extract, "_spare_core", lambda device: request.param == "worker thread")
+    return request.param
 
 
 @pytest.fixture
@@ -370,20 +382,35 @@ def _arrays_before_stats(path):
 def test_each_zarr_shard_file_is_written_once_whole_as_soon_as_it_fills(tmp_path, image_array, monkeypatch):
     from analysis import activation_extract
 
-    calls = []
-    real_put = activation_extract._HookShard._put
+    calls, flushes = [], []
+    real_put, real_flush = activation_extract._HookShard._put, activation_extract._HookShard._flush
 
     def recording_put(self, name, data, offset):
-        calls.append((Path(str(self.location)).name, name, self.start + offset, len(data), self.filled))
+        calls.append((Path(str(self.location)).name, name, self.start + offset, len(data)))
         real_put(self, name, data, offset)
 
+    def recording_flush(self):  # when a file's write is handed over: rows seen of the shard so far
+        flushes.append((self.shard, self.written + self.buffered))
+        real_flush(self)
+
     monkeypatch.setattr(activation_extract._HookShard, "_put", recording_put)
+    monkeypatch.setattr(activation_extract._HookShard, "_flush", recording_flush)
     lay = layout()  # 64-image extraction shards of four 16-image files; the last shard holds 22
     stores, _ = build(tmp_path, image_array, lay)
     acts = [c for c in calls if c[0] == "blocks.0.zarr" and c[1] == "acts"]
-    assert [(lo, n) for _, _, lo, n, _ in acts] == [(lo, 16) for lo in range(0, 128, 16)] + [(128, 16), (144, 6)]
-    # the first file of a shard is written while later batches are still to come
-    assert acts[0][4] < 64
+    assert [(lo, n) for _, _, lo, n in acts] == [(lo, 16) for lo in range(0, 128, 16)] + [(128, 16), (144, 6)]
+    # each file of a shard is handed to the writer as soon as it is full, while later batches
+    # are still to come (two hooks: each file twice)
+    assert flushes[:8] == [(0, n) for n in (16, 16, 32, 32, 48, 48, 64, 64)]
     ref = reference(SyntheticCapture(), image_array[:], "blocks.0")
     got = torch.from_numpy(zarr.open_group(str(stores["blocks.0"]), mode="r")["acts"][:].astype("float32"))
     torch.testing.assert_close(got, ref.half().float(), rtol=0, atol=0)
+
+
+def test_the_worker_thread_runs_only_where_a_core_is_spare(monkeypatch):
+    # _spare_core is the real function: imported before the autouse fixture patches the module
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for threads, spare in ((1, True), (2, False), (4, False)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        assert _spare_core(torch.device("cpu")) is spare
+        assert _spare_core(torch.device("cuda")) is True  # the forward runs on the accelerator

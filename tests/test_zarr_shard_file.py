@@ -16,7 +16,7 @@ LAYOUT = StoreLayout(n_images=40, n_tokens=5, d_model=6, images_per_shard=40, im
 
 def _stored_files(array: zarr.Array) -> dict[str, bytes]:
     """Every chunk key of `array` and its bytes, read through the array's own store."""
-    store, prefix = array.store_path.store, array.path + "/c"
+    store, prefix = array.store_path.store, "/".join(p for p in (array.path, "c") if p)
 
     async def read():
         keys = [k async for k in store.list_prefix(prefix)]
@@ -93,3 +93,20 @@ def test_read_only_store_refuses(tmp_path):
     writer = ShardFileWriter(open_store_group(tmp_path / "a.zarr", "r")["norms"])
     with pytest.raises(Exception, match="read.only|read-only"):
         writer.write(0, np.zeros((LAYOUT.images_per_write, 5), np.float32))
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_an_array_at_the_store_root(tmp_path, where):
+    """Keys without a group prefix: the file lands where zarr puts it, not at a rooted path."""
+    locations = [str(tmp_path / n) for n in ("a.zarr", "b.zarr")] if where == "local" else \
+        [f"memory://{uuid.uuid4().hex}/{n}.zarr" for n in "ab"]
+    made = [zarr.create_array(store=loc, shape=(8, 3), chunks=(2, 3), shards=(4, 3), dtype="float32",
+                              compressors=None, fill_value=0) for loc in locations]
+    data = np.arange(24, dtype=np.float32).reshape(8, 3)
+    made[0][...] = data
+    writer = ShardFileWriter(made[1])
+    assert writer.layout == (4, 2)
+    writer.write(0, data[:4])
+    writer.write(4, data[4:])
+    np.testing.assert_array_equal(made[1][...], data)
+    assert _stored_files(made[1]) == _stored_files(made[0]) and len(_stored_files(made[1])) == 2
