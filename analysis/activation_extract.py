@@ -6,11 +6,12 @@ Four threads per shard, so the forward pass is the only work on the critical pat
     caller   to_model_input + capture (the forward pass with hooks)
     worker   token selection, checks, norms, statistics, and the cast into a buffer of one Zarr
              shard file per hook; when the forward leaves no core spare, the caller does this
-             share itself (see _spare_core)
+             share itself (_spare_core has the measurements)
     writer   each Zarr shard file's write as soon as its images are in (always a whole file: a
              partial write rewrites the file, 5-10x the cost; analysis.zarr_shard_file builds
-             the file without zarr's per-chunk pipeline, which held the GIL), so compute and
-             I/O overlap even where the caller does the worker's share, and on object stores
+             the file without zarr's per-chunk pipeline, which held the GIL); on a local store
+             with no core spare, the caller writes too, while a URL store always gets the
+             thread (its writes wait on the network)
 
 Memory is bounded: two file buffers per hook, three batches of capture outputs (the worker's
 queue holds one) and two image blocks.
@@ -40,6 +41,7 @@ from analysis.activation_store import (
     StoreLayout,
     StoreLocation,
     completed,
+    is_url,
     open_layout,
 )
 from analysis.images import to_model_input
@@ -123,14 +125,31 @@ class _Worker:
         self.check()
 
 
+class _CallerExecutor:
+    """The submit/shutdown of a ThreadPoolExecutor, running each call at once on the caller."""
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # held by the future, raised by .result() like a thread's
+            future.set_exception(e)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 def _spare_core(device: torch.device) -> bool:
-    """Whether a worker thread would have a core the forward pass leaves free.
+    """Whether worker and writer threads would have a core the forward pass leaves free.
 
     With the forward on an accelerator, or on fewer CPU threads than cores, the worker's
-    checks, statistics, cast and writes run beside it. When torch's CPU threads already fill
-    every core, a worker thread only preempts them. Mouse ViT, 2 cores, median of 7 (extract
-    images/s over a bare forward; benchmarks/results/extraction*.json): 2 torch threads, 0.665
-    with the worker thread vs 0.780 with its work inline; 1 torch thread, 0.943 vs 0.907.
+    checks, statistics and cast, and the local file writes, run beside it. When torch's CPU
+    threads already fill every core, extra threads only preempt them, and a preempted thread
+    stalls the whole parallel op. Mouse ViT on 2 cores, extract images/s over a bare forward,
+    both placements in the same run, median of 7 (benchmarks/results/extraction*.json): with 2
+    torch threads, 0.706 with worker and writer threads vs 0.832 with all of it on the caller;
+    with 1 torch thread, 0.953 with the threads vs 0.906 on the caller.
     """
     if device.type != "cpu":
         return True
@@ -303,8 +322,12 @@ def extract_shard(
         return ShardReport(shard, stop - start, time.perf_counter() - t0, True, 0)
 
     acc_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
-    # Every hook's file writes, in order, on one thread: parallel writes were slower (measured).
-    writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-writer")
+    spare = _spare_core(torch.device(device))
+    # Every hook's file writes, in order, on one thread (parallel writes were slower, measured):
+    # its own where a core is spare or a write waits on the network, else the caller's.
+    overlap_writes = spare or any(is_url(loc) for loc in stores.values())
+    writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-writer") if overlap_writes \
+        else _CallerExecutor()
     parts = {h: _HookShard(g, stores[h], layout, shard, acc_dtype, writes) for h, g in groups.items()}
 
     def process(out: dict[str, torch.Tensor], span: tuple[int, int]) -> None:
@@ -314,7 +337,7 @@ def extract_shard(
     # One batch queued, one in the worker, one in the forward: at most three batches of capture
     # outputs alive (fp32, every hook), against one without the worker. The worker's share of a
     # batch is ~10x shorter than the forward, so a deeper queue would only hold more memory.
-    worker = _Worker(maxsize=1, threaded=_spare_core(torch.device(device)))
+    worker = _Worker(maxsize=1, threaded=spare)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-reader")
     try:
         for part in parts.values():

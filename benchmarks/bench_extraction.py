@@ -11,12 +11,15 @@ these passes back to back (interleaved, so load spikes on a shared machine hit a
     capture        read + to_model_input + the pipeline's capture only    (hooks, no store)
     extract_nowrite extract_shard minus the acts/norms/image_idx Zarr writes (checks, stats, cast)
     extract        extract_shard into fresh stores                        (what the pipeline does)
+    extract_threads extract with worker and writer threads forced          (one of extract's two modes)
+    extract_inline  extract with the worker's share and the writes on the caller (the other)
 
 and one instrumented extract pass afterwards splits the time by step and thread (not part of
 the ratios); last, one activation shard is written chunk by chunk vs in one call (as extraction does).
 Writes benchmarks/results/extraction.json.
 
     python benchmarks/bench_extraction.py [--repeats 7] [--mouse-images 4096] [--large-images 512]
+    python benchmarks/bench_extraction.py --device cuda --configs mouse large vitb16 --out benchmarks/results/extraction_cuda.json
 """
 
 from __future__ import annotations
@@ -52,7 +55,19 @@ CONFIGS = {
     # 8 px patches -> 65 tokens, d 192, 4 blocks: the forward pass dominates.
     "large": ViTConfig(image_size=64, patch_size=8, in_chans=1, d_model=192, n_layers=4,
                        n_heads=4, d_mlp=768, n_classes=3),
+    # ViT-B/16 at 224 px (197 tokens, d 768, 12 blocks): the accelerator case (--device cuda
+    # --configs vitb16); random pixels, which cost the same as real ones.
+    "vitb16": ViTConfig(image_size=224, patch_size=16, in_chans=3, d_model=768, n_layers=12,
+                        n_heads=12, d_mlp=3072, n_classes=1000),
 }
+DEFAULT_CONFIGS = ["mouse", "large"]
+DEVICE = torch.device("cpu")  # set once by --device
+
+
+def _sync() -> None:
+    """Wait for queued accelerator work, so a timer stops after it, not after its launch."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def machine() -> dict:
@@ -62,9 +77,14 @@ def machine() -> dict:
             "zarr": zarr.__version__, "numpy": np.__version__}
 
 
-def make_images(directory: Path, n: int) -> zarr.Array:
-    data = generate_shapes(ShapesConfig(n_images=n))
-    write_image_dataset(directory, data.images, data.labels)
+def make_images(directory: Path, n: int, cfg: ViTConfig) -> zarr.Array:
+    if (cfg.image_size, cfg.in_chans) == (64, 1):  # the shapes generator's images
+        data = generate_shapes(ShapesConfig(n_images=n))
+        write_image_dataset(directory, data.images, data.labels)
+    else:
+        pixels = np.random.default_rng(0).integers(0, 256, (n, cfg.image_size, cfg.image_size, cfg.in_chans),
+                                                   dtype=np.uint8)
+        write_image_dataset(directory, pixels, {"label": np.zeros(n, dtype=np.int64)})
     return open_images(directory)
 
 
@@ -73,7 +93,7 @@ def make_capture(model: HookedViT, hooks: list[str], stop: int | None, compute_d
     autocast, amp_dtype = compute_dtype != "float32", getattr(torch, compute_dtype)
 
     def capture(x):
-        with torch.autocast(device_type="cpu", dtype=amp_dtype, enabled=autocast):
+        with torch.autocast(device_type=DEVICE.type, dtype=amp_dtype, enabled=autocast):
             _, cache = model.run_with_cache(x, names_filter=hooks, stop_at_layer=stop)
         return {h: cache[h].float() for h in hooks}
     return capture
@@ -83,7 +103,7 @@ def forward_loop(fn, images: zarr.Array, batch_size: int) -> None:
     n = images.shape[0]
     for lo in range(0, n, batch_size):
         with torch.inference_mode():
-            fn(to_model_input(images[lo:lo + batch_size]))
+            fn(to_model_input(images[lo:lo + batch_size], DEVICE))
 
 
 @contextlib.contextmanager
@@ -112,7 +132,8 @@ def run_extract(capture, images, layout: StoreLayout, hooks: list[str], workdir:
         with _patched(extraction._HookShard, "_put", put):
             t0 = time.perf_counter()
             for shard in range(layout.n_shards):
-                extract_shard(capture, images, stores, shard, batch_size=batch_size, progress=False)
+                extract_shard(capture, images, stores, shard, batch_size=batch_size, device=DEVICE,
+                              progress=False)
             seconds = time.perf_counter() - t0
     finally:
         shutil.rmtree(workdir)
@@ -133,18 +154,28 @@ class _TimedImages:
 def breakdown(capture, images, layout, hooks, workdir, batch_size) -> dict:
     """One instrumented extract pass: seconds per step and per thread, by wrapping the steps.
 
-    Only the caller thread's time adds up to the wall time; the reader and worker threads run
-    beside it (on a second core when torch runs one thread).
+    Only the caller thread's time adds up to the wall time; the reader, worker and writer
+    threads run beside it. A step inside another (Moments.add inside _HookShard.add, a write
+    inside it when writes run on the caller) is listed on its own but counted once in the rest.
     """
     times: dict[str, float] = defaultdict(float)
+    outermost: dict[str, float] = defaultdict(float)  # per thread: time in steps not nested in others
+    depth = threading.local()
 
     def timed(name, fn):
         def wrapper(*a, **k):
+            thread = threading.current_thread().name.split('_')[0]
+            level = getattr(depth, "n", 0)
+            depth.n = level + 1
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                times[f"{name} [{threading.current_thread().name.split('_')[0]}]"] += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                depth.n = level
+                times[f"{name} [{thread}]"] += elapsed
+                if level == 0:
+                    outermost[thread] += elapsed
         return wrapper
 
     shard = extraction._HookShard
@@ -163,7 +194,7 @@ def breakdown(capture, images, layout, hooks, workdir, batch_size) -> dict:
         total = run_extract(timed("capture (forward + hooks)", capture), _TimedImages(images, timed),
                             layout, hooks, workdir, batch_size)
     steps_s = {k: round(v, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
-    on_caller = sum(v for k, v in times.items() if k.endswith("[MainThread]"))
+    on_caller = outermost["MainThread"]
     steps_s["other on the caller (loop, waiting for the reader, the final writes) [MainThread]"] = round(total - on_caller, 4)
     return {"total_seconds": round(total, 4), "steps_seconds": steps_s}
 
@@ -201,9 +232,9 @@ def shard_write_pattern(layout: StoreLayout, n_hooks: int, tmp: Path, repeats: i
 
 
 def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> dict:
-    images = make_images(tmp / f"images_{name}", n_images)
+    images = make_images(tmp / f"images_{name}", n_images, cfg)
     torch.manual_seed(0)
-    model = HookedViT(cfg).eval()
+    model = HookedViT(cfg).eval().to(DEVICE)
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
     stop = cfg.n_layers  # stop_layer(hooks) of the pipeline: deepest block + 1
     capture = make_capture(model, hooks, stop, args.compute_dtype)
@@ -211,7 +242,7 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
     layout = StoreLayout(n_images=n_images, n_tokens=cfg.n_tokens, d_model=cfg.d_model,
                          images_per_shard=ips, images_per_chunk=args.images_per_chunk, dtype="float16")
     bs = args.batch_size
-    inputs = [to_model_input(images[lo:lo + bs]) for lo in range(0, n_images, bs)]
+    inputs = [to_model_input(images[lo:lo + bs], DEVICE) for lo in range(0, n_images, bs)]
 
     def forward_only():
         with torch.inference_mode():
@@ -224,6 +255,10 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
         "bare": lambda: _seconds(lambda: forward_loop(model, images, bs)),
         "extract": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs),
         "extract_nowrite": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs, discard_writes=True),
+        # The two ways extract_shard can place its non-forward work, forced (extract picks one):
+        # worker and writer threads, or everything on the caller.
+        "extract_threads": lambda: _forced(True, lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs)),
+        "extract_inline": lambda: _forced(False, lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs)),
     }
     for fn in passes.values():  # warm-up: page cache, allocator, thread pool
         fn()
@@ -243,7 +278,7 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
     pattern = shard_write_pattern(full, len(hooks), tmp, min(args.repeats, 3))
     per_repeat = [e / b for e, b in zip(runs["extract"], runs["bare"])]
     ratios = {k: float(np.median([x / b for x, b in zip(runs[k], runs["bare"])]))
-              for k in ("capture", "extract_nowrite", "extract")}
+              for k in ("capture", "extract_nowrite", "extract", "extract_threads", "extract_inline")}
     bare_ms = 1000 / med["bare"]
     return {
         "vit": asdict(cfg), "n_tokens": cfg.n_tokens, "hooks": hooks, "stop_at_layer": stop,
@@ -258,6 +293,10 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
         "extraction_over_forward_only": round(float(np.median(
             [e / f for e, f in zip(runs["extract"], runs["forward_only"])])), 3),
         "extract_nowrite_over_bare": round(ratios["extract_nowrite"], 3),
+        "device": str(DEVICE),
+        "extract_mode": "threads" if extraction._spare_core(DEVICE) else "inline",
+        "forced_modes_over_bare": {"threads": round(ratios["extract_threads"], 3),
+                                   "inline": round(ratios["extract_inline"], 3)},
         # Extra milliseconds per image each stage adds on top of the bare forward (medians).
         "ms_per_image": {"bare": round(bare_ms, 4),
                          "+hooks/capture": round(1000 / med["capture"] - bare_ms, 4),
@@ -269,17 +308,26 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
     }
 
 
+def _forced(spare: bool, fn) -> float:
+    with _patched(extraction, "_spare_core", lambda device: spare):
+        return fn()
+
+
 def _seconds(fn) -> float:
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...: where the forward pass runs")
     ap.add_argument("--mouse-images", type=int, default=4096)
     ap.add_argument("--large-images", type=int, default=512)
+    ap.add_argument("--vitb16-images", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=256, help="the pipeline's default")
     ap.add_argument("--images-per-shard", type=int, default=4096, help="the pipeline's default")
     ap.add_argument("--images-per-chunk", type=int, default=256, help="the pipeline's default")
@@ -288,17 +336,13 @@ def main():
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads (0 keeps torch's default, as SPECTRA_THREADS unset)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats; medians reported")
-    ap.add_argument("--worker", default="auto", choices=["auto", "thread", "inline"],
-                    help="where extraction does its non-forward work: as the pipeline decides (auto: a "
-                         "worker thread only when torch leaves a core spare), or forced, to compare")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "extraction.json"))
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.worker != "auto":
-        extraction._spare_core = lambda device: args.worker == "thread"
-    worker = "thread" if extraction._spare_core(torch.device("cpu")) else "inline"
-    sizes = {"mouse": args.mouse_images, "large": args.large_images}
+    sizes = {"mouse": args.mouse_images, "large": args.large_images, "vitb16": args.vitb16_images}
     t0 = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -307,7 +351,7 @@ def main():
             results[name] = bench_config(name, CONFIGS[name], sizes[name], args, Path(tmp))
     out = {"benchmark": "extraction", "target": "extraction/bare >= 0.90",
            "repeats": args.repeats, "wall_seconds": round(time.perf_counter() - t0, 1),
-           "machine": machine(), "worker": {"requested": args.worker, "used": worker}, "configs": results}
+           "machine": machine(), "configs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
@@ -320,6 +364,8 @@ def main():
               f"{r['extraction_over_bare_of_medians']:.3f}; capture/bare {r['capture_over_bare']:.3f}, "
               f"nowrite/bare {r['extract_nowrite_over_bare']:.3f}; extract/forward_only "
               f"{r['extraction_over_forward_only']:.3f} at {m['forward_only']:.0f} images/s)")
+        f = r["forced_modes_over_bare"]
+        print(f"{'':<7} extract runs {r['extract_mode']}; forced: threads {f['threads']:.3f}, inline {f['inline']:.3f}")
     for name, r in results.items():
         b = r["breakdown_one_pass"]
         print(f"\n{name}: one instrumented extract pass, {b['total_seconds']} s")
