@@ -9,7 +9,7 @@ any set of replacement hooks (e.g. `transcoder_splice_hooks`). Any object with `
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -177,23 +177,50 @@ def _kl_sum(clean_logp: Tensor, other_logits: Tensor) -> float:
     return float(F.kl_div(other_logp, clean_logp, reduction="sum", log_target=True))
 
 
-def downstream_metrics(model, sae, hook_name: str, batches: Iterable[tuple[Tensor, Tensor]]) -> DownstreamMetrics:
-    """Clean vs SAE-spliced vs zero-ablated forward passes at `hook_name`.
+Positions = Union[slice, Sequence[int]]
+"""Token positions along the model's token axis that a dictionary covers: those its activation
+store keeps (`analysis.tokens.select_tokens(...).keep`). Splicing and ablation touch only these;
+a dictionary trained on patches never sees, so never replaces, the class token."""
+
+
+def _index(positions: Positions) -> slice | list[int]:
+    return positions if isinstance(positions, slice) else list(positions)
+
+
+def _replaced(act: Tensor, positions: Positions, new: Tensor) -> Tensor:
+    """`act` with the tokens at `positions` replaced by `new` (the rest untouched)."""
+    idx = _index(positions)
+    if idx == slice(None):
+        return new.to(act.dtype)
+    out = act.clone()
+    out[:, idx] = new.to(act.dtype)
+    return out
+
+
+def _apply(fn: Callable[[Tensor], Tensor], act: Tensor, positions: Positions) -> Tensor:
+    """`fn` (rows, d) -> (rows, d) applied to the tokens at `positions` of act (B, T, d)."""
+    sel = act[:, _index(positions)]
+    return fn(sel.reshape(-1, sel.shape[-1])).reshape(sel.shape)
+
+
+def downstream_metrics(model, sae, hook_name: str, batches: Iterable[tuple[Tensor, Tensor]], *,
+                       positions: Positions = slice(None)) -> DownstreamMetrics:
+    """Clean vs SAE-spliced vs zero-ablated forward passes at `hook_name`, at `positions`.
 
     `model(x)` gives logits; `model.run_with_hooks(x, fwd_hooks=[(name, fn)])` calls
     `fn(act, *, hook)` with act (B, T, d) and uses its return value as the replacement.
     """
 
     def splice(act: Tensor, *, hook) -> Tensor:
-        x_hat = sae(act.reshape(-1, act.shape[-1])).x_hat
-        return x_hat.reshape(act.shape).to(act.dtype)
+        return _replaced(act, positions, _apply(lambda rows: sae(rows).x_hat, act, positions))
 
-    return spliced_downstream_metrics(model, [(hook_name, splice)], hook_name, batches)
+    return spliced_downstream_metrics(model, [(hook_name, splice)], hook_name, batches, positions=positions)
 
 
-def transcoder_splice_hooks(transcoder, in_hook: str, out_hook: str) -> list[tuple[str, Callable]]:
-    """Forward hooks replacing `out_hook` by the transcoder's prediction from `in_hook` of the same
-    forward pass (`in_hook` must run first, e.g. resid_mid -> mlp_out of one block)."""
+def transcoder_splice_hooks(transcoder, in_hook: str, out_hook: str, *,
+                            positions: Positions = slice(None)) -> list[tuple[str, Callable]]:
+    """Forward hooks replacing `out_hook` at `positions` by the transcoder's prediction from
+    `in_hook` of the same forward pass (`in_hook` must run first, e.g. resid_mid -> mlp_out)."""
     held: dict[str, Tensor] = {}
 
     def read(act: Tensor, *, hook) -> None:
@@ -203,14 +230,14 @@ def transcoder_splice_hooks(transcoder, in_hook: str, out_hook: str) -> list[tup
         if "x" not in held:
             raise RuntimeError(f"{out_hook} ran before {in_hook}: a transcoder must read an earlier hook")
         x = held.pop("x")
-        y_hat = transcoder(x.reshape(-1, x.shape[-1])).y_hat
-        return y_hat.reshape(act.shape).to(act.dtype)
+        return _replaced(act, positions, _apply(lambda rows: transcoder(rows).y_hat, x, positions))
 
     return [(in_hook, read), (out_hook, write)]
 
 
-def crosscoder_splice_hooks(model, crosscoder, hooks: Sequence[str]) -> Callable[[Tensor], list]:
-    """Per batch: every hook of an acausal crosscoder replaced by its reconstruction.
+def crosscoder_splice_hooks(model, crosscoder, hooks: Sequence[str], *,
+                            positions: Positions = slice(None)) -> Callable[[Tensor], list]:
+    """Per batch: every hook of an acausal crosscoder replaced at `positions` by its reconstruction.
 
     The crosscoder reads all its layers at once (later ones included), so the clean activations
     come from a first forward pass and the reconstructions are spliced into a second."""
@@ -218,9 +245,10 @@ def crosscoder_splice_hooks(model, crosscoder, hooks: Sequence[str]) -> Callable
     def make(x: Tensor) -> list[tuple[str, Callable]]:
         _, cache = model.run_with_cache(x, names_filter=list(hooks))
         acts = [cache[h] for h in hooks]
-        x_hat = crosscoder([a.reshape(-1, a.shape[-1]) for a in acts]).x_hat
+        sel = [a[:, _index(positions)] for a in acts]
+        x_hat = crosscoder([s.reshape(-1, s.shape[-1]) for s in sel]).x_hat
         x_hat = x_hat.unbind(1) if isinstance(x_hat, Tensor) else x_hat
-        recon = {h: r.reshape(a.shape).to(a.dtype) for h, r, a in zip(hooks, x_hat, acts)}
+        recon = {h: _replaced(a, positions, r.reshape(s.shape)) for h, r, a, s in zip(hooks, x_hat, acts, sel)}
         return [(h, lambda act, *, hook, h=h: recon[h]) for h in hooks]
 
     return make
@@ -229,13 +257,15 @@ def crosscoder_splice_hooks(model, crosscoder, hooks: Sequence[str]) -> Callable
 @torch.no_grad()
 def spliced_downstream_metrics(model, splice_hooks: list[tuple[str, Callable]] | Callable[[Tensor], list],
                                ablate_hooks: str | Sequence[str],
-                               batches: Iterable[tuple[Tensor, Tensor]]) -> DownstreamMetrics:
+                               batches: Iterable[tuple[Tensor, Tensor]], *,
+                               positions: Positions = slice(None)) -> DownstreamMetrics:
     """Clean vs spliced vs zero-ablated passes. `splice_hooks` are forward hooks, or a function
-    of the batch returning them (e.g. `crosscoder_splice_hooks`); `ablate_hooks` are zeroed."""
+    of the batch returning them (e.g. `crosscoder_splice_hooks`); `ablate_hooks` are zeroed at
+    `positions` (the tokens the dictionary replaces, so both sides of loss recovered match)."""
     ablate_hooks = [ablate_hooks] if isinstance(ablate_hooks, str) else list(ablate_hooks)
 
     def ablate(act: Tensor, *, hook) -> Tensor:
-        return torch.zeros_like(act)
+        return _replaced(act, positions, torch.zeros_like(act[:, _index(positions)]))
 
     n = 0
     ce = {"clean": 0.0, "spliced": 0.0, "ablated": 0.0}

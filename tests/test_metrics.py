@@ -262,3 +262,48 @@ def test_transcoder_splice_of_the_exact_mlp_equals_clean_and_of_zero_equals_abla
                                            for n in ("blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out")])
     pm = prediction_metrics(exact, [(cache["blocks.1.hook_resid_mid"], cache["blocks.1.hook_mlp_out"])])
     assert pm.fvu == pytest.approx(0.0, abs=1e-10) and pm.l0 == 2.0
+
+
+@pytest.mark.parametrize("positions", [slice(1, None), (0, 2, 3)])
+def test_splice_and_ablation_touch_only_the_dictionarys_token_positions(positions):
+    """A dictionary trained on some tokens (patches only, registers dropped) replaces only those:
+    the other tokens keep their clean values in the spliced and the ablated pass alike."""
+    from analysis.metrics import crosscoder_splice_hooks, spliced_downstream_metrics, transcoder_splice_hooks
+    from analysis.vit import HookedViT, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=8, in_chans=1, d_model=16, n_layers=2, n_heads=2, d_mlp=32,
+                    n_classes=3, n_registers=1)  # tokens: CLS, register, 4 patches
+    model = HookedViT(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.rand(6, 1, 16, 16, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    kept = list(range(6))[positions] if isinstance(positions, slice) else list(positions)
+    hook = "blocks.0.hook_resid_post"
+    sae = TopKSAE(SAEConfig(d_in=16, width=64, k=4))
+
+    def naive(replace):  # the hook's tokens at `kept` replaced by replace(clean tokens there)
+        def fn(a, *, hook):
+            out = a.clone()
+            out[:, kept] = replace(a[:, kept].reshape(-1, 16)).reshape(a.shape[0], len(kept), 16)
+            return out
+        with torch.no_grad():
+            return F.cross_entropy(model.run_with_hooks(x, fwd_hooks=[(hook, fn)]).double(), y).item()
+
+    m = downstream_metrics(model, sae, hook, batches, positions=positions)
+    assert m.ce_spliced == pytest.approx(naive(lambda t: sae(t).x_hat), rel=1e-6)
+    assert m.ce_ablated == pytest.approx(naive(torch.zeros_like), rel=1e-6)
+    everywhere = downstream_metrics(model, sae, hook, batches)
+    assert m.ce_ablated != pytest.approx(everywhere.ce_ablated)  # the restriction is real
+
+    # a transcoder and a crosscoder that reproduce their targets exactly recover all the loss
+    exact = _ExactMLPTranscoder(model.blocks[1])
+    hooks = transcoder_splice_hooks(exact, "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", positions=positions)
+    mt = spliced_downstream_metrics(model, hooks, "blocks.1.hook_mlp_out", batches, positions=positions)
+    assert mt.ce_spliced == pytest.approx(mt.ce_clean, abs=1e-6)
+    layers = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    identity = lambda acts: SimpleNamespace(x_hat=[a.clone() for a in acts])  # noqa: E731
+    mc = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, identity, layers, positions=positions),
+                                    layers, batches, positions=positions)
+    assert mc.ce_spliced == pytest.approx(mc.ce_clean, abs=1e-6) and mc.ablation_gap > 0

@@ -27,6 +27,7 @@ from analysis.metrics import (
 )
 from analysis.multi_loader import MultiShuffledLoader
 from analysis.paths import DataRoot
+from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.suite import CrosscoderMember, SuiteSpec, construct
 from analysis.train_crosscoder import CrosscoderTrainConfig, CrosscoderTrainResult, crosscoder_metrics, train_crosscoder
@@ -109,8 +110,9 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, c
     rec = reconstruction(spec, root, member, cc, eval_idx, device=device)
     tokens = (a.reshape(-1, a.shape[-1]).to(device) for _, a in iter_concatenated(spec, root, member, eval_idx))
     per_layer = crosscoder_metrics(cc, (x.split(list(cc.cfg.d_ins), dim=-1) for x in tokens))
-    down = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, cc, member.hooks), member.hooks,
-                                      model_batches)
+    positions = token_selection(spec).keep  # the tokens it was trained on
+    down = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, cc, member.hooks, positions=positions),
+                                      member.hooks, model_batches, positions=positions)
     return rec, down, {"fvu_per_layer": list(per_layer.fvu_per_layer)}
 
 

@@ -145,7 +145,8 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device
                 spec, root, member, dictionary, eval_idx, model, model_batches, device=device)
         else:
             rec = _sae_reconstruction(spec, root, member, dictionary, eval_idx, device=device)
-            down = downstream_metrics(model, dictionary, member.hook, model_batches)
+            down = downstream_metrics(model, dictionary, member.hook, model_batches,
+                                      positions=token_selection(spec).keep)
         extra.update(_fvu_by_token_kind(spec, root, member, dictionary, eval_idx, rec, device))
         row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook, "out_hook": None,
                "hooks": None, "sparsity_coef": None, "skip": None, **asdict(member),

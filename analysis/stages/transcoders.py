@@ -25,6 +25,7 @@ from analysis.metrics import (
 )
 from analysis.paired_loader import PairedShuffledLoader
 from analysis.paths import DataRoot
+from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.suite import SuiteSpec, TranscoderMember, construct
 from analysis.train_transcoder import TranscoderTrainConfig, TranscoderTrainResult, train_transcoder
@@ -86,6 +87,7 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, t
                     ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
     """Prediction metrics of `out_hook` from `hook`, and the loss when `out_hook` is replaced."""
     rec = reconstruction(spec, root, member, tc, eval_idx, device=device)
-    hooks = transcoder_splice_hooks(tc, member.hook, member.out_hook)
-    down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches)
+    positions = token_selection(spec).keep  # the tokens it was trained on
+    hooks = transcoder_splice_hooks(tc, member.hook, member.out_hook, positions=positions)
+    down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches, positions=positions)
     return rec, down, {}
