@@ -183,7 +183,9 @@ def test_shard_done_in_one_store_only_runs_for_the_other(tmp_path, image_array):
 
 
 def _no_writer_thread():
-    return not any(t.name == "activation-worker" for t in threading.enumerate())
+    """No extraction thread outlives its shard (worker, writer or reader)."""
+    return not any(t.name.startswith(("activation-worker", "activation-writer", "activation-reader"))
+                   for t in threading.enumerate())
 
 
 def test_capture_error_mid_shard_leaves_no_marker(tmp_path, image_array):
@@ -213,6 +215,34 @@ def test_writer_error_propagates_and_leaves_no_marker(tmp_path, image_array):
     assert missing_shards(stores["blocks.1"]) == [0, 1, 2]
     assert missing_shards(stores["blocks.0"]) == [0, 1, 2]
     assert _no_writer_thread()
+
+
+def test_a_failed_write_mid_shard_then_a_rerun_equals_an_uninterrupted_run(tmp_path, image_array, monkeypatch):
+    """The third file of shard 1 fails in the writer while later batches go on: the shard gets no
+    marker, and rerunning it (the failure gone) gives exactly the store of a clean run."""
+    from analysis import zarr_shard_file
+
+    lay = layout()  # shard 1 = images 64..127, four 16-image files
+    stores, _ = build(tmp_path / "a", image_array, lay, shards=[0])
+    real_write, failed = zarr_shard_file.ShardFileWriter.write, []
+
+    def flaky(self, start, data):
+        if start == 96 and self.array.path == "acts" and not failed:
+            failed.append(start)
+            raise OSError("disk full")
+        real_write(self, start, data)
+
+    monkeypatch.setattr(zarr_shard_file.ShardFileWriter, "write", flaky)
+    with pytest.raises(ShardWriteError, match="disk full"):
+        extract_shard(SyntheticCapture(), image_array, stores, 1, batch_size=BATCH, progress=False)
+    assert failed and all(missing_shards(p) == [1, 2] for p in stores.values())
+    assert _no_writer_thread()
+    build(tmp_path / "a", image_array, lay)  # shards 1 and 2; the write works now
+    fresh, _ = build(tmp_path / "b", image_array, lay)
+    for hook in stores:
+        a, b = _arrays_before_stats(stores[hook]), _arrays_before_stats(fresh[hook])
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_nonfinite_raises_with_counts_per_hook(tmp_path, image_array):
