@@ -9,11 +9,14 @@ directory or any fsspec URL (memory://, s3://, …) — holding one Zarr group:
     partials   (n_shards, 2 + 2d) float64, one row and chunk per shard: [count, norm_sum,
                mean (d), M2 (d)], written after the shard's data; a nonzero count marks it complete
     mean, var  (d,)       float64, written by `finalize_stats` (population variance)
-    attrs      layout, lineage, format, logical_dtype (+ mean_norm, n_tokens_total when final)
+    attrs      layout, lineage, format, logical_dtype, token_groups (where the class token,
+               registers and patches sit along T; analysis.tokens) (+ mean_norm,
+               n_tokens_total when final)
 
 Arrays are chunked along N only (`images_per_chunk` images) and Zarr-sharded with
-`images_per_shard` images per shard file: one extraction shard (a Dagster partition) writes
-whole shard files and never shares one with another partition.
+`images_per_write` images per shard file (about a quarter of an extraction shard): one
+extraction shard (a Dagster partition) writes whole shard files, each as soon as its images are
+in, and never shares one with another partition.
 
 The code lives in three modules, re-exported here:
 `analysis.activation_store` (layout, creation, lineage, completion),
