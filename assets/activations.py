@@ -14,13 +14,14 @@ def shard_partitions(spec: SuiteSpec) -> dg.StaticPartitionsDefinition:
 
 
 def activation_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
-    @dg.asset(name="activation_layout", group_name="activations", code_version="1", deps=["mouse_model"],
+    # code_version 2: store format 3 (token groups recorded, files written whole by the extraction)
+    @dg.asset(name="activation_layout", group_name="activations", code_version="2", deps=["mouse_model"],
               kinds={"zarr"}, description="Creates every hook's Zarr arrays once, before the shards fill them.")
     def activation_layout(storage: StorageResource) -> dg.MaterializeResult:
         summary = ensure_layout(spec, storage.data_root())
         return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(spec.store_id))
 
-    @dg.asset(name="activations", group_name="activations", code_version="1", deps=["activation_layout"],
+    @dg.asset(name="activations", group_name="activations", code_version="2", deps=["activation_layout"],
               partitions_def=shard_partitions(spec), kinds={"zarr"},
               description=f"Activations of {', '.join(spec.activations.hooks)}, one partition per image shard.")
     def activations(context: dg.AssetExecutionContext, storage: StorageResource,

@@ -74,6 +74,7 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
             group.attrs["code_version"] = code_version()
     return {"store_id": spec.store_id, "path": str(root.store(spec.store_id)), "n_shards": layout.n_shards,
             "n_images": layout.n_images, "n_tokens": layout.n_tokens, "d_model": layout.d_model,
+            "tokens": spec.activations.tokens, "token_groups": token_selection(spec).groups.to_dict(),
             "hooks": list(spec.activations.hooks)}
 
 
