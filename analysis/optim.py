@@ -41,6 +41,19 @@ def match_state_layout(opt: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
+def check_run_length(cfg) -> None:
+    """The fields every trainer config has: batch_size, n_train_tokens and dead_tokens > 0, at
+    least one full batch, and lr > 0 or None (the width-scaled default)."""
+    where = type(cfg).__name__
+    for name in ("batch_size", "n_train_tokens", "dead_tokens"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{where}.{name}={getattr(cfg, name)} must be > 0")
+    if cfg.n_train_tokens < cfg.batch_size:
+        raise ValueError(f"n_train_tokens={cfg.n_train_tokens} < batch_size={cfg.batch_size}: "
+                         "train for at least one full batch")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ValueError(f"lr={cfg.lr} must be > 0, or None for the width-scaled default")
+
 
 class TrainSchedule:
     """What the SAE and crosscoder trainer configs share: validation of the common fields and the
@@ -49,14 +62,7 @@ class TrainSchedule:
     dead_tokens, sparsity_warmup_steps and autocast."""
 
     def check_schedule(self) -> None:
-        for name in ("batch_size", "n_train_tokens", "dead_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.n_train_tokens < self.batch_size:
-            raise ValueError(f"n_train_tokens={self.n_train_tokens} < batch_size={self.batch_size}: "
-                             "train for at least one full batch")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0, or None for the width-scaled default")
+        check_run_length(self)
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.aux_coef < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
                              f"aux_coef={self.aux_coef} must all be >= 0")

@@ -58,36 +58,33 @@ class TokenGroups:
 class TokenSelection:
     """A selection applied to one model: which model positions to keep and what they become."""
 
-    name: str
     keep: slice | tuple[int, ...]
     """Positions along the model's token axis: a slice when contiguous, else explicit indices."""
     groups: TokenGroups
+
+
+_KINDS_KEPT = {"all": ("cls", "registers", "patches"), "cls": ("cls",), "patches": ("patches",),
+               "no_registers": ("cls", "patches")}
 
 
 def select_tokens(vit: ViTConfig, selection: str) -> TokenSelection:
     """The positions `selection` keeps from `vit`'s tokens, and the groups of the kept axis."""
     if selection not in TOKEN_SELECTIONS:
         raise ValueError(f"token selection {selection!r}: expected one of {', '.join(TOKEN_SELECTIONS)}")
-    n_cls, n_reg = int(vit.class_token), vit.n_registers
-    grid = vit.image_size // vit.patch_size
-    n_patches = grid * grid
-    first_patch = n_cls + n_reg
-    if selection == "cls" and not n_cls:
+    if selection == "cls" and not vit.class_token:
         raise ValueError(
             "token selection 'cls' but the model has no class token (class_token=False, "
             f"pool={vit.pool!r}): keep 'patches' or 'all' instead"
         )
-    if selection == "all":
-        keep: slice | tuple[int, ...] = slice(0, first_patch + n_patches)
-        groups = ((0, n_cls), (n_cls, first_patch), (first_patch, first_patch + n_patches))
-    elif selection == "cls":
-        keep, groups = slice(0, 1), ((0, 1), (0, 0), (0, 0))
-    elif selection == "patches":
-        keep, groups = slice(first_patch, first_patch + n_patches), ((0, 0), (0, 0), (0, n_patches))
-    else:  # no_registers
-        patches = range(first_patch, first_patch + n_patches)
-        keep = slice(first_patch, first_patch + n_patches) if not n_cls else \
-            (slice(0, first_patch + n_patches) if not n_reg else (0, *patches))
-        groups = ((0, n_cls), (n_cls, n_cls), (n_cls, n_cls + n_patches))
-    cls_span, reg_span, patch_span = groups
-    return TokenSelection(selection, keep, TokenGroups(cls_span, reg_span, patch_span, (grid, grid)))
+    grid = vit.image_size // vit.patch_size
+    kinds = ["cls"] * int(vit.class_token) + ["registers"] * vit.n_registers + ["patches"] * grid**2
+    kept = [i for i, kind in enumerate(kinds) if kind in _KINDS_KEPT[selection]]
+    stored = [kinds[i] for i in kept]
+
+    def span(kind: str) -> Span:  # each kind is contiguous along the stored axis
+        where = [j for j, k in enumerate(stored) if k == kind]
+        return (where[0], where[-1] + 1) if where else (0, 0)
+
+    contiguous = kept == list(range(kept[0], kept[-1] + 1))
+    keep = slice(kept[0], kept[-1] + 1) if contiguous else tuple(kept)
+    return TokenSelection(keep, TokenGroups(span("cls"), span("registers"), span("patches"), (grid, grid)))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from analysis.dictionaries.resume import load_train_state, save_train_state
 from analysis.dictionaries.transcoder import TopKTranscoder, TranscoderConfig
 from analysis.metrics import prediction_metrics
-from analysis.optim import remove_parallel_grad, warmup_decay_lr
+from analysis.optim import check_run_length, remove_parallel_grad, warmup_decay_lr
 from analysis.train_sae import geometric_median
 
 
@@ -50,14 +50,7 @@ class TranscoderTrainConfig:
     """A latent that has not fired for this many training tokens counts as dead in the log."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "n_train_tokens", "dead_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TranscoderTrainConfig.{name}={getattr(self, name)} must be > 0")
-        if self.n_train_tokens < self.batch_size:
-            raise ValueError(f"n_train_tokens={self.n_train_tokens} < batch_size={self.batch_size}: "
-                             "train for at least one full batch")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0, or None for the width-scaled default")
+        check_run_length(self)
         if self.grad_clip < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
             raise ValueError(f"grad_clip={self.grad_clip} and warmup_steps={self.warmup_steps} must be >= 0")
 
