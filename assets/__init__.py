@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 from assets.activations import activation_assets, activation_checks
 from assets.dictionaries import dictionary_assets
 from assets.images import images_asset

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from analysis.stages.activations import ensure_layout, ensure_stats, extract, nonfinite_counts, store_layout
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 from assets._common import data_version, metadata
 from resources import ComputeResource, StorageResource
 

@@ -6,7 +6,7 @@ from dataclasses import asdict
 import dagster as dg
 
 from analysis.stages.dictionaries import dictionary_id, ensure_dictionary, ensure_evaluation, ensure_features
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 from assets._common import data_version, metadata
 from resources import ComputeResource, StorageResource, TrackerResource
 

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from analysis.stages.dataset import ensure_dataset
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 from assets._common import data_version, metadata
 from resources import StorageResource
 

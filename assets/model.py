@@ -4,7 +4,7 @@
 import dagster as dg
 
 from analysis.stages.model import ensure_model
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 from assets._common import data_version, metadata
 from resources import ComputeResource, StorageResource
 

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from analysis.stages.report import write_report, write_stability
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 from assets._common import data_version, image_markdown, metadata
 from resources import CatalogResource, StorageResource
 

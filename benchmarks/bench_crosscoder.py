@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.train_crosscoder import CrosscoderTrainConfig, train_crosscoder
-from analysis.train_sae import SAETrainConfig, train_sae
+from analysis.dictionaries.training.crosscoder import CrosscoderTrainConfig, train_crosscoder
+from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
 
 
 def stream(batches):

@@ -41,13 +41,15 @@ import numpy as np
 import torch
 import zarr
 
-import analysis.activation_extract as extraction
-import analysis.activation_stats as act_stats
-from analysis.activations import StoreLayout, create_store, extract_shard
-from analysis.images import open_images, to_model_input, write_image_dataset
-from analysis.mouse import MouseTrainConfig
-from analysis.shapes import ShapesConfig, generate_shapes
-from analysis.vit import HookedViT, ViTConfig
+import analysis.activations.extract as extraction
+import analysis.activations.stats as act_stats
+from analysis.activations.store import StoreLayout, create_store
+from analysis.activations.extract import extract_shard
+from analysis.data.images import open_images, write_image_dataset
+from analysis.models.inputs import to_model_input
+from analysis.models.mouse import MouseTrainConfig
+from analysis.data.shapes import ShapesConfig, generate_shapes
+from analysis.models.vit import HookedViT, ViTConfig
 
 CONFIGS = {
     # The pipeline's mouse: 64x64x1, 16 px patches -> 17 tokens, d 64, 2 blocks.

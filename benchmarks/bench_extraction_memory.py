@@ -54,8 +54,8 @@ def _maxrss_mb() -> float:
 
 
 def _vit(name: str):
-    from analysis.mouse import MouseTrainConfig
-    from analysis.vit import ViTConfig
+    from analysis.models.mouse import MouseTrainConfig
+    from analysis.models.vit import ViTConfig
     return {"mouse": MouseTrainConfig().vit,
             "large": ViTConfig(image_size=64, patch_size=8, in_chans=1, d_model=192, n_layers=4,
                                n_heads=4, d_mlp=768, n_classes=3)}[name]
@@ -78,9 +78,10 @@ def child(args) -> None:
     """One measurement in this (fresh) process; prints one JSON line."""
     import torch
 
-    from analysis.activations import StoreLayout, create_store, extract_shard
-    from analysis.images import open_images
-    from analysis.vit import HookedViT
+    from analysis.activations.store import StoreLayout, create_store
+    from analysis.activations.extract import extract_shard
+    from analysis.data.images import open_images
+    from analysis.models.vit import HookedViT
 
     cfg = _vit(args.vit)
     torch.manual_seed(0)
@@ -124,8 +125,8 @@ def child(args) -> None:
 
 def make_images(args) -> None:
     """Write one shapes dataset (in a subprocess, so the parent stays small: see main)."""
-    from analysis.images import write_image_dataset
-    from analysis.shapes import ShapesConfig, generate_shapes
+    from analysis.data.images import write_image_dataset
+    from analysis.data.shapes import ShapesConfig, generate_shapes
 
     data = generate_shapes(ShapesConfig(n_images=args.n))
     write_image_dataset(args.images_dir, data.images, data.labels)

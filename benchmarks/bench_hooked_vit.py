@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.vit import HookedViT
+from analysis.models.vit import HookedViT
 
 
 def build(name: str, device: str) -> tuple[torch.nn.Module, HookedViT]:

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import zarr
 
-from analysis.activations import StoreLayout, create_store, extract_shard
-from analysis.loader import ActivationStore, ShuffledLoader
+from analysis.activations.store import StoreLayout, create_store
+from analysis.activations.extract import extract_shard
+from analysis.activations.reader import ActivationStore
+from analysis.activations.loader import ShuffledLoader
 
 T, D, SIDE = 65, 384, 32  # tokens, width, tiny image side (the capture ignores resolution)
 

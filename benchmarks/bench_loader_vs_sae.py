@@ -27,8 +27,9 @@ import zarr
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_loader import D, build_store  # noqa: E402
 
-from analysis.loader import ActivationStore, ShuffledLoader  # noqa: E402
-from analysis.train_sae import SAETrainConfig, train_sae  # noqa: E402
+from analysis.activations.reader import ActivationStore  # noqa: E402
+from analysis.activations.loader import ShuffledLoader
+from analysis.dictionaries.training.sae import SAETrainConfig, train_sae  # noqa: E402
 
 
 def loader_rows_per_s(store: ActivationStore, batch_size: int, epoch: int) -> float:

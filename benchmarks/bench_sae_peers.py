@@ -2,7 +2,7 @@
 
 One run trains every trainer on the SAME activations with the same d, width, k, batch, token
 count and torch threads, each through its own real training loop:
-- ours: `analysis.train_sae.train_sae` (fp32; and "ours_bf16" = autocast="bfloat16", bf16 latent
+- ours: `analysis.dictionaries.training.sae.train_sae` (fp32; and "ours_bf16" = autocast="bfloat16", bf16 latent
   selection with fp32 values);
 - sparsify: `sparsify.Trainer.fit` with its defaults (signum optimizer, no AuxK), reading the
   activations through a stand-in "model" whose hooked module returns the stored rows;
@@ -10,7 +10,7 @@ count and torch threads, each through its own real training loop:
   own synthetic-data helper uses), fed the same batches.
 Each trainer runs in a fresh subprocess (its global torch settings cannot leak into another),
 in interleaved order. FVU, L0 and dead fraction are computed on held-out tokens by
-`analysis.metrics.reconstruction_metrics` for all of them (DESIGN.md §4 formulas).
+`analysis.evaluation.metrics.reconstruction_metrics` for all of them (DESIGN.md §4 formulas).
 
 Activations: a sparse generative model with known features, so FVU means something. 16384
 unit feature directions in d=384 (more features than latents, as in real models), Zipf-like firing
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.dictionaries import SAEOutput  # noqa: E402
-from analysis.metrics import reconstruction_metrics  # noqa: E402
+from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
 
 TRAINERS = ("ours", "ours_bf16", "sparsify", "saelens")
 
@@ -102,7 +102,7 @@ class _Adapter:
 
 
 def train_ours(train, args, autocast: str):
-    from analysis.train_sae import SAETrainConfig, train_sae
+    from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
 
     cfg = SAETrainConfig(width=args.width, k=args.k, batch_size=args.batch_size, n_train_tokens=args.train_tokens,
                          autocast=autocast)

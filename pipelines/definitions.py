@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 from analysis.stages.validate import validate_suite
-from analysis.suite import SuiteSpec, load_suite
+from analysis.stages.suite import SuiteSpec, load_suite
 from assets import build_asset_checks, build_assets
 from resources import CatalogResource, ComputeResource, StorageResource, TrackerResource
 

@@ -21,7 +21,7 @@ import dagster as dg
 from analysis.stages.dataset import shapes_config
 from analysis.stages.report import format_summary, suite_evaluations
 from analysis.stages.validate import validate_suite
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 from resources.storage import check_writable
 
 DAGSTER_YAML = "telemetry:\n  enabled: false\n"

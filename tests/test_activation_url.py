@@ -8,16 +8,12 @@ import pytest
 import torch
 import zarr
 
-import analysis.activation_extract as extraction
-from analysis.activations import (
-    StoreLayout,
-    create_store,
-    extract_shard,
-    finalize_stats,
-    is_complete,
-    missing_shards,
-)
-from analysis.loader import ActivationStore, ShuffledLoader, iter_images
+import analysis.activations.extract as extraction
+from analysis.activations.store import StoreLayout, create_store, is_complete, missing_shards
+from analysis.activations.extract import extract_shard
+from analysis.activations.stats import finalize_stats
+from analysis.activations.reader import ActivationStore, iter_images
+from analysis.activations.loader import ShuffledLoader
 from analysis.paths import DataRoot
 
 N, H, P, D = 90, 8, 4, 5

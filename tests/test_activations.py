@@ -9,17 +9,11 @@ import pytest
 import torch
 import zarr
 
-from analysis.activations import (
-    ShardWriteError,
-    StoreLayout,
-    create_store,
-    extract_shard,
-    finalize_stats,
-    is_complete,
-    missing_shards,
-)
-from analysis.activation_extract import _spare_core
-from analysis.images import to_model_input
+from analysis.activations.extract import ShardWriteError, extract_shard
+from analysis.activations.store import StoreLayout, create_store, is_complete, missing_shards
+from analysis.activations.stats import finalize_stats
+from analysis.activations.extract import _spare_core
+from analysis.models.inputs import to_model_input
 
 N, H, P, D = 150, 8, 4, 12  # images, image side, patch side, width
 T = (H // P) ** 2 + 1  # patches + a CLS-like token
@@ -57,7 +51,7 @@ def reference(capture, images, hook, batch=BATCH):
 def worker_mode(request, monkeypatch):
     """Every test runs both ways extraction does its non-forward work: on a worker thread (a core
     is spare) and on the caller's thread (torch's threads fill every core)."""
-    from analysis import activation_extract
+    from analysis.activations import extract as activation_extract
 
     monkeypatch.setattr(activation_extract, "_spare_core", lambda device: request.param == "worker thread")
     return request.param
@@ -220,7 +214,7 @@ def test_writer_error_propagates_and_leaves_no_marker(tmp_path, image_array):
 def test_a_failed_write_mid_shard_then_a_rerun_equals_an_uninterrupted_run(tmp_path, image_array, monkeypatch):
     """The third file of shard 1 fails in the writer while later batches go on: the shard gets no
     marker, and rerunning it (the failure gone) gives exactly the store of a clean run."""
-    from analysis import zarr_shard_file
+    from analysis.activations import shard_file as zarr_shard_file
 
     lay = layout()  # shard 1 = images 64..127, four 16-image files
     stores, _ = build(tmp_path / "a", image_array, lay, shards=[0])
@@ -382,7 +376,7 @@ def test_store_of_another_format_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("batches_per_read", [1, 2])
 def test_image_reads_in_blocks_give_the_same_store(tmp_path, image_array, monkeypatch, batches_per_read):
-    import analysis.activation_extract as extraction
+    import analysis.activations.extract as extraction
 
     reads = []
 
@@ -410,7 +404,7 @@ def _arrays_before_stats(path):
 
 
 def test_each_zarr_shard_file_is_written_once_whole_as_soon_as_it_fills(tmp_path, image_array, monkeypatch):
-    from analysis import activation_extract
+    from analysis.activations import extract as activation_extract
 
     calls, flushes = [], []
     real_put, real_flush = activation_extract._HookShard._put, activation_extract._HookShard._flush

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
-from analysis.clip_zero_shot import ZeroShotClassifier, zero_shot_head  # noqa: E402
-from analysis.vit import HookedViT  # noqa: E402
+from analysis.models.clip_zero_shot import ZeroShotClassifier, zero_shot_head  # noqa: E402
+from analysis.models.vit import HookedViT  # noqa: E402
 
 
 def _small_clip(arch: str, seed: int = 0, **vision_overrides):

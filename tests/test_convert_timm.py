@@ -5,7 +5,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from analysis.vit import HookedViT  # noqa: E402
+from analysis.models.vit import HookedViT  # noqa: E402
 
 SMALL = dict(embed_dim=64, num_heads=4, depth=2)
 # (timm name, overrides, what the case covers). Small configs keep the code path of the full model.

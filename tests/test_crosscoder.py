@@ -11,16 +11,13 @@ import torch.nn.functional as F
 import zarr
 from torch.testing import assert_close
 
-from analysis.activations import StoreLayout, create_store, extract_shard
+from analysis.activations.store import StoreLayout, create_store
+from analysis.activations.extract import extract_shard
 from analysis.dictionaries import Crosscoder, CrosscoderConfig, TopKSAE, SAEConfig, load_dictionary
-from analysis.loader import ActivationStore
-from analysis.multi_loader import MultiShuffledLoader
-from analysis.train_crosscoder import (
-    CrosscoderTrainConfig,
-    _train_forward,
-    crosscoder_metrics,
-    train_crosscoder,
-)
+from analysis.activations.reader import ActivationStore
+from analysis.activations.multi_loader import MultiShuffledLoader
+from analysis.dictionaries.training.crosscoder import CrosscoderTrainConfig, _train_forward, train_crosscoder
+from analysis.evaluation.metrics import crosscoder_metrics
 
 
 # ---- the model -----------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from analysis.dictionaries import (
     build_sae,
     load_dictionary,
 )
-from analysis.metrics import reconstruction_metrics
-from analysis.mining import mine_features
+from analysis.evaluation.metrics import reconstruction_metrics
+from analysis.evaluation.mining import mine_features
 
 D, WIDTH, K = 16, 64, 5
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import analysis.stages.dictionaries as stage
-from analysis.loader import ShuffledLoader
+from analysis.activations.loader import ShuffledLoader
 from analysis.paths import DataRoot
-from analysis.suite import load_suite
+from analysis.stages.suite import load_suite
 from conftest import materialize_store
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"

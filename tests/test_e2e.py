@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from analysis.catalog import connect_catalog
-from analysis.loader import ActivationStore
+from analysis.activations.reader import ActivationStore
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
 from analysis.stages.dataset import split_indices
-from analysis.stability import matched_cosine
+from analysis.evaluation.stability import matched_cosine
 from analysis.stages.dictionaries import dictionary_id, load_member
-from analysis.suite import load_suite
+from analysis.stages.suite import load_suite
 from pipelines.run import run_suite
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"

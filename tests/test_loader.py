@@ -7,8 +7,11 @@ import pytest
 import torch
 import zarr
 
-from analysis.activations import StoreLayout, create_store, extract_shard, finalize_stats
-from analysis.loader import ActivationStore, LoaderState, ShuffledLoader, iter_images, split_images
+from analysis.activations.store import StoreLayout, create_store
+from analysis.activations.extract import extract_shard
+from analysis.activations.stats import finalize_stats
+from analysis.activations.reader import ActivationStore, iter_images, split_images
+from analysis.activations.loader import LoaderState, ShuffledLoader
 
 N, H, P, D = 100, 8, 4, 6
 T = (H // P) ** 2 + 1

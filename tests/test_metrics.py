@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from analysis.metrics import downstream_metrics, reconstruction_metrics
-from analysis.sae import SAEConfig, TopKSAE
+from analysis.evaluation.downstream import downstream_metrics
+from analysis.evaluation.metrics import reconstruction_metrics
+from analysis.dictionaries import SAEConfig, TopKSAE
 
 
 class _Out(NamedTuple):
@@ -194,7 +195,7 @@ def test_ablation_numbers_equal_a_direct_computation():
 
 
 def test_downstream_with_the_real_hooked_vit():
-    from analysis.vit import HookedViT, ViTConfig
+    from analysis.models.vit import HookedViT, ViTConfig
 
     torch.manual_seed(0)
     cfg = ViTConfig(image_size=16, patch_size=8, in_chans=1, d_model=16, n_layers=1, n_heads=2, d_mlp=32, n_classes=3)
@@ -229,8 +230,9 @@ class _ExactMLPTranscoder(nn.Module):
 
 
 def test_transcoder_splice_of_the_exact_mlp_equals_clean_and_of_zero_equals_ablated():
-    from analysis.metrics import prediction_metrics, spliced_downstream_metrics, transcoder_splice_hooks
-    from analysis.vit import HookedViT, ViTConfig
+    from analysis.evaluation.metrics import prediction_metrics
+    from analysis.evaluation.downstream import spliced_downstream_metrics, transcoder_splice_hooks
+    from analysis.models.vit import HookedViT, ViTConfig
 
     torch.manual_seed(0)
     cfg = ViTConfig(image_size=16, patch_size=8, in_chans=1, d_model=16, n_layers=2, n_heads=2, d_mlp=32, n_classes=3)
@@ -268,8 +270,12 @@ def test_transcoder_splice_of_the_exact_mlp_equals_clean_and_of_zero_equals_abla
 def test_splice_and_ablation_touch_only_the_dictionarys_token_positions(positions):
     """A dictionary trained on some tokens (patches only, registers dropped) replaces only those:
     the other tokens keep their clean values in the spliced and the ablated pass alike."""
-    from analysis.metrics import crosscoder_splice_hooks, spliced_downstream_metrics, transcoder_splice_hooks
-    from analysis.vit import HookedViT, ViTConfig
+    from analysis.evaluation.downstream import (
+        crosscoder_splice_hooks,
+        spliced_downstream_metrics,
+        transcoder_splice_hooks,
+    )
+    from analysis.models.vit import HookedViT, ViTConfig
 
     torch.manual_seed(0)
     cfg = ViTConfig(image_size=16, patch_size=8, in_chans=1, d_model=16, n_layers=2, n_heads=2, d_mlp=32,

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from analysis.mining import mine_features
-from analysis.sae import SAEConfig, TopKSAE
+from analysis.evaluation.mining import mine_features
+from analysis.dictionaries import SAEConfig, TopKSAE
 
 N_IMG, T, D, WIDTH, K = 50, 5, 8, 24, 3
 

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
 
-from analysis.model_zoo import _timm_convertible, list_models, load_model, read_state_dict  # noqa: E402
-from analysis.vit import HookedViT, ViTConfig  # noqa: E402
+from analysis.models.zoo import _timm_convertible, list_models, load_model, read_state_dict  # noqa: E402
+from analysis.models.vit import HookedViT, ViTConfig  # noqa: E402
 
 TINY = dict(img_size=32, depth=2)
 
@@ -119,8 +119,8 @@ def test_library_imports_do_not_pull_in_timm_or_open_clip():
     import subprocess
     import sys
 
-    code = ("import sys, analysis.vit, analysis.model_zoo, analysis.cache_tools, analysis.clip_zero_shot, "
-            "analysis.vit_convert; print(sorted(m for m in ('timm', 'open_clip', 'dagster') if m in sys.modules))")
+    code = ("import sys, analysis.models.vit, analysis.models.zoo, analysis.models.cache, analysis.models.clip_zero_shot, "
+            "analysis.models.convert; print(sorted(m for m in ('timm', 'open_clip', 'dagster') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -128,7 +128,7 @@ def test_library_imports_do_not_pull_in_timm_or_open_clip():
 def test_open_clip_pretrained_tag_offline_fails_at_once_with_the_fix():
     import time
 
-    from analysis.model_zoo import load_model
+    from analysis.models.zoo import load_model
 
     start = time.monotonic()
     with pytest.raises(ValueError, match="weights="):

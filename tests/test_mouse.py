@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.mouse import MouseTrainConfig, evaluate_accuracy, train_mouse
-from analysis.shapes import ShapesConfig, generate_shapes
-from analysis.vit import ViTConfig
+from analysis.models.mouse import MouseTrainConfig, evaluate_accuracy, train_mouse
+from analysis.data.shapes import ShapesConfig, generate_shapes
+from analysis.models.vit import ViTConfig
 
 TINY_VIT = ViTConfig(image_size=64, patch_size=16, d_model=32, n_layers=1, n_heads=2, d_mlp=64, n_classes=3)
 TINY = MouseTrainConfig(vit=TINY_VIT, epochs=3, batch_size=32, lr=3e-3, warmup_steps=10, max_seconds=None)

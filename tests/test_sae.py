@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from analysis.sae import SAEConfig, TopKSAE
+from analysis.dictionaries import SAEConfig, TopKSAE
 
 
 def _random_sae(d=16, width=64, k=5, seed=0) -> TopKSAE:

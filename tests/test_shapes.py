@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from analysis.shapes import (
+from analysis.data.shapes import (
     N_ORIENTATIONS,
     N_POSITIONS,
     SHAPES,

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from analysis.dictionaries import SAEConfig, build_sae
-from analysis.stability import matched_cosine, suite_stability
+from analysis.evaluation.stability import matched_cosine, suite_stability
 
 WIDTH, D = 48, 32
 

@@ -7,12 +7,12 @@ import fsspec
 import numpy as np
 import torch
 
-from analysis.loader import ActivationStore
+from analysis.activations.reader import ActivationStore
 from analysis.paths import DataRoot
 from analysis.stages.activations import ensure_layout, ensure_stats, extract, nonfinite_counts
 from analysis.stages.dataset import ensure_dataset
 from analysis.stages.model import ensure_model
-from analysis.suite import load_suite
+from analysis.stages.suite import load_suite
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"
 

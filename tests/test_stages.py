@@ -7,13 +7,14 @@ import pytest
 import torch
 import zarr
 
-from analysis.images import open_images, to_model_input
+from analysis.data.images import open_images
+from analysis.models.inputs import to_model_input
 from analysis.paths import DataRoot
 from analysis.stages.activations import ensure_layout, extract, stop_layer
 from analysis.stages.dataset import ensure_dataset
 from analysis.stages.model import ensure_model, load_model
-from analysis.suite import load_suite
-from analysis.tokens import TokenGroups
+from analysis.stages.suite import load_suite
+from analysis.activations.tokens import TokenGroups
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"
 

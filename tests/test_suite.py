@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.suite import DictionaryMember, SuiteSpec, load_suite, parse_suite
+from analysis.stages.suite import DictionaryMember, SuiteSpec, load_suite, parse_suite
 from pipelines.definitions import SUITES_DIR, resolve_suite
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"

@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
-from analysis.tokens import TOKEN_SELECTIONS, TokenGroups, select_tokens
-from analysis.vit_config import ViTConfig
+from analysis.activations.tokens import TOKEN_SELECTIONS, TokenGroups, select_tokens
+from analysis.models.config import ViTConfig
 
 
 def _config(class_token: bool, n_registers: int) -> ViTConfig:
@@ -15,7 +15,7 @@ def _config(class_token: bool, n_registers: int) -> ViTConfig:
 
 
 def _kinds(cfg: ViTConfig) -> list[str]:
-    """The model's token axis, one entry per position, as analysis.vit lays it out."""
+    """The model's token axis, one entry per position, as analysis.models.vit lays it out."""
     return ["cls"] * cfg.class_token + ["registers"] * cfg.n_registers + ["patches"] * 9
 
 

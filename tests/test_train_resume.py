@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.loader import ActivationStore, ShuffledLoader
-from analysis.train_sae import SAETrainConfig, train_sae
+from analysis.activations.reader import ActivationStore
+from analysis.activations.loader import ShuffledLoader
+from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
 from test_loader import N, make_store  # the loader tests' real Zarr store
 
 

@@ -7,16 +7,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from analysis.metrics import reconstruction_metrics
-from analysis.optim import remove_parallel_grad
-from analysis.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig, TopKSAE
-from analysis.train_sae import (
-    SAETrainConfig,
-    _SelectedPre,
-    _sparse_decode,
-    geometric_median,
-    train_sae,
-)
+from analysis.evaluation.metrics import reconstruction_metrics
+from analysis.dictionaries.training.schedule import remove_parallel_grad
+from analysis.dictionaries import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig, TopKSAE
+from analysis.dictionaries.objectives import SelectedPre, sparse_decode
+from analysis.dictionaries.training.sae import SAETrainConfig, geometric_median, train_sae
 
 D, WIDTH, N_ATOMS, K_TRUE = 32, 128, 64, 2
 
@@ -166,8 +161,8 @@ def test_hand_written_gradients_match_autograd():
         with torch.no_grad():
             xc = x - sae.b_dec
             vals, idx = torch.addmm(sae.b_enc, xc, sae.W_enc).topk(4, sorted=False)
-        acts = _SelectedPre.apply(xc, sae.W_enc, sae.b_enc, sae.b_dec, idx, vals).relu()
-        return (_sparse_decode(acts, idx, sae.W_dec) + sae.b_dec - x).pow(2).sum()
+        acts = SelectedPre.apply(xc, sae.W_enc, sae.b_enc, sae.b_dec, idx, vals).relu()
+        return (sparse_decode(acts, idx, sae.W_dec) + sae.b_dec - x).pow(2).sum()
 
     def reference():
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc

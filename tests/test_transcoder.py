@@ -5,11 +5,12 @@ import pytest
 import torch
 import zarr
 
-from analysis.activations import StoreLayout, create_store, extract_shard
+from analysis.activations.store import StoreLayout, create_store
+from analysis.activations.extract import extract_shard
 from analysis.dictionaries.transcoder import TopKTranscoder, TranscoderConfig
-from analysis.loader import ActivationStore
-from analysis.paired_loader import PairedShuffledLoader
-from analysis.train_transcoder import train_transcoder, transcoder_metrics
+from analysis.activations.reader import ActivationStore
+from analysis.activations.multi_loader import PairedShuffledLoader
+from analysis.dictionaries.training.transcoder import train_transcoder, transcoder_metrics
 
 N, H, P, D_IN = 40, 8, 4, 6
 T = (H // P) ** 2 + 1

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from analysis.dictionaries.transcoder import TranscoderConfig
-from analysis.paired_loader import PairedShuffledLoader
-from analysis.train_transcoder import TranscoderTrainConfig, train_transcoder
+from analysis.activations.multi_loader import PairedShuffledLoader
+from analysis.dictionaries.training.transcoder import TranscoderTrainConfig, train_transcoder
 from test_transcoder import N, make_stores  # two real Zarr stores of the same tokens
 
 
@@ -77,7 +77,7 @@ def test_train_config_rejects_bad_values(bad, message):
 
 
 def test_held_out_fvu_in_the_log_equals_the_metric_at_the_end(stores):
-    from analysis.train_transcoder import transcoder_metrics
+    from analysis.dictionaries.training.transcoder import transcoder_metrics
 
     sa, sb = stores
     held_out = (sa.read(0, 10).reshape(-1, sa.d_model), sb.read(0, 10).reshape(-1, sb.d_model))

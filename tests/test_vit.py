@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.vit import HookedViT, ViTConfig
+from analysis.models.vit import HookedViT, ViTConfig
 
 CFG = ViTConfig(image_size=32, patch_size=8, d_model=32, n_layers=2, n_heads=4, d_mlp=64, n_classes=3)
 T = 1 + (32 // 8) ** 2

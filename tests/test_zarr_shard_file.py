@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-from analysis.activation_store import StoreLayout, create_store, open_store_group
-from analysis.zarr_shard_file import ShardFileWriter, direct_layout
+from analysis.activations.store import StoreLayout, create_store, open_store_group
+from analysis.activations.shard_file import ShardFileWriter, direct_layout
 
 LAYOUT = StoreLayout(n_images=40, n_tokens=5, d_model=6, images_per_shard=40, images_per_chunk=4, dtype="float16")
 

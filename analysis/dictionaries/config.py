@@ -1,6 +1,6 @@
 """Shape and sparsity mechanism of one sparse autoencoder (the model config).
 
-Training settings (lr, batch, length) live in `analysis.train_sae.SAETrainConfig`. Fields that an
+Training settings (lr, batch, length) live in `analysis.dictionaries.training.sae.SAETrainConfig`. Fields that an
 architecture does not use must stay None, so a config never carries a knob that does nothing.
 """
 

@@ -10,17 +10,19 @@ import json
 import numpy as np
 import torch
 
-from analysis.activations import StoreLayout, create_store, extract_shard, finalize_stats, missing_shards
-from analysis.activation_store import open_store_group
+from analysis.activations.store import StoreLayout, create_store, missing_shards
+from analysis.activations.extract import extract_shard
+from analysis.activations.stats import finalize_stats
+from analysis.activations.store import open_store_group
 from analysis.ids import code_version
-from analysis.images import open_images
-from analysis.loader import ActivationStore
+from analysis.data.images import open_images
+from analysis.activations.reader import ActivationStore
 from analysis.paths import DataRoot
 from analysis.stages.dataset import shapes_config
 from analysis.stages.model import load_model, vit_config
-from analysis.suite import SuiteSpec
-from analysis.tokens import TokenSelection, select_tokens
-from analysis.vit import HookedViT
+from analysis.stages.suite import SuiteSpec
+from analysis.activations.tokens import TokenSelection, select_tokens
+from analysis.models.vit import HookedViT
 
 
 def token_selection(spec: SuiteSpec) -> TokenSelection:

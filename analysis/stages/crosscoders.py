@@ -17,20 +17,24 @@ from torch import Tensor, nn
 
 from analysis.dictionaries import Crosscoder, SAEOutput
 from analysis.ids import content_id
-from analysis.loader import ActivationStore, iter_images, read_tokens
-from analysis.metrics import (
+from analysis.activations.reader import ActivationStore, iter_images, read_tokens
+from analysis.evaluation.downstream import (
     DownstreamMetrics,
-    ReconstructionMetrics,
     crosscoder_splice_hooks,
-    reconstruction_metrics,
     spliced_downstream_metrics,
 )
-from analysis.multi_loader import MultiShuffledLoader
+from analysis.evaluation.metrics import ReconstructionMetrics, reconstruction_metrics
+from analysis.activations.multi_loader import MultiShuffledLoader
 from analysis.paths import DataRoot
 from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
-from analysis.suite import CrosscoderMember, SuiteSpec, construct
-from analysis.train_crosscoder import CrosscoderTrainConfig, CrosscoderTrainResult, crosscoder_metrics, train_crosscoder
+from analysis.stages.suite import CrosscoderMember, SuiteSpec, construct
+from analysis.dictionaries.training.crosscoder import (
+    CrosscoderTrainConfig,
+    CrosscoderTrainResult,
+    train_crosscoder,
+)
+from analysis.evaluation.metrics import crosscoder_metrics
 
 
 def crosscoder_train_config(spec: SuiteSpec, member: CrosscoderMember, d: int) -> CrosscoderTrainConfig:

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 
-from analysis.images import open_images, read_labels, write_image_dataset
+from analysis.data.images import open_images, read_labels, write_image_dataset
 from analysis.paths import DataRoot
-from analysis.shapes import ShapesConfig, generate_shapes
-from analysis.suite import SuiteSpec
+from analysis.data.shapes import ShapesConfig, generate_shapes
+from analysis.stages.suite import SuiteSpec
 
 
 def shapes_config(spec: SuiteSpec) -> ShapesConfig:

@@ -17,10 +17,13 @@ import torch
 
 from analysis.catalog import write_table_partition
 from analysis.ids import code_version, content_id
-from analysis.images import open_images, read_labels, to_model_input
-from analysis.loader import ActivationStore, ShuffledLoader, iter_images, read_tokens
-from analysis.metrics import downstream_metrics, log10_density_histogram, reconstruction_metrics
-from analysis.mining import mine_features
+from analysis.data.images import open_images, read_labels
+from analysis.models.inputs import to_model_input
+from analysis.activations.reader import ActivationStore, iter_images, read_tokens
+from analysis.activations.loader import ShuffledLoader
+from analysis.evaluation.downstream import downstream_metrics
+from analysis.evaluation.metrics import log10_density_histogram, reconstruction_metrics
+from analysis.evaluation.mining import mine_features
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
 from analysis.dictionaries.resume import RESUME_DIR
@@ -28,8 +31,8 @@ from analysis.stages.dataset import evaluation_images, split_indices, training_m
 from analysis.stages import crosscoders, transcoders
 from analysis.stages.activations import token_selection
 from analysis.stages.model import load_model
-from analysis.suite import DictionaryMember, Member, SuiteSpec
-from analysis.train_sae import SAETrainConfig, train_sae
+from analysis.stages.suite import DictionaryMember, Member, SuiteSpec
+from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
 
 SUMMARY_FILE = "train_summary.json"  # written last: its presence marks a finished checkpoint
 

@@ -9,11 +9,11 @@ import pyarrow as pa
 import torch
 
 from analysis.catalog import write_table_partition
-from analysis.images import open_images, read_labels
-from analysis.mouse import train_mouse
+from analysis.data.images import open_images, read_labels
+from analysis.models.mouse import train_mouse
 from analysis.paths import DataRoot
-from analysis.suite import SuiteSpec
-from analysis.vit import HookedViT, ViTConfig
+from analysis.stages.suite import SuiteSpec
+from analysis.models.vit import HookedViT, ViTConfig
 
 RESULT_FILE = "result.json"  # written last: its presence marks a finished model
 

@@ -8,10 +8,10 @@ import pyarrow as pa
 
 from analysis.catalog import connect_catalog, write_table_partition
 from analysis.paths import DataRoot
-from analysis.plots import plot_fvu_vs_l0
-from analysis.stability import suite_stability
+from analysis.evaluation.plots import plot_fvu_vs_l0
+from analysis.evaluation.stability import suite_stability
 from analysis.stages.dictionaries import dictionary_id, load_member
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 
 SUMMARY_COLUMNS = ("kind", "hook", "out_hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "fvu_cls", "dead_fraction", "dense_fraction",
                    "ce_clean", "ce_spliced", "ce_ablated", "loss_recovered", "ablation_gap",

@@ -15,20 +15,23 @@ import numpy as np
 
 from analysis.dictionaries import TopKTranscoder, TranscoderConfig
 from analysis.ids import content_id
-from analysis.loader import ActivationStore, iter_images, read_tokens
-from analysis.metrics import (
+from analysis.activations.reader import ActivationStore, iter_images, read_tokens
+from analysis.evaluation.downstream import (
     DownstreamMetrics,
-    ReconstructionMetrics,
-    prediction_metrics,
     spliced_downstream_metrics,
     transcoder_splice_hooks,
 )
-from analysis.paired_loader import PairedShuffledLoader
+from analysis.evaluation.metrics import ReconstructionMetrics, prediction_metrics
+from analysis.activations.multi_loader import PairedShuffledLoader
 from analysis.paths import DataRoot
 from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
-from analysis.suite import SuiteSpec, TranscoderMember, construct
-from analysis.train_transcoder import TranscoderTrainConfig, TranscoderTrainResult, train_transcoder
+from analysis.stages.suite import SuiteSpec, TranscoderMember, construct
+from analysis.dictionaries.training.transcoder import (
+    TranscoderTrainConfig,
+    TranscoderTrainResult,
+    train_transcoder,
+)
 
 
 def transcoder_train_config(spec: SuiteSpec) -> TranscoderTrainConfig:

@@ -7,7 +7,7 @@ from analysis.stages.dictionaries import train_config
 from analysis.stages.model import vit_config
 from analysis.stages.crosscoders import crosscoder_train_config
 from analysis.stages.transcoders import transcoder_train_config
-from analysis.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec
 
 
 def validate_suite(spec: SuiteSpec) -> None:

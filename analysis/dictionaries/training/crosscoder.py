@@ -1,5 +1,5 @@
 """Training and evaluation of acausal crosscoders (`analysis.dictionaries.Crosscoder`), with the
-SAE recipe of `analysis.train_sae` (DESIGN.md §4):
+SAE recipe of `analysis.dictionaries.training.sae` (DESIGN.md §4):
 
 - each layer scaled by s_l = sqrt(d_l) / mean_norm_l, folded back into the returned weights
   (`Crosscoder.fold_input_scale`), so the result takes RAW activations;
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, NamedTuple, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -41,9 +40,8 @@ from tqdm.auto import tqdm
 from analysis.dictionaries.crosscoder import Crosscoder, CrosscoderConfig
 from analysis.dictionaries.objectives import TrainForward, auxk_loss, train_forward
 from analysis.dictionaries.resume import load_train_state, save_train_state
-from analysis.metrics import _RunningMoments
-from analysis.optim import TrainSchedule, match_state_layout, remove_parallel_grad
-from analysis.train_sae import _rebatch, geometric_median
+from analysis.dictionaries.training.schedule import TrainSchedule, match_state_layout, remove_parallel_grad
+from analysis.dictionaries.training.sae import _rebatch, geometric_median
 
 Batch = Tensor | Sequence[Tensor]
 """(B, L, d) tensor, or one (B, d_l) tensor per layer (what `MultiShuffledLoader` yields)."""
@@ -322,63 +320,3 @@ def train_crosscoder(
         raise ValueError("the loader yielded no full batch: pass a non-empty stream of aligned batches")
     cc.zero_grad(set_to_none=True)
     return CrosscoderTrainResult(cc.fold_input_scale(scales), log, step, tokens, time.perf_counter() - t0)
-
-
-# ---- evaluation ----------------------------------------------------------------------------
-
-
-class CrosscoderMetrics(NamedTuple):
-    n_tokens: int
-    l0: float
-    """Mean count of nonzero latents per token (one code per token for all layers)."""
-    fvu: float
-    """Pooled: Σ_l Σ‖x^l − x̂^l‖² / Σ_l Σ‖x^l − μ^l‖², μ^l the per-dimension evaluation mean."""
-    fvu_per_layer: tuple[float, ...]
-    """Σ‖x^l − x̂^l‖² / Σ‖x^l − μ^l‖² for each layer l."""
-    explained_variance: float
-    """1 − fvu."""
-    dead_fraction: float
-    """Latents that fired on no token of the set."""
-    dense_fraction: float
-    """Latents firing on more than `dense_threshold` of the tokens."""
-    fire_counts: np.ndarray
-    """(width,) int64 tokens on which each latent was nonzero."""
-
-
-@torch.no_grad()
-def crosscoder_metrics(cc: Crosscoder, batches: Iterable[Batch], *, dense_threshold: float = 0.1) -> CrosscoderMetrics:
-    """Stream RAW evaluation batches (either batch form) through `cc` and score it (DESIGN.md §4)."""
-    slices, width = cc.cfg.slices(), cc.cfg.width
-    dev = cc.W_dec.device
-    moments = _RunningMoments(cc.cfg.d_total)  # per-dimension mean/M2 in float64: never vs zero
-    err = torch.zeros(cc.cfg.d_total, dtype=torch.float64)
-    fire = torch.zeros(width, dtype=torch.int64)
-    nnz = 0
-    for batch in batches:
-        x = cc.concat(batch).to(dev, torch.float32)
-        enc = cc.encode_concat(x)
-        x_hat = cc.decode_concat(enc.top_acts, enc.top_indices)
-        moments.update(x)
-        err += (x.double() - x_hat.double()).pow(2).sum(0).cpu()
-        active = enc.top_acts != 0
-        nnz += int(active.sum())
-        fire += torch.bincount(enc.top_indices[active].reshape(-1).cpu(), minlength=width)
-    n = moments.n
-    if n == 0:
-        raise ValueError("crosscoder_metrics got no tokens: pass at least one non-empty batch")
-
-    def ratio(e: Tensor, v: Tensor) -> float:
-        v = float(v.sum())
-        return float(e.sum()) / v if v > 0 else math.nan
-
-    fvu = ratio(err, moments.m2)
-    counts = fire.numpy()
-    return CrosscoderMetrics(
-        n_tokens=n, l0=nnz / n, fvu=fvu,
-        fvu_per_layer=tuple(ratio(err[sl], moments.m2[sl]) for sl in slices),
-        explained_variance=1.0 - fvu,
-        dead_fraction=float((counts == 0).mean()),
-        dense_fraction=float((counts > dense_threshold * n).mean()),
-        fire_counts=counts,
-    )
-

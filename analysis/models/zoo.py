@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from analysis.vit import CONFIG_FILE, HookedViT
+from analysis.models.vit import CONFIG_FILE, HookedViT
 
 SOURCES = ("timm", "open_clip")
 # timm VisionTransformer names whose architecture HookedViT cannot reproduce (attention-pool
@@ -79,7 +79,7 @@ def _open_clip_candidates() -> list[str]:
 def _timm_convertible(name: str) -> bool:
     import timm
 
-    from analysis.vit_convert import timm_config
+    from analysis.models.convert import timm_config
 
     try:
         with torch.device("meta"):  # module tree only: no memory, no init

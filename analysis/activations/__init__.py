@@ -18,25 +18,8 @@ Arrays are chunked along N only (`images_per_chunk` images) and Zarr-sharded wit
 extraction shard (a Dagster partition) writes whole shard files, each as soon as its images are
 in, and never shares one with another partition.
 
-The code lives in three modules, re-exported here:
-`analysis.activation_store` (layout, creation, lineage, completion),
-`analysis.activation_extract` (`extract_shard`) and `analysis.activation_stats` (statistics).
+Modules: `store` (layout, creation, lineage, completion), `extract` (`extract_shard`, writing
+whole shard files through `shard_file`), `stats` (streamed moments), `tokens` (which token
+positions a store keeps), `reader` (`ActivationStore`: ordered reads, held-out tokens), `loader`
+(`ShuffledLoader`) and `multi_loader` (N aligned stores, for transcoders and crosscoders).
 """
-
-from analysis.activation_extract import FLOAT16_MAX, Capture, ShardReport, ShardWriteError, extract_shard
-from analysis.activation_stats import StoreStats, chan_merge, finalize_stats, merge_partials
-from analysis.activation_store import (
-    FORMAT,
-    StoreLayout,
-    StoreLocation,
-    create_store,
-    is_complete,
-    missing_shards,
-    read_layout,
-)
-
-__all__ = [
-    "FLOAT16_MAX", "FORMAT", "Capture", "ShardReport", "ShardWriteError", "StoreLayout", "StoreLocation",
-    "StoreStats", "chan_merge", "create_store", "extract_shard", "finalize_stats", "is_complete",
-    "merge_partials", "missing_shards", "read_layout",
-]

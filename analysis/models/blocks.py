@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.hooks import HookPoint
-from analysis.vit_config import ViTConfig
+from analysis.models.hooks import HookPoint
+from analysis.models.config import ViTConfig
 
 
 class LayerNorm(nn.Module):

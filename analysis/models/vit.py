@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from analysis.hooks import ActivationCache, HookedRootModule, HookFn, HookPoint, NameFilter
-from analysis.vit_blocks import Block, LayerNorm
-from analysis.vit_config import ViTConfig
+from analysis.models.cache import ActivationCache
+from analysis.models.hooks import HookedRootModule, HookFn, HookPoint, NameFilter
+from analysis.models.blocks import Block, LayerNorm
+from analysis.models.config import ViTConfig
+from analysis.models.convert import open_clip_weights, timm_weights
 
 __all__ = ["HookedViT", "ViTConfig", "resample_pos_embed", "CONFIG_FILE", "WEIGHTS_FILE"]
 
@@ -114,7 +116,7 @@ class HookedViT(HookedRootModule):
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ValueError(
                 f"expected float input (B, {c}, {s}, {s}), got {tuple(x.shape)}; "
-                "convert uint8 (B, H, W, C) images with analysis.images.to_model_input, "
+                "convert uint8 (B, H, W, C) images with analysis.data.images.to_model_input, "
                 "or build a model for another size with model.resize(image_size)"
             )
         b = x.shape[0]
@@ -220,16 +222,20 @@ class HookedViT(HookedRootModule):
     @classmethod
     def from_timm(cls, model: Any) -> "HookedViT":
         """Convert an instantiated timm `VisionTransformer` (weights copied; outputs match)."""
-        from analysis.vit_convert import from_timm
-
-        return from_timm(model)
+        return cls._from_state(*timm_weights(model))
 
     @classmethod
     def from_open_clip(cls, model: Any) -> "HookedViT":
         """Convert an open_clip CLIP model (or its `.visual` ViT); forward() = `encode_image`."""
-        from analysis.vit_convert import from_open_clip
+        return cls._from_state(*open_clip_weights(model))
 
-        return from_open_clip(model)
+    @classmethod
+    def _from_state(cls, cfg: ViTConfig, state: dict[str, torch.Tensor]) -> "HookedViT":
+        """A model holding copies of `state`, on the device and in the dtype of its tensors."""
+        like = state["pos_embed"]
+        model = cls(cfg, init=False).to(device=like.device, dtype=like.dtype)
+        model.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+        return model.eval()
 
     # ---- persistence -------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

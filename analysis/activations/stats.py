@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import zarr
 
-from analysis.activation_store import PARTIALS, StoreLocation, missing_shards, open_store_group
+from analysis.activations.store import PARTIALS, StoreLocation, missing_shards, open_store_group
 
 
 class StoreStats(NamedTuple):

@@ -8,7 +8,7 @@ Four threads per shard, so the forward pass is the only work on the critical pat
              shard file per hook; when the forward leaves no core spare, the caller does this
              share itself (_spare_core has the measurements)
     writer   each Zarr shard file's write as soon as its images are in (always a whole file: a
-             partial write rewrites the file, 5-10x the cost; analysis.zarr_shard_file builds
+             partial write rewrites the file, 5-10x the cost; analysis.activations.shard_file builds
              the file without zarr's per-chunk pipeline, which held the GIL); on a local store
              with no core spare, the caller writes too, while a URL store always gets the
              thread (its writes wait on the network)
@@ -35,17 +35,10 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from analysis.activation_stats import Moments, write_partial
-from analysis.activation_store import (
-    ZARR_DTYPE,
-    StoreLayout,
-    StoreLocation,
-    completed,
-    is_url,
-    open_layout,
-)
-from analysis.images import to_model_input
-from analysis.zarr_shard_file import ShardFileWriter
+from analysis.activations.stats import Moments, write_partial
+from analysis.activations.store import ZARR_DTYPE, StoreLayout, StoreLocation, completed, is_url, open_layout
+from analysis.models.inputs import to_model_input
+from analysis.activations.shard_file import ShardFileWriter
 
 Capture = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 """Model input (B, C, H, W) float32 in [0, 1] -> {hook: (B, T, d) activations}.
@@ -256,7 +249,7 @@ def _read_blocks(start: int, stop: int, batch_size: int, image_bytes: int) -> li
 
 
 TokenPositions = Union[slice, Sequence[int]]
-"""Positions along the capture's token axis to keep (analysis.tokens.select_tokens, per model)."""
+"""Positions along the capture's token axis to keep (analysis.activations.tokens.select_tokens, per model)."""
 
 
 def _token_positions(tokens: TokenPositions) -> slice | torch.Tensor:
@@ -265,7 +258,7 @@ def _token_positions(tokens: TokenPositions) -> slice | torch.Tensor:
     if isinstance(tokens, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in tokens):
         raise ValueError(
             f"tokens={tokens!r}: expected a slice or a sequence of token positions; "
-            "analysis.tokens.select_tokens(vit_config, 'cls' | 'patches' | ...).keep gives them"
+            "analysis.activations.tokens.select_tokens(vit_config, 'cls' | 'patches' | ...).keep gives them"
         )
     return torch.as_tensor(list(tokens), dtype=torch.int64)
 

@@ -1,7 +1,7 @@
 """Which tokens an activation store keeps, and where each kind of token sits in it.
 
 A hooked ViT's token axis is: the class token (if the model has one), then its register tokens
-(if any), then the patch grid row by row (analysis.vit). A store keeps a selection of them:
+(if any), then the patch grid row by row (analysis.models.vit). A store keeps a selection of them:
 
     all           every token
     cls           the class token only
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from analysis.vit_config import ViTConfig
+from analysis.models.config import ViTConfig
 
 TOKEN_SELECTIONS = ("all", "cls", "patches", "no_registers")
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from analysis.images import to_model_input
-from analysis.vit import HookedViT, ViTConfig
+from analysis.models.inputs import to_model_input
+from analysis.models.vit import HookedViT, ViTConfig
 
 
 def _default_vit() -> ViTConfig:

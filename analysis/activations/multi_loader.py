@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from analysis.loader import ActivationStore, LoaderState, ShuffledLoader
+from analysis.activations.reader import ActivationStore
+from analysis.activations.loader import LoaderState, ShuffledLoader
 
 # Lineage keys that must agree for two stores to hold the same tokens of the same model.
 # A key absent from both lineages (small synthetic stores) is not a mismatch.
@@ -122,3 +123,34 @@ class MultiShuffledLoader:
                 self.load_state(LoaderState(epoch, j))  # before yielding: the batch is consumed
                 yield batch
             self.load_state(LoaderState(epoch + 1, 0))
+
+
+_PAIR_ROLES = ("input", "output")
+
+
+def check_paired(store_in: ActivationStore, store_out: ActivationStore) -> None:
+    """Raise ValueError, naming both stores, unless they hold the same tokens in the same layout."""
+    check_aligned((store_in, store_out), _PAIR_ROLES)
+
+
+class PairedShuffledLoader(MultiShuffledLoader):
+    """Infinite shuffled stream of aligned (x_in (B, d_in), x_out (B, d_out)) float32 batches.
+
+    Every token of the selected images appears exactly once per epoch (the final partial
+    batch is dropped), deterministic per (seed, epoch); `state()`/`load_state()` resume it.
+    """
+
+    def __init__(self, store_in: ActivationStore, store_out: ActivationStore, image_indices, *,
+                 batch_size: int, seed: int, buffer_chunks: int = 8, prefetch: int = 2,
+                 device: str | torch.device = "cpu"):
+        super().__init__((store_in, store_out), image_indices, batch_size=batch_size, seed=seed,
+                         buffer_chunks=buffer_chunks, prefetch=prefetch, device=device, roles=_PAIR_ROLES)
+        self.store_in, self.store_out = store_in, store_out
+
+    @property
+    def d_in(self) -> int:
+        return self.store_in.d_model
+
+    @property
+    def d_out(self) -> int:
+        return self.store_out.d_model

@@ -1,4 +1,4 @@
-"""Residual-stream views of an ActivationCache from a HookedViT (TransformerLens semantics).
+"""The activation cache of `run_with_cache` and its residual-stream views from a HookedViT (TransformerLens semantics).
 
 Every helper returns a stack (components, B, T, d) of terms read from the cache, with labels
 on request. The identities the tests check:
@@ -14,12 +14,11 @@ whole model (the final residual stream).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import difflib
+from typing import Iterator
 
 import torch
-
-if TYPE_CHECKING:
-    from analysis.hooks import ActivationCache
+from torch import nn
 
 Stack = torch.Tensor
 
@@ -173,3 +172,60 @@ def apply_ln_to_stack(
         )
     centered = stack - stack.mean(-1, keepdim=True)
     return centered / scale.to(stack)
+
+
+class ActivationCache:
+    """Read-only mapping hook name -> detached activation, in forward order.
+
+    `model` (set by `run_with_cache`) lets the residual-stream helpers below read the
+    model's config and weights (layer scale, LayerNorm parameters).
+    """
+
+    def __init__(self, acts: dict[str, torch.Tensor], model: nn.Module | None = None) -> None:
+        self._acts = acts
+        self.model = model
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._acts:
+            close = difflib.get_close_matches(name, list(self._acts), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise KeyError(f"{name!r} is not in the cache (cached: {list(self._acts)}){hint}")
+        return self._acts[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._acts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._acts)
+
+    def __len__(self) -> int:
+        return len(self._acts)
+
+    def keys(self):
+        return self._acts.keys()
+
+    def values(self):
+        return self._acts.values()
+
+    def items(self):
+        return self._acts.items()
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({list(self._acts)})"
+
+    # Residual-stream helpers (TransformerLens semantics), defined above.
+    def accumulated_resid(self, layer: int | None = None, **kwargs):
+        """Residual stream before each block < layer; see the module function accumulated_resid."""
+        return accumulated_resid(self, layer, **kwargs)
+
+    def decompose_resid(self, layer: int | None = None, **kwargs):
+        """Additive terms of the stream entering `layer`; see the module function decompose_resid."""
+        return decompose_resid(self, layer, **kwargs)
+
+    def stack_head_results(self, layer: int | None = None, **kwargs):
+        """Per-head writes into the stream; see the module function stack_head_results."""
+        return stack_head_results(self, layer, **kwargs)
+
+    def apply_ln_to_stack(self, stack: torch.Tensor, layer: int | None = None, **kwargs) -> torch.Tensor:
+        """Components through the (frozen-scale) LayerNorm at `layer`; see the module function apply_ln_to_stack."""
+        return apply_ln_to_stack(self, stack, layer, **kwargs)

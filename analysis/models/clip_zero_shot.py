@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from analysis.hooks import ActivationCache, HookFn, NameFilter
+from analysis.models.cache import ActivationCache
+from analysis.models.hooks import HookFn, NameFilter
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 

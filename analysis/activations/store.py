@@ -23,7 +23,7 @@ from typing import Literal, Union
 import numpy as np
 import zarr
 
-from analysis.tokens import TokenGroups
+from analysis.activations.tokens import TokenGroups
 
 StoreLocation = Union[str, Path]
 """A local directory (Path or plain str) or an fsspec URL such as memory://… or s3://…."""
@@ -161,7 +161,7 @@ def create_store(location: StoreLocation, layout: StoreLayout, lineage: dict, *,
     if token_groups is not None and token_groups.n_tokens != layout.n_tokens:
         raise ValueError(
             f"token_groups cover {token_groups.n_tokens} tokens ({groups}) but the layout has "
-            f"n_tokens={layout.n_tokens}: derive both from the same analysis.tokens.select_tokens"
+            f"n_tokens={layout.n_tokens}: derive both from the same analysis.activations.tokens.select_tokens"
         )
     wanted = {"layout": asdict(layout), "token_groups": groups, "lineage": lineage}
     attrs = None if overwrite else _existing_attrs(location)

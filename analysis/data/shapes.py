@@ -43,7 +43,7 @@ class ShapesConfig:
 
     The default (shape identity on the three largest scales, any orientation and
     position) is the task the default mouse ViT learns to >= 0.9 held-out accuracy
-    inside the pipeline's time budget; see `analysis.mouse`.
+    inside the pipeline's time budget; see `analysis.models.mouse`.
     """
 
     n_images: int = 20000

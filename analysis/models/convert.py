@@ -1,9 +1,10 @@
-"""Convert instantiated timm and open_clip ViTs into HookedViT, weights copied exactly.
+"""Read instantiated timm and open_clip ViTs as a HookedViT config and state dict.
 
 Each converter reads the architecture off the module tree (not off a model name), refuses
-anything HookedViT cannot reproduce with an error that names the feature, and loads the
-renamed state dict with `strict=True`, so a missed or extra tensor fails loudly instead of
-leaving a silently random weight. timm and open_clip are imported here only, lazily.
+anything HookedViT cannot reproduce with an error that names the feature, and returns the
+renamed tensors; `HookedViT.from_timm` / `from_open_clip` load them with `strict=True`, so a
+missed or extra tensor fails loudly instead of leaving a silently random weight. This module
+knows no HookedViT (no import circle); timm and open_clip are imported here only, lazily.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.vit import HookedViT
-from analysis.vit_config import ViTConfig
+from analysis.models.config import ViTConfig
 
 
 def _unsupported(source: str, what: str) -> ValueError:
@@ -59,12 +59,6 @@ def _linear(prefix: str, lin: nn.Linear, out: dict[str, torch.Tensor]) -> None:
 
 def _ln(prefix: str, ln: nn.LayerNorm, out: dict[str, torch.Tensor]) -> None:
     out[f"{prefix}.weight"], out[f"{prefix}.bias"] = ln.weight, ln.bias
-
-
-def _build(cfg: ViTConfig, state: dict[str, torch.Tensor], like: torch.Tensor) -> HookedViT:
-    model = HookedViT(cfg, init=False).to(device=like.device, dtype=like.dtype)
-    model.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
-    return model.eval()
 
 
 # ---- timm ---------------------------------------------------------------------------
@@ -137,8 +131,9 @@ def timm_config(model: Any) -> ViTConfig:
     return cfg
 
 
-def from_timm(model: Any) -> HookedViT:
-    """timm `VisionTransformer` -> HookedViT with identical logits and residual streams."""
+def timm_weights(model: Any) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """timm `VisionTransformer` -> (config, state dict) of a HookedViT with identical logits and
+    residual streams (the tensors are the source's own parameters, not copies)."""
     cfg = timm_config(model)
     blocks, final, layer_scale = list(model.blocks), cfg.norm, cfg.layer_scale
     s: dict[str, torch.Tensor] = {"patch_embed.weight": model.patch_embed.proj.weight, "pos_embed": model.pos_embed}
@@ -168,12 +163,13 @@ def from_timm(model: Any) -> HookedViT:
         _ln("fc_norm", model.fc_norm, s)
     if cfg.head == "linear":
         s["head.weight"], s["head.bias"] = model.head.weight, model.head.bias
-    return _build(cfg, s, model.pos_embed)
+    return cfg, s
 
 
 # ---- open_clip -------------------------------------------------------------------------
-def from_open_clip(model: Any) -> HookedViT:
-    """open_clip CLIP (or its `.visual`) -> HookedViT whose forward() equals `encode_image`."""
+def open_clip_weights(model: Any) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """open_clip CLIP (or its `.visual`) -> (config, state dict) of a HookedViT whose forward()
+    equals `encode_image`."""
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
     src = "open_clip"
@@ -241,4 +237,4 @@ def from_open_clip(model: Any) -> HookedViT:
     _ln("ln_final" if cfg.norm == "final" else "fc_norm", visual.ln_post, s)
     if proj is not None:
         s["head.weight"] = proj.T  # CLIP computes pooled @ proj; nn.Linear computes pooled @ W.T
-    return _build(cfg, s, visual.positional_embedding)
+    return cfg, s

@@ -1,8 +1,9 @@
 """Image datasets on disk: uint8 (N, H, W, C) Zarr plus a labels Parquet table.
 
 Layout (DESIGN.md §2): <root>/images/<dataset_id>/images.zarr and labels.parquet.
-Everything that feeds images to a model goes through `to_model_input`, so
-training, extraction and evaluation see identical pixels.
+Everything that feeds these images to a model goes through
+`analysis.models.inputs.to_model_input`, so training, extraction and evaluation see identical
+pixels.
 """
 
 from __future__ import annotations
@@ -13,18 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import zarr
-
-
-def to_model_input(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1] on `device`."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(
-            f"expected uint8 images shaped (B, H, W, C), got {images.dtype} {images.shape}"
-        )
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def image_sha256(image: np.ndarray) -> str:

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from analysis.dictionaries.resume import load_train_state, save_train_state
 from analysis.dictionaries.transcoder import TopKTranscoder, TranscoderConfig
-from analysis.metrics import prediction_metrics
-from analysis.optim import check_run_length, remove_parallel_grad, warmup_decay_lr
-from analysis.train_sae import geometric_median
+from analysis.evaluation.metrics import prediction_metrics
+from analysis.dictionaries.training.schedule import check_run_length, remove_parallel_grad, warmup_decay_lr
+from analysis.dictionaries.training.sae import geometric_median
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def train_transcoder(
 
 def transcoder_metrics(tc: TopKTranscoder, paired_batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float]:
     """(L0, FVU_out) over an evaluation stream of raw (x_in, y) batches (DESIGN.md §4); the full
-    set of metrics is `analysis.metrics.prediction_metrics`."""
+    set of metrics is `analysis.evaluation.metrics.prediction_metrics`."""
 
     def checked():
         for x, y in paired_batches:

@@ -16,10 +16,10 @@ from typing import ClassVar, Union
 import yaml
 
 from analysis.ids import content_id
-from analysis.mouse import MouseTrainConfig
-from analysis.shapes import ShapesConfig
-from analysis.tokens import TOKEN_SELECTIONS, select_tokens
-from analysis.vit import ViTConfig
+from analysis.models.mouse import MouseTrainConfig
+from analysis.data.shapes import ShapesConfig
+from analysis.activations.tokens import TOKEN_SELECTIONS, select_tokens
+from analysis.models.vit import ViTConfig
 
 DATASET_GENERATORS = ("shapes",)
 MODEL_KINDS = ("mouse",)
@@ -42,7 +42,7 @@ class DatasetSpec:
     generator: str = "shapes"
     """Built-in generator name; see DATASET_GENERATORS."""
     params: dict = field(default_factory=dict)
-    """Overrides of the generator's config dataclass (e.g. analysis.shapes.ShapesConfig fields)."""
+    """Overrides of the generator's config dataclass (e.g. analysis.data.shapes.ShapesConfig fields)."""
 
     def __post_init__(self):
         _choice("dataset generator", self.generator, DATASET_GENERATORS)
@@ -62,9 +62,9 @@ class ModelSpec:
     kind: str = "mouse"
     """`mouse`: a small ViT trained in the pipeline on the dataset's task."""
     vit: dict = field(default_factory=dict)
-    """Overrides of analysis.vit.ViTConfig."""
+    """Overrides of analysis.models.vit.ViTConfig."""
     train: dict = field(default_factory=dict)
-    """Overrides of analysis.mouse.MouseTrainConfig (except `vit`)."""
+    """Overrides of analysis.models.mouse.MouseTrainConfig (except `vit`)."""
 
     def __post_init__(self):
         _choice("model kind", self.kind, MODEL_KINDS)
@@ -92,7 +92,7 @@ class ActivationSpec:
     """Store dtype: float16, bfloat16 (kept as uint16 bits) or float32."""
     tokens: str = "all"
     """Which tokens to keep: all, cls, patches, or no_registers (class token and patches);
-    see analysis.tokens."""
+    see analysis.activations.tokens."""
     batch_size: int = 256
     """Images per forward pass during extraction."""
     compute_dtype: str = "float32"
@@ -182,7 +182,7 @@ class DictionaryGrid:
     """Penalty coefficients for relu and jumprelu members."""
     seeds: tuple[int, ...] = (0,)
     train: dict = field(default_factory=dict)
-    """Overrides of analysis.train_sae.SAETrainConfig (width and k come from the grid)."""
+    """Overrides of analysis.dictionaries.training.sae.SAETrainConfig (width and k come from the grid)."""
 
     def __post_init__(self):
         for arch in self.architectures:
@@ -253,7 +253,7 @@ class CrosscoderGrid:
     """Penalty coefficients for relu members."""
     seeds: tuple[int, ...] = (0,)
     train: dict = field(default_factory=dict)
-    """Overrides of analysis.train_crosscoder.CrosscoderTrainConfig (width, architecture, k,
+    """Overrides of analysis.dictionaries.training.crosscoder.CrosscoderTrainConfig (width, architecture, k,
     sparsity_coef and seed come from the grid)."""
 
     def __post_init__(self):
@@ -300,7 +300,7 @@ class TranscoderGrid:
     """Train with and/or without the linear skip connection."""
     seeds: tuple[int, ...] = (0,)
     train: dict = field(default_factory=dict)
-    """Overrides of analysis.train_transcoder.TranscoderTrainConfig (width, k, skip, seed come from the grid)."""
+    """Overrides of analysis.dictionaries.training.transcoder.TranscoderTrainConfig (width, k, skip, seed come from the grid)."""
 
     def __post_init__(self):
         pairs = tuple(tuple(p) for p in self.pairs)

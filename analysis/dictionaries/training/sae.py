@@ -28,14 +28,8 @@ from pathlib import Path
 
 from analysis.dictionaries import SAEConfig, SparseAutoencoder, build_sae
 from analysis.dictionaries.resume import load_train_state, save_train_state
-from analysis.dictionaries.objectives import (
-    SelectedPre as _SelectedPre,  # noqa: F401  (re-exported for tests and notebooks)
-    auxk_loss,
-    batch_variance,
-    sparse_decode as _sparse_decode,  # noqa: F401
-    train_forward,
-)
-from analysis.optim import TrainSchedule, match_state_layout, remove_parallel_grad
+from analysis.dictionaries.objectives import auxk_loss, batch_variance, train_forward
+from analysis.dictionaries.training.schedule import TrainSchedule, match_state_layout, remove_parallel_grad
 
 _TOPK_FAMILY = ("topk", "batchtopk")
 
