@@ -14,7 +14,8 @@ def shard_partitions(spec: SuiteSpec) -> dg.StaticPartitionsDefinition:
 
 
 def activation_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
-    # code_version 2: store format 3 (token groups recorded, files written whole by the extraction)
+    # code_version names the store format these assets write: a format change bumps it, so Dagster
+    # marks stores written in another format stale
     @dg.asset(name="activation_layout", group_name="activations", code_version="2", deps=["mouse_model"],
               kinds={"zarr"}, description="Creates every hook's Zarr arrays once, before the shards fill them.")
     def activation_layout(storage: StorageResource) -> dg.MaterializeResult:

@@ -25,8 +25,9 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
                      tracker: TrackerResource) -> dg.MaterializeResult:
         member = spec.member(context.partition_key)
         root = storage.data_root()
-        with tracker.run(dictionary_id(spec, member), asdict(member), root) as log:
-            summary = ensure_dictionary(spec, root, member, device=compute.apply(), on_log=log)
+        dict_id = dictionary_id(spec, member)
+        with tracker.run(dict_id, asdict(member), root) as log:
+            summary = ensure_dictionary(spec, root, member, dict_id=dict_id, device=compute.apply(), on_log=log)
         return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(summary["dict_id"]))
 
     @dg.asset(name="evaluations", group_name="dictionaries", code_version="1", deps=["dictionaries"],

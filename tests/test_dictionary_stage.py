@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import analysis.stages.dictionaries as stage
+import analysis.stages.saes as saes
 from analysis.activations.loader import ShuffledLoader
 from analysis.paths import DataRoot
 from analysis.stages.suite import load_suite
@@ -35,7 +36,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_state(tmp_path, m
     root = DataRoot(tmp_path)
     materialize_store(spec, root)
     (member,) = spec.members()
-    monkeypatch.setattr(stage, "ShuffledLoader", _PoisonedLoader)
+    monkeypatch.setattr(saes, "ShuffledLoader", _PoisonedLoader)
     monkeypatch.setattr(stage, "CHECKPOINT_EVERY", 50)  # states at steps 50 and 100; NaN from step 119 on
 
     with pytest.raises(RuntimeError, match=r"b1_resid_post-topk-x4-k4-s0.*not finite at step 1[12]\d.*step 100") as err:

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.stages.suite import DictionaryMember, SuiteSpec, load_suite, parse_suite
+from analysis.stages.members import SAEMember
+from analysis.stages.suite import SuiteSpec, load_suite, parse_suite
 from pipelines.definitions import SUITES_DIR, resolve_suite
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"
@@ -28,7 +29,7 @@ def test_ids_are_content_derived():
 
 
 def test_member_keys_are_readable_and_stable():
-    m = DictionaryMember("blocks.1.hook_resid_post", "topk", 16, 32, 0)
+    m = SAEMember("blocks.1.hook_resid_post", "topk", 16, 32, 0)
     assert m.key == "b1_resid_post-topk-x16-k32-s0"
 
 

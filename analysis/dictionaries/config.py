@@ -24,6 +24,9 @@ _USES = {  # architecture -> optional fields it needs
     "relu": {"sparsity_coef"},
     "jumprelu": {"sparsity_coef", "threshold_init", "bandwidth"},
 }
+# how an architecture sets its sparsity: a k of active latents, or a penalty coefficient
+K_ARCHITECTURES: tuple[str, ...] = tuple(a for a in ARCHITECTURES if "k" in _USES[a])
+PENALTY_ARCHITECTURES: tuple[str, ...] = tuple(a for a in ARCHITECTURES if "sparsity_coef" in _USES[a])
 
 
 @dataclass(frozen=True)

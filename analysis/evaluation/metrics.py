@@ -1,7 +1,8 @@
 """The one definition of every reconstruction metric (DESIGN.md §4).
 
 `reconstruction_metrics` (SAEs) and `prediction_metrics` (transcoders) stream an evaluation set
-once; `crosscoder_metrics` adds the per-layer FVU of a crosscoder. Any object with `cfg.width`
+once; given column `slices` (a crosscoder's layers in its concatenated input), the same pass
+also gives the FVU of each slice. `crosscoder_metrics` scores a crosscoder on per-layer inputs. Any object with `cfg.width`
 whose call returns (x_hat, top_acts, top_indices) works as `sae` (TopK SAEs, and stubs in tests).
 The model-level metrics (splicing a dictionary into the forward pass) are in
 `analysis.evaluation.downstream`.
@@ -38,6 +39,9 @@ class ReconstructionMetrics(NamedTuple):
     """Latents firing on more than `dense_threshold` of the tokens."""
     fire_counts: np.ndarray
     """(width,) int64 tokens on which each latent was nonzero."""
+    fvu_per_slice: tuple[float, ...] = ()
+    """Σ‖x_s − x̂_s‖² / Σ‖x_s − μ_s‖² for each column slice s asked for (e.g. each layer of a
+    crosscoder), from the same per-dimension sums as `fvu`; () when none were asked for."""
 
 
 class RunningMoments:
@@ -63,8 +67,10 @@ class RunningMoments:
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae, batches: Iterable[Tensor], *, dense_threshold: float = 0.1) -> ReconstructionMetrics:
-    """Stream (B, d) batches of RAW activations through `sae` and score the reconstructions."""
+def reconstruction_metrics(sae, batches: Iterable[Tensor], *, dense_threshold: float = 0.1,
+                           slices: Sequence[slice] = ()) -> ReconstructionMetrics:
+    """Stream (B, d) batches of RAW activations through `sae` and score the reconstructions
+    (also per column slice of d, for each of `slices`)."""
 
     def scored():
         for x in batches:
@@ -72,7 +78,7 @@ def reconstruction_metrics(sae, batches: Iterable[Tensor], *, dense_threshold: f
             out = sae(x)
             yield x, out.x_hat.reshape(x.shape), out.top_acts, out.top_indices
 
-    return _score(scored(), sae.cfg.width, dense_threshold)
+    return _score(scored(), sae.cfg.width, dense_threshold, slices)
 
 
 @torch.no_grad()
@@ -93,11 +99,11 @@ def prediction_metrics(model, pairs: Iterable[tuple[Tensor, Tensor]], *,
             out = model(x)
             yield y, out.y_hat.reshape(y.shape), out.top_acts, out.top_indices
 
-    return _score(scored(), model.cfg.width, dense_threshold)
+    return _score(scored(), model.cfg.width, dense_threshold, ())
 
 
 def _score(scored: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], width: int,
-           dense_threshold: float) -> ReconstructionMetrics:
+           dense_threshold: float, slices: Sequence[slice]) -> ReconstructionMetrics:
     """Metrics over a stream of (target, prediction, top_acts, top_indices), all per token."""
     moments: RunningMoments | None = None
     sq_err = cos_sum = shrink_sum = nnz = 0.0
@@ -106,8 +112,12 @@ def _score(scored: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], width: int,
         x64, xh64 = x.double(), x_hat.double()
         if moments is None:
             moments = RunningMoments(x.shape[-1])
+            err_per_dim = torch.zeros(x.shape[-1], dtype=torch.float64)  # summed over tokens, for `slices`
         moments.update(x64)
-        sq_err += float((x64 - xh64).pow(2).sum())
+        sq = (x64 - xh64).pow(2)
+        sq_err += float(sq.sum())
+        if slices:
+            err_per_dim += sq.sum(0).cpu()
         x_norm, xh_norm = x64.norm(dim=1), xh64.norm(dim=1)
         cos_sum += float(F.cosine_similarity(x64, xh64, dim=1, eps=1e-12).sum())
         shrink_sum += float((xh_norm / x_norm.clamp_min(1e-12)).sum())
@@ -120,6 +130,7 @@ def _score(scored: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], width: int,
     total_var = float(moments.m2.sum())
     fvu = sq_err / total_var if total_var > 0 else math.nan
     counts = fire.numpy()
+    per_slice = tuple(_ratio(err_per_dim[sl], moments.m2[sl]) for sl in slices)
     return ReconstructionMetrics(
         n_tokens=n,
         l0=nnz / n,
@@ -131,7 +142,14 @@ def _score(scored: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], width: int,
         dead_fraction=float((counts == 0).mean()),
         dense_fraction=float((counts > dense_threshold * n).mean()),
         fire_counts=counts,
+        fvu_per_slice=per_slice,
     )
+
+
+def _ratio(err: Tensor, var: Tensor) -> float:
+    """Σ err / Σ var over some dimensions; NaN where they hold no variance."""
+    v = float(var.sum())
+    return float(err.sum()) / v if v > 0 else math.nan
 
 
 def log10_density_histogram(fire_counts: np.ndarray, n_tokens: int, *, bins_per_decade: int = 4) -> list[dict]:
@@ -194,16 +212,11 @@ def crosscoder_metrics(cc, batches: Iterable[Tensor | Sequence[Tensor]], *, dens
     n = moments.n
     if n == 0:
         raise ValueError("crosscoder_metrics got no tokens: pass at least one non-empty batch")
-
-    def ratio(e: Tensor, v: Tensor) -> float:
-        v = float(v.sum())
-        return float(e.sum()) / v if v > 0 else math.nan
-
-    fvu = ratio(err, moments.m2)
+    fvu = _ratio(err, moments.m2)
     counts = fire.numpy()
     return CrosscoderMetrics(
         n_tokens=n, l0=nnz / n, fvu=fvu,
-        fvu_per_layer=tuple(ratio(err[sl], moments.m2[sl]) for sl in slices),
+        fvu_per_layer=tuple(_ratio(err[sl], moments.m2[sl]) for sl in slices),
         explained_variance=1.0 - fvu,
         dead_fraction=float((counts == 0).mean()),
         dense_fraction=float((counts > dense_threshold * n).mean()),

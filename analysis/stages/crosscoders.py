@@ -28,13 +28,13 @@ from analysis.activations.multi_loader import MultiShuffledLoader
 from analysis.paths import DataRoot
 from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
-from analysis.stages.suite import CrosscoderMember, SuiteSpec, construct
+from analysis.stages.members import CrosscoderMember
+from analysis.stages.suite import SuiteSpec, construct
 from analysis.dictionaries.training.crosscoder import (
     CrosscoderTrainConfig,
     CrosscoderTrainResult,
     train_crosscoder,
 )
-from analysis.evaluation.metrics import crosscoder_metrics
 
 
 def crosscoder_train_config(spec: SuiteSpec, member: CrosscoderMember, d: int) -> CrosscoderTrainConfig:
@@ -100,10 +100,11 @@ def iter_concatenated(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember,
 
 def reconstruction(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
                    eval_idx: np.ndarray, *, device: str, positions: slice = slice(None)) -> ReconstructionMetrics:
-    """Pooled metrics over the concatenated layers, on the token `positions` of each image."""
+    """Pooled metrics over the concatenated layers, and the FVU of each layer (`fvu_per_slice`)
+    from the same pass, on the token `positions` of each image."""
     tokens = (a.reshape(-1, a.shape[-1]).to(device) for _, a in
               iter_concatenated(spec, root, member, eval_idx, positions))
-    return reconstruction_metrics(ConcatenatedView(cc), tokens)
+    return reconstruction_metrics(ConcatenatedView(cc), tokens, slices=cc.cfg.slices())
 
 
 def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
@@ -112,16 +113,14 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, c
     """Pooled metrics over the concatenated layers, FVU per layer, and the loss with every
     hook replaced by its reconstruction at once (vs all of them zero-ablated)."""
     rec = reconstruction(spec, root, member, cc, eval_idx, device=device)
-    tokens = (a.reshape(-1, a.shape[-1]).to(device) for _, a in iter_concatenated(spec, root, member, eval_idx))
-    per_layer = crosscoder_metrics(cc, (x.split(list(cc.cfg.d_ins), dim=-1) for x in tokens))
     positions = token_selection(spec).keep  # the tokens it was trained on
     down = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, cc, member.hooks, positions=positions),
                                       member.hooks, model_batches, positions=positions)
-    return rec, down, {"fvu_per_layer": list(per_layer.fvu_per_layer)}
+    return rec, down, {"fvu_per_layer": list(rec.fvu_per_slice)}
 
 
 def mining_input(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
-                 eval_idx: np.ndarray, device: str):
+                 eval_idx: np.ndarray, device: str) -> tuple[ConcatenatedView, Iterator[tuple[np.ndarray, Tensor]]]:
     """What `mine_features` reads: the concatenated view and per-image concatenated activations."""
     return ConcatenatedView(cc), ((idx, acts.to(device)) for idx, acts in
                                   iter_concatenated(spec, root, member, eval_idx))

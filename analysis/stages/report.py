@@ -43,12 +43,13 @@ def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
     for key, members in groups.items():
         if len(members) < 2:
             continue
-        dictionaries = [load_member(spec, root, m) for m in members]
+        dict_ids = [dictionary_id(spec, m) for m in members]
+        dictionaries = [load_member(spec, root, m, dict_id=i) for m, i in zip(members, dict_ids)]
         rows.append({"suite": spec.name, "store_id": spec.store_id, "kind": key.kind, "hook": key.hook,
                      "out_hook": getattr(key, "out_hook", None), "architecture": key.architecture,
                      "expansion": key.expansion, "k": key.k, "sparsity_coef": key.sparsity_coef,
                      "n_seeds": len(members), "mean_matched_cosine": suite_stability(dictionaries),
-                     "dict_ids": [dictionary_id(spec, m) for m in members]})
+                     "dict_ids": dict_ids})
     if rows:
         write_table_partition(root.table("stability"), {"store_id": spec.store_id}, pa.Table.from_pylist(rows))
     return len(rows)

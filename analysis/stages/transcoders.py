@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+from torch import Tensor
 
 from analysis.dictionaries import TopKTranscoder, TranscoderConfig
 from analysis.ids import content_id
@@ -26,7 +27,8 @@ from analysis.activations.multi_loader import PairedShuffledLoader
 from analysis.paths import DataRoot
 from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
-from analysis.stages.suite import SuiteSpec, TranscoderMember, construct
+from analysis.stages.members import TranscoderMember
+from analysis.stages.suite import SuiteSpec, construct
 from analysis.dictionaries.training.transcoder import (
     TranscoderTrainConfig,
     TranscoderTrainResult,
@@ -94,3 +96,12 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, t
     hooks = transcoder_splice_hooks(tc, member.hook, member.out_hook, positions=positions)
     down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches, positions=positions)
     return rec, down, {}
+
+
+def mining_input(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,
+                 eval_idx: np.ndarray, device: str) -> tuple[TopKTranscoder, Iterator[tuple[np.ndarray, Tensor]]]:
+    """What `mine_features` reads: the transcoder and per-image activations of its input hook
+    (its latents read `hook`; `out_hook` is only predicted)."""
+    store_in = ActivationStore.open(root.hook_store(spec.store_id, member.hook))
+    return tc, ((idx, acts.to(device)) for idx, acts in
+                iter_images(store_in, eval_idx, images_per_batch=spec.evaluation.batch_images))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from analysis.stages.activations import check_hooks, store_layout
-from analysis.stages.dictionaries import train_config
 from analysis.stages.model import vit_config
 from analysis.stages.crosscoders import crosscoder_train_config
+from analysis.stages.saes import sae_train_config
 from analysis.stages.transcoders import transcoder_train_config
 from analysis.stages.suite import SuiteSpec
 
@@ -24,6 +24,6 @@ def validate_suite(spec: SuiteSpec) -> None:
         if member.kind != "sae":
             continue
         try:
-            train_config(spec, member, vit.d_model)
+            sae_train_config(spec, member, vit.d_model)
         except TypeError as err:
             raise ValueError(f"bad key in suite section dictionaries.train: {err}") from err
