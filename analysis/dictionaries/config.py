@@ -11,6 +11,8 @@ from typing import Literal, get_args
 
 Architecture = Literal["topk", "batchtopk", "relu", "jumprelu"]
 ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
+K_ARCHITECTURES = ("topk", "batchtopk")  # sparsity set by k (and AuxK revives their dead latents)
+PENALTY_ARCHITECTURES = ("relu", "jumprelu")  # sparsity set by a penalty coefficient
 
 # Defaults for inputs scaled to mean norm sqrt(d_in) (the trainer's convention), where the
 # reconstruction term is the per-token squared error summed over dimensions.

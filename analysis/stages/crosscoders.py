@@ -29,11 +29,8 @@ from analysis.paths import DataRoot
 from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.stages.suite import CrosscoderMember, SuiteSpec, construct
-from analysis.dictionaries.training.crosscoder import (
-    CrosscoderTrainConfig,
-    CrosscoderTrainResult,
-    train_crosscoder,
-)
+from analysis.dictionaries.training.loop import TrainResult
+from analysis.dictionaries.training.crosscoder import CrosscoderTrainConfig, train_crosscoder
 from analysis.evaluation.metrics import crosscoder_metrics
 
 
@@ -54,7 +51,7 @@ def _stores(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember) -> list[A
 
 def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, train_idx: np.ndarray, *,
                  checkpoint_dir: Path, checkpoint_every: int, device: str,
-                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[CrosscoderTrainResult, dict, dict]:
+                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TrainResult, dict, dict]:
     """(result, train config as a dict, first store's lineage); resumes from `checkpoint_dir`."""
     stores = _stores(spec, root, member)
     cfg = crosscoder_train_config(spec, member, stores[0].d_model)

@@ -15,9 +15,10 @@ def validate_suite(spec: SuiteSpec) -> None:
     vit = vit_config(spec)  # builds the dataset and model configs, checking every override key
     check_hooks(spec)
     store_layout(spec)
-    if spec.transcoders.pairs:
-        transcoder_train_config(spec)  # unknown keys are named with the valid ones
     for member in spec.members():
+        if member.kind == "transcoder":
+            transcoder_train_config(spec, member, vit.d_model)  # names an unknown key, checks k <= width
+            continue
         if member.kind == "crosscoder":
             crosscoder_train_config(spec, member, vit.d_model)  # names an unknown key, checks k <= width
             continue
