@@ -296,7 +296,7 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
             [e / f for e, f in zip(runs["extract"], runs["forward_only"])])), 3),
         "extract_nowrite_over_bare": round(ratios["extract_nowrite"], 3),
         "device": str(DEVICE),
-        "extract_mode": "threads" if extraction._spare_core(DEVICE) else "inline",
+        "extract_mode": "threads" if extraction.spare_core(DEVICE) else "inline",
         "forced_modes_over_bare": {"threads": round(ratios["extract_threads"], 3),
                                    "inline": round(ratios["extract_inline"], 3)},
         # Extra milliseconds per image each stage adds on top of the bare forward (medians).
@@ -311,7 +311,7 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
 
 
 def _forced(spare: bool, fn) -> float:
-    with _patched(extraction, "_spare_core", lambda device: spare):
+    with _patched(extraction, "spare_core", lambda device: spare):
         return fn()
 
 

@@ -111,7 +111,7 @@ def train_ours(train, args, autocast: str):
     result = train_sae(_batches(train, args.batch_size, args.train_tokens), train.shape[1], cfg,
                        mean_norm=mean_norm, init_batch=train[:args.batch_size], progress=False, log_every=50)
     seconds = time.perf_counter() - t0
-    sae = result.sae.eval()
+    sae = result.dictionary.eval()
     return seconds, result.tokens, sae
 
 

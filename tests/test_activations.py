@@ -12,7 +12,7 @@ import zarr
 from analysis.activations.extract import ShardWriteError, extract_shard
 from analysis.activations.store import StoreLayout, create_store, is_complete, missing_shards
 from analysis.activations.stats import finalize_stats
-from analysis.activations.extract import _spare_core
+from analysis.activations.threads import spare_core
 from analysis.models.inputs import to_model_input
 
 N, H, P, D = 150, 8, 4, 12  # images, image side, patch side, width
@@ -53,7 +53,7 @@ def worker_mode(request, monkeypatch):
     is spare) and on the caller's thread (torch's threads fill every core)."""
     from analysis.activations import extract as activation_extract
 
-    monkeypatch.setattr(activation_extract, "_spare_core", lambda device: request.param == "worker thread")
+    monkeypatch.setattr(activation_extract, "spare_core", lambda device: request.param == "worker thread")
     return request.param
 
 
@@ -432,9 +432,9 @@ def test_each_zarr_shard_file_is_written_once_whole_as_soon_as_it_fills(tmp_path
 
 
 def test_the_worker_thread_runs_only_where_a_core_is_spare(monkeypatch):
-    # _spare_core is the real function: imported before the autouse fixture patches the module
+    # spare_core is the real function: imported before the autouse fixture patches the module
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     for threads, spare in ((1, True), (2, False), (4, False)):
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
-        assert _spare_core(torch.device("cpu")) is spare
-        assert _spare_core(torch.device("cuda")) is True  # the forward runs on the accelerator
+        assert spare_core(torch.device("cpu")) is spare
+        assert spare_core(torch.device("cuda")) is True  # the forward runs on the accelerator

@@ -16,7 +16,7 @@ from analysis.activations.extract import extract_shard
 from analysis.dictionaries import Crosscoder, CrosscoderConfig, TopKSAE, SAEConfig, load_dictionary
 from analysis.activations.reader import ActivationStore
 from analysis.activations.multi_loader import MultiShuffledLoader
-from analysis.dictionaries.training.crosscoder import CrosscoderTrainConfig, _train_forward, train_crosscoder
+from analysis.dictionaries.training.crosscoder import CrosscoderTrainConfig, crosscoder_train_forward, train_crosscoder
 from analysis.evaluation.metrics import crosscoder_metrics
 
 
@@ -94,7 +94,7 @@ def test_penalty_is_decoder_norm_sum_weighted():
         for i in range(cc.cfg.width):
             norm_sum = sum(float(W_dec[i, starts[l]:starts[l + 1]].norm()) for l in range(3))
             want += float(z[b, i]) * norm_sum
-    fwd = _train_forward(cc, torch.cat(xs, dim=1))
+    fwd = crosscoder_train_forward(cc, torch.cat(xs, dim=1))
     assert_close(float(fwd.penalty.detach()), want, rtol=1e-5, atol=1e-5)
     assert_close(cc.decoder_norms()[2, 1], cc.W_dec[2, 5:8].norm())
     assert want > 0
@@ -212,12 +212,12 @@ def test_recovers_shared_sparse_features(arch, extra, steps, max_fvu, min_mmcs):
                                 lr=1e-2, warmup_steps=10, dead_tokens=256 * 20, **extra)
     res = train_crosscoder((sample(256) for _ in range(10_000)), cfg, init_batch=x0, progress=False,
                            mean_norms=[float(x.norm(dim=1).mean()) for x in x0], hooks=("l0", "l1", "l2"))
-    assert res.steps == steps and res.crosscoder.cfg.hooks == ("l0", "l1", "l2")
+    assert res.steps == steps and res.dictionary.cfg.hooks == ("l0", "l1", "l2")
     assert len(res.log[-1]["layer_fvu"]) == 3
-    m = crosscoder_metrics(res.crosscoder, [sample(4096)])
+    m = crosscoder_metrics(res.dictionary, [sample(4096)])
     # raw-space decoder directions (the fold put the layer scales back) vs the true ones
     true = F.normalize(torch.cat(dirs, 1), dim=1)
-    mmcs = (true @ F.normalize(res.crosscoder.W_dec.detach(), dim=1).T).max(1).values.mean()
+    mmcs = (true @ F.normalize(res.dictionary.W_dec.detach(), dim=1).T).max(1).values.mean()
     print(f"{arch}: FVU {m.fvu:.4f} per layer {[round(v, 4) for v in m.fvu_per_layer]} L0 {m.l0:.2f} "
           f"MMCS {float(mmcs):.4f}")
     assert m.fvu < max_fvu and max(m.fvu_per_layer) < 2 * max_fvu
@@ -231,9 +231,9 @@ def test_stacked_and_tuple_batches_train_alike_with_unit_concatenated_rows():
     cfg = CrosscoderTrainConfig(width=32, k=3, batch_size=64, n_train_tokens=64 * 12, lr=1e-2, warmup_steps=2)
     # one mean norm for every layer: equal scales, so folding leaves W_dec as trained
     kw = dict(mean_norms=[5.0] * 3, progress=False, log_every=4)
-    as_tuples = train_crosscoder(iter(data), cfg, init_batch=data[0], **kw).crosscoder
+    as_tuples = train_crosscoder(iter(data), cfg, init_batch=data[0], **kw).dictionary
     as_stacked = train_crosscoder((torch.stack(xs, 1) for xs in data), cfg, init_batch=torch.stack(data[0], 1),
-                                  **kw).crosscoder
+                                  **kw).dictionary
     for (n, a), (_, b) in zip(as_tuples.state_dict().items(), as_stacked.state_dict().items()):
         assert torch.equal(a, b), n
     # topk: each latent's concatenated decoder row has norm 1, its split over layers is learnt
@@ -364,13 +364,13 @@ def _run(stores, arch, checkpoint_dir=None, stop_at=None, rows=None):
 @pytest.mark.parametrize("arch", ["topk", "relu"])
 def test_resume_reaches_identical_weights(stores, arch, tmp_path):
     reference = _run(stores, arch)
-    assert reference.crosscoder.cfg.hooks == ("blocks.a", "blocks.b", "blocks.c")
+    assert reference.dictionary.cfg.hooks == ("blocks.a", "blocks.b", "blocks.c")
     with pytest.raises(_Interrupt):
         _run(stores, arch, tmp_path, stop_at=20)  # the state saved at step 16 survives
     rows = []
     resumed = _run(stores, arch, tmp_path, rows=rows)
     assert rows == [20, 24, 28, 32, 34]  # it went on from step 16, it did not start over
-    ref_sd, got_sd = reference.crosscoder.state_dict(), resumed.crosscoder.state_dict()
+    ref_sd, got_sd = reference.dictionary.state_dict(), resumed.dictionary.state_dict()
     assert list(ref_sd) == list(got_sd)
     for name in ref_sd:
         assert torch.equal(ref_sd[name], got_sd[name]), name

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from analysis.dictionaries import SAEConfig, build_sae
 from analysis.dictionaries.objectives import (
     auxk_loss,
+    sae_weights,
     exact_selected,
     gathered_dot,
     scatter_rows,
@@ -130,7 +131,7 @@ def test_auxk_matches_masked_dense_reference(n_dead):
     aux_k = 6
 
     def ours():
-        return auxk_loss(sae, train_forward(sae, x), x, dead, aux_k)
+        return auxk_loss(sae_weights(sae), train_forward(sae, x), x, dead, aux_k)
 
     def reference():
         with torch.no_grad():

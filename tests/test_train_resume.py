@@ -48,7 +48,7 @@ def test_resume_reaches_identical_weights(store, arch, tmp_path):
     resumed = _run(store, arch, tmp_path, rows=rows)
     assert rows == [20, 24, 28, 32, 34]  # it went on from step 16, it did not start over
     assert resumed.steps == reference.steps == 34
-    ref_sd, got_sd = reference.sae.state_dict(), resumed.sae.state_dict()
+    ref_sd, got_sd = reference.dictionary.state_dict(), resumed.dictionary.state_dict()
     assert list(ref_sd) == list(got_sd)
     for name in ref_sd:
         assert torch.equal(ref_sd[name], got_sd[name]), name

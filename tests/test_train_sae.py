@@ -57,11 +57,11 @@ def test_training_recovers_sparse_structure(data):
     assert result.log[-1]["loss"] < result.log[0]["loss"]
     # the returned SAE works on RAW activations of held-out tokens
     held_out = _sparse_data(20_000, seed=1)
-    m = reconstruction_metrics(result.sae, held_out.split(4096))
+    m = reconstruction_metrics(result.dictionary, held_out.split(4096))
     assert m.fvu < 0.1, m.fvu
     assert m.dead_fraction <= 0.05, m.dead_fraction
     assert abs(m.l0 - 4) < 0.05
-    assert_close(result.sae.W_dec.norm(dim=1), torch.ones(WIDTH))
+    assert_close(result.dictionary.W_dec.norm(dim=1), torch.ones(WIDTH))
 
 
 # Per architecture: settings that reach the sparse structure in a few seconds, and the class.
@@ -78,18 +78,18 @@ ARCH_RUNS = {
 def test_other_architectures_recover_sparse_structure(data, arch):
     kw, cls = ARCH_RUNS[arch]
     result = _train(data, _cfg(**kw))
-    assert type(result.sae) is cls and result.sae.cfg.architecture == arch
-    m = reconstruction_metrics(result.sae, _sparse_data(20_000, seed=1).split(4096))
+    assert type(result.dictionary) is cls and result.dictionary.cfg.architecture == arch
+    m = reconstruction_metrics(result.dictionary, _sparse_data(20_000, seed=1).split(4096))
     assert m.fvu < 0.1, m.fvu
     # the data has 2 active atoms per token: a sparse code needs a handful of latents, not dozens
     assert 1.5 < m.l0 < 8, m.l0
     assert m.dead_fraction < 0.25, m.dead_fraction
     if arch == "batchtopk":  # inference uses the estimated threshold; its L0 stays near k
-        assert (result.sae.inference_threshold > 0).all() and abs(m.l0 - 4) < 1.0
+        assert (result.dictionary.inference_threshold > 0).all() and abs(m.l0 - 4) < 1.0
     if arch == "relu":  # the decoder norms are free (the L1 term is weighted by them)
-        assert result.sae.W_dec.norm(dim=1).std() > 1e-3
+        assert result.dictionary.W_dec.norm(dim=1).std() > 1e-3
     else:
-        assert_close(result.sae.W_dec.norm(dim=1), torch.ones(WIDTH))
+        assert_close(result.dictionary.W_dec.norm(dim=1), torch.ones(WIDTH))
     if arch in ("relu", "jumprelu"):
         coefs = [r["sparsity_coef"] for r in result.log]
         assert coefs[0] < coefs[-1] == kw["sparsity_coef"] and result.log[-1]["sparsity_loss"] > 0
@@ -102,9 +102,9 @@ def test_deterministic_for_a_seed(data, arch):
     a = _train(small, _cfg(**kw, seed=7))
     b = _train(small, _cfg(**kw, seed=7))
     c = _train(small, _cfg(**kw, seed=8))
-    for (name, pa), (_, pb) in zip(a.sae.state_dict().items(), b.sae.state_dict().items()):
+    for (name, pa), (_, pb) in zip(a.dictionary.state_dict().items(), b.dictionary.state_dict().items()):
         assert torch.equal(pa, pb), name
-    assert not torch.equal(a.sae.W_dec, c.sae.W_dec)
+    assert not torch.equal(a.dictionary.W_dec, c.dictionary.W_dec)
     assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]
 
 
@@ -183,8 +183,8 @@ def test_hand_written_gradients_match_autograd():
 def test_bf16_selection_trains_as_well_as_fp32(data):
     """autocast="bfloat16" (bf16 latent choice, fp32 values) reaches the fp32 run's quality."""
     held_out = _sparse_data(20_000, seed=1).split(4096)
-    fp32 = reconstruction_metrics(_train(data, _cfg(autocast="off")).sae, held_out)
-    bf16 = reconstruction_metrics(_train(data, _cfg(autocast="bfloat16")).sae, held_out)
+    fp32 = reconstruction_metrics(_train(data, _cfg(autocast="off")).dictionary, held_out)
+    bf16 = reconstruction_metrics(_train(data, _cfg(autocast="bfloat16")).dictionary, held_out)
     assert bf16.fvu < 0.1 and abs(bf16.fvu - fp32.fvu) < 0.01, (bf16.fvu, fp32.fvu)
     assert bf16.dead_fraction <= 0.05 and abs(bf16.l0 - 4) < 0.05
 
@@ -251,7 +251,7 @@ def test_held_out_fvu_is_logged_and_equals_the_formula_at_the_end(data, arch):
     assert len(rows) == len(res.log) and rows[-1]["eval_fvu"] < rows[0]["eval_fvu"]
     assert all(math.isfinite(r["eval_fvu"]) and r["eval_l0"] > 0 for r in rows)
     if arch == "topk":  # the training-time code IS the inference code: the last row is the metric
-        final = reconstruction_metrics(res.sae, [held_out]).fvu
+        final = reconstruction_metrics(res.dictionary, [held_out]).fvu
         assert rows[-1]["eval_fvu"] == pytest.approx(final, rel=1e-3)
     with pytest.raises(ValueError, match="eval_tokens"):
         _train(data, _cfg(architecture=arch), eval_tokens=held_out[:, :3])

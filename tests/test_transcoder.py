@@ -1,5 +1,6 @@
 """Transcoders: paired loader alignment, TopK transcoder model, training and metrics."""
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,8 @@ from analysis.activations.extract import extract_shard
 from analysis.dictionaries.transcoder import TopKTranscoder, TranscoderConfig
 from analysis.activations.reader import ActivationStore
 from analysis.activations.multi_loader import PairedShuffledLoader
-from analysis.dictionaries.training.transcoder import train_transcoder, transcoder_metrics
+from analysis.dictionaries.training.transcoder import TranscoderTrainConfig, train_transcoder
+from analysis.evaluation.metrics import prediction_metrics
 
 N, H, P, D_IN = 40, 8, 4, 6
 T = (H // P) ** 2 + 1
@@ -108,15 +110,15 @@ def test_transcoder_learns_sparse_map():
         c = codes(n, gen)
         return c @ D_in + 0.01 * torch.randn(n, 16, generator=gen), c @ D_out
 
-    cfg = TranscoderConfig(d_in=16, d_out=12, width=128, k=4)
+    cfg = TranscoderTrainConfig(width=128, k=4, batch_size=256, n_train_tokens=256 * 300, lr=1e-2, warmup_steps=15)
     x0, y0 = pair(1024)
     batches = (pair(256) for _ in range(10_000))
     res = train_transcoder(batches, cfg, mean_norm_in=float(x0.norm(dim=1).mean()),
-                           mean_norm_out=float(y0.norm(dim=1).mean()), init_batch=(x0, y0),
-                           n_train_tokens=256 * 300, lr=1e-2, seed=0, progress=False)
+                           mean_norm_out=float(y0.norm(dim=1).mean()), init_batch=(x0, y0), progress=False)
     assert res.steps == 300 and res.tokens == 256 * 300
     xe, ye = pair(4096)
-    l0, fvu = transcoder_metrics(res.transcoder, [(xe[:2000], ye[:2000]), (xe[2000:], ye[2000:])])
+    m = prediction_metrics(res.dictionary, [(xe[:2000], ye[:2000]), (xe[2000:], ye[2000:])])
+    l0, fvu = m.l0, m.fvu
     print("sparse FVU", fvu, "l0", l0)
     assert fvu < 0.2
     assert 0 < l0 <= 4
@@ -125,7 +127,8 @@ def test_transcoder_learns_sparse_map():
 def test_skip_learns_linear_map():
     gen = torch.Generator().manual_seed(1)
     A = torch.randn(16, 12, generator=gen) / 4
-    cfg = TranscoderConfig(d_in=16, d_out=12, width=32, k=2, skip=True)
+    cfg = TranscoderTrainConfig(width=32, k=2, skip=True, batch_size=256, n_train_tokens=256 * 400, lr=3e-3,
+                                warmup_steps=20)
 
     def pair(n):
         x = torch.randn(n, 16, generator=gen) * 3 + 1
@@ -133,17 +136,16 @@ def test_skip_learns_linear_map():
 
     x0, y0 = pair(1024)
     res = train_transcoder((pair(256) for _ in range(10_000)), cfg, mean_norm_in=float(x0.norm(dim=1).mean()),
-                           mean_norm_out=float(y0.norm(dim=1).mean()), init_batch=(x0, y0),
-                           n_train_tokens=256 * 400, lr=3e-3, seed=0, progress=False)
+                           mean_norm_out=float(y0.norm(dim=1).mean()), init_batch=(x0, y0), progress=False)
     xe, ye = pair(4096)
-    _, fvu = transcoder_metrics(res.transcoder, [(xe, ye)])
+    fvu = prediction_metrics(res.dictionary, [(xe, ye)]).fvu
     print("skip FVU", fvu)
     assert fvu < 0.05
     # without a skip the same budget leaves most of a dense linear map unexplained
-    res2 = train_transcoder((pair(256) for _ in range(10_000)), TranscoderConfig(16, 12, 32, 2),
+    res2 = train_transcoder((pair(256) for _ in range(10_000)), dataclasses.replace(cfg, skip=False),
                             mean_norm_in=float(x0.norm(dim=1).mean()), mean_norm_out=float(y0.norm(dim=1).mean()),
-                            init_batch=(x0, y0), n_train_tokens=256 * 400, lr=3e-3, seed=0, progress=False)
-    assert transcoder_metrics(res2.transcoder, [(xe, ye)])[1] > fvu
+                            init_batch=(x0, y0), progress=False)
+    assert prediction_metrics(res2.dictionary, [(xe, ye)]).fvu > fvu
 
 
 def naive_forward(tc, x):
@@ -184,9 +186,36 @@ def test_bad_inputs(tmp_path):
     tc = TopKTranscoder(TranscoderConfig(5, 3, 20, 4))
     with pytest.raises(ValueError, match="d_in=5"):
         tc(torch.randn(2, 6))
-    with pytest.raises(ValueError, match="d_out=3"):
-        transcoder_metrics(tc, [(torch.randn(2, 5), torch.randn(2, 4))])
+    with pytest.raises(ValueError, match="predicts 3 dimensions"):
+        prediction_metrics(tc, [(torch.randn(2, 5), torch.randn(2, 4))])
     from analysis.dictionaries import TopKSAE, SAEConfig
     TopKSAE(SAEConfig(d_in=5, width=8, k=2)).save(tmp_path / "sae")
     with pytest.raises(ValueError, match="transcoder"):
         TopKTranscoder.load(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_training_forward_and_its_sparse_backward_match_dense_autograd(skip):
+    """The loop's transcoder forward (the SAE's sparse TopK kernels, centred on b_in) equals the
+    model's own forward, and its hand-written gradients equal dense autograd's."""
+    from analysis.dictionaries.training.transcoder import TranscoderObjective
+
+    torch.manual_seed(0)
+    x0, y0 = torch.randn(64, 6) * 2 + 1, torch.randn(64, 5)
+    cfg = TranscoderTrainConfig(width=24, k=3, skip=skip, batch_size=64, n_train_tokens=64)
+    obj = TranscoderObjective(cfg, mean_norm_in=1.0, mean_norm_out=1.0, init_batch=(x0, y0))
+    tc = obj.model
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # generic biases and skip weights, not the init
+    x, y = obj.scaled(obj.flatten((x0, y0)))
+    fwd = obj.forward(x, None, None)
+    loss, _, _ = obj.loss(fwd, y)
+    loss.backward()
+    sparse = {n: p.grad.clone() for n, p in tc.named_parameters()}
+    tc.zero_grad()
+    dense = (tc(x).y_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    dense.backward()
+    torch.testing.assert_close(loss, dense)
+    for n, p in tc.named_parameters():
+        torch.testing.assert_close(sparse[n], p.grad, msg=n)

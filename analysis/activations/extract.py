@@ -6,7 +6,7 @@ Four threads per shard, so the forward pass is the only work on the critical pat
     caller   to_model_input + capture (the forward pass with hooks)
     worker   token selection, checks, norms, statistics, and the cast into a buffer of one Zarr
              shard file per hook; when the forward leaves no core spare, the caller does this
-             share itself (_spare_core has the measurements)
+             share itself (threads.spare_core has the measurements)
     writer   each Zarr shard file's write as soon as its images are in (always a whole file: a
              partial write rewrites the file, 5-10x the cost; analysis.activations.shard_file builds
              the file without zarr's per-chunk pipeline, which held the GIL); on a local store
@@ -23,9 +23,6 @@ of every hook has landed without error.
 from __future__ import annotations
 
 import math
-import os
-import queue
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, NamedTuple, Sequence, Union
@@ -39,6 +36,7 @@ from analysis.activations.stats import Moments, write_partial
 from analysis.activations.store import ZARR_DTYPE, StoreLayout, StoreLocation, completed, is_url, open_layout
 from analysis.models.inputs import to_model_input
 from analysis.activations.shard_file import ShardFileWriter
+from analysis.activations.threads import CallerExecutor, Worker, spare_core
 
 Capture = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 """Model input (B, C, H, W) float32 in [0, 1] -> {hook: (B, T, d) activations}.
@@ -69,85 +67,6 @@ class ShardReport(NamedTuple):
 
 class ShardWriteError(RuntimeError):
     """A Zarr write of extracted activations failed; no shard was marked complete."""
-
-
-class _Worker:
-    """One thread running submitted tasks in order, behind a bounded queue (or, with
-    `threaded=False`, the caller running each task as it is submitted).
-
-    After the first error it skips the remaining tasks but keeps draining (so `submit` never
-    blocks on a full queue) and `check`/`close` re-raise that error in the caller's thread.
-    """
-
-    def __init__(self, maxsize: int, *, threaded: bool = True):
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-        if threaded:
-            self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
-            self.thread = threading.Thread(target=self._run, name="activation-worker", daemon=True)
-            self.thread.start()
-
-    def _run(self):
-        with torch.inference_mode():  # as the caller's thread: no autograd state on these tensors
-            while (task := self.queue.get()) is not None:
-                if self.error is None:
-                    try:
-                        task()
-                    except BaseException as e:  # handed to the caller, not swallowed
-                        self.error = e
-
-    def submit(self, task: Callable[[], None]) -> None:
-        self.check()
-        if self.thread is None:
-            task()
-        else:
-            self.queue.put(task)
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def stop(self) -> None:
-        """Finish the queued tasks and join the thread (idempotent); never raises."""
-        if self.thread is not None and self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-
-    def close(self) -> None:
-        self.stop()
-        self.check()
-
-
-class _CallerExecutor:
-    """The submit/shutdown of a ThreadPoolExecutor, running each call at once on the caller."""
-
-    def submit(self, fn: Callable, *args) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # held by the future, raised by .result() like a thread's
-            future.set_exception(e)
-        return future
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
-
-
-def _spare_core(device: torch.device) -> bool:
-    """Whether worker and writer threads would have a core the forward pass leaves free.
-
-    With the forward on an accelerator, or on fewer CPU threads than cores, the worker's
-    checks, statistics and cast, and the local file writes, run beside it. When torch's CPU
-    threads already fill every core, extra threads only preempt them, and a preempted thread
-    stalls the whole parallel op. Mouse ViT on 2 cores, extract images/s over a bare forward,
-    both placements in the same run, median of 7 (benchmarks/results/extraction*.json): with 2
-    torch threads, 0.706 with worker and writer threads vs 0.832 with all of it on the caller;
-    with 1 torch thread, 0.953 with the threads vs 0.906 on the caller.
-    """
-    if device.type != "cpu":
-        return True
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return torch.get_num_threads() < cores
 
 
 class _HookShard:
@@ -269,14 +188,20 @@ def _select_tokens(x: torch.Tensor, keep: slice | torch.Tensor) -> torch.Tensor:
     return x.index_select(1, keep.to(x.device))
 
 
-def _open_todo(stores: dict[str, StoreLocation], shard: int) -> tuple[StoreLayout, dict[str, zarr.Group]]:
+def _open_todo(stores: dict[str, StoreLocation], shard: int,
+               images: zarr.Array) -> tuple[StoreLayout, dict[str, zarr.Group]]:
     """The shared layout and, for each store still missing `shard`, its group opened for writing."""
+    if not stores:
+        raise ValueError("stores is empty: pass {hook: store_location} for at least one hook")
     opened = {hook: open_layout(loc, "r+") for hook, loc in stores.items()}
     layouts = {hook: layout for hook, (_, layout) in opened.items()}
     layout = next(iter(layouts.values()))
     if any(lay != layout for lay in layouts.values()):
         raise ValueError(f"stores of one extraction must share a layout, got {layouts}")
     layout.shard_bounds(shard)  # range check before anything else
+    if images.shape[0] != layout.n_images:
+        raise ValueError(f"images has {images.shape[0]} rows but the stores expect n_images={layout.n_images}: "
+                         "create the stores from this image dataset")
     return layout, {hook: g for hook, (g, _) in opened.items() if not completed(g)[shard]}
 
 
@@ -300,27 +225,20 @@ def extract_shard(
     """
     t0 = time.perf_counter()
     keep = _token_positions(tokens)
-    if not stores:
-        raise ValueError("stores is empty: pass {hook: store_location} for at least one hook")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive int, e.g. 256")
-    layout, groups = _open_todo(stores, shard)
-    if images.shape[0] != layout.n_images:
-        raise ValueError(
-            f"images has {images.shape[0]} rows but the stores expect n_images={layout.n_images}: "
-            "create the stores from this image dataset"
-        )
+    layout, groups = _open_todo(stores, shard, images)
     start, stop = layout.shard_bounds(shard)
     if not groups:
         return ShardReport(shard, stop - start, time.perf_counter() - t0, True, 0)
 
     acc_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
-    spare = _spare_core(torch.device(device))
+    spare = spare_core(torch.device(device))
     # Every hook's file writes, in order, on one thread (parallel writes were slower, measured):
     # its own where a core is spare or a write waits on the network, else the caller's.
     overlap_writes = spare or any(is_url(loc) for loc in stores.values())
     writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-writer") if overlap_writes \
-        else _CallerExecutor()
+        else CallerExecutor()
     parts = {h: _HookShard(g, stores[h], layout, shard, acc_dtype, writes) for h, g in groups.items()}
 
     def process(out: dict[str, torch.Tensor], span: tuple[int, int]) -> None:
@@ -330,7 +248,7 @@ def extract_shard(
     # One batch queued, one in the worker, one in the forward: at most three batches of capture
     # outputs alive (fp32, every hook), against one without the worker. The worker's share of a
     # batch is ~10x shorter than the forward, so a deeper queue would only hold more memory.
-    worker = _Worker(maxsize=1, threaded=spare)
+    worker = Worker(maxsize=1, threaded=spare)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-reader")
     try:
         for part in parts.values():

@@ -133,6 +133,23 @@ def _counts(width: int, idx: Tensor, fired: Tensor) -> Tensor:
 # ---- forward passes ------------------------------------------------------------------------
 
 
+class TopKWeights(NamedTuple):
+    """The tensors a TopK-family training step reads:
+    pre = (x − center) @ W_enc + b_enc, x̂ = TopK(pre) @ W_dec + b_dec.
+    An SAE centres on its decoder bias (center is b_dec); a transcoder has its own input centre."""
+
+    W_enc: Tensor
+    b_enc: Tensor
+    center: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+
+
+def sae_weights(sae) -> TopKWeights:
+    """An SAE (or a TopK crosscoder over its concatenated layers) as TopK weights."""
+    return TopKWeights(sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec, sae.b_dec)
+
+
 def train_forward(sae: SparseAutoencoder, x: Tensor, *, low_precision: torch.dtype | None = None,
                   reuse: Tensor | None = None) -> TrainForward:
     """Training forward of `sae` on scaled fp32 inputs; `low_precision` (e.g. torch.bfloat16)
@@ -141,37 +158,43 @@ def train_forward(sae: SparseAutoencoder, x: Tensor, *, low_precision: torch.dty
     `reuse`: the previous step's `pre` (TopK families), overwritten with this step's. A fresh
     (B, width) tensor (100 MB at B=4096, width 6144) costs the kernel a page fault per 4 kB on
     first touch, ~15 % of a CPU step; a warm one costs nothing."""
-    if sae.cfg.architecture in ("topk", "batchtopk"):
-        return _topk_forward(sae, x, low_precision, reuse)
+    arch = sae.cfg.architecture
+    if arch in ("topk", "batchtopk"):
+        return topk_forward(sae_weights(sae), x, sae.cfg.k, batch=arch == "batchtopk",
+                            low_precision=low_precision, reuse=reuse)
     with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
         return _dense_forward(sae, x)
 
 
-def _topk_forward(sae: SparseAutoencoder, x: Tensor, low: torch.dtype | None, reuse: Tensor | None) -> TrainForward:
-    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    dtype = low or x.dtype
-    shape = (x.shape[0], sae.cfg.width)
+def topk_forward(w: TopKWeights, x: Tensor, k: int, *, batch: bool = False,
+                 low_precision: torch.dtype | None = None, reuse: Tensor | None = None) -> TrainForward:
+    """TopK (or, with `batch`, BatchTopK) training forward with the sparse backward of the module
+    docstring; `x_hat` has no skip path (a transcoder adds its own)."""
+    W_enc, b_enc, W_dec = w.W_enc, w.b_enc, w.W_dec
+    dtype = low_precision or x.dtype
+    width = W_enc.shape[1]
+    shape = (x.shape[0], width)
     out = reuse if reuse is not None and reuse.shape == shape and reuse.dtype == dtype else None
     with torch.no_grad():
-        xc = x - b_dec
-        # with `low`, the matmul only chooses the latents; their fp32 values are recomputed below
+        xc = x - w.center
+        # with low precision the matmul only chooses the latents; their fp32 values are recomputed below
         pre = torch.addmm(b_enc.to(dtype), xc.to(dtype), W_enc.to(dtype), out=out)
-        if sae.cfg.architecture == "topk":
-            vals, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-            keep = None
+        if batch:
+            vals, idx, keep = batch_topk(pre, k)
         else:
-            vals, idx, keep = batch_topk(pre, sae.cfg.k)
-        if low is not None:
+            vals, idx = pre.topk(k, dim=-1, sorted=False)
+            keep = None
+        if low_precision is not None:
             vals = exact_selected(xc, W_enc, b_enc, idx)
-    acts = SelectedPre.apply(xc, W_enc, b_enc, b_dec, idx, vals).relu()
+    acts = SelectedPre.apply(xc, W_enc, b_enc, w.center, idx, vals).relu()
     min_kept = None
     if keep is not None:
         acts = acts * keep  # unselected slots: value and gradient 0
         kept = keep & (vals > 0)
         min_kept = vals[kept].min() if bool(kept.any()) else None
-    x_hat = sparse_decode(acts, idx, W_dec) + b_dec
+    x_hat = sparse_decode(acts, idx, W_dec) + w.b_dec
     fired = acts.detach() > 0
-    return TrainForward(x_hat, x.new_zeros(()), _counts(sae.cfg.width, idx, fired), fired.sum(1).float().mean(),
+    return TrainForward(x_hat, x.new_zeros(()), _counts(width, idx, fired), fired.sum(1).float().mean(),
                         pre, xc, min_kept)
 
 
@@ -198,9 +221,9 @@ def _dense_forward(sae: SparseAutoencoder, x: Tensor) -> TrainForward:
                         None, None, None)
 
 
-def auxk_loss(sae: SparseAutoencoder, fwd: TrainForward, x: Tensor, dead: Tensor, aux_k: int) -> Tensor:
+def auxk_loss(w: TopKWeights, fwd: TrainForward, target: Tensor, dead: Tensor, aux_k: int) -> Tensor:
     """AuxK (Gao et al. §A.2): the best `aux_k` dead latents try to explain the residual the live
-    ones left, which gives dead latents a gradient; normalised like the main loss.
+    ones left (target − x̂), which gives dead latents a gradient; normalised like the main loss.
 
     Only the dead columns of `pre` are searched (a gather of n_dead columns, instead of a
     masked copy of the whole (B, width) tensor); values are recomputed in fp32 when `pre` was
@@ -211,10 +234,10 @@ def auxk_loss(sae: SparseAutoencoder, fwd: TrainForward, x: Tensor, dead: Tensor
         aux_vals, pos = cand.topk(min(aux_k, len(dead_ids)), dim=-1, sorted=False)
         aux_idx = dead_ids[pos]
         if aux_vals.dtype != fwd.xc.dtype:
-            aux_vals = exact_selected(fwd.xc, sae.W_enc, sae.b_enc, aux_idx)
-    aux_acts = SelectedPre.apply(fwd.xc, sae.W_enc, sae.b_enc, sae.b_dec, aux_idx, aux_vals).relu()
-    residual = (x - fwd.x_hat).detach()
-    return normalized_sq_error(sparse_decode(aux_acts, aux_idx, sae.W_dec), residual)
+            aux_vals = exact_selected(fwd.xc, w.W_enc, w.b_enc, aux_idx)
+    aux_acts = SelectedPre.apply(fwd.xc, w.W_enc, w.b_enc, w.center, aux_idx, aux_vals).relu()
+    residual = (target - fwd.x_hat).detach()
+    return normalized_sq_error(sparse_decode(aux_acts, aux_idx, w.W_dec), residual)
 
 
 def normalized_sq_error(x_hat: Tensor, x: Tensor) -> Tensor:

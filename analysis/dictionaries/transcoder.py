@@ -88,6 +88,9 @@ class TopKTranscoder(nn.Module):
         else:
             self.register_parameter("W_skip", None)
 
+    unit_norm_decoder = True
+    """Decoder rows stay at norm 1 while training (the loop keeps them on the sphere)."""
+
     def _check(self, x_in: Tensor) -> Tensor:
         if x_in.shape[-1] != self.cfg.d_in:
             raise ValueError(

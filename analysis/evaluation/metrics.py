@@ -97,6 +97,9 @@ def prediction_metrics(model, pairs: Iterable[tuple[Tensor, Tensor]], *,
                 raise ValueError(f"paired batches must hold the same tokens, got {x.shape[0]} inputs and "
                                  f"{y.shape[0]} targets")
             out = model(x)
+            if out.y_hat.shape[-1] != y.shape[-1]:
+                raise ValueError(f"the model predicts {out.y_hat.shape[-1]} dimensions but the targets have "
+                                 f"{y.shape[-1]}: pair it with the hook it was trained to predict")
             yield y, out.y_hat.reshape(y.shape), out.top_acts, out.top_indices
 
     return _score(scored(), model.cfg.width, dense_threshold, ())

@@ -30,21 +30,18 @@ from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.stages.members import CrosscoderMember
 from analysis.stages.suite import SuiteSpec, construct
-from analysis.dictionaries.training.crosscoder import (
-    CrosscoderTrainConfig,
-    CrosscoderTrainResult,
-    train_crosscoder,
-)
+from analysis.dictionaries.training.loop import TrainResult
+from analysis.dictionaries.training.crosscoder import CrosscoderTrainConfig, train_crosscoder
 
 
-def crosscoder_train_config(spec: SuiteSpec, member: CrosscoderMember, d: int) -> CrosscoderTrainConfig:
+def train_config(spec: SuiteSpec, member: CrosscoderMember, d: int) -> CrosscoderTrainConfig:
     grid = {"width": member.expansion * d, "architecture": member.architecture, "k": member.k,
             "sparsity_coef": member.sparsity_coef, "seed": member.seed}
     return construct(CrosscoderTrainConfig, {**spec.crosscoders.train, **grid}, "crosscoders.train")
 
 
 def member_id(spec: SuiteSpec, member: CrosscoderMember) -> str:
-    cfg = crosscoder_train_config(spec, member, spec.model_config().vit.d_model)
+    cfg = train_config(spec, member, spec.model_config().vit.d_model)
     return content_id("crosscoder", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
 
 
@@ -54,10 +51,10 @@ def _stores(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember) -> list[A
 
 def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, train_idx: np.ndarray, *,
                  checkpoint_dir: Path, checkpoint_every: int, device: str,
-                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[CrosscoderTrainResult, dict, dict]:
+                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TrainResult, dict, dict]:
     """(result, train config as a dict, first store's lineage); resumes from `checkpoint_dir`."""
     stores = _stores(spec, root, member)
-    cfg = crosscoder_train_config(spec, member, stores[0].d_model)
+    cfg = train_config(spec, member, stores[0].d_model)
     make_loader = lambda: MultiShuffledLoader(  # noqa: E731
         stores, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run

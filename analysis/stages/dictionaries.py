@@ -49,6 +49,12 @@ def _stage(member: Member) -> ModuleType:
     return KIND_STAGES[member.kind]
 
 
+def member_train_config(spec: SuiteSpec, member: Member, d_model: int):
+    """The member's full trainer config (the suite section's overrides plus its grid values);
+    raises ValueError naming an unknown key or a bad value."""
+    return _stage(member).train_config(spec, member, d_model)
+
+
 def dictionary_id(spec: SuiteSpec, member: Member) -> str:
     """The content id of the member's dictionary: its directory under the data root."""
     return _stage(member).member_id(spec, member)

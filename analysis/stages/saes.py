@@ -17,7 +17,8 @@ from torch import Tensor
 from analysis.activations.loader import ShuffledLoader
 from analysis.activations.reader import ActivationStore, iter_images, read_tokens
 from analysis.dictionaries import SparseAutoencoder
-from analysis.dictionaries.training.sae import SAETrainConfig, TrainResult, train_sae
+from analysis.dictionaries.training.loop import TrainResult
+from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
 from analysis.evaluation.downstream import DownstreamMetrics, downstream_metrics
 from analysis.evaluation.metrics import ReconstructionMetrics, reconstruction_metrics
 from analysis.ids import content_id
@@ -25,19 +26,19 @@ from analysis.paths import DataRoot
 from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.stages.members import SAEMember
-from analysis.stages.suite import SuiteSpec
+from analysis.stages.suite import SuiteSpec, construct
 
 
-def sae_train_config(spec: SuiteSpec, member: SAEMember, d_in: int) -> SAETrainConfig:
+def train_config(spec: SuiteSpec, member: SAEMember, d_in: int) -> SAETrainConfig:
     overrides = {"width": member.expansion * d_in, "architecture": member.architecture, "k": member.k,
                  "seed": member.seed}
     if member.sparsity_coef is not None:
         overrides["sparsity_coef"] = member.sparsity_coef
-    return SAETrainConfig(**{**spec.dictionaries.train, **overrides})
+    return construct(SAETrainConfig, {**spec.dictionaries.train, **overrides}, "dictionaries.train")
 
 
 def member_id(spec: SuiteSpec, member: SAEMember) -> str:
-    cfg = sae_train_config(spec, member, spec.model_config().vit.d_model)
+    cfg = train_config(spec, member, spec.model_config().vit.d_model)
     return content_id("sae", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
 
 
@@ -50,7 +51,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: SAEMember, train_idx: 
                  on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TrainResult, dict, dict]:
     """(result, train config as a dict, store lineage); resumes from `checkpoint_dir`."""
     store = _store(spec, root, member)
-    cfg = sae_train_config(spec, member, store.d_model)
+    cfg = train_config(spec, member, store.d_model)
     make_loader = lambda: ShuffledLoader(  # noqa: E731
         store, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 from torch import Tensor
 
-from analysis.dictionaries import TopKTranscoder, TranscoderConfig
+from analysis.dictionaries import TopKTranscoder
 from analysis.ids import content_id
 from analysis.activations.reader import ActivationStore, iter_images, read_tokens
 from analysis.evaluation.downstream import (
@@ -29,25 +29,19 @@ from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.stages.members import TranscoderMember
 from analysis.stages.suite import SuiteSpec, construct
-from analysis.dictionaries.training.transcoder import (
-    TranscoderTrainConfig,
-    TranscoderTrainResult,
-    train_transcoder,
-)
+from analysis.dictionaries.training.loop import TrainResult
+from analysis.dictionaries.training.transcoder import TranscoderTrainConfig, train_transcoder
 
 
-def transcoder_train_config(spec: SuiteSpec) -> TranscoderTrainConfig:
-    return construct(TranscoderTrainConfig, spec.transcoders.train, "transcoders.train")
-
-
-def transcoder_config(member: TranscoderMember, d_in: int, d_out: int) -> TranscoderConfig:
-    return TranscoderConfig(d_in=d_in, d_out=d_out, width=member.expansion * d_in, k=member.k, skip=member.skip)
+def train_config(spec: SuiteSpec, member: TranscoderMember, d_in: int) -> TranscoderTrainConfig:
+    grid = {"width": member.expansion * d_in, "k": member.k, "skip": member.skip, "seed": member.seed}
+    return construct(TranscoderTrainConfig, {**spec.transcoders.train, **grid}, "transcoders.train")
 
 
 def member_id(spec: SuiteSpec, member: TranscoderMember) -> str:
     d = spec.model_config().vit.d_model  # every hook a transcoder may pair is a d_model stream
-    return content_id("transcoder", {"member": asdict(member), "shape": asdict(transcoder_config(member, d, d)),
-                                     "train": asdict(transcoder_train_config(spec)), "store": spec.store_id})
+    cfg = train_config(spec, member, d)
+    return content_id("transcoder", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
 
 
 def _stores(spec: SuiteSpec, root: DataRoot, member: TranscoderMember) -> tuple[ActivationStore, ActivationStore]:
@@ -57,11 +51,10 @@ def _stores(spec: SuiteSpec, root: DataRoot, member: TranscoderMember) -> tuple[
 
 def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, train_idx: np.ndarray, *,
                  checkpoint_dir: Path, checkpoint_every: int, device: str,
-                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TranscoderTrainResult, dict, dict]:
+                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TrainResult, dict, dict]:
     """(result, train config as a dict, input store lineage); resumes from `checkpoint_dir`."""
     store_in, store_out = _stores(spec, root, member)
-    cfg = transcoder_train_config(spec)
-    shape = transcoder_config(member, store_in.d_model, store_out.d_model)
+    cfg = train_config(spec, member, store_in.d_model)
     make_loader = lambda: PairedShuffledLoader(  # noqa: E731
         store_in, store_out, train_idx, batch_size=cfg.batch_size, seed=member.seed, device=device)
     init_batch = next(iter(make_loader()))  # the same first batch on a resumed run
@@ -69,11 +62,10 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, trai
     eval_batch = (read_tokens(store_in, held_out, device), read_tokens(store_out, held_out, device))
     loader = make_loader()
     result = train_transcoder(
-        loader, shape, mean_norm_in=float(store_in.stats.mean_norm), mean_norm_out=float(store_out.stats.mean_norm),
-        init_batch=init_batch, n_train_tokens=cfg.n_train_tokens, lr=cfg.lr, seed=member.seed,
-        progress=progress, warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, dead_tokens=cfg.dead_tokens,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, on_log=on_log, eval_batch=eval_batch)
-    return result, {**asdict(cfg), "shape": asdict(shape)}, store_in.lineage
+        loader, cfg, mean_norm_in=float(store_in.stats.mean_norm), mean_norm_out=float(store_out.stats.mean_norm),
+        init_batch=init_batch, progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        on_log=on_log, eval_batch=eval_batch)
+    return result, asdict(cfg), store_in.lineage
 
 
 def reconstruction(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,

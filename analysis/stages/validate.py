@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from analysis.stages.activations import check_hooks, store_layout
+from analysis.stages.dictionaries import member_train_config
 from analysis.stages.model import vit_config
-from analysis.stages.crosscoders import crosscoder_train_config
-from analysis.stages.saes import sae_train_config
-from analysis.stages.transcoders import transcoder_train_config
 from analysis.stages.suite import SuiteSpec
 
 
@@ -15,15 +13,5 @@ def validate_suite(spec: SuiteSpec) -> None:
     vit = vit_config(spec)  # builds the dataset and model configs, checking every override key
     check_hooks(spec)
     store_layout(spec)
-    if spec.transcoders.pairs:
-        transcoder_train_config(spec)  # unknown keys are named with the valid ones
     for member in spec.members():
-        if member.kind == "crosscoder":
-            crosscoder_train_config(spec, member, vit.d_model)  # names an unknown key, checks k <= width
-            continue
-        if member.kind != "sae":
-            continue
-        try:
-            sae_train_config(spec, member, vit.d_model)
-        except TypeError as err:
-            raise ValueError(f"bad key in suite section dictionaries.train: {err}") from err
+        member_train_config(spec, member, vit.d_model)  # names an unknown key, checks k <= width

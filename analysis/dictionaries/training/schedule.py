@@ -1,10 +1,102 @@
-"""Optimisation pieces shared by every dictionary trainer (SAEs, transcoders, crosscoders)."""
+"""What every dictionary trainer shares: the run-length and optimiser fields, their validation,
+and the learning-rate and sparsity-coefficient schedules."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """The fields of every family's trainer config (`SAETrainConfig`, `TranscoderTrainConfig`,
+    `CrosscoderTrainConfig`); each family adds its shape (`width`, `k`, …) and sparsity fields."""
+
+    batch_size: int = 4096
+    """Tokens per optimizer step (incoming batches are re-chunked to this size)."""
+    n_train_tokens: int = 2_000_000
+    """Training length in tokens; steps = n_train_tokens // batch_size."""
+    lr: float | None = None
+    """Adam learning rate; None means 2e-4 / sqrt(width / 2**14) (Gao et al.'s scaling law)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up from ~0 over this many steps."""
+    lr_decay: bool = True
+    """Decay the learning rate linearly to 0 over the last 20 % of steps."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss (TopK families); None means half the reconstructed width."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss (TopK families only); 0 disables it."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead (and AuxK acts on it)."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+    seed: int = 0
+    """Seed for the initial weights (the loop itself draws no random numbers)."""
+    autocast: Literal["auto", "off", "bfloat16"] = "auto"
+    """Precision of the dense matmuls. "bfloat16": TopK families choose their latents from a bf16
+    encoder matmul and recompute the chosen values in fp32 (values and gradients of the chosen
+    latents are fp32; near-ties at the k-th place may pick another latent); penalty
+    architectures run their forward under torch.autocast. Parameters, thresholds and the loss
+    stay fp32. "auto": bfloat16 on CUDA, off elsewhere. "off": fp32 throughout."""
+
+    width: int  # every family sets it; declared here because the default lr scales with it
+
+    def check_schedule(self) -> None:
+        """Validate the shared fields; each family's __post_init__ calls it."""
+        where = type(self).__name__
+        for name in ("batch_size", "n_train_tokens", "dead_tokens", "width"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{where}.{name}={getattr(self, name)} must be > 0")
+        if self.n_train_tokens < self.batch_size:
+            raise ValueError(f"n_train_tokens={self.n_train_tokens} < batch_size={self.batch_size}: "
+                             "train for at least one full batch")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0, or None for the width-scaled default")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.aux_coef < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
+                             f"aux_coef={self.aux_coef} must all be >= 0")
+        if self.aux_k is not None and self.aux_k <= 0:
+            raise ValueError(f"aux_k={self.aux_k} must be > 0, or None for half the reconstructed width")
+        if self.autocast not in ("auto", "off", "bfloat16"):
+            raise ValueError(f"autocast={self.autocast!r} must be 'auto', 'off' or 'bfloat16'")
+
+    def low_precision(self, device: torch.device | str) -> torch.dtype | None:
+        """The dtype of the dense matmuls on `device` (None = fp32), resolving "auto"."""
+        if self.autocast == "bfloat16" or (self.autocast == "auto" and torch.device(device).type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    @property
+    def total_steps(self) -> int:
+        return self.n_train_tokens // self.batch_size
+
+    def base_lr(self) -> float:
+        """`lr`, or 2e-4 / sqrt(width / 2**14) (Gao et al.'s scaling with width)."""
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.width / 2**14)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for 0-based `step`: warm-up, flat, then linear decay to 0."""
+        return warmup_decay_lr(step, self.total_steps, self.base_lr(), self.warmup_steps, self.lr_decay)
+
+
+class PenaltySchedule:
+    """Mixed into the configs of families with a sparsity penalty (SAE, crosscoder), which define
+    `sparsity_warmup_steps`: λ ramps in linearly over that many steps (None: 5 % of the run)."""
+
+    def check_sparsity_warmup(self) -> None:
+        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
+            raise ValueError(f"sparsity_warmup_steps={self.sparsity_warmup_steps} must be >= 0, "
+                             "or None for 5 % of the steps")
+
+    def sparsity_coef_at(self, step: int, coef: float) -> float:
+        """Penalty weight for 0-based `step`: `coef` ramped in linearly over the warm-up."""
+        warm = self.sparsity_warmup_steps
+        if warm is None:
+            warm = max(1, self.total_steps // 20)
+        return coef * min(1.0, (step + 1) / warm) if warm > 0 else coef
 
 
 def warmup_decay_lr(step: int, total: int, base_lr: float, warmup: int, decay: bool = True) -> float:
@@ -39,61 +131,3 @@ def match_state_layout(opt: torch.optim.Optimizer) -> None:
             for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-
-
-def check_run_length(cfg) -> None:
-    """The fields every trainer config has: batch_size, n_train_tokens and dead_tokens > 0, at
-    least one full batch, and lr > 0 or None (the width-scaled default)."""
-    where = type(cfg).__name__
-    for name in ("batch_size", "n_train_tokens", "dead_tokens"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{where}.{name}={getattr(cfg, name)} must be > 0")
-    if cfg.n_train_tokens < cfg.batch_size:
-        raise ValueError(f"n_train_tokens={cfg.n_train_tokens} < batch_size={cfg.batch_size}: "
-                         "train for at least one full batch")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise ValueError(f"lr={cfg.lr} must be > 0, or None for the width-scaled default")
-
-
-class TrainSchedule:
-    """What the SAE and crosscoder trainer configs share: validation of the common fields and the
-    learning-rate / sparsity-coefficient schedules. Mixed into frozen dataclasses that define
-    width, lr, batch_size, n_train_tokens, warmup_steps, lr_decay, grad_clip, aux_coef, aux_k,
-    dead_tokens, sparsity_warmup_steps and autocast."""
-
-    def check_schedule(self) -> None:
-        check_run_length(self)
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.aux_coef < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
-                             f"aux_coef={self.aux_coef} must all be >= 0")
-        if self.aux_k is not None and self.aux_k <= 0:
-            raise ValueError(f"aux_k={self.aux_k} must be > 0, or None for half the input width")
-        if self.sparsity_warmup_steps is not None and self.sparsity_warmup_steps < 0:
-            raise ValueError(f"sparsity_warmup_steps={self.sparsity_warmup_steps} must be >= 0, or None for 5 %")
-        if self.autocast not in ("auto", "off", "bfloat16"):
-            raise ValueError(f"autocast={self.autocast!r} must be 'auto', 'off' or 'bfloat16'")
-
-    def low_precision(self, device: torch.device | str) -> torch.dtype | None:
-        """The dtype of the dense matmuls on `device` (None = fp32), resolving "auto"."""
-        if self.autocast == "bfloat16" or (self.autocast == "auto" and torch.device(device).type == "cuda"):
-            return torch.bfloat16
-        return None
-
-    @property
-    def total_steps(self) -> int:
-        return self.n_train_tokens // self.batch_size
-
-    def base_lr(self) -> float:
-        """`lr`, or 2e-4 / sqrt(width / 2**14) (Gao et al.'s scaling with width)."""
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.width / 2**14)
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate for 0-based `step`: warm-up, flat, then linear decay to 0."""
-        return warmup_decay_lr(step, self.total_steps, self.base_lr(), self.warmup_steps, self.lr_decay)
-
-    def sparsity_coef_at(self, step: int, coef: float) -> float:
-        """Penalty weight for 0-based `step`: `coef` ramped in linearly over the warm-up."""
-        warm = self.sparsity_warmup_steps
-        if warm is None:
-            warm = max(1, self.total_steps // 20)
-        return coef * min(1.0, (step + 1) / warm) if warm > 0 else coef
