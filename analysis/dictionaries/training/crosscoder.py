@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Iterable, Literal, Sequence, Unpack
 
 import torch
 from torch import Tensor
 
 from analysis.dictionaries.crosscoder import Crosscoder, CrosscoderConfig
 from analysis.dictionaries.objectives import TrainForward, auxk_loss, sae_weights, train_forward
-from analysis.dictionaries.training.loop import Objective, TrainResult, geometric_median, train
+from analysis.dictionaries.training.loop import Objective, TrainOptions, TrainResult, geometric_median, train
 from analysis.dictionaries.training.schedule import PenaltySchedule, TrainerConfig
 
 Batch = Tensor | Sequence[Tensor]
@@ -159,12 +158,8 @@ def train_crosscoder(
     mean_norms: Sequence[float],
     init_batch: Batch,
     hooks: Sequence[str] | None = None,
-    progress: bool = True,
-    on_log: Callable[[dict], None] | None = None,
-    log_every: int = 50,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 0,
     eval_batch: Batch | None = None,
+    **options: Unpack[TrainOptions],
 ) -> TrainResult:
     """Train a crosscoder on aligned per-layer batches (e.g. a `MultiShuffledLoader`); the log
     rows add `layer_fvu` (per-layer batch FVU), `eval_fvu` is pooled over the layers.
@@ -177,6 +172,4 @@ def train_crosscoder(
     if hooks is None:
         hooks = getattr(loader, "hooks", None)
     objective = CrosscoderObjective(cfg, mean_norms=mean_norms, init_batch=init_batch, hooks=hooks)
-    return train(objective, loader, cfg, device=objective.scale.device, progress=progress, on_log=on_log,
-                 log_every=log_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                 eval_batch=eval_batch)
+    return train(objective, loader, cfg, device=objective.scale.device, eval_batch=eval_batch, **options)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,21 @@ class TrainResult(NamedTuple):
     steps: int
     tokens: int
     seconds: float
+
+
+class TrainOptions(TypedDict, total=False):
+    """How a run reports and checkpoints; the keyword options every family's train_* passes on."""
+
+    progress: bool
+    """Show a tqdm bar (default True)."""
+    on_log: Callable[[dict], None] | None
+    """Called with every log row."""
+    log_every: int
+    """Steps between log rows (default 50)."""
+    checkpoint_dir: str | Path | None
+    """Save the training state here and resume from it."""
+    checkpoint_every: int
+    """Steps between saved states, a multiple of log_every."""
 
 
 class Objective(ABC):
@@ -137,9 +152,8 @@ def check_resumable(batches, cfg: TrainerConfig, log_every: int, checkpoint_ever
 
 
 def train(objective: Objective, batches: Iterable, cfg: TrainerConfig, *, device: torch.device,
-          progress: bool = True, on_log: Callable[[dict], None] | None = None, log_every: int = 50,
-          checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
-          eval_batch: Any = None) -> TrainResult:
+          eval_batch: Any = None, progress: bool = True, on_log: Callable[[dict], None] | None = None,
+          log_every: int = 50, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0) -> TrainResult:
     """Train `objective.model` on `batches` (anything `objective.flatten` reads) for `cfg`.
 
     With `eval_batch` (raw held-out tokens in the loader's batch form), every log row also

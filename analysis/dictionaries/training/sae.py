@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Iterable, Literal, Unpack
 
 import torch
 from torch import Tensor
@@ -22,7 +21,7 @@ from torch import Tensor
 from analysis.dictionaries import SAEConfig, SparseAutoencoder, build_sae
 from analysis.dictionaries.config import K_ARCHITECTURES
 from analysis.dictionaries.objectives import TrainForward, auxk_loss, sae_weights, train_forward
-from analysis.dictionaries.training.loop import Objective, TrainResult, geometric_median, train
+from analysis.dictionaries.training.loop import Objective, TrainOptions, TrainResult, geometric_median, train
 from analysis.dictionaries.training.schedule import PenaltySchedule, TrainerConfig
 
 
@@ -115,12 +114,8 @@ def train_sae(
     *,
     mean_norm: float,
     init_batch: Tensor,
-    progress: bool = True,
-    on_log: Callable[[dict], None] | None = None,
-    log_every: int = 50,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 0,
     eval_tokens: Tensor | None = None,
+    **options: Unpack[TrainOptions],
 ) -> TrainResult:
     """Train an SAE of `cfg.architecture` on (B, d_in) activation batches (`analysis.dictionaries.
     training.loop.train` explains logging, held-out rows and resuming).
@@ -132,6 +127,4 @@ def train_sae(
     objective = SAEObjective(d_in, cfg, mean_norm=mean_norm, init_batch=init_batch)
     if eval_tokens is not None and (eval_tokens.ndim != 2 or eval_tokens.shape[1] != d_in or not len(eval_tokens)):
         raise ValueError(f"eval_tokens must be (N > 0, d_in={d_in}) raw activations, got {tuple(eval_tokens.shape)}")
-    return train(objective, batches, cfg, device=init_batch.device, progress=progress, on_log=on_log,
-                 log_every=log_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                 eval_batch=eval_tokens)
+    return train(objective, batches, cfg, device=init_batch.device, eval_batch=eval_tokens, **options)

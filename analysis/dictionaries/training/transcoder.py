@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable, Unpack
 
 import torch
 from torch import Tensor
 
 from analysis.dictionaries.objectives import TopKWeights, TrainForward, auxk_loss, topk_forward
-from analysis.dictionaries.training.loop import Objective, TrainResult, geometric_median, train
+from analysis.dictionaries.training.loop import Objective, TrainOptions, TrainResult, geometric_median, train
 from analysis.dictionaries.training.schedule import TrainerConfig
 from analysis.dictionaries.transcoder import TopKTranscoder, TranscoderConfig
 
@@ -108,12 +107,8 @@ def train_transcoder(
     mean_norm_in: float,
     mean_norm_out: float,
     init_batch: Pair,
-    progress: bool = True,
-    on_log: Callable[[dict], None] | None = None,
-    log_every: int = 50,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 0,
     eval_batch: Pair | None = None,
+    **options: Unpack[TrainOptions],
 ) -> TrainResult:
     """Train a TopK transcoder on aligned raw (x_in, y) batches (e.g. a `PairedShuffledLoader`).
 
@@ -123,6 +118,4 @@ def train_transcoder(
     """
     objective = TranscoderObjective(cfg, mean_norm_in=mean_norm_in, mean_norm_out=mean_norm_out,
                                     init_batch=init_batch)
-    return train(objective, batches, cfg, device=init_batch[0].device, progress=progress, on_log=on_log,
-                 log_every=log_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                 eval_batch=eval_batch)
+    return train(objective, batches, cfg, device=init_batch[0].device, eval_batch=eval_batch, **options)
