@@ -2,7 +2,7 @@
 transcoders (hook A -> hook B) and acausal crosscoders (several hooks at once).
 
 `load_dictionary(directory)` reads any checkpoint written by `.save` and returns the right class:
-the config's "dictionary" key picks the family ("sae" when absent, for old checkpoints) and an
+the config's "dictionary" key picks the family ("sae" when the key is absent) and an
 SAE's "architecture" picks its class.
 """
 

@@ -167,7 +167,7 @@ def train(objective: Objective, batches: Iterable, cfg: TrainerConfig, *, device
     """
     if checkpoint_dir is not None:
         check_resumable(batches, cfg, log_every, checkpoint_every)
-    run = _Run(objective, cfg, device, log_every, on_log)
+    run = _Run(objective, cfg, device, on_log)
     if eval_batch is not None:
         run.eval_pair = objective.scaled(objective.flatten(eval_batch).to(device, torch.float32))
     if checkpoint_dir is not None and run.resume(checkpoint_dir):
@@ -196,7 +196,7 @@ def train(objective: Objective, batches: Iterable, cfg: TrainerConfig, *, device
 class _Run:
     """The mutable state of one training run: optimiser, counters, log window."""
 
-    def __init__(self, objective: Objective, cfg: TrainerConfig, device: torch.device, log_every: int,
+    def __init__(self, objective: Objective, cfg: TrainerConfig, device: torch.device,
                  on_log: Callable[[dict], None] | None):
         self.obj, self.cfg, self.on_log = objective, cfg, on_log
         self.params = list(objective.model.parameters())
@@ -243,7 +243,7 @@ class _Run:
             if model.unit_norm_decoder:
                 model.normalize_decoder()
             if fwd.min_kept is not None:
-                d = cfg.threshold_decay
+                d = cfg.threshold_decay  # BatchTopK only, so an SAETrainConfig
                 self.threshold = fwd.min_kept if self.threshold is None else d * self.threshold + (1 - d) * fwd.min_kept
             self.since_fired = torch.where(fwd.fire_counts > 0, 0, self.since_fired + x.shape[0])
             self.window.append(torch.stack([loss.detach(), sparsity.detach(), aux.detach(), fwd.l0, *extras]))
