@@ -11,7 +11,7 @@ from resources import StorageResource
 
 def images_asset(spec: SuiteSpec) -> dg.AssetsDefinition:
     @dg.asset(name="images", group_name="data", code_version="1", kinds={"zarr", "parquet"},
-              description=f"Generated `{spec.dataset.generator}` images and labels ({spec.dataset_id}).")
+              description=f"`{spec.dataset.source}` images (the model's preprocessing applied) and labels.")
     def images(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         summary = ensure_dataset(spec, storage.data_root())
         context.log.info(f"dataset {summary['dataset_id']}: {summary['n_images']} images at {summary['path']}")

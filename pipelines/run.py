@@ -18,7 +18,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from analysis.stages.dataset import shapes_config
 from analysis.stages.report import format_summary, suite_evaluations
 from analysis.stages.validate import validate_suite
 from analysis.stages.suite import SuiteSpec
@@ -98,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     data_root = DataRoot(root)
     model = json.loads((data_root.model(spec.model_id) / "result.json").read_text())
     print(f"\nSuite {spec.name!r}: dataset {spec.dataset_id}, model {spec.model_id}, store {spec.store_id}")
-    print(f"Mouse ViT held-out accuracy {model['eval_accuracy']:.4f} on task "
-          f"{shapes_config(spec).task!r} ({model['train_seconds']:.0f} s of training)")
+    task = f"task {spec.dataset.config().task!r}" if spec.dataset.source == "shapes" else \
+        f"{len(spec.dataset.class_names())} {spec.dataset.source} classes"
+    print(f"Mouse ViT held-out accuracy {model['eval_accuracy']:.4f} on {task} "
+          f"({model['train_seconds']:.0f} s of training)")
     print(format_summary(suite_evaluations(spec, data_root)))
     print(f"\nCatalog: {data_root.catalog}\nPlot:    {data_root.reports / f'{spec.name}_fvu_vs_l0.png'}")
     print(f"Stage seconds: {timings}; total {time.perf_counter() - start:.1f} s")

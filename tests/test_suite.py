@@ -36,7 +36,8 @@ def test_member_keys_are_readable_and_stable():
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"dataset": {"generator": "dsprite"}}, "valid: shapes"),
+        ({"dataset": {"source": "dsprite"}}, "valid: shapes, folder, parquet"),
+        ({"dataset": {"generator": "shapes"}}, "valid: source, params"),
         ({"model": {"kind": "clip"}}, "valid: mouse"),
         ({"dictionaries": {"architectures": ["topkk"]}}, "did you mean topk"),
         ({"activations": {"dtype": "float8"}}, "valid: float16, bfloat16, float32"),

@@ -18,7 +18,6 @@ from analysis.ids import code_version
 from analysis.data.images import open_images
 from analysis.activations.reader import ActivationStore
 from analysis.paths import DataRoot
-from analysis.stages.dataset import shapes_config
 from analysis.stages.model import load_model, vit_config
 from analysis.stages.suite import SuiteSpec
 from analysis.activations.tokens import TokenSelection, select_tokens
@@ -30,10 +29,14 @@ def token_selection(spec: SuiteSpec) -> TokenSelection:
     return select_tokens(vit_config(spec), spec.activations.tokens)
 
 
-def store_layout(spec: SuiteSpec) -> StoreLayout:
+def store_layout(spec: SuiteSpec, n_images: int | None = None) -> StoreLayout:
+    """The stores' layout for a dataset of `n_images` (None: the images the dataset is planned to
+    hold, exact for generated data and an upper bound for an ingested source, whose extra shard
+    partitions then have nothing to do)."""
     vit = vit_config(spec)
     return StoreLayout(
-        n_images=shapes_config(spec).n_images, n_tokens=token_selection(spec).groups.n_tokens,
+        n_images=spec.dataset.planned_images() if n_images is None else n_images,
+        n_tokens=token_selection(spec).groups.n_tokens,
         d_model=vit.d_model,
         images_per_shard=spec.activations.images_per_shard,
         images_per_chunk=spec.activations.images_per_chunk, dtype=spec.activations.dtype,
@@ -57,7 +60,7 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
     model_dir = root.model(spec.model_id)
     model_summary = json.loads((model_dir / "result.json").read_text())
     images = open_images(root.images(spec.dataset_id))
-    layout = store_layout(spec)
+    layout = store_layout(spec, images.shape[0])
     for hook in spec.activations.hooks:
         lineage = {
             "store_id": spec.store_id, "hook": hook,

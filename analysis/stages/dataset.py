@@ -1,4 +1,4 @@
-"""Stage 1: generate (or reuse) the suite's image dataset."""
+"""Stage 1: generate or ingest (or reuse) the suite's image dataset."""
 
 from __future__ import annotations
 
@@ -6,30 +6,32 @@ import json
 
 import numpy as np
 
+import pyarrow.parquet as pq
+
+from analysis.catalog import write_table_partition
 from analysis.data.images import open_images, read_labels, write_image_dataset
+from analysis.data.ingest import ingest
+from analysis.data.shapes import generate_shapes
 from analysis.paths import DataRoot
-from analysis.data.shapes import ShapesConfig, generate_shapes
 from analysis.stages.suite import SuiteSpec
 
-
-def shapes_config(spec: SuiteSpec) -> ShapesConfig:
-    return spec.dataset.config()
+REJECTED_FILE = "rejected.parquet"
 
 
-def ensure_dataset(spec: SuiteSpec, root: DataRoot) -> dict:
+def ensure_dataset(spec: SuiteSpec, root: DataRoot, *, progress: bool = True) -> dict:
     directory = root.images(spec.dataset_id)
     if not (directory / "labels.parquet").exists():
-        cfg = shapes_config(spec)
-        data = generate_shapes(cfg)
-        write_image_dataset(
-            directory, data.images, data.labels,
-            attrs={"generator": spec.dataset.generator, "config": spec.dataset.params,
-                   "class_names": data.class_names},
-        )
+        if spec.dataset.source == "shapes":
+            data = generate_shapes(spec.dataset.config())
+            write_image_dataset(directory, data.images, data.labels,
+                                attrs={"source": "shapes", "config": spec.dataset.params,
+                                       "class_names": data.class_names})
+        else:
+            _ingest(spec, root, progress)
     images = open_images(directory)
     labels = read_labels(directory)
     split = np.asarray(labels.column("split").to_pylist())
-    return {
+    summary = {
         "dataset_id": spec.dataset_id,
         "path": str(directory),
         "n_images": int(images.shape[0]),
@@ -39,6 +41,25 @@ def ensure_dataset(spec: SuiteSpec, root: DataRoot) -> dict:
         "content_hash": images.attrs["content_hash"],
         "class_names": json.dumps(images.attrs["class_names"]),
     }
+    if (directory / REJECTED_FILE).exists():  # an ingested source
+        summary["n_rejected"] = pq.read_metadata(directory / REJECTED_FILE).num_rows
+        summary["n_duplicates"] = len(labels) - labels.column("duplicate_of").null_count
+    return summary
+
+
+def _ingest(spec: SuiteSpec, root: DataRoot, progress: bool) -> None:
+    """Decode a folder or Parquet source into the stored dataset; unusable files go to the
+    `rejected_images` table (dataset_id partition) with their reason."""
+    source, cfg = spec.dataset.config()
+    listing = spec.dataset.listing()
+    directory = root.images(spec.dataset_id)
+    pre = spec.preprocessing()
+    ingest(source.entries(), listing.n_entries, pre, directory, class_names=listing.class_names,
+           eval_fraction=cfg.eval_fraction, seed=cfg.seed, workers=cfg.workers, progress=progress,
+           attrs={"source": spec.dataset.source, "config": spec.dataset.params, "listing": listing.digest,
+                  "preprocessing": pre.to_dict(), "class_names": list(listing.class_names)})
+    write_table_partition(root.table("rejected_images"), {"dataset_id": spec.dataset_id},
+                          pq.read_table(directory / REJECTED_FILE))
 
 
 def split_indices(root: DataRoot, dataset_id: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """A suite: one dataset, one model, one activation store, and a grid of dictionaries on it.
 
 Parsed from YAML (pipelines/suites/*.yaml) into frozen dataclasses and validated before any work
-starts: unknown generator, model kind or hook names fail here with the valid names listed.
+starts: unknown dataset source, model kind or hook names fail here with the valid names listed.
 Ids are derived from content (analysis.ids), so the paths of every artifact follow from the spec.
 The dictionary sections and the members they expand into are in `analysis.stages.members`.
 """
@@ -9,40 +9,82 @@ The dictionary sections and the members they expand into are in `analysis.stages
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
 from analysis.ids import content_id
 from analysis.models.mouse import MouseTrainConfig
+from analysis.data.ingest import IngestConfig
 from analysis.data.shapes import ShapesConfig
+from analysis.data.sources import FolderSource, Listing, ParquetSource
+from analysis.models.inputs import Preprocessing
 from analysis.activations.tokens import TOKEN_SELECTIONS, select_tokens
 from analysis.models.vit import ViTConfig
 from analysis.stages.members import CrosscoderGrid, DictionaryGrid, Member, TranscoderGrid, check_choice
 
-DATASET_GENERATORS = ("shapes",)
+DATASET_SOURCES = ("shapes", "folder", "parquet")
 MODEL_KINDS = ("mouse",)
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    generator: str = "shapes"
-    """Built-in generator name; see DATASET_GENERATORS."""
+    source: str = "shapes"
+    """Where the images come from; see DATASET_SOURCES: `shapes` (generated here), `folder` (a
+    directory of images, analysis.data.sources.FolderSource), `parquet` (ParquetSource)."""
     params: dict = field(default_factory=dict)
-    """Overrides of the generator's config dataclass (e.g. analysis.data.shapes.ShapesConfig fields)."""
+    """Overrides of the source's config (ShapesConfig fields; FolderSource or ParquetSource fields
+    plus IngestConfig's eval_fraction, seed and workers)."""
 
     def __post_init__(self):
-        check_choice("dataset generator", self.generator, DATASET_GENERATORS)
+        check_choice("dataset source", self.source, DATASET_SOURCES)
 
-    def config(self) -> ShapesConfig:
-        """The generator's full config: code defaults with this spec's overrides."""
-        return construct(ShapesConfig, self.params, "dataset.params")
+    def config(self) -> ShapesConfig | tuple[FolderSource | ParquetSource, IngestConfig]:
+        """The source's full config: code defaults with this spec's overrides."""
+        if self.source == "shapes":
+            return construct(ShapesConfig, self.params, "dataset.params")
+        cls = FolderSource if self.source == "folder" else ParquetSource
+        ingest_keys = {f.name for f in fields(IngestConfig)}
+        valid = [f.name for f in fields(cls)] + sorted(ingest_keys)
+        for key in self.params:
+            check_choice("key in suite section 'dataset.params'", key, valid)
+        try:
+            source = cls(**{k: v for k, v in self.params.items() if k not in ingest_keys})
+        except TypeError as err:  # a required field (path, paths) is missing
+            raise ValueError(f"dataset.params for source {self.source!r}: {err}") from err
+        return source, IngestConfig(**{k: v for k, v in self.params.items() if k in ingest_keys})
 
-    @property
-    def dataset_id(self) -> str:
-        # Hash the resolved config, not the overrides: a changed code default must change the id.
-        return content_id(self.generator, self.config().to_dict())
+    def listing(self) -> Listing:
+        """What a folder or Parquet source holds, read without decoding (cached per process)."""
+        return _listing(self.config()[0])
+
+    def class_names(self) -> list[str]:
+        if self.source == "shapes":
+            return self.config().class_names
+        return list(self.listing().class_names)
+
+    def planned_images(self) -> int:
+        """Images the dataset will hold: exact for generated data, an upper bound for a source
+        (files that cannot be decoded are set aside when it is ingested)."""
+        return self.config().n_images if self.source == "shapes" else self.listing().n_entries
+
+    def dataset_id(self, preprocessing: Preprocessing) -> str:
+        """Generated data is made at the model's size, so its id is its config; a source's id
+        hashes its config, its listing (every file's path, size and mtime) and the preprocessing
+        its stored images went through."""
+        if self.source == "shapes":
+            # Hash the resolved config, not the overrides: a changed code default must change the id.
+            return content_id(self.source, self.config().to_dict())
+        source, ingest = self.config()
+        return content_id(self.source, {"source": asdict(source), "split": ingest.split_dict(),
+                                        "listing": self.listing().digest, "preprocessing": preprocessing.to_dict()})
+
+
+@lru_cache(maxsize=8)
+def _listing(source: FolderSource | ParquetSource) -> Listing:
+    return source.listing()
 
 
 @dataclass(frozen=True)
@@ -63,9 +105,8 @@ class ModelSpec:
         vit = construct(ViTConfig, {**vit_defaults, **self.vit, "n_classes": n_classes}, "model.vit")
         return construct(MouseTrainConfig, {**self.train, "vit": vit}, "model.train")
 
-    def model_id(self, dataset: DatasetSpec) -> str:
-        cfg = self.config(len(dataset.config().class_names))
-        return content_id(self.kind, {"config": cfg.to_dict(), "dataset": dataset.dataset_id})
+    def model_id(self, dataset_id: str, n_classes: int) -> str:
+        return content_id(self.kind, {"config": self.config(n_classes).to_dict(), "dataset": dataset_id})
 
 
 @dataclass(frozen=True)
@@ -129,14 +170,31 @@ class SuiteSpec:
 
     @property
     def dataset_id(self) -> str:
-        return self.dataset.dataset_id
+        return self.dataset.dataset_id(self.preprocessing())
 
     @property
     def model_id(self) -> str:
-        return self.model.model_id(self.dataset)
+        return self.model.model_id(self.dataset_id, len(self.class_names()))
 
     def model_config(self) -> MouseTrainConfig:
-        return self.model.config(len(self.dataset.config().class_names))
+        return self.model.config(len(self.class_names()))
+
+    def class_names(self) -> list[str]:
+        """The classes the mouse learns: every image of the dataset must have one of them."""
+        names = self.dataset.class_names()
+        if self.dataset.source != "shapes":
+            listing = self.dataset.listing()  # a missing folder, label file or column fails here
+            if listing.n_unlabelled or len(names) < 2:
+                raise ValueError(
+                    f"the mouse model learns to classify the dataset's images, but this {self.dataset.source} "
+                    f"source has {len(names)} classes and {listing.n_unlabelled} unlabelled images: give every "
+                    "image a label (sub-folders or a label file), with at least two classes")
+        return names
+
+    def preprocessing(self) -> Preprocessing:
+        """How a source's decoded images become the mouse's input: its size and channels."""
+        vit = self.model.config(1).vit  # the class count changes no input
+        return Preprocessing(size=vit.image_size, channels=vit.in_chans)
 
     @property
     def store_id(self) -> str:

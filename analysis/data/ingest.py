@@ -1,0 +1,152 @@
+"""Ingest a source into the stored dataset: decode every image once, preprocess it for the model,
+hash its decoded pixels, set aside what cannot be read, and split over unique content.
+
+    <dir>/images.zarr       uint8 (N, size, size, channels), the model's preprocessing applied
+    <dir>/labels.parquet    image_idx, label, source, sha256 (of the decoded pixels, before
+                            preprocessing), duplicate_of, split, extra label-file columns
+    <dir>/rejected.parquet  source, reason: files that are not usable images
+
+Decoding runs on a thread pool (Pillow releases the GIL while it decodes), in order, with a
+progress bar. Images are written to Zarr one whole chunk at a time. Exact duplicates (same
+decoded pixels) are kept, listed by `duplicate_of`, and always land on the same side of the
+split, so no image is both trained on and evaluated. labels.parquet is written last: its
+presence marks a complete dataset.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from tqdm.auto import tqdm
+
+from analysis.data.decode import ImageRejected, decode_image
+from analysis.data.images import dataset_content_hash, image_sha256
+from analysis.data.sources import Entry
+from analysis.models.inputs import Preprocessing
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How a source is ingested (beside what it is: FolderSource, ParquetSource)."""
+
+    eval_fraction: float = 0.1
+    """Share of the distinct images held out for evaluation."""
+    seed: int = 0
+    """Seed of the train/eval draw."""
+    workers: int = 8
+    """Decoding threads (changes no stored value)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction={self.eval_fraction}: expected a fraction in (0, 1), e.g. 0.1")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: expected at least 1 decoding thread")
+
+    def split_dict(self) -> dict:
+        """The fields that decide stored values (the split), for ids."""
+        return {"eval_fraction": self.eval_fraction, "seed": self.seed}
+
+
+class IngestReport(NamedTuple):
+    n_images: int
+    n_rejected: int
+    n_duplicates: int
+    """Images whose decoded pixels equal an earlier image's."""
+    n_train: int
+    n_eval: int
+    content_hash: str
+
+
+def _decoded(entry: Entry, pre: Preprocessing) -> tuple[np.ndarray, str] | str:
+    """(preprocessed pixels, sha256 of the decoded pixels), or the reason the entry is rejected."""
+    try:
+        rgb = decode_image(entry.read())
+    except ImageRejected as err:
+        return err.reason
+    except OSError as err:  # the file vanished or cannot be read
+        return f"unreadable: {err}"
+    return pre.apply(rgb), image_sha256(rgb)
+
+
+def split_unique(shas: list[str], eval_fraction: float, seed: int) -> np.ndarray:
+    """"train"/"eval" per image, drawn over distinct contents: copies share their first's side."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction={eval_fraction}: expected a fraction in (0, 1), e.g. 0.1")
+    unique = list(dict.fromkeys(shas))
+    n_eval = round(eval_fraction * len(unique))
+    if not 0 < n_eval < len(unique):
+        raise ValueError(f"eval_fraction={eval_fraction} of {len(unique)} distinct images leaves an empty split: "
+                         "use more images or a different fraction")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    held_out = {unique[i] for i in order[:n_eval]}
+    return np.array(["eval" if s in held_out else "train" for s in shas])
+
+
+def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directory: str | Path, *,
+           class_names: tuple[str, ...], eval_fraction: float = 0.1, seed: int = 0, workers: int = 8,
+           images_per_chunk: int = 256, attrs: dict | None = None, progress: bool = True) -> IngestReport:
+    """Decode, preprocess and store `entries` (`n_entries` of them) in `directory`; see the module."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shape = (pre.size, pre.size, pre.channels)
+    arr = zarr.create_array(store=str(directory / "images.zarr"), shape=(max(n_entries, 1),) + shape,
+                            chunks=(images_per_chunk,) + shape, dtype="uint8", overwrite=True)
+    kept: list[dict] = []
+    rejected: list[dict] = []
+    pending: list[np.ndarray] = []
+    written = 0
+    index = {name: i for i, name in enumerate(class_names)}
+    entries = iter(entries)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool, \
+            tqdm(total=n_entries, desc="decode images", unit="img", disable=not progress) as bar:
+        while block := list(islice(entries, 4 * images_per_chunk)):
+            for entry, out in zip(block, pool.map(lambda e: _decoded(e, pre), block)):
+                bar.update(1)
+                if isinstance(out, str):
+                    rejected.append({"source": entry.source, "reason": out})
+                    continue
+                pixels, sha = out
+                pending.append(pixels)
+                kept.append({"label": -1 if entry.label is None else index[entry.label], "source": entry.source,
+                             "sha256": sha, **entry.extra})
+                if len(pending) == images_per_chunk:  # one whole chunk per write
+                    arr[written:written + len(pending)] = np.stack(pending)
+                    written, pending = written + len(pending), []
+    if pending:
+        arr[written:written + len(pending)] = np.stack(pending)
+        written += len(pending)
+    if written == 0:
+        raise ValueError(f"none of the {n_entries} files could be used as an image (first reasons: "
+                         f"{[r['reason'] for r in rejected[:3]]}): point the dataset at image files")
+    arr.resize((written,) + shape)
+    return _finish(directory, arr, kept, rejected, eval_fraction, seed, attrs or {})
+
+
+def _finish(directory: Path, arr: zarr.Array, kept: list[dict], rejected: list[dict], eval_fraction: float,
+            seed: int, attrs: dict) -> IngestReport:
+    shas = [row["sha256"] for row in kept]
+    first: dict[str, int] = {}
+    duplicate_of = [first.setdefault(s, i) for i, s in enumerate(shas)]
+    duplicate_of = [None if d == i else d for i, d in enumerate(duplicate_of)]
+    split = split_unique(shas, eval_fraction, seed)
+    content_hash = dataset_content_hash(shas)
+    arr.attrs.update({**attrs, "content_hash": content_hash, "n_images": len(kept)})
+    reject_schema = pa.schema([("source", pa.string()), ("reason", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rejected, schema=reject_schema), directory / "rejected.parquet")
+    table = pa.Table.from_pylist(kept).add_column(0, "image_idx", pa.array(np.arange(len(kept), dtype=np.int64)))
+    table = table.append_column("duplicate_of", pa.array(duplicate_of, pa.int64()))
+    table = table.append_column("split", pa.array(split))
+    tmp = directory / "labels.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(directory / "labels.parquet")
+    n_dup = sum(d is not None for d in duplicate_of)
+    return IngestReport(len(kept), len(rejected), n_dup, int((split == "train").sum()), int((split == "eval").sum()),
+                        content_hash)

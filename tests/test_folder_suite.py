@@ -1,0 +1,142 @@
+"""A suite over a folder of real photos, end to end through Dagster: awkward and unusable files,
+duplicates, the model's preprocessing, activations equal to run_with_cache, the catalog."""
+
+import io
+
+import dagster as dg
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from analysis.activations.reader import ActivationStore
+from analysis.catalog import connect_catalog
+from analysis.data.images import open_images, read_labels
+from analysis.models.inputs import to_model_input
+from analysis.paths import DataRoot
+from analysis.stages.model import load_model
+from analysis.stages.suite import parse_suite
+from analysis.stages.validate import validate_suite
+from pipelines.run import run_suite
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _save(path, array, fmt="PNG", mode=None):
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt)
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """Two classes of random crops of two real photos (60 files), five awkward kinds of image, one
+    exact duplicate and three unusable files: 69 files, 66 usable, in two partitions of 32 (+2)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for name, photo in (("cat", skdata.chelsea()), ("astronaut", skdata.astronaut())):
+        for i in range(30):
+            y, x = rng.integers(0, 200, 2)
+            crop = photo[y:y + 200, x:x + 200]
+            _save(root / name / f"{i:02d}.jpg", crop[:, ::-1] if i % 2 else crop, "JPEG")
+    _save(root / "cat" / "gray.png", skdata.chelsea(), mode="L")
+    _save(root / "cat" / "rgba.png", np.dstack([skdata.chelsea(), np.full(skdata.chelsea().shape[:2], 128, np.uint8)]))
+    _save(root / "cat" / "palette.gif", skdata.chelsea(), "GIF", mode="P")
+    _save(root / "astronaut" / "cmyk.jpg", skdata.astronaut(), "JPEG", mode="CMYK")
+    sixteen = (skdata.astronaut()[..., 0].astype(np.uint16) * 257)
+    Image.fromarray(sixteen).save(root / "astronaut" / "sixteen.png")
+    (root / "astronaut" / "copy.png").write_bytes((root / "astronaut" / "sixteen.png").read_bytes())
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).save(buf, "PNG")
+    (root / "astronaut" / "broken.png").write_bytes(buf.getvalue()[:3000])
+    (root / "cat" / "notes.txt").write_text("a note, not an image")
+    return root
+
+
+def _suite(folder):
+    return parse_suite({
+        "name": "photos",
+        "dataset": {"source": "folder", "params": {"path": str(folder), "eval_fraction": 0.25, "workers": 2}},
+        "model": {"vit": {"image_size": 32, "patch_size": 8, "in_chans": 3, "d_model": 32, "n_layers": 2,
+                          "n_heads": 2, "d_mlp": 64},
+                  "train": {"epochs": 4, "batch_size": 16, "warmup_steps": 2}},
+        "activations": {"hooks": ["blocks.0.hook_resid_post", HOOK], "images_per_shard": 32,
+                        "images_per_chunk": 16, "batch_size": 16},
+        "dictionaries": {"hooks": [HOOK], "architectures": ["topk"], "expansions": [2], "ks": [4], "seeds": [0],
+                         "train": {"batch_size": 128, "n_train_tokens": 4096, "warmup_steps": 2,
+                                   "dead_tokens": 1024}},
+        "evaluation": {"max_images": 64, "n_top": 4, "batch_images": 16},
+    })
+
+
+@pytest.fixture(scope="module")
+def folder_run(photo_folder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    spec = _suite(photo_folder)
+    validate_suite(spec)
+    (tmp / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(tempdir=str(tmp / "dagster_home"))
+    run_suite(spec, tmp / "data", instance=instance, log=lambda _: None)
+    yield spec, DataRoot(tmp / "data"), instance
+    instance.dispose()
+
+
+def test_ingestion_counts_and_sets_aside_what_it_cannot_read(folder_run):
+    spec, root, instance = folder_run
+    meta = instance.get_latest_materialization_event(dg.AssetKey("images")).asset_materialization.metadata
+    assert meta["n_images"].value == 66 and meta["n_rejected"].value == 3 and meta["n_duplicates"].value == 1
+    assert spec.dataset.planned_images() == 69  # the partitions were planned before decoding: 3 shards
+    con = connect_catalog(root.catalog)
+    rejected = dict(con.execute("SELECT source, reason FROM rejected_images WHERE dataset_id = ? ORDER BY source",
+                                [spec.dataset_id]).fetchall())
+    assert rejected == {"astronaut/broken.png": rejected["astronaut/broken.png"], "cat/empty.jpg": "empty file",
+                        "cat/notes.txt": "not an image"}
+    assert rejected["astronaut/broken.png"].startswith("truncated or corrupt")
+    labels = read_labels(root.images(spec.dataset_id)).to_pylist()
+    by_sha = {}
+    for row in labels:  # no content is on both sides of the split
+        by_sha.setdefault(row["sha256"], set()).add(row["split"])
+    assert all(len(sides) == 1 for sides in by_sha.values()) and len(by_sha) == 65
+    assert open_images(root.images(spec.dataset_id)).shape == (66, 32, 32, 3)
+
+
+def test_stored_activations_equal_run_with_cache_on_the_stored_images(folder_run):
+    spec, root, _ = folder_run
+    images = open_images(root.images(spec.dataset_id))
+    store = ActivationStore.open(root.hook_store(spec.store_id, HOOK))
+    assert store.n_images == 66
+    model = load_model(spec, root)
+    idx = [0, 31, 32, 65]  # both real shards, their edges
+    with torch.no_grad():
+        _, cache = model.run_with_cache(to_model_input(images.get_orthogonal_selection((idx,))), names_filter=[HOOK])
+    got = torch.cat([store.read(i, i + 1) for i in idx])
+    torch.testing.assert_close(got, cache[HOOK].half().float())  # the store keeps float16
+
+
+def test_the_dictionary_is_trained_evaluated_and_in_the_catalog(folder_run):
+    spec, root, _ = folder_run
+    con = connect_catalog(root.catalog)
+    rows = con.execute("SELECT fvu, l0, loss_recovered FROM evaluations WHERE dataset_id = ?",
+                       [spec.dataset_id]).fetchall()
+    assert len(rows) == 1 and 0 < rows[0][0] < 1 and 0 < rows[0][1] <= 4 and np.isfinite(rows[0][2])
+    n_top = con.execute("SELECT count(*) FROM top_images").fetchone()[0]
+    assert n_top > 0
+    assert pq.read_table(root.images(spec.dataset_id) / "labels.parquet").num_rows == 66
+
+
+def test_a_folder_suite_without_labels_is_refused_before_any_work(tmp_path):
+    (tmp_path / "flat").mkdir()
+    _save(tmp_path / "flat" / "a.png", skdata.camera())
+    with pytest.raises(ValueError, match="0 classes and 1 unlabelled images"):
+        parse_suite({"name": "flat", "dataset": {"source": "folder", "params": {"path": str(tmp_path / "flat")}},
+                     "model": {"vit": {"in_chans": 3}}})
+    with pytest.raises(ValueError, match="dataset folder .* does not exist"):
+        parse_suite({"name": "x", "dataset": {"source": "folder", "params": {"path": str(tmp_path / "nope")}}})
+    with pytest.raises(ValueError, match="did you mean labels_file"):
+        parse_suite({"name": "x", "dataset": {"source": "folder", "params": {"path": ".", "label_file": "x"}}}
+                    ).dataset.config()
