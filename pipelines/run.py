@@ -97,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     data_root = DataRoot(root)
     model = json.loads((data_root.model(spec.model_id) / "result.json").read_text())
     print(f"\nSuite {spec.name!r}: dataset {spec.dataset_id}, model {spec.model_id}, store {spec.store_id}")
-    task = f"task {spec.dataset.config().task!r}" if spec.dataset.source == "shapes" else \
-        f"{len(spec.dataset.class_names())} {spec.dataset.source} classes"
-    print(f"Mouse ViT held-out accuracy {model['eval_accuracy']:.4f} on {task} "
-          f"({model['train_seconds']:.0f} s of training)")
+    if spec.model.kind == "mouse":
+        task = f"task {spec.dataset.config().task!r}" if spec.dataset.source == "shapes" else \
+            f"{len(spec.dataset.class_names())} {spec.dataset.source} classes"
+        print(f"Mouse ViT held-out accuracy {model['eval_accuracy']:.4f} on {task} "
+              f"({model['train_seconds']:.0f} s of training)")
+    else:
+        print(f"Model: {spec.model.kind} {spec.model.name} ({spec.model.weights} weights)")
     print(format_summary(suite_evaluations(spec, data_root)))
     print(f"\nCatalog: {data_root.catalog}\nPlot:    {data_root.reports / f'{spec.name}_fvu_vs_l0.png'}")
     print(f"Stage seconds: {timings}; total {time.perf_counter() - start:.1f} s")

@@ -119,3 +119,19 @@ def test_unsupported_models_are_refused_with_the_reason():
         HookedViT.from_timm(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, global_pool="map"))
     with pytest.raises(TypeError, match="VisionTransformer"):
         HookedViT.from_timm(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name, overrides", [("vit_tiny_patch16_224", dict(img_size=32, depth=2)),
+                                             ("vit_base_patch32_clip_quickgelu_224", dict(img_size=64, **SMALL))])
+def test_input_normalization_folds_into_the_patch_embedding(name, overrides):
+    """[0, 1] pixels into the folded model = normalised pixels into timm's, with or without a patch bias."""
+    m = _timm_model(name, overrides)
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    h = HookedViT.from_timm(m).with_input_normalization(mean, std)
+    assert h.cfg.patch_bias
+    x = torch.rand(3, 3, h.cfg.image_size, h.cfg.image_size)
+    normalized = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(h(x), m(normalized), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one value per input channel"):
+        HookedViT.from_timm(m).with_input_normalization((0.5,), (0.5,))

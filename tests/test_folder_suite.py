@@ -140,3 +140,69 @@ def test_a_folder_suite_without_labels_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="did you mean labels_file"):
         parse_suite({"name": "x", "dataset": {"source": "folder", "params": {"path": ".", "label_file": "x"}}}
                     ).dataset.config()
+
+
+def _timm_suite(folder):
+    return parse_suite({
+        "name": "photos_timm",
+        "dataset": {"source": "folder", "params": {"path": str(folder), "eval_fraction": 0.25, "workers": 2}},
+        "model": {"kind": "timm", "name": "vit_tiny_patch16_224", "weights": "random",
+                  "kwargs": {"img_size": 64, "depth": 2}},
+        "activations": {"hooks": [HOOK], "images_per_shard": 32, "images_per_chunk": 16, "batch_size": 16},
+        "dictionaries": {"hooks": [HOOK], "architectures": ["topk"], "expansions": [2], "ks": [8], "seeds": [0],
+                         "train": {"batch_size": 256, "n_train_tokens": 8192, "warmup_steps": 2,
+                                   "dead_tokens": 2048}},
+        "evaluation": {"max_images": 64, "n_top": 4, "batch_images": 16},
+    })
+
+
+@pytest.fixture(scope="module")
+def timm_run(photo_folder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("timm")
+    spec = _timm_suite(photo_folder)
+    validate_suite(spec)
+    (tmp / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(tempdir=str(tmp / "dagster_home"))
+    run_suite(spec, tmp / "data", instance=instance, log=lambda _: None)
+    yield spec, DataRoot(tmp / "data")
+    instance.dispose()
+
+
+def test_a_timm_model_reads_the_folder_through_its_own_preprocessing(timm_run, photo_folder):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    spec, root = timm_run
+    images = open_images(root.images(spec.dataset_id))
+    assert images.shape == (66, 64, 64, 3)  # timm's eval transform: shorter side 71, centre crop 64
+    labels = read_labels(root.images(spec.dataset_id)).to_pylist()
+    with torch.random.fork_rng():  # the same seeded random weights the suite converted
+        torch.manual_seed(0)
+        reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    data_config = {**resolve_data_config({}, model=reference), "input_size": (3, 64, 64)}
+    transform = create_transform(**data_config)  # timm's own eval transform, on the files themselves
+    unnormalized = create_transform(**{**data_config, "mean": (0, 0, 0), "std": (1, 1, 1)})
+    model = load_model(spec, root)
+    for row in labels[::7]:
+        photo = Image.open(photo_folder / row["source"]).convert("RGB")  # these are plain RGB files
+        if row["source"].endswith((".gif", ".png")):
+            continue  # alpha, palette and 16-bit files: decode_image's conversions, not Pillow's convert
+        stored = images[row["image_idx"]]
+        expected = (unnormalized(photo).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        np.testing.assert_array_equal(stored, expected)  # timm's resize and centre crop, exactly
+        with torch.no_grad():  # timm's normalisation, folded into our patch embedding
+            torch.testing.assert_close(model(to_model_input(stored[None])), reference(transform(photo)[None]),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_a_timm_suite_scores_against_the_clean_output_distribution(timm_run):
+    spec, root = timm_run
+    con = connect_catalog(root.catalog)
+    (downstream, kl_spliced, kl_ablated, recovered, gap, ce, fvu) = con.execute(
+        "SELECT downstream, kl_spliced, kl_ablated, loss_recovered, ablation_gap, ce_clean, fvu FROM evaluations "
+        "WHERE suite = 'photos_timm'").fetchone()
+    assert downstream == "kl" and np.isnan(ce)  # ImageNet logits say nothing about cat vs astronaut labels
+    assert 0 <= kl_spliced < kl_ablated and gap == kl_ablated
+    assert recovered == pytest.approx((kl_ablated - kl_spliced) / kl_ablated) and 0 < fvu < 1
+    store = ActivationStore.open(root.hook_store(spec.store_id, HOOK))
+    assert store.n_tokens == 17 and store.d_model == 192

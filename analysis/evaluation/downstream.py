@@ -28,9 +28,11 @@ class DownstreamMetrics(NamedTuple):
     acc_spliced: float
     acc_ablated: float
     loss_recovered: float
-    """(ce_ablated − ce_spliced) / (ce_ablated − ce_clean); NaN when the gap is 0."""
+    """(ce_ablated − ce_spliced) / (ce_ablated − ce_clean); without labels (a pretrained head whose
+    classes are not the dataset's), (kl_ablated − kl_spliced) / kl_ablated against the clean output
+    distribution. NaN when the gap is 0."""
     ablation_gap: float
-    """ce_ablated − ce_clean: when tiny, loss_recovered is meaningless."""
+    """ce_ablated − ce_clean (without labels: kl_ablated): when tiny, loss_recovered is meaningless."""
 
 
 def _kl_sum(clean_logp: Tensor, other_logits: Tensor) -> float:
@@ -133,15 +135,17 @@ def spliced_downstream_metrics(model, splice_hooks: list[tuple[str, Callable]] |
     ce = {"clean": 0.0, "spliced": 0.0, "ablated": 0.0}
     correct = dict.fromkeys(ce, 0)
     kl = {"spliced": 0.0, "ablated": 0.0}
+    labelled = True
     for x, labels in batches:
         logits = {
             "clean": model(x),
             "spliced": model.run_with_hooks(x, fwd_hooks=splice_hooks(x) if callable(splice_hooks) else splice_hooks),
             "ablated": model.run_with_hooks(x, fwd_hooks=[(h, ablate) for h in ablate_hooks]),
         }
-        labels = labels.to(logits["clean"].device)
         clean_logp = logits["clean"].double().log_softmax(-1)
-        for name, lg in logits.items():
+        labelled = labels is not None
+        for name, lg in logits.items() if labelled else ():
+            labels = labels.to(lg.device)
             ce[name] += float(F.cross_entropy(lg.double(), labels, reduction="sum"))
             correct[name] += int((lg.argmax(-1) == labels).sum())
         for name in kl:
@@ -149,19 +153,22 @@ def spliced_downstream_metrics(model, splice_hooks: list[tuple[str, Callable]] |
         n += x.shape[0]
     if n == 0:
         raise ValueError("downstream_metrics got no images: pass at least one non-empty batch")
-    mean_ce = {k: v / n for k, v in ce.items()}
-    gap = mean_ce["ablated"] - mean_ce["clean"]
-    recovered = (mean_ce["ablated"] - mean_ce["spliced"]) / gap if gap != 0 else math.nan
+    mean_ce = {k: v / n if labelled else math.nan for k, v in ce.items()}
+    mean_kl = {k: v / n for k, v in kl.items()}
+    if labelled:
+        gap, recovered_by = mean_ce["ablated"] - mean_ce["clean"], mean_ce["ablated"] - mean_ce["spliced"]
+    else:  # the clean model's own distribution is the reference: its KL to itself is 0
+        gap, recovered_by = mean_kl["ablated"], mean_kl["ablated"] - mean_kl["spliced"]
     return DownstreamMetrics(
         n_images=n,
         ce_clean=mean_ce["clean"],
         ce_spliced=mean_ce["spliced"],
         ce_ablated=mean_ce["ablated"],
-        kl_spliced=kl["spliced"] / n,
-        kl_ablated=kl["ablated"] / n,
-        acc_clean=correct["clean"] / n,
-        acc_spliced=correct["spliced"] / n,
-        acc_ablated=correct["ablated"] / n,
-        loss_recovered=recovered,
+        kl_spliced=mean_kl["spliced"],
+        kl_ablated=mean_kl["ablated"],
+        acc_clean=correct["clean"] / n if labelled else math.nan,
+        acc_spliced=correct["spliced"] / n if labelled else math.nan,
+        acc_ablated=correct["ablated"] / n if labelled else math.nan,
+        loss_recovered=recovered_by / gap if gap != 0 else math.nan,
         ablation_gap=gap,
     )

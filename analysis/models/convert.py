@@ -9,6 +9,7 @@ knows no HookedViT (no import circle); timm and open_clip are imported here only
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -238,3 +239,27 @@ def open_clip_weights(model: Any) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
     if proj is not None:
         s["head.weight"] = proj.T  # CLIP computes pooled @ proj; nn.Linear computes pooled @ W.T
     return cfg, s
+
+
+def fold_input_normalization(cfg: ViTConfig, state: dict[str, torch.Tensor], mean, std
+                             ) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """(config, state) of the same ViT taking pixels in [0, 1] instead of (x − mean) / std.
+
+    The patch embedding is a stride-`patch` convolution without padding, so per-channel
+    normalisation folds into it exactly: W'[:, c] = W[:, c] / std[c] and
+    b' = b − Σ_c W'[:, c] · mean[c] (summed over the kernel). The stored images then stay the
+    plain uint8 pixels every model reads, and no path can forget to normalise."""
+    w = state["patch_embed.weight"].detach()
+    mean_t = torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float64).reshape(1, -1, 1, 1)
+    if mean_t.shape[1] != w.shape[1] or std_t.shape[1] != w.shape[1] or bool((std_t <= 0).any()):
+        raise ValueError(f"input normalisation mean={mean}, std={std} must give one value per input channel "
+                         f"({w.shape[1]}), std > 0")
+    w_new = w.double() / std_t
+    bias = state.get("patch_embed.bias")
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    b_new = b - (w_new * mean_t).sum((1, 2, 3))
+    out = dict(state)
+    out["patch_embed.weight"] = w_new.to(w.dtype)
+    out["patch_embed.bias"] = b_new.to(w.dtype)
+    return dataclasses.replace(cfg, patch_bias=True), out

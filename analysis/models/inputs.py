@@ -55,13 +55,14 @@ class Preprocessing:
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 (H, W, 3) RGB -> uint8 (size, size, channels)."""
         image = Image.fromarray(rgb, "RGB")
+        # the arithmetic of torchvision's Resize(int) and CenterCrop, which timm's and open_clip's
+        # eval transforms use: the long side truncated, the crop offset rounded half to even
         short = self.resize or self.size
         w, h = image.size
-        scale = short / min(w, h)
-        new = (max(short, round(w * scale)), max(short, round(h * scale)))
+        new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
         if new != (w, h):
             image = image.resize(new, _FILTERS[self.interpolation])
-        left, top = (new[0] - self.size) // 2, (new[1] - self.size) // 2
+        left, top = int(round((new[0] - self.size) / 2.0)), int(round((new[1] - self.size) / 2.0))
         image = image.crop((left, top, left + self.size, top + self.size))
         if self.channels == 1:
             return np.asarray(image.convert("L"))[:, :, None].copy()

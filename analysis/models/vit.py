@@ -36,7 +36,7 @@ from analysis.models.cache import ActivationCache
 from analysis.models.hooks import HookedRootModule, HookFn, HookPoint, NameFilter
 from analysis.models.blocks import Block, LayerNorm
 from analysis.models.config import ViTConfig
-from analysis.models.convert import open_clip_weights, timm_weights
+from analysis.models.convert import fold_input_normalization, open_clip_weights, timm_weights
 
 __all__ = ["HookedViT", "ViTConfig", "resample_pos_embed", "CONFIG_FILE", "WEIGHTS_FILE"]
 
@@ -228,6 +228,12 @@ class HookedViT(HookedRootModule):
     def from_open_clip(cls, model: Any) -> "HookedViT":
         """Convert an open_clip CLIP model (or its `.visual` ViT); forward() = `encode_image`."""
         return cls._from_state(*open_clip_weights(model))
+
+    def with_input_normalization(self, mean, std) -> "HookedViT":
+        """A copy taking pixels in [0, 1] where this model takes (x − mean) / std per channel (the
+        normalisation folded exactly into the patch embedding; `fold_input_normalization`)."""
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        return HookedViT._from_state(*fold_input_normalization(self.cfg, state, mean, std)).train(self.training)
 
     @classmethod
     def _from_state(cls, cfg: ViTConfig, state: dict[str, torch.Tensor]) -> "HookedViT":

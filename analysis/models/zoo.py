@@ -14,15 +14,18 @@ message saying how to pass a file, instead of the hub client's ~46 s hang.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from analysis.models.config import ViTConfig
+from analysis.models.inputs import Preprocessing
 from analysis.models.vit import CONFIG_FILE, HookedViT
 
 SOURCES = ("timm", "open_clip")
@@ -211,3 +214,33 @@ def load_model(
             "and model.safetensors (written by HookedViT.save)"
         )
     raise _unknown(name, list_models())
+
+
+class TimmInput(NamedTuple):
+    """What a timm model expects, read from its module tree and pretrained config (no weights)."""
+
+    vit: ViTConfig
+    """The HookedViT config it converts to (before normalisation is folded in)."""
+    preprocessing: Preprocessing
+    """timm's eval transform: shorter side to floor(size / crop_pct), centre crop, its filter."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def timm_input(arch: str, **model_kwargs: Any) -> TimmInput:
+    import timm
+    from timm.data import resolve_data_config
+
+    from analysis.models.convert import timm_config
+
+    if arch not in timm.list_models():
+        raise _unknown(f"timm:{arch}", list_models("timm"))
+    with torch.device("meta"):  # module tree only: no memory, no init
+        model = timm.create_model(arch, pretrained=False, **model_kwargs)
+    vit = timm_config(model)
+    # the pretrained config knows the crop ratio, filter and normalisation; the size is the
+    # model's own (an img_size override changes it)
+    data = resolve_data_config({}, model=model)
+    pre = Preprocessing(size=vit.image_size, resize=math.floor(vit.image_size / data.get("crop_pct", 1.0)),
+                        interpolation=data.get("interpolation", "bicubic"))
+    return TimmInput(vit, pre, tuple(data["mean"]), tuple(data["std"]))

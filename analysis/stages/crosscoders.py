@@ -41,7 +41,7 @@ def train_config(spec: SuiteSpec, member: CrosscoderMember, d: int) -> Crosscode
 
 
 def member_id(spec: SuiteSpec, member: CrosscoderMember) -> str:
-    cfg = train_config(spec, member, spec.model_config().vit.d_model)
+    cfg = train_config(spec, member, spec.vit_config().d_model)
     return content_id("crosscoder", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
 
 

@@ -114,13 +114,15 @@ def load_member(spec: SuiteSpec, root: DataRoot, member: Member, device: str = "
 
 
 def _labelled_batches(spec: SuiteSpec, root: DataRoot, eval_idx: np.ndarray,
-                      device: str) -> Iterator[tuple[Tensor, Tensor]]:
-    """(model input, label) batches of the held-out images, for the downstream metrics."""
+                      device: str) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """(model input, label) batches of the held-out images, for the downstream metrics; the
+    label is None where the model's head does not predict the dataset's classes."""
     batch = spec.evaluation.batch_images
     images = open_images(root.images(spec.dataset_id))
     labels = torch.from_numpy(read_labels(root.images(spec.dataset_id)).column("label").to_numpy().copy())
     return ((to_model_input(images.get_orthogonal_selection((eval_idx[i:i + batch],)), device),
-             labels[eval_idx[i:i + batch]].to(device)) for i in range(0, len(eval_idx), batch))
+             labels[eval_idx[i:i + batch]].to(device) if spec.downstream == "labels" else None)
+            for i in range(0, len(eval_idx), batch))
 
 
 def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
@@ -135,7 +137,8 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device
             spec, root, member, dictionary, eval_idx, model, _labelled_batches(spec, root, eval_idx, device),
             device=device)
         extra.update(_fvu_by_token_kind(spec, root, member, dictionary, eval_idx, rec, device))
-        row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook, **_MEMBER_COLUMNS,
+        row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook,
+               "downstream": spec.downstream, **_MEMBER_COLUMNS,
                **asdict(member), "architecture": member.architecture,
                "width": dictionary.cfg.width, "store_id": spec.store_id, "model_id": spec.model_id,
                "dataset_id": spec.dataset_id,

@@ -38,7 +38,7 @@ def train_config(spec: SuiteSpec, member: SAEMember, d_in: int) -> SAETrainConfi
 
 
 def member_id(spec: SuiteSpec, member: SAEMember) -> str:
-    cfg = train_config(spec, member, spec.model_config().vit.d_model)
+    cfg = train_config(spec, member, spec.vit_config().d_model)
     return content_id("sae", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
 
 

@@ -8,6 +8,7 @@ The dictionary sections and the members they expand into are in `analysis.stages
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -22,10 +23,11 @@ from analysis.data.sources import FolderSource, Listing, ParquetSource
 from analysis.models.inputs import Preprocessing
 from analysis.activations.tokens import TOKEN_SELECTIONS, select_tokens
 from analysis.models.vit import ViTConfig
+from analysis.models.zoo import TimmInput, timm_input
 from analysis.stages.members import CrosscoderGrid, DictionaryGrid, Member, TranscoderGrid, check_choice
 
 DATASET_SOURCES = ("shapes", "folder", "parquet")
-MODEL_KINDS = ("mouse",)
+MODEL_KINDS = ("mouse", "timm")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -90,23 +92,61 @@ def _listing(source: FolderSource | ParquetSource) -> Listing:
 @dataclass(frozen=True)
 class ModelSpec:
     kind: str = "mouse"
-    """`mouse`: a small ViT trained in the pipeline on the dataset's task."""
+    """`mouse`: a small ViT trained in the pipeline on the dataset's labels; `timm`: a timm
+    VisionTransformer (`name`, `weights`, `kwargs`), converted to a HookedViT."""
     vit: dict = field(default_factory=dict)
-    """Overrides of analysis.models.vit.ViTConfig."""
+    """mouse: overrides of analysis.models.vit.ViTConfig."""
     train: dict = field(default_factory=dict)
-    """Overrides of analysis.models.mouse.MouseTrainConfig (except `vit`)."""
+    """mouse: overrides of analysis.models.mouse.MouseTrainConfig (except `vit`)."""
+    name: str | None = None
+    """timm: the model name, e.g. vit_base_patch16_224 (analysis.models.zoo.list_models)."""
+    weights: str = "random"
+    """timm: a local .safetensors/.pt/.pth file, `pretrained` (the hub; online only) or `random`
+    (initialised from seed 0: for tests and baselines)."""
+    kwargs: dict = field(default_factory=dict)
+    """timm: keyword arguments of timm.create_model (e.g. img_size)."""
 
     def __post_init__(self):
         check_choice("model kind", self.kind, MODEL_KINDS)
+        if self.kind == "mouse" and (self.name or self.kwargs or self.weights != "random"):
+            raise ValueError("model.name, model.weights and model.kwargs are for kind timm; the mouse is trained "
+                             "here (configure it with model.vit and model.train)")
+        if self.kind == "timm" and (not self.name or self.vit or self.train):
+            raise ValueError("a timm model needs model.name (e.g. vit_base_patch16_224) and takes no model.vit or "
+                             "model.train: its architecture and weights are timm's")
 
     def config(self, n_classes: int) -> MouseTrainConfig:
-        """Full training config; the architecture starts from the mouse defaults, then overrides."""
+        """The mouse's full training config; the architecture starts from the mouse defaults."""
         vit_defaults = MouseTrainConfig().vit.to_dict()
         vit = construct(ViTConfig, {**vit_defaults, **self.vit, "n_classes": n_classes}, "model.vit")
         return construct(MouseTrainConfig, {**self.train, "vit": vit}, "model.train")
 
+    def timm_input(self) -> TimmInput:
+        return _timm_input(self.name, tuple(sorted(self.kwargs.items())))
+
     def model_id(self, dataset_id: str, n_classes: int) -> str:
-        return content_id(self.kind, {"config": self.config(n_classes).to_dict(), "dataset": dataset_id})
+        if self.kind == "mouse":  # trained on the dataset, so its id chains from it
+            return content_id(self.kind, {"config": self.config(n_classes).to_dict(), "dataset": dataset_id})
+        weights = self.weights if self.weights in ("random", "pretrained") else _file_sha256(self.weights)
+        return content_id(self.kind, {"name": self.name, "kwargs": self.kwargs, "weights": weights})
+
+
+@lru_cache(maxsize=8)
+def _timm_input(name: str, kwargs: tuple) -> TimmInput:
+    return timm_input(name, **dict(kwargs))
+
+
+@lru_cache(maxsize=8)
+def _file_sha256(path: str) -> str:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"model.weights {path!r} is not a file: pass a .safetensors/.pt/.pth file, 'pretrained' or "
+                         "'random'")
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -166,7 +206,10 @@ class SuiteSpec:
     evaluation: EvaluationSpec = EvaluationSpec()
 
     def __post_init__(self):
-        select_tokens(self.model_config().vit, self.activations.tokens)  # e.g. 'cls' on a model without one
+        if self.model.kind != "mouse" and self.dataset.source == "shapes":
+            raise ValueError(f"the shapes generator makes the mouse's 64x64 grayscale images; a {self.model.kind} "
+                             "model reads a folder or parquet dataset source (dataset.source)")
+        select_tokens(self.vit_config(), self.activations.tokens)  # e.g. 'cls' on a model without one
 
     @property
     def dataset_id(self) -> str:
@@ -179,10 +222,21 @@ class SuiteSpec:
     def model_config(self) -> MouseTrainConfig:
         return self.model.config(len(self.class_names()))
 
+    def vit_config(self) -> ViTConfig:
+        """The architecture of the suite's model (the mouse's, or the timm model's)."""
+        return self.model.timm_input().vit if self.model.kind == "timm" else self.model_config().vit
+
+    @property
+    def downstream(self) -> str:
+        """What evaluations splice against: `labels` (CE and accuracy on the dataset's labels, which
+        the mouse's head predicts) or `kl` (the clean output distribution: a pretrained head's
+        classes are not the dataset's)."""
+        return "labels" if self.model.kind == "mouse" else "kl"
+
     def class_names(self) -> list[str]:
-        """The classes the mouse learns: every image of the dataset must have one of them."""
+        """The dataset's classes; the mouse learns them, so then every image must have one."""
         names = self.dataset.class_names()
-        if self.dataset.source != "shapes":
+        if self.dataset.source != "shapes" and self.model.kind == "mouse":
             listing = self.dataset.listing()  # a missing folder, label file or column fails here
             if listing.n_unlabelled or len(names) < 2:
                 raise ValueError(
@@ -192,7 +246,10 @@ class SuiteSpec:
         return names
 
     def preprocessing(self) -> Preprocessing:
-        """How a source's decoded images become the mouse's input: its size and channels."""
+        """How a source's decoded images become the model's input: timm's eval transform, or the
+        mouse's size and channels."""
+        if self.model.kind == "timm":
+            return self.model.timm_input().preprocessing
         vit = self.model.config(1).vit  # the class count changes no input
         return Preprocessing(size=vit.image_size, channels=vit.in_chans)
 

@@ -39,7 +39,7 @@ def train_config(spec: SuiteSpec, member: TranscoderMember, d_in: int) -> Transc
 
 
 def member_id(spec: SuiteSpec, member: TranscoderMember) -> str:
-    d = spec.model_config().vit.d_model  # every hook a transcoder may pair is a d_model stream
+    d = spec.vit_config().d_model  # every hook a transcoder may pair is a d_model stream
     cfg = train_config(spec, member, d)
     return content_id("transcoder", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
 
