@@ -206,3 +206,35 @@ def test_a_timm_suite_scores_against_the_clean_output_distribution(timm_run):
     assert recovered == pytest.approx((kl_ablated - kl_spliced) / kl_ablated) and 0 < fvu < 1
     store = ActivationStore.open(root.hook_store(spec.store_id, HOOK))
     assert store.n_tokens == 17 and store.d_model == 192
+
+
+def test_timm_weights_are_checked_before_any_work_and_hashed_into_the_id(photo_folder, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
+
+    def suite(**model_fields):
+        return parse_suite({"name": "w", "dataset": {"source": "folder", "params": {"path": str(photo_folder)}},
+                            "model": {"kind": "timm", "name": "vit_tiny_patch16_224", **model_fields},
+                            "activations": {"hooks": [HOOK]}})
+
+    fits = suite(weights=str(tmp_path / "tiny.safetensors"), kwargs={"img_size": 64, "depth": 2})
+    validate_suite(fits)
+    assert fits.model_id != suite(weights="random", kwargs={"img_size": 64, "depth": 2}).model_id
+    with pytest.raises(ValueError, match=r"does not fit timm:vit_tiny_patch16_224.*2 unexpected .*blocks\.1"):
+        validate_suite(suite(weights=str(tmp_path / "tiny.safetensors"), kwargs={"img_size": 64, "depth": 1}))
+    with pytest.raises(ValueError, match="2 of another shape.*head"):  # a 10-class head for a 1000-class file
+        validate_suite(suite(weights=str(tmp_path / "tiny.safetensors"),
+                             kwargs={"img_size": 64, "depth": 2, "num_classes": 10}))
+    with pytest.raises(ValueError, match="pretrained needs the hub"):
+        validate_suite(suite(weights="pretrained", kwargs={"img_size": 64, "depth": 2}))
+    with pytest.raises(ValueError, match="is not a file"):
+        suite(weights=str(tmp_path / "nope.safetensors")).model_id
+    with pytest.raises(ValueError, match="needs model.name"):
+        parse_suite({"name": "w", "dataset": {"source": "folder", "params": {"path": str(photo_folder)}},
+                     "model": {"kind": "timm"}})
+    with pytest.raises(ValueError, match="unknown model 'timm:vit_tiny_patch16_2244'.*vit_tiny_patch16_224"):
+        suite(name="vit_tiny_patch16_2244")
