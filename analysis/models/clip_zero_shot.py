@@ -9,10 +9,13 @@ the image tower still fires.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -20,6 +23,7 @@ from analysis.models.cache import ActivationCache
 from analysis.models.hooks import HookFn, NameFilter
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+HEAD_WEIGHTS, HEAD_CONFIG = "zero_shot_head.safetensors", "zero_shot_head.json"
 
 
 class ZeroShotHead(nn.Module):
@@ -37,6 +41,23 @@ class ZeroShotHead(nn.Module):
 
     def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * F.normalize(image_embeddings, dim=-1) @ self.class_embeddings.T
+
+    def save(self, directory: str | Path) -> None:
+        """zero_shot_head.safetensors (class embeddings) + zero_shot_head.json (scale, class names),
+        beside the tower's own files (mirror of `load`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"class_embeddings": self.class_embeddings.detach().cpu().contiguous()},
+                  str(directory / HEAD_WEIGHTS))
+        (directory / HEAD_CONFIG).write_text(json.dumps({"logit_scale": self.logit_scale,
+                                                          "class_names": self.class_names}, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "ZeroShotHead":
+        directory = Path(directory)
+        meta = json.loads((directory / HEAD_CONFIG).read_text())
+        emb = load_file(str(directory / HEAD_WEIGHTS), device=str(device))["class_embeddings"]
+        return cls(emb, meta["logit_scale"], meta["class_names"])
 
 
 @torch.no_grad()

@@ -167,7 +167,9 @@ def _load_timm(arch: str, weights: str | Path | None, kwargs: dict) -> HookedViT
     return HookedViT.from_timm(model)
 
 
-def _load_open_clip(arch: str, weights: str | Path | None, kwargs: dict) -> HookedViT:
+def create_open_clip(arch: str, weights: str | Path | None, kwargs: dict):
+    """The whole open_clip model (image and text towers): from a pretrained tag (online), a local
+    file (the whole model, or its image tower only), or "random"."""
     import open_clip
 
     if arch not in open_clip.list_models():
@@ -180,7 +182,7 @@ def _load_open_clip(arch: str, weights: str | Path | None, kwargs: dict) -> Hook
         if weights is None:
             raise ValueError(f"open_clip:{arch}: name a pretrained tag ({', '.join(tags) or 'none known'}) "
                              "or a local file: weights='/path/to/open_clip_model.safetensors'")
-        return HookedViT.from_open_clip(open_clip.create_model(arch, pretrained=str(weights), **kwargs).eval())
+        return open_clip.create_model(arch, pretrained=str(weights), **kwargs).eval()
     model = open_clip.create_model(arch, pretrained=None, **kwargs).eval()
     if str(weights) != "random":
         state = read_state_dict(weights)
@@ -188,7 +190,11 @@ def _load_open_clip(arch: str, weights: str | Path | None, kwargs: dict) -> Hook
             model.load_state_dict(state, strict=True)
         else:  # an image-tower-only checkpoint
             model.visual.load_state_dict(state, strict=True)
-    return HookedViT.from_open_clip(model)
+    return model
+
+
+def _load_open_clip(arch: str, weights: str | Path | None, kwargs: dict) -> HookedViT:
+    return HookedViT.from_open_clip(create_open_clip(arch, weights, kwargs))
 
 
 def load_model(
@@ -216,18 +222,18 @@ def load_model(
     raise _unknown(name, list_models())
 
 
-class TimmInput(NamedTuple):
-    """What a timm model expects, read from its module tree and pretrained config (no weights)."""
+class ModelInput(NamedTuple):
+    """What a timm or open_clip model expects, read from its module tree and configs (no weights)."""
 
     vit: ViTConfig
     """The HookedViT config it converts to (before normalisation is folded in)."""
     preprocessing: Preprocessing
-    """timm's eval transform: shorter side to floor(size / crop_pct), centre crop, its filter."""
+    """The library's eval transform: shorter side resized, centre crop, its filter."""
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
 
-def timm_input(arch: str, **model_kwargs: Any) -> TimmInput:
+def timm_input(arch: str, **model_kwargs: Any) -> ModelInput:
     import timm
     from timm.data import resolve_data_config
 
@@ -243,7 +249,7 @@ def timm_input(arch: str, **model_kwargs: Any) -> TimmInput:
     data = resolve_data_config({}, model=model)
     pre = Preprocessing(size=vit.image_size, resize=math.floor(vit.image_size / data.get("crop_pct", 1.0)),
                         interpolation=data.get("interpolation", "bicubic"))
-    return TimmInput(vit, pre, tuple(data["mean"]), tuple(data["std"]))
+    return ModelInput(vit, pre, tuple(data["mean"]), tuple(data["std"]))
 
 
 def check_timm_weights(arch: str, weights: str | Path, **model_kwargs: Any) -> None:
@@ -266,3 +272,20 @@ def check_timm_weights(arch: str, weights: str | Path, **model_kwargs: Any) -> N
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
             f"{len(shapes)} of another shape (e.g. {[(k, got[k], want[k]) for k in shapes[:2]]}): pass the "
             "weights of this architecture, or set model.name / model.kwargs to the checkpoint's")
+
+
+def open_clip_input(arch: str, **model_kwargs: Any) -> ModelInput:
+    import open_clip
+
+    from analysis.models.convert import open_clip_weights
+
+    if arch not in open_clip.list_models():
+        raise _unknown(f"open_clip:{arch}", list_models("open_clip"))
+    model = open_clip.create_model(arch, pretrained=None, device="meta", **model_kwargs)  # no weights
+    vit, _ = open_clip_weights(model)
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    if cfg.get("resize_mode", "shortest") != "shortest":
+        raise ValueError(f"open_clip:{arch} resizes with mode {cfg['resize_mode']!r}: only 'shortest' (resize the "
+                         "shorter side, centre crop) is supported")
+    pre = Preprocessing(size=vit.image_size, interpolation=cfg.get("interpolation", "bicubic"))
+    return ModelInput(vit, pre, tuple(cfg["mean"]), tuple(cfg["std"]))

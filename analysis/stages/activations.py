@@ -18,7 +18,7 @@ from analysis.ids import code_version
 from analysis.data.images import open_images
 from analysis.activations.reader import ActivationStore
 from analysis.paths import DataRoot
-from analysis.stages.model import load_model, vit_config
+from analysis.stages.model import load_tower, vit_config
 from analysis.stages.suite import SuiteSpec
 from analysis.activations.tokens import TokenSelection, select_tokens
 from analysis.models.vit import HookedViT
@@ -87,7 +87,7 @@ def extract(spec: SuiteSpec, root: DataRoot, shard: int, *, device: str = "cpu",
     stores = {hook: root.hook_store(spec.store_id, hook) for hook in spec.activations.hooks}
     if all(shard not in missing_shards(path) for path in stores.values()):
         return {"shard": shard, "skipped": True}
-    model = load_model(spec, root, device=device)
+    model = load_tower(spec, root, device=device)
     hooks = list(spec.activations.hooks)
     stop = stop_layer(hooks)
 

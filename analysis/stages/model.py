@@ -12,7 +12,8 @@ import torch
 from analysis.catalog import write_table_partition
 from analysis.data.images import open_images, read_labels
 from analysis.models.mouse import train_mouse
-from analysis.models.zoo import load_model as load_named_model
+from analysis.models.clip_zero_shot import ZeroShotClassifier, ZeroShotHead, zero_shot_head
+from analysis.models.zoo import create_open_clip, load_model as load_named_model
 from analysis.paths import DataRoot
 from analysis.stages.suite import SuiteSpec
 from analysis.models.vit import HookedViT, ViTConfig
@@ -27,8 +28,8 @@ def vit_config(spec: SuiteSpec) -> ViTConfig:
 def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progress: bool = True) -> dict:
     directory = root.model(spec.model_id)
     done = directory / RESULT_FILE
-    if not done.exists() and spec.model.kind == "timm":
-        _convert_timm(spec, root)
+    if not done.exists() and spec.model.kind != "mouse":
+        _convert(spec, root)
     elif not done.exists():
         images = open_images(root.images(spec.dataset_id))[...]
         labels = read_labels(root.images(spec.dataset_id))
@@ -53,21 +54,42 @@ def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progre
     return {**json.loads(done.read_text()), "path": str(directory)}
 
 
-def load_model(spec: SuiteSpec, root: DataRoot, device: str = "cpu") -> HookedViT:
-    return HookedViT.load(root.model(spec.model_id), device=device).eval()
-
-
-def _convert_timm(spec: SuiteSpec, root: DataRoot) -> None:
-    """The timm model as a HookedViT taking [0, 1] pixels (its normalisation folded in), saved."""
+def _convert(spec: SuiteSpec, root: DataRoot) -> None:
+    """The timm or open_clip model as a HookedViT taking [0, 1] pixels (its normalisation folded
+    in), saved; an open_clip model also gets its zero-shot head over the dataset's classes."""
     m = spec.model
-    source = m.timm_input()
+    source = m.model_input()
+    weights = None if m.weights_source() == "hub" and m.kind == "timm" else m.weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # weights="random" is reproducible
-        model = load_named_model(f"timm:{m.name}", None if m.weights == "pretrained" else m.weights, **m.kwargs)
+        if m.kind == "timm":
+            model, head = load_named_model(f"timm:{m.name}", weights, **m.kwargs), None
+        else:
+            import open_clip
+
+            clip = create_open_clip(m.name, weights, m.kwargs)
+            model = HookedViT.from_open_clip(clip)
+            head = zero_shot_head(clip, open_clip.get_tokenizer(m.name), spec.class_names(), m.templates)
     model = model.with_input_normalization(source.mean, source.std)
     directory = root.model(spec.model_id)
     model.save(directory)
+    if head is not None:
+        head.save(directory)
     summary = {"model_id": spec.model_id, "kind": m.kind, "name": m.name, "weights": m.weights,
                "kwargs": m.kwargs, "input_mean": list(source.mean), "input_std": list(source.std),
                "preprocessing": source.preprocessing.to_dict(), "weights_hash": model.weights_hash()}
     (directory / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def load_model(spec: SuiteSpec, root: DataRoot, device: str = "cpu") -> HookedViT | ZeroShotClassifier:
+    """The model evaluations splice into: the HookedViT, or for open_clip the tower under its
+    zero-shot head (logits over the dataset's classes)."""
+    tower = load_tower(spec, root, device)
+    if spec.model.kind != "open_clip":
+        return tower
+    return ZeroShotClassifier(tower, ZeroShotHead.load(root.model(spec.model_id), device)).eval()
+
+
+def load_tower(spec: SuiteSpec, root: DataRoot, device: str = "cpu") -> HookedViT:
+    """The HookedViT whose hooks the activation stores read."""
+    return HookedViT.load(root.model(spec.model_id), device=device).eval()

@@ -9,6 +9,7 @@ The dictionary sections and the members they expand into are in `analysis.stages
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -23,11 +24,12 @@ from analysis.data.sources import FolderSource, Listing, ParquetSource
 from analysis.models.inputs import Preprocessing
 from analysis.activations.tokens import TOKEN_SELECTIONS, select_tokens
 from analysis.models.vit import ViTConfig
-from analysis.models.zoo import TimmInput, timm_input
+from analysis.models.clip_zero_shot import DEFAULT_TEMPLATES
+from analysis.models.zoo import ModelInput, open_clip_input, timm_input
 from analysis.stages.members import CrosscoderGrid, DictionaryGrid, Member, TranscoderGrid, check_choice
 
 DATASET_SOURCES = ("shapes", "folder", "parquet")
-MODEL_KINDS = ("mouse", "timm")
+MODEL_KINDS = ("mouse", "timm", "open_clip")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -93,27 +95,37 @@ def _listing(source: FolderSource | ParquetSource) -> Listing:
 class ModelSpec:
     kind: str = "mouse"
     """`mouse`: a small ViT trained in the pipeline on the dataset's labels; `timm`: a timm
-    VisionTransformer (`name`, `weights`, `kwargs`), converted to a HookedViT."""
+    VisionTransformer; `open_clip`: a CLIP image tower with a zero-shot head over the dataset's
+    classes (both `name`, `weights`, `kwargs`; converted to a HookedViT)."""
     vit: dict = field(default_factory=dict)
     """mouse: overrides of analysis.models.vit.ViTConfig."""
     train: dict = field(default_factory=dict)
     """mouse: overrides of analysis.models.mouse.MouseTrainConfig (except `vit`)."""
     name: str | None = None
-    """timm: the model name, e.g. vit_base_patch16_224 (analysis.models.zoo.list_models)."""
+    """timm/open_clip: the model name, e.g. vit_base_patch16_224 or ViT-B-32
+    (analysis.models.zoo.list_models)."""
     weights: str = "random"
-    """timm: a local .safetensors/.pt/.pth file, `pretrained` (the hub; online only) or `random`
-    (initialised from seed 0: for tests and baselines)."""
+    """A local .safetensors/.pt/.pth file, `random` (initialised from seed 0: for tests and
+    baselines), or from the hub (online only): `pretrained` (timm) or a pretrained tag (open_clip)."""
     kwargs: dict = field(default_factory=dict)
-    """timm: keyword arguments of timm.create_model (e.g. img_size)."""
+    """Keyword arguments of timm.create_model / open_clip.create_model (e.g. img_size)."""
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    """open_clip: prompt templates of the zero-shot head, one "{}" each for the class name."""
 
     def __post_init__(self):
         check_choice("model kind", self.kind, MODEL_KINDS)
         if self.kind == "mouse" and (self.name or self.kwargs or self.weights != "random"):
             raise ValueError("model.name, model.weights and model.kwargs are for kind timm; the mouse is trained "
                              "here (configure it with model.vit and model.train)")
-        if self.kind == "timm" and (not self.name or self.vit or self.train):
-            raise ValueError("a timm model needs model.name (e.g. vit_base_patch16_224) and takes no model.vit or "
-                             "model.train: its architecture and weights are timm's")
+        if self.kind != "mouse" and (not self.name or self.vit or self.train):
+            raise ValueError(f"a {self.kind} model needs model.name (e.g. vit_base_patch16_224, ViT-B-32) and takes "
+                             "no model.vit or model.train: its architecture and weights are the library's")
+        if self.kind != "open_clip" and self.templates != DEFAULT_TEMPLATES:
+            raise ValueError("model.templates are the zero-shot prompts of an open_clip model")
+        bad = [t for t in self.templates if t.count("{}") != 1]
+        if bad or not self.templates:
+            raise ValueError(f"model.templates {bad or list(self.templates)}: each needs exactly one '{{}}' "
+                             "where the class name goes")
 
     def config(self, n_classes: int) -> MouseTrainConfig:
         """The mouse's full training config; the architecture starts from the mouse defaults."""
@@ -121,19 +133,33 @@ class ModelSpec:
         vit = construct(ViTConfig, {**vit_defaults, **self.vit, "n_classes": n_classes}, "model.vit")
         return construct(MouseTrainConfig, {**self.train, "vit": vit}, "model.train")
 
-    def timm_input(self) -> TimmInput:
-        return _timm_input(self.name, tuple(sorted(self.kwargs.items())))
+    def model_input(self) -> ModelInput:
+        """What the timm or open_clip model expects (config, preprocessing, normalisation)."""
+        return _model_input(self.kind, self.name, json.dumps(self.kwargs, sort_keys=True))
 
-    def model_id(self, dataset_id: str, n_classes: int) -> str:
+    def weights_source(self) -> str:
+        """`random`, `hub` (timm's `pretrained`, an open_clip pretrained tag) or `file`."""
+        if self.weights == "random":
+            return "random"
+        if self.kind == "timm":
+            return "hub" if self.weights == "pretrained" else "file"
+        import open_clip
+
+        return "hub" if self.weights in open_clip.list_pretrained_tags_by_model(self.name) else "file"
+
+    def model_id(self, dataset_id: str, class_names: list[str]) -> str:
         if self.kind == "mouse":  # trained on the dataset, so its id chains from it
-            return content_id(self.kind, {"config": self.config(n_classes).to_dict(), "dataset": dataset_id})
-        weights = self.weights if self.weights in ("random", "pretrained") else _file_sha256(self.weights)
-        return content_id(self.kind, {"name": self.name, "kwargs": self.kwargs, "weights": weights})
+            return content_id(self.kind, {"config": self.config(len(class_names)).to_dict(), "dataset": dataset_id})
+        weights = _file_sha256(self.weights) if self.weights_source() == "file" else self.weights
+        payload = {"name": self.name, "kwargs": self.kwargs, "weights": weights}
+        if self.kind == "open_clip":  # its head is built from the dataset's class names
+            payload |= {"templates": list(self.templates), "class_names": list(class_names)}
+        return content_id(self.kind, payload)
 
 
 @lru_cache(maxsize=8)
-def _timm_input(name: str, kwargs: tuple) -> TimmInput:
-    return timm_input(name, **dict(kwargs))
+def _model_input(kind: str, name: str, kwargs_json: str) -> ModelInput:
+    return (timm_input if kind == "timm" else open_clip_input)(name, **json.loads(kwargs_json))
 
 
 @lru_cache(maxsize=8)
@@ -217,30 +243,30 @@ class SuiteSpec:
 
     @property
     def model_id(self) -> str:
-        return self.model.model_id(self.dataset_id, len(self.class_names()))
+        return self.model.model_id(self.dataset_id, self.class_names())
 
     def model_config(self) -> MouseTrainConfig:
         return self.model.config(len(self.class_names()))
 
     def vit_config(self) -> ViTConfig:
         """The architecture of the suite's model (the mouse's, or the timm model's)."""
-        return self.model.timm_input().vit if self.model.kind == "timm" else self.model_config().vit
+        return self.model_config().vit if self.model.kind == "mouse" else self.model.model_input().vit
 
     @property
     def downstream(self) -> str:
         """What evaluations splice against: `labels` (CE and accuracy on the dataset's labels, which
-        the mouse's head predicts) or `kl` (the clean output distribution: a pretrained head's
-        classes are not the dataset's)."""
-        return "labels" if self.model.kind == "mouse" else "kl"
+        the mouse's head and open_clip's zero-shot head predict) or `kl` (the clean output
+        distribution: a timm head's classes are not the dataset's)."""
+        return "kl" if self.model.kind == "timm" else "labels"
 
     def class_names(self) -> list[str]:
-        """The dataset's classes; the mouse learns them, so then every image must have one."""
+        """The dataset's classes; where evaluations score labels, every image must have one."""
         names = self.dataset.class_names()
-        if self.dataset.source != "shapes" and self.model.kind == "mouse":
+        if self.dataset.source != "shapes" and self.downstream == "labels":
             listing = self.dataset.listing()  # a missing folder, label file or column fails here
             if listing.n_unlabelled or len(names) < 2:
                 raise ValueError(
-                    f"the mouse model learns to classify the dataset's images, but this {self.dataset.source} "
+                    f"a {self.model.kind} model is scored on the dataset's labels, but this {self.dataset.source} "
                     f"source has {len(names)} classes and {listing.n_unlabelled} unlabelled images: give every "
                     "image a label (sub-folders or a label file), with at least two classes")
         return names
@@ -248,8 +274,8 @@ class SuiteSpec:
     def preprocessing(self) -> Preprocessing:
         """How a source's decoded images become the model's input: timm's eval transform, or the
         mouse's size and channels."""
-        if self.model.kind == "timm":
-            return self.model.timm_input().preprocessing
+        if self.model.kind != "mouse":
+            return self.model.model_input().preprocessing
         vit = self.model.config(1).vit  # the class count changes no input
         return Preprocessing(size=vit.image_size, channels=vit.in_chans)
 

@@ -12,10 +12,12 @@ from analysis.stages.suite import SuiteSpec
 def validate_suite(spec: SuiteSpec) -> None:
     """Raise ValueError/TypeError naming the bad value; returns None when the suite can run."""
     vit = vit_config(spec)  # builds the dataset and model configs, checking every override key
-    if spec.model.kind == "timm" and spec.model.weights == "pretrained" and not hub_reachable():
-        raise ValueError(f"model.weights: pretrained needs the hub, which is unreachable (offline or HF_HUB_OFFLINE=1): "
-                         f"set model.weights to a local .safetensors/.pt/.pth file of timm:{spec.model.name}")
-    if spec.model.kind == "timm" and spec.model.weights not in ("random", "pretrained"):
+    weights = None if spec.model.kind == "mouse" else spec.model.weights_source()
+    if weights == "hub" and not hub_reachable():
+        raise ValueError(f"model.weights: {spec.model.weights} needs the hub, which is unreachable (offline or "
+                         f"HF_HUB_OFFLINE=1): set model.weights to a local .safetensors/.pt/.pth file of "
+                         f"{spec.model.kind}:{spec.model.name}")
+    if weights == "file" and spec.model.kind == "timm":
         check_timm_weights(spec.model.name, spec.model.weights, **spec.model.kwargs)
     check_hooks(spec)
     store_layout(spec)
