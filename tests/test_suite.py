@@ -125,3 +125,16 @@ def test_bad_transcoder_grids_fail_before_any_work(transcoders, message):
     hooks = ["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]
     with pytest.raises(ValueError, match=message):
         validate_suite(parse_suite({"name": "bad", "activations": {"hooks": hooks}, "transcoders": transcoders}))
+
+
+@pytest.mark.parametrize("name, missing", [("clip_folder", "/path/to/images"),
+                                           ("dinov2_parquet", "/path/to/")])
+def test_example_suites_parse_and_name_the_paths_to_set(name, missing):
+    """The example suites for real models are valid YAML with every key known; only their
+    placeholder paths stop them, and the error names the path to set."""
+    from analysis.stages.validate import validate_suite
+
+    spec = load_suite(Path(__file__).parents[1] / "pipelines" / "suites" / f"{name}.yaml")
+    assert spec.members() and spec.vit_config().d_model in (384, 768)
+    with pytest.raises((ValueError, FileNotFoundError), match=missing):
+        validate_suite(spec)
