@@ -238,3 +238,27 @@ def test_timm_weights_are_checked_before_any_work_and_hashed_into_the_id(photo_f
                      "model": {"kind": "timm"}})
     with pytest.raises(ValueError, match="unknown model 'timm:vit_tiny_patch16_2244'.*vit_tiny_patch16_224"):
         suite(name="vit_tiny_patch16_2244")
+
+
+def test_a_saved_hookedvit_directory_is_a_model_kind(timm_run, photo_folder, tmp_path):
+    timm_spec, timm_root = timm_run
+    saved = timm_root.model(timm_spec.model_id)
+    spec = parse_suite({
+        "name": "photos_file",
+        "dataset": {"source": "folder", "params": {"path": str(photo_folder), "eval_fraction": 0.25}},
+        "model": {"kind": "file", "name": str(saved)},
+        "activations": {"hooks": [HOOK], "images_per_shard": 64, "images_per_chunk": 16, "batch_size": 16},
+        "dictionaries": {"hooks": [HOOK], "architectures": ["topk"], "expansions": [2], "ks": [8], "seeds": [0],
+                         "train": {"batch_size": 256, "n_train_tokens": 4096, "warmup_steps": 2}},
+        "evaluation": {"max_images": 32, "n_top": 4, "batch_images": 16},
+    })
+    assert spec.preprocessing().size == 64 and spec.downstream == "kl"
+    validate_suite(spec)
+    run_suite(spec, tmp_path / "data", instance=dg.DagsterInstance.ephemeral(), log=lambda _: None)
+    root = DataRoot(tmp_path / "data")
+    assert load_model(spec, root).weights_hash() == load_model(timm_spec, timm_root).weights_hash()
+    con = connect_catalog(root.catalog)
+    assert con.execute("SELECT downstream FROM evaluations").fetchall() == [("kl",)]
+    with pytest.raises(ValueError, match="not a HookedViT directory"):
+        parse_suite({"name": "x", "dataset": {"source": "folder", "params": {"path": str(photo_folder)}},
+                     "model": {"kind": "file", "name": str(tmp_path)}})

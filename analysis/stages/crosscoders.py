@@ -29,7 +29,8 @@ from analysis.paths import DataRoot
 from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.stages.members import CrosscoderMember
-from analysis.stages.suite import SuiteSpec, construct
+from analysis.stages.parsing import construct
+from analysis.stages.suite import SuiteSpec
 from analysis.dictionaries.training.loop import TrainResult
 from analysis.dictionaries.training.crosscoder import CrosscoderTrainConfig, train_crosscoder
 

@@ -7,21 +7,13 @@ field added, removed or renamed here changes every id of that kind.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
 
 from analysis.dictionaries.config import ARCHITECTURES, K_ARCHITECTURES, PENALTY_ARCHITECTURES
 from analysis.dictionaries.crosscoder import CROSSCODER_ARCHITECTURES
-
-
-def check_choice(what: str, value, valid) -> None:
-    """Refuse a name not in `valid`, listing the valid ones (and the closest, for a typo)."""
-    if value not in valid:
-        close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown {what} {value!r}{hint}; valid: {', '.join(map(str, valid))}")
+from analysis.stages.parsing import check_choice
 
 
 def short_hook(hook: str) -> str:

@@ -4,6 +4,7 @@ either)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +60,13 @@ def _convert(spec: SuiteSpec, root: DataRoot) -> None:
     in), saved; an open_clip model also gets its zero-shot head over the dataset's classes."""
     m = spec.model
     source = m.model_input()
+    directory = root.model(spec.model_id)
+    if m.kind == "file":
+        model = HookedViT.load(Path(m.name).expanduser())
+        model.save(directory)
+        summary = {"model_id": spec.model_id, "kind": m.kind, "name": m.name, "weights_hash": model.weights_hash()}
+        (directory / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+        return
     weights = None if m.weights_source() == "hub" and m.kind == "timm" else m.weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # weights="random" is reproducible
@@ -71,7 +79,6 @@ def _convert(spec: SuiteSpec, root: DataRoot) -> None:
             model = HookedViT.from_open_clip(clip)
             head = zero_shot_head(clip, open_clip.get_tokenizer(m.name), spec.class_names(), m.templates)
     model = model.with_input_normalization(source.mean, source.std)
-    directory = root.model(spec.model_id)
     model.save(directory)
     if head is not None:
         head.save(directory)

@@ -26,7 +26,8 @@ from analysis.paths import DataRoot
 from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.stages.members import SAEMember
-from analysis.stages.suite import SuiteSpec, construct
+from analysis.stages.parsing import construct
+from analysis.stages.suite import SuiteSpec
 
 
 def train_config(spec: SuiteSpec, member: SAEMember, d_in: int) -> SAETrainConfig:
