@@ -199,3 +199,26 @@ def test_preprocessing_resizes_the_short_side_then_crops_the_centre():
     assert gray.shape == (30, 30, 1)
     with pytest.raises(ValueError, match="resize"):
         Preprocessing(size=30, resize=20)
+
+
+def test_a_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from analysis.data.sources import HFSource
+
+    photos = [skdata.camera(), skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["b", "a"])})
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in photos], "label": [0, 1, 1, 0]},
+                                    features=features)
+    ds.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": ds, "validation": ds.select([1])}).save_to_disk(str(tmp_path / "dict"))
+    listing, report = _ingest(HFSource(str(tmp_path / "single")), tmp_path / "ds", eval_fraction=0.5)
+    assert listing.n_entries == 4 and listing.class_names == ("a", "b") and listing.n_unlabelled == 0
+    rows = pq.read_table(tmp_path / "ds" / "labels.parquet").to_pylist()
+    assert [r["label"] for r in rows] == [1, 0, 0, 1]  # ClassLabel "b", "a", "a", "b" in sorted class order
+    images = zarr.open_array(str(tmp_path / "ds" / "images.zarr"), mode="r")
+    assert_array_equal(images[1], PRE.apply(skdata.astronaut()))  # the saved PNG bytes, decoded once
+    assert HFSource(str(tmp_path / "dict"), split="validation").listing().n_entries == 1
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['train', 'validation'\]"):
+        HFSource(str(tmp_path / "dict")).listing()
+    with pytest.raises(ValueError, match="save_to_disk"):  # a hub name: no network here, and no hang
+        HFSource("user/some-dataset").listing()

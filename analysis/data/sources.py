@@ -1,4 +1,5 @@
-"""Where images come from: a folder of files or Parquet files of encoded images.
+"""Where images come from: a folder of files, Parquet files of encoded images, or a Hugging Face
+dataset saved to disk.
 
 A source is listed cheaply first (paths, sizes, labels), so the suite can name its classes and
 derive the dataset id before any image is decoded; `entries` then yields one `Entry` per image
@@ -230,4 +231,83 @@ class ParquetSource:
                     if label is not None:
                         label = hf[label] if hf and isinstance(label, int) else str(label)
                     yield Entry(f"{path.name}#{row}", lambda data=data: data, label, {})
+                    row += 1
+
+
+# ---- Hugging Face datasets -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """A dataset written by `datasets.save_to_disk` (a folder; a DatasetDict's folder with `split`),
+    read with pyarrow from its Arrow files, memory-mapped, batch by batch: the `datasets` package
+    is not needed. Images are the `{bytes, path}` struct of the datasets Image feature; integer
+    labels are named by its ClassLabel."""
+
+    path: str
+    """The save_to_disk folder."""
+    split: str | None = None
+    """A DatasetDict's split (its sub-folder); None for a single saved Dataset."""
+    image_column: str = "image"
+    label_column: str | None = "label"
+
+    def _folder(self) -> Path:
+        folder = Path(self.path).expanduser()
+        if not folder.is_dir():
+            raise ValueError(
+                f"{self.path!r} is not a dataset folder: a hub dataset is read from a local copy, so save it "
+                "where there is network with `datasets.load_dataset(name, split=...).save_to_disk(folder)` and "
+                "set dataset.params.path to that folder")
+        if (folder / "dataset_dict.json").exists():
+            splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+            if self.split not in splits:
+                raise ValueError(f"{self.path} is a DatasetDict with splits {splits}: set dataset.params.split "
+                                 f"(got {self.split!r})")
+            folder = folder / self.split
+        if not (folder / "state.json").exists():
+            raise ValueError(f"{folder} has no state.json: expected a folder written by datasets' save_to_disk")
+        return folder
+
+    def _files(self) -> tuple[list[Path], dict]:
+        folder = self._folder()
+        state = json.loads((folder / "state.json").read_text())
+        features = json.loads((folder / "dataset_info.json").read_text()).get("features", {})
+        for col in (self.image_column, self.label_column):
+            if col is not None and col not in features:
+                raise ValueError(f"dataset {folder} has no column {col!r} (columns: {sorted(features)}): set "
+                                 "image_column / label_column")
+        return [folder / f["filename"] for f in state["_data_files"]], features
+
+    def _names(self, features: dict) -> list[str] | None:
+        return features.get(self.label_column, {}).get("names") if self.label_column else None
+
+    def listing(self) -> Listing:
+        files, features = self._files()
+        n, unlabelled, labels = 0, 0, set()
+        for path in files:
+            for batch in pa.ipc.open_stream(pa.memory_map(str(path))):  # headers only: no image is read
+                n += batch.num_rows
+                if self.label_column is None:
+                    unlabelled += batch.num_rows
+                    continue
+                col = batch.column(self.label_column)
+                unlabelled += col.null_count
+                labels |= {str(v) for v in col.to_pylist() if v is not None}
+        names = self._names(features)
+        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return Listing(n, tuple(sorted(names if names else labels)), unlabelled, _digest(stats))
+
+    def entries(self) -> Iterator[Entry]:
+        files, features = self._files()
+        names = self._names(features)
+        row = 0
+        for path in files:
+            for batch in pa.ipc.open_stream(pa.memory_map(str(path))):
+                images = batch.column(self.image_column).to_pylist()
+                labels = batch.column(self.label_column).to_pylist() if self.label_column else [None] * len(images)
+                for cell, label in zip(images, labels):
+                    data = _image_bytes(cell) or b""
+                    if label is not None:
+                        label = names[label] if names and isinstance(label, int) else str(label)
+                    yield Entry(f"{path.parent.name}#{row}", lambda data=data: data, label, {})
                     row += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from analysis.data.ingest import IngestConfig
 from analysis.data.shapes import ShapesConfig
-from analysis.data.sources import FolderSource, Listing, ParquetSource
+from analysis.data.sources import FolderSource, HFSource, Listing, ParquetSource
 from analysis.ids import content_id
 from analysis.models.clip_zero_shot import DEFAULT_TEMPLATES
 from analysis.models.inputs import Preprocessing
@@ -25,7 +25,7 @@ from analysis.models.vit import CONFIG_FILE, ViTConfig
 from analysis.models.zoo import ModelInput, open_clip_input, timm_input
 from analysis.stages.parsing import check_choice, construct
 
-DATASET_SOURCES = ("shapes", "folder", "parquet")
+DATASET_SOURCES = ("shapes", "folder", "parquet", "hf")
 MODEL_KINDS = ("mouse", "timm", "open_clip", "file")
 
 
@@ -33,19 +33,20 @@ MODEL_KINDS = ("mouse", "timm", "open_clip", "file")
 class DatasetSpec:
     source: str = "shapes"
     """Where the images come from; see DATASET_SOURCES: `shapes` (generated here), `folder` (a
-    directory of images, analysis.data.sources.FolderSource), `parquet` (ParquetSource)."""
+    directory of images, analysis.data.sources.FolderSource), `parquet` (ParquetSource), `hf` (a
+    Hugging Face dataset saved to disk, HFSource)."""
     params: dict = field(default_factory=dict)
-    """Overrides of the source's config (ShapesConfig fields; FolderSource or ParquetSource fields
-    plus IngestConfig's eval_fraction, seed and workers)."""
+    """Overrides of the source's config (ShapesConfig fields; the source class's fields plus
+    IngestConfig's eval_fraction, seed and workers)."""
 
     def __post_init__(self):
         check_choice("dataset source", self.source, DATASET_SOURCES)
 
-    def config(self) -> ShapesConfig | tuple[FolderSource | ParquetSource, IngestConfig]:
+    def config(self) -> ShapesConfig | tuple[FolderSource | ParquetSource | HFSource, IngestConfig]:
         """The source's full config: code defaults with this spec's overrides."""
         if self.source == "shapes":
             return construct(ShapesConfig, self.params, "dataset.params")
-        cls = FolderSource if self.source == "folder" else ParquetSource
+        cls = {"folder": FolderSource, "parquet": ParquetSource, "hf": HFSource}[self.source]
         ingest_keys = {f.name for f in fields(IngestConfig)}
         valid = [f.name for f in fields(cls)] + sorted(ingest_keys)
         for key in self.params:
@@ -83,7 +84,7 @@ class DatasetSpec:
 
 
 @lru_cache(maxsize=8)
-def _listing(source: FolderSource | ParquetSource) -> Listing:
+def _listing(source: FolderSource | ParquetSource | HFSource) -> Listing:
     return source.listing()
 
 
