@@ -16,7 +16,7 @@ def shard_partitions(spec: SuiteSpec) -> dg.StaticPartitionsDefinition:
 def activation_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     # code_version names the store format these assets write: a format change bumps it, so Dagster
     # marks stores written in another format stale
-    @dg.asset(name="activation_layout", group_name="activations", code_version="2", deps=["mouse_model"],
+    @dg.asset(name="activation_layout", group_name="activations", code_version="2", deps=["model"],
               kinds={"zarr"}, description="Creates every hook's Zarr arrays once, before the shards fill them.")
     def activation_layout(storage: StorageResource) -> dg.MaterializeResult:
         summary = ensure_layout(spec, storage.data_root())

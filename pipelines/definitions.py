@@ -44,7 +44,7 @@ def default_resources(root: str | None = None) -> dict:
 
 
 JOB_SELECTIONS = {
-    "prepare_job": ["images", "mouse_model", "activation_layout"],
+    "prepare_job": ["images", "model", "activation_layout"],
     "extract_job": ["activations"],
     "stats_job": ["activation_stats"],
     "dictionary_job": ["dictionaries", "evaluations", "features"],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from analysis.stages.activations import store_bytes
 from analysis.stages.report import format_summary, suite_evaluations
 from analysis.stages.validate import validate_suite
 from analysis.stages.suite import SuiteSpec
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spectra: {err}", file=sys.stderr)
         return 2
     prepare_dagster_home(root)
+    print(f"spectra: suite {spec.name!r}, activation stores of about {store_bytes(spec) / 1e9:.2f} GB "
+          f"(limit activations.max_store_gb={spec.activations.max_store_gb:g})")
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()
     timings = run_suite(spec, root)

@@ -10,7 +10,7 @@ def test_definitions_load_with_every_asset_job_and_schedule():
     from pipelines.definitions import JOB_SELECTIONS, defs
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {"images", "mouse_model", "activation_layout", "activations", "activation_stats",
+    assert keys == {"images", "model", "activation_layout", "activations", "activation_stats",
                     "dictionaries", "evaluations", "features", "catalog", "report"}
     for name in JOB_SELECTIONS:
         assert defs.resolve_job_def(name) is not None
@@ -60,7 +60,7 @@ def test_cli_rejects_bad_input_before_any_work_in_one_line(tmp_path):
     bad_suite = tmp_path / "bad.yaml"
     bad_suite.write_text("name: bad\nactivations:\n  hooks: [blocks.7.hook_resid_post]\n")
     for args, message in [
-        (["--suite", "nope", "--root", str(tmp_path / "a")], "unknown suite 'nope'; valid: default"),
+        (["--suite", "nope", "--root", str(tmp_path / "a")], "unknown suite 'nope'; valid: clip_folder, default, dinov2_parquet"),
         (["--suite", str(bad_suite), "--root", str(tmp_path / "b")], "blocks.0.hook_resid_post"),
         (["--root", str(tmp_path / "file" / "data")], str(tmp_path / "file")),
     ]:

@@ -20,7 +20,7 @@ from analysis.stages.suite import load_suite
 from pipelines.run import run_suite
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"
-UNPARTITIONED = ["images", "mouse_model", "activation_layout", "activation_stats", "catalog", "report"]
+UNPARTITIONED = ["images", "model", "activation_layout", "activation_stats", "catalog", "report"]
 
 
 @pytest.fixture(scope="module")

@@ -138,3 +138,21 @@ def test_example_suites_parse_and_name_the_paths_to_set(name, missing):
     assert spec.members() and spec.vit_config().d_model in (384, 768)
     with pytest.raises((ValueError, FileNotFoundError), match=missing):
         validate_suite(spec)
+
+
+def test_a_suite_over_its_store_size_limit_is_refused_naming_the_size():
+    from analysis.stages.activations import store_bytes
+    from analysis.stages.validate import validate_suite
+
+    spec = load_suite(TINY)
+    assert store_bytes(spec) == 800 * 18 * 32 * 2 * 4  # images x tokens (CLS, register, 16) x d x fp16 x hooks
+    small = parse_suite({**_raw_tiny(), "activations": {**_raw_tiny()["activations"], "max_store_gb": 0.001}})
+    assert small.store_id == spec.store_id  # the limit changes no stored value
+    with pytest.raises(ValueError, match=r"would take 0.00369 GB .* over activations.max_store_gb=0.001"):
+        validate_suite(small)
+
+
+def _raw_tiny() -> dict:
+    import yaml
+
+    return {"name": "tiny", **{k: v for k, v in yaml.safe_load(TINY.read_text()).items() if k != "name"}}

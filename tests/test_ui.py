@@ -45,7 +45,7 @@ def test_webserver_serves_the_asset_graph_and_stops(tmp_path):
         query = "{ assetNodes { assetKey { path } } }"
         nodes = requests.post(f"{url}/graphql", json={"query": query}, timeout=30).json()["data"]["assetNodes"]
         names = {"/".join(n["assetKey"]["path"]) for n in nodes}
-        assert {"images", "mouse_model", "activations", "dictionaries", "evaluations", "catalog"} <= names
+        assert {"images", "model", "activations", "dictionaries", "evaluations", "catalog"} <= names
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

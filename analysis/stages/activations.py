@@ -43,6 +43,25 @@ def store_layout(spec: SuiteSpec, n_images: int | None = None) -> StoreLayout:
     )
 
 
+def store_bytes(spec: SuiteSpec, n_images: int | None = None) -> int:
+    """Bytes the suite's activation stores take: images x tokens x d x dtype size x hooks."""
+    layout = store_layout(spec, n_images)
+    item = 4 if spec.activations.dtype == "float32" else 2
+    return layout.n_images * layout.n_tokens * layout.d_model * item * len(spec.activations.hooks)
+
+
+def check_store_size(spec: SuiteSpec) -> None:
+    """Refuse, before any work, stores larger than `activations.max_store_gb`, saying what shrinks them."""
+    gb = store_bytes(spec) / 1e9
+    if gb > spec.activations.max_store_gb:
+        layout = store_layout(spec)
+        raise ValueError(
+            f"the activation stores would take {gb:.3g} GB ({layout.n_images} images x {layout.n_tokens} tokens x "
+            f"d {layout.d_model} x {len(spec.activations.hooks)} hooks, {spec.activations.dtype}), over "
+            f"activations.max_store_gb={spec.activations.max_store_gb:g}: keep fewer tokens (activations.tokens: "
+            "cls), fewer hooks or images, or raise max_store_gb")
+
+
 def check_hooks(spec: SuiteSpec) -> None:
     """Unknown hook names fail before any work, listing the valid ones."""
     HookedViT(vit_config(spec)).check_hook_names(list(spec.activations.hooks))
@@ -78,6 +97,7 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
         if "code_version" not in group.attrs:
             group.attrs["code_version"] = code_version()
     return {"store_id": spec.store_id, "path": str(root.store(spec.store_id)), "n_shards": layout.n_shards,
+            "store_gb": round(store_bytes(spec, layout.n_images) / 1e9, 3),
             "n_images": layout.n_images, "n_tokens": layout.n_tokens, "d_model": layout.d_model,
             "tokens": spec.activations.tokens, "token_groups": token_selection(spec).groups.to_dict(),
             "hooks": list(spec.activations.hooks)}

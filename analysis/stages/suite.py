@@ -44,6 +44,9 @@ class ActivationSpec:
     compute_dtype: str = "float32"
     """Forward-pass precision: float32, or bfloat16/float16 autocast. It changes the stored values,
     so it is part of the suite (and of the store id), not of the compute resource."""
+    max_store_gb: float = 200.0
+    """A suite whose stores (images x tokens x d x bytes x hooks) would exceed this is refused
+    before any work; raise it deliberately for a larger run."""
 
     def __post_init__(self):
         check_choice("activation dtype", self.dtype, STORE_DTYPES)
@@ -58,7 +61,8 @@ class ActivationSpec:
             raise ValueError("activations.hooks is empty: list at least one hook point")
 
     def store_id(self, model_id: str, dataset_id: str) -> str:
-        payload = {k: v for k, v in asdict(self).items() if k != "batch_size"}  # batch size changes no value
+        # neither the batch size nor the size limit changes a stored value
+        payload = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "max_store_gb")}
         return content_id("acts", {"spec": payload, "model": model_id, "dataset": dataset_id})
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from analysis.stages.activations import check_hooks, store_layout
+from analysis.stages.activations import check_hooks, check_store_size
 from analysis.stages.dictionaries import member_train_config
 from analysis.models.zoo import check_timm_weights, hub_reachable
 from analysis.stages.model import vit_config
@@ -20,6 +20,6 @@ def validate_suite(spec: SuiteSpec) -> None:
     if weights == "file" and spec.model.kind == "timm":
         check_timm_weights(spec.model.name, spec.model.weights, **spec.model.kwargs)
     check_hooks(spec)
-    store_layout(spec)
+    check_store_size(spec)  # also checks the shard and chunk sizes
     for member in spec.members():
         member_train_config(spec, member, vit.d_model)  # names an unknown key, checks k <= width

@@ -1,0 +1,142 @@
+"""From a folder of JPEGs to stored activations, against a bare forward on decoded tensors.
+
+The pipeline decodes a folder once (`ingest`: decode, the model's eval transform, whole-chunk
+Zarr writes, on a thread pool) and then extracts from the stored pixels (`extract_shard`). Same
+run, interleaved repeats, same model (a timm ViT converted to a HookedViT, random weights) and
+batch size:
+
+    decode_w<k>   ingest the folder with k decoding threads          (images/s against k)
+    extract       extract_shard from the ingested images into fresh stores
+    bare          model(x) on the same images already decoded, preprocessed and in memory
+
+and the end-to-end ratio bare ÷ (ingest with the most threads + extract): 1.0 means decoding and
+storing cost nothing beside the forward pass. Writes benchmarks/results/folder_ingest.json.
+
+    python benchmarks/bench_folder_ingest.py [--model vit_small_patch16_224] [--images 256] [--repeats 3] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from analysis.activations.extract import extract_shard
+from analysis.activations.store import StoreLayout, create_store
+from analysis.data.images import open_images
+from analysis.data.ingest import ingest
+from analysis.data.sources import FolderSource
+from analysis.models.inputs import to_model_input
+from analysis.models.zoo import load_model, timm_input
+
+
+def make_folder(root: Path, n: int) -> None:
+    """n JPEGs of ImageNet-like size (about 500 x 375): random crops of scikit-image's photos."""
+    rng = np.random.default_rng(0)
+    photos = [skdata.chelsea(), skdata.astronaut(), skdata.coffee(), skdata.rocket()]
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = min(375, photo.shape[0]), min(500, photo.shape[1])
+        y, x = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
+        buf = io.BytesIO()
+        Image.fromarray(photo[y:y + h, x:x + w]).save(buf, "JPEG", quality=90)
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / f"class{i % 2}" / f"{i:05d}.jpg").write_bytes(buf.getvalue())
+
+
+def time_ingest(folder: Path, out: Path, pre, workers: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    source = FolderSource(str(folder))
+    listing = source.listing()
+    t0 = time.perf_counter()
+    ingest(source.entries(), listing.n_entries, pre, out, class_names=listing.class_names, workers=workers,
+           progress=False)
+    return time.perf_counter() - t0
+
+
+def time_extract(model, images, hook: str, work: Path, batch: int, n_tokens: int) -> float:
+    shutil.rmtree(work, ignore_errors=True)
+    n = images.shape[0]
+    layout = StoreLayout(n_images=n, n_tokens=n_tokens, d_model=model.cfg.d_model, images_per_shard=n,
+                         images_per_chunk=64 if n % 64 == 0 else n, dtype="float16")
+    stores = {hook: work / "store.zarr"}
+    create_store(stores[hook], layout, {"bench": "folder_ingest"})
+    stop = int(hook.split(".")[1]) + 1
+
+    def capture(x):
+        _, cache = model.run_with_cache(x, names_filter=[hook], stop_at_layer=stop)
+        return {hook: cache[hook].float()}
+
+    t0 = time.perf_counter()
+    extract_shard(capture, images, stores, 0, batch_size=batch, progress=False)
+    return time.perf_counter() - t0
+
+
+def time_bare(model, decoded: torch.Tensor, batch: int) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, decoded.shape[0], batch):
+            model(decoded[i:i + batch])
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "folder_ingest.json"))
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    source = timm_input(args.model)
+    torch.manual_seed(0)
+    model = load_model(f"timm:{args.model}", "random").with_input_normalization(source.mean, source.std).eval()
+    hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    runs: dict[str, list[float]] = {f"decode_w{k}": [] for k in args.workers} | {"extract": [], "bare": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_folder(tmp / "jpegs", args.images)
+        for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
+            for k in args.workers:
+                runs[f"decode_w{k}"].append(args.images / time_ingest(tmp / "jpegs", tmp / "ds", source.preprocessing, k))
+            images = open_images(tmp / "ds")
+            decoded = to_model_input(images[...])
+            runs["extract"].append(args.images / time_extract(model, images, hook, tmp / "acts", args.batch_size,
+                                                              model.cfg.n_tokens))
+            runs["bare"].append(args.images / time_bare(model, decoded, args.batch_size))
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    most = f"decode_w{max(args.workers)}"
+    per_repeat = [1 / (1 / d + 1 / e) / b for d, e, b in zip(runs[most], runs["extract"], runs["bare"])]
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "pillow": PIL.__version__},
+        "args": vars(args), "images_per_s": runs, "median_images_per_s": med,
+        # per-repeat ratios of neighbouring runs, then their median: robust to drift between repeats
+        "ratio_folder_to_store_over_bare": statistics.median(per_repeat),
+        "ratio_extract_over_bare": statistics.median(e / b for e, b in zip(runs["extract"], runs["bare"])),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "images_per_s")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
