@@ -204,6 +204,8 @@ def test_a_timm_suite_scores_against_the_clean_output_distribution(timm_run):
     assert downstream == "kl" and ce is None  # ImageNet logits say nothing about cat vs astronaut labels
     assert 0 <= kl_spliced < kl_ablated and gap == kl_ablated
     assert recovered == pytest.approx((kl_ablated - kl_spliced) / kl_ablated) and 0 < fvu < 1
+    cos_spliced, cos_ablated = con.execute("SELECT cos_spliced, cos_ablated FROM evaluations").fetchone()
+    assert cos_ablated < cos_spliced <= 1  # the spliced embedding stays closer to the clean one
     store = ActivationStore.open(root.hook_store(spec.store_id, HOOK))
     assert store.n_tokens == 17 and store.d_model == 192
 

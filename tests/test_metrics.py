@@ -313,3 +313,27 @@ def test_splice_and_ablation_touch_only_the_dictionarys_token_positions(position
     mc = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, identity, layers, positions=positions),
                                     layers, batches, positions=positions)
     assert mc.ce_spliced == pytest.approx(mc.ce_clean, abs=1e-6) and mc.ablation_gap > 0
+
+
+def test_embedding_cosine_against_a_direct_computation():
+    """cos_spliced / cos_ablated: the mean cosine of hook_pooled (what the head reads) between the
+    clean pass and the spliced / zero-ablated one, per image."""
+    from analysis.models.vit import HookedViT, ViTConfig
+
+    torch.manual_seed(0)
+    model = HookedViT(ViTConfig(image_size=16, patch_size=8, in_chans=3, d_model=16, n_layers=2, n_heads=2,
+                                d_mlp=32, n_classes=4)).eval()
+    x, labels = torch.rand(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    hook = "blocks.0.hook_resid_post"
+    identity = downstream_metrics(model, _StubSAE(lambda a: a), hook, [(x, labels)])
+    assert identity.cos_spliced == pytest.approx(1.0) and identity.loss_recovered == pytest.approx(1.0)
+    halved = downstream_metrics(model, _StubSAE(lambda a: a / 2), hook, [(x[:4], labels[:4]), (x[4:], labels[4:])])
+    seen = {}
+    with torch.no_grad():
+        _, clean = model.run_with_cache(x, names_filter=["hook_pooled"])
+        model.run_with_hooks(x, fwd_hooks=[(hook, lambda a, hook: a / 2),  # the spliced pass, read directly
+                                           ("hook_pooled", lambda a, hook: seen.setdefault("p", a.detach()))])
+    want = F.cosine_similarity(clean["hook_pooled"].double(), seen["p"].double(), dim=-1).mean()
+    assert halved.cos_spliced == pytest.approx(float(want), rel=1e-6) and -1 <= halved.cos_ablated <= 1
+    no_pooled_hook = downstream_metrics(TinyHookedModel(), _StubSAE(lambda a: a), "mid", _image_batches())
+    assert np.isnan(no_pooled_hook.cos_spliced)  # a model without hook_pooled: NaN, stored as NULL

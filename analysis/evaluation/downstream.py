@@ -33,6 +33,11 @@ class DownstreamMetrics(NamedTuple):
     distribution. NaN when the gap is 0."""
     ablation_gap: float
     """ce_ablated − ce_clean (without labels: kl_ablated): when tiny, loss_recovered is meaningless."""
+    cos_spliced: float = math.nan
+    """Mean cosine between the clean and the spliced image embedding (`hook_pooled`, what the head
+    reads); NaN for a model without that hook."""
+    cos_ablated: float = math.nan
+    """The same with the hook(s) zero-ablated."""
 
 
 def _kl_sum(clean_logp: Tensor, other_logits: Tensor) -> float:
@@ -136,12 +141,18 @@ def spliced_downstream_metrics(model, splice_hooks: list[tuple[str, Callable]] |
     correct = dict.fromkeys(ce, 0)
     kl = {"spliced": 0.0, "ablated": 0.0}
     labelled = True
+    pooled: dict[str, Tensor] = {}
+    reads = [(POOLED, _keep(pooled, name)) for name in ("clean", "spliced", "ablated")] \
+        if POOLED in _hook_names(model) else [None] * 3
+    cos = {"spliced": 0.0, "ablated": 0.0}
     for x, labels in batches:
-        logits = {
-            "clean": model(x),
-            "spliced": model.run_with_hooks(x, fwd_hooks=splice_hooks(x) if callable(splice_hooks) else splice_hooks),
-            "ablated": model.run_with_hooks(x, fwd_hooks=[(h, ablate) for h in ablate_hooks]),
-        }
+        spliced = splice_hooks(x) if callable(splice_hooks) else splice_hooks
+        passes = {"clean": [], "spliced": list(spliced), "ablated": [(h, ablate) for h in ablate_hooks]}
+        logits = {name: model.run_with_hooks(x, fwd_hooks=hooks + ([read] if read else []))
+                  for (name, hooks), read in zip(passes.items(), reads)}
+        if pooled:
+            for name in cos:
+                cos[name] += float(F.cosine_similarity(pooled["clean"].double(), pooled[name].double(), dim=-1).sum())
         clean_logp = logits["clean"].double().log_softmax(-1)
         labelled = labels is not None
         for name, lg in logits.items() if labelled else ():
@@ -171,4 +182,22 @@ def spliced_downstream_metrics(model, splice_hooks: list[tuple[str, Callable]] |
         acc_ablated=correct["ablated"] / n if labelled else math.nan,
         loss_recovered=recovered_by / gap if gap != 0 else math.nan,
         ablation_gap=gap,
+        cos_spliced=cos["spliced"] / n if pooled else math.nan,
+        cos_ablated=cos["ablated"] / n if pooled else math.nan,
     )
+
+
+POOLED = "hook_pooled"
+"""The image embedding a HookedViT's head reads."""
+
+
+def _hook_names(model) -> set[str]:
+    """The hook points of a HookedViT, or of the tower under a zero-shot head."""
+    hooked = getattr(model, "tower", model)
+    return set(getattr(hooked, "hook_dict", {}))
+
+
+def _keep(store: dict[str, Tensor], name: str) -> Callable:
+    def read(act: Tensor, *, hook) -> None:
+        store[name] = act.detach()
+    return read
