@@ -13,15 +13,12 @@ benchmarks/results/crosscoder.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from _results import machine, median_ratio, write
 from analysis.dictionaries.training.crosscoder import CrosscoderTrainConfig, train_crosscoder
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
 
@@ -73,22 +70,12 @@ def main() -> None:
         runs["crosscoder_topk"].append(crosscoder_tokens_per_s(layer_batches, "topk", args.width, args.k, args.steps))
         runs["sae_topk_concat"].append(sae_tokens_per_s(cat_batches, args.width, args.k, args.steps))
         runs["crosscoder_relu"].append(crosscoder_tokens_per_s(layer_batches, "relu", args.width, args.k, args.steps))
-    med = {name: statistics.median(v) for name, v in runs.items()}
-    result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "args": vars(args), "tokens_per_s": runs, "median_tokens_per_s": med,
-        # per-repeat ratios of neighbouring runs, then their median: robust to drift between repeats
-        "ratio_sae_over_crosscoder_topk": statistics.median(
-            s / c for s, c in zip(runs["sae_topk_concat"], runs["crosscoder_topk"])),
-        "ratio_crosscoder_relu_over_topk": statistics.median(
-            r / c for r, c in zip(runs["crosscoder_relu"], runs["crosscoder_topk"])),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "tokens_per_s")}, indent=2))
-
+    write(args.out, {
+        "machine": machine(), "args": vars(args), "tokens_per_s": runs,
+        "median_tokens_per_s": {name: statistics.median(v) for name, v in runs.items()},
+        "ratio_sae_over_crosscoder_topk": median_ratio(runs["sae_topk_concat"], runs["crosscoder_topk"]),
+        "ratio_crosscoder_relu_over_topk": median_ratio(runs["crosscoder_relu"], runs["crosscoder_topk"]),
+    }, runs_key="tokens_per_s")
 
 if __name__ == "__main__":
     main()

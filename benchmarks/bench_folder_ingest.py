@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -34,6 +31,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from _results import machine, median_ratio, write
 from analysis.activations.extract import extract_shard
 from analysis.activations.store import StoreLayout, create_store
 from analysis.data.images import open_images
@@ -121,22 +119,14 @@ def main() -> None:
             runs["extract"].append(args.images / time_extract(model, images, hook, tmp / "acts", args.batch_size,
                                                               model.cfg.n_tokens))
             runs["bare"].append(args.images / time_bare(model, decoded, args.batch_size))
-    med = {name: statistics.median(v) for name, v in runs.items()}
     most = f"decode_w{max(args.workers)}"
-    per_repeat = [1 / (1 / d + 1 / e) / b for d, e, b in zip(runs[most], runs["extract"], runs["bare"])]
-    result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "pillow": PIL.__version__},
-        "args": vars(args), "images_per_s": runs, "median_images_per_s": med,
-        # per-repeat ratios of neighbouring runs, then their median: robust to drift between repeats
-        "ratio_folder_to_store_over_bare": statistics.median(per_repeat),
-        "ratio_extract_over_bare": statistics.median(e / b for e, b in zip(runs["extract"], runs["bare"])),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "images_per_s")}, indent=2))
-
+    folder_to_store = [1 / (1 / d + 1 / e) for d, e in zip(runs[most], runs["extract"])]  # images/s of both
+    write(args.out, {
+        "machine": machine(pillow=PIL.__version__), "args": vars(args), "images_per_s": runs,
+        "median_images_per_s": {name: statistics.median(v) for name, v in runs.items()},
+        "ratio_folder_to_store_over_bare": median_ratio(folder_to_store, runs["bare"]),
+        "ratio_extract_over_bare": median_ratio(runs["extract"], runs["bare"]),
+    }, runs_key="images_per_s")
 
 if __name__ == "__main__":
     main()

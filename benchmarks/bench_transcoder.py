@@ -14,15 +14,13 @@ Writes benchmarks/results/transcoder.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from _results import machine, median_ratio, write
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
 from analysis.dictionaries.training.schedule import remove_parallel_grad
 from analysis.dictionaries.training.transcoder import TranscoderTrainConfig, train_transcoder
@@ -92,22 +90,12 @@ def main() -> None:
         runs["transcoder"].append(transcoder_tokens_per_s(pairs, args))
         runs["sae_same_shape"].append(sae_tokens_per_s(pairs, args))
         runs["transcoder_dense_autograd"].append(dense_autograd_tokens_per_s(pairs, args))
-    result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "args": vars(args), "tokens_per_s": runs,
+    write(args.out, {
+        "machine": machine(), "args": vars(args), "tokens_per_s": runs,
         "median_tokens_per_s": {name: statistics.median(v) for name, v in runs.items()},
-        # per-repeat ratios of neighbouring runs, then their median: robust to drift between repeats
-        "ratio_sae_over_transcoder": statistics.median(
-            s / t for s, t in zip(runs["sae_same_shape"], runs["transcoder"])),
-        "ratio_transcoder_over_dense_autograd": statistics.median(
-            t / a for t, a in zip(runs["transcoder"], runs["transcoder_dense_autograd"])),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "tokens_per_s")}, indent=2))
-
+        "ratio_sae_over_transcoder": median_ratio(runs["sae_same_shape"], runs["transcoder"]),
+        "ratio_transcoder_over_dense_autograd": median_ratio(runs["transcoder"], runs["transcoder_dense_autograd"]),
+    }, runs_key="tokens_per_s")
 
 if __name__ == "__main__":
     main()

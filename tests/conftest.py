@@ -1,6 +1,7 @@
 """Tests run offline, seeded, on the CPU, with wandb off."""
 
 import os
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -39,3 +40,30 @@ def materialize_store(spec, root) -> None:
     for shard in range(store_layout(spec).n_shards):
         extract(spec, root, shard, progress=False)
     ensure_stats(spec, root)
+
+
+@contextmanager
+def suite_in_dagster(spec, tmp):
+    """The whole graph of `spec` materialized through Dagster under `tmp` (validated first, as
+    `make run` does); yields (data root, instance)."""
+    import dagster as dg
+
+    from analysis.paths import DataRoot
+    from analysis.stages.validate import validate_suite
+    from pipelines.run import run_suite
+
+    validate_suite(spec)
+    (tmp / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(tempdir=str(tmp / "dagster_home"))
+    try:
+        run_suite(spec, tmp / "data", instance=instance, log=lambda _: None)
+        yield DataRoot(tmp / "data"), instance
+    finally:
+        instance.dispose()
+
+
+def small_training(batch_size: int, n_train_tokens: int, dead_tokens: int) -> dict:
+    """A one-SAE dictionaries section on the last block's residual stream, short enough for tests."""
+    return {"hooks": ["blocks.1.hook_resid_post"], "architectures": ["topk"], "expansions": [2], "ks": [8],
+            "seeds": [0], "train": {"batch_size": batch_size, "n_train_tokens": n_train_tokens, "warmup_steps": 2,
+                                    "dead_tokens": dead_tokens}}

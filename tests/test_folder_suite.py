@@ -19,6 +19,7 @@ from analysis.paths import DataRoot
 from analysis.stages.model import load_model
 from analysis.stages.suite import parse_suite
 from analysis.stages.validate import validate_suite
+from conftest import small_training, suite_in_dagster
 from pipelines.run import run_suite
 
 HOOK = "blocks.1.hook_resid_post"
@@ -76,14 +77,9 @@ def _suite(folder):
 
 @pytest.fixture(scope="module")
 def folder_run(photo_folder, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
     spec = _suite(photo_folder)
-    validate_suite(spec)
-    (tmp / "dagster_home").mkdir()
-    instance = dg.DagsterInstance.local_temp(tempdir=str(tmp / "dagster_home"))
-    run_suite(spec, tmp / "data", instance=instance, log=lambda _: None)
-    yield spec, DataRoot(tmp / "data"), instance
-    instance.dispose()
+    with suite_in_dagster(spec, tmp_path_factory.mktemp("run")) as (root, instance):
+        yield spec, root, instance
 
 
 def test_ingestion_counts_and_sets_aside_what_it_cannot_read(folder_run):
@@ -149,23 +145,16 @@ def _timm_suite(folder):
         "model": {"kind": "timm", "name": "vit_tiny_patch16_224", "weights": "random",
                   "kwargs": {"img_size": 64, "depth": 2}},
         "activations": {"hooks": [HOOK], "images_per_shard": 32, "images_per_chunk": 16, "batch_size": 16},
-        "dictionaries": {"hooks": [HOOK], "architectures": ["topk"], "expansions": [2], "ks": [8], "seeds": [0],
-                         "train": {"batch_size": 256, "n_train_tokens": 8192, "warmup_steps": 2,
-                                   "dead_tokens": 2048}},
+        "dictionaries": small_training(batch_size=256, n_train_tokens=8192, dead_tokens=2048),
         "evaluation": {"max_images": 64, "n_top": 4, "batch_images": 16},
     })
 
 
 @pytest.fixture(scope="module")
 def timm_run(photo_folder, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("timm")
     spec = _timm_suite(photo_folder)
-    validate_suite(spec)
-    (tmp / "dagster_home").mkdir()
-    instance = dg.DagsterInstance.local_temp(tempdir=str(tmp / "dagster_home"))
-    run_suite(spec, tmp / "data", instance=instance, log=lambda _: None)
-    yield spec, DataRoot(tmp / "data")
-    instance.dispose()
+    with suite_in_dagster(spec, tmp_path_factory.mktemp("timm")) as (root, _):
+        yield spec, root
 
 
 def test_a_timm_model_reads_the_folder_through_its_own_preprocessing(timm_run, photo_folder):

@@ -4,7 +4,6 @@ the zero-shot head over the dataset's classes, scored on its labels."""
 import io
 import json
 
-import dagster as dg
 import numpy as np
 import open_clip
 import pyarrow as pa
@@ -19,11 +18,9 @@ from analysis.catalog import connect_catalog
 from analysis.data.images import open_images, read_labels
 from analysis.models.inputs import to_model_input
 from analysis.models.zoo import create_open_clip
-from analysis.paths import DataRoot
 from analysis.stages.model import load_model
 from analysis.stages.suite import parse_suite
-from analysis.stages.validate import validate_suite
-from pipelines.run import run_suite
+from conftest import small_training, suite_in_dagster
 
 HOOK = "blocks.1.hook_resid_post"
 CFG = open_clip.get_model_config("ViT-B-32")
@@ -65,16 +62,11 @@ def clip_run(parquet_file, tmp_path_factory):
         "model": {"kind": "open_clip", "name": "ViT-B-32", "weights": "random", "kwargs": KWARGS,
                   "templates": ["a photo of a {}.", "a picture of a {}."]},
         "activations": {"hooks": [HOOK], "images_per_shard": 32, "images_per_chunk": 16, "batch_size": 16},
-        "dictionaries": {"hooks": [HOOK], "architectures": ["topk"], "expansions": [2], "ks": [8], "seeds": [0],
-                         "train": {"batch_size": 64, "n_train_tokens": 4096, "warmup_steps": 2, "dead_tokens": 512}},
+        "dictionaries": small_training(batch_size=64, n_train_tokens=4096, dead_tokens=512),
         "evaluation": {"max_images": 64, "n_top": 4, "batch_images": 16},
     })
-    validate_suite(spec)
-    (tmp / "dagster_home").mkdir()
-    instance = dg.DagsterInstance.local_temp(tempdir=str(tmp / "dagster_home"))
-    run_suite(spec, tmp / "data", instance=instance, log=lambda _: None)
-    yield spec, DataRoot(tmp / "data")
-    instance.dispose()
+    with suite_in_dagster(spec, tmp) as (root, _):
+        yield spec, root
 
 
 def test_zero_shot_logits_equal_open_clip_on_its_own_preprocessing(clip_run, parquet_file):
