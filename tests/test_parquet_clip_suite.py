@@ -20,6 +20,7 @@ from analysis.models.inputs import to_model_input
 from analysis.models.zoo import create_open_clip
 from analysis.stages.model import load_model
 from analysis.stages.suite import parse_suite
+from analysis.stages.validate import validate_suite
 from conftest import small_training, suite_in_dagster
 
 HOOK = "blocks.1.hook_resid_post"
@@ -103,3 +104,24 @@ def test_a_clip_suite_is_scored_on_the_labels_through_the_zero_shot_head(clip_ru
     labels = read_labels(root.images(spec.dataset_id)).to_pylist()
     assert [r["label"] for r in labels] == [1] * 20 + [0] * 20  # cat = 1, astronaut = 0 in sorted class order
     assert labels[0]["source"] == "train-00000.parquet#0"
+
+
+def test_open_clip_weights_files_are_checked_before_any_work(parquet_file, tmp_path):
+    from safetensors.torch import save_file
+
+    clip = create_open_clip("ViT-B-32", "random", KWARGS)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    save_file({k: v.contiguous() for k, v in clip.visual.state_dict().items()}, str(tmp_path / "tower.safetensors"))
+
+    def suite(weights, kwargs):
+        return parse_suite({"name": "w", "dataset": {"source": "parquet", "params": {"paths": [str(parquet_file)]}},
+                            "model": {"kind": "open_clip", "name": "ViT-B-32", "weights": weights, "kwargs": kwargs},
+                            "activations": {"hooks": [HOOK]}})
+
+    validate_suite(suite(str(tmp_path / "clip.safetensors"), KWARGS))
+    validate_suite(suite(str(tmp_path / "tower.safetensors"), KWARGS))  # the image tower alone
+    deeper = {**KWARGS, "vision_cfg": {**KWARGS["vision_cfg"], "layers": 3}}
+    with pytest.raises(ValueError, match=r"does not fit open_clip:ViT-B-32.*missing .*transformer\.resblocks\.2"):
+        validate_suite(suite(str(tmp_path / "clip.safetensors"), deeper))
+    with pytest.raises(ValueError, match="needs the hub"):  # a pretrained tag, offline
+        validate_suite(suite("laion2b_s34b_b79k", KWARGS))

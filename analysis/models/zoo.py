@@ -252,23 +252,31 @@ def timm_input(arch: str, **model_kwargs: Any) -> ModelInput:
     return ModelInput(vit, pre, tuple(data["mean"]), tuple(data["std"]))
 
 
-def check_timm_weights(arch: str, weights: str | Path, **model_kwargs: Any) -> None:
+def check_weights(source: str, arch: str, weights: str | Path, **model_kwargs: Any) -> None:
     """Raise ValueError, naming missing, unexpected and mis-shaped tensors, unless the weights file
-    fits timm's `arch` built with `model_kwargs` (checked on the meta device: nothing is loaded
-    into a model, so a suite fails here, before any work)."""
-    import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    fits `source` ("timm" or "open_clip") `arch` built with `model_kwargs` (checked on the meta
+    device: nothing is loaded into a model, so a suite fails here, before any work)."""
+    state = read_state_dict(weights)
+    if source == "timm":
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
 
-    with torch.device("meta"):
-        model = timm.create_model(arch, pretrained=False, **model_kwargs)
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, **model_kwargs)
+        state = checkpoint_filter_fn(state, model)
+    else:
+        import open_clip
+
+        model = open_clip.create_model(arch, pretrained=None, device="meta", **model_kwargs)
+        if not any(k.startswith("visual.") for k in state):  # an image-tower-only checkpoint
+            model = model.visual
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = checkpoint_filter_fn(read_state_dict(weights), model)
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
     if missing or unexpected or shapes:
         raise ValueError(
-            f"weights file {weights} does not fit timm:{arch} {model_kwargs or ''}: "
+            f"weights file {weights} does not fit {source}:{arch} {model_kwargs or ''}: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
             f"{len(shapes)} of another shape (e.g. {[(k, got[k], want[k]) for k in shapes[:2]]}): pass the "
             "weights of this architecture, or set model.name / model.kwargs to the checkpoint's")

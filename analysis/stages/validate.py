@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from analysis.stages.activations import check_hooks, check_store_size
 from analysis.stages.dictionaries import member_train_config
-from analysis.models.zoo import check_timm_weights, hub_reachable
+from analysis.models.zoo import check_weights, hub_reachable
 from analysis.stages.model import vit_config
 from analysis.stages.suite import SuiteSpec
 
@@ -17,8 +17,8 @@ def validate_suite(spec: SuiteSpec) -> None:
         raise ValueError(f"model.weights: {spec.model.weights} needs the hub, which is unreachable (offline or "
                          f"HF_HUB_OFFLINE=1): set model.weights to a local .safetensors/.pt/.pth file of "
                          f"{spec.model.kind}:{spec.model.name}")
-    if weights == "file" and spec.model.kind == "timm":
-        check_timm_weights(spec.model.name, spec.model.weights, **spec.model.kwargs)
+    if weights == "file":
+        check_weights(spec.model.kind, spec.model.name, spec.model.weights, **spec.model.kwargs)
     check_hooks(spec)
     check_store_size(spec)  # also checks the shard and chunk sizes
     for member in spec.members():
