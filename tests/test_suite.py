@@ -127,7 +127,7 @@ def test_bad_transcoder_grids_fail_before_any_work(transcoders, message):
         validate_suite(parse_suite({"name": "bad", "activations": {"hooks": hooks}, "transcoders": transcoders}))
 
 
-@pytest.mark.parametrize("name, missing", [("clip_folder", "/path/to/images"),
+@pytest.mark.parametrize("name, missing", [("clip_folder", "/path/to/"),
                                            ("dinov2_parquet", "/path/to/")])
 def test_example_suites_parse_and_name_the_paths_to_set(name, missing):
     """The example suites for real models are valid YAML with every key known; only their

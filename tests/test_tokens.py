@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+import torch
 
 from analysis.activations.tokens import TOKEN_SELECTIONS, TokenGroups, select_tokens
 from analysis.models.config import ViTConfig
@@ -57,3 +58,26 @@ def test_groups_round_trip_and_bad_names():
         g.positions("patch")
     with pytest.raises(ValueError, match="token selection 'registers_dropped'.*no_registers"):
         select_tokens(_config(True, 2), "registers_dropped")
+
+
+def test_a_patch_sample_is_a_pure_function_of_the_image_index():
+    vit = ViTConfig(image_size=64, patch_size=16, in_chans=1, d_model=32, n_layers=2, n_heads=2, d_mlp=64,
+                    n_classes=3, n_registers=1)
+    sel = select_tokens(vit, "all", patches_sample=5)
+    assert sel.groups == TokenGroups((0, 1), (1, 2), (2, 7), (4, 4)) and sel.keep == slice(0, 18)
+    rows = sel.positions_for([3, 8, 3])
+    assert rows.shape == (3, 7) and torch.equal(rows[0], rows[2])  # the index alone decides
+    assert torch.equal(sel.positions_for([8])[0], rows[1])  # whatever batch it comes in
+    for row in rows:
+        assert row[:2].tolist() == [0, 1]  # class token and register first
+        patches = row[2:].tolist()
+        assert patches == sorted(set(patches)) and all(2 <= p < 18 for p in patches)
+    assert len({tuple(r) for r in sel.positions_for(range(50)).tolist()}) > 40  # images differ
+    only = select_tokens(vit, "no_registers", patches_sample=3)
+    assert only.groups.patches == (1, 4) and only.positions_for([0])[0, 0] == 0
+    assert 1 not in only.positions_for(range(20)).flatten().tolist()  # the register stays out
+    for bad in (0, 16):
+        with pytest.raises(ValueError, match="sample between 1 and 15"):
+            select_tokens(vit, "all", patches_sample=bad)
+    with pytest.raises(ValueError, match="keeps patches"):
+        select_tokens(vit, "cls", patches_sample=3)

@@ -167,12 +167,15 @@ def _read_blocks(start: int, stop: int, batch_size: int, image_bytes: int) -> li
     return [(lo, min(lo + per, stop)) for lo in range(start, stop, per)]
 
 
-TokenPositions = Union[slice, Sequence[int]]
-"""Positions along the capture's token axis to keep (analysis.activations.tokens.select_tokens, per model)."""
+PerImage = Callable[[np.ndarray], torch.Tensor]
+"""Image indices (n,) -> (n, T) positions to keep for each image (TokenSelection.positions_for)."""
+TokenPositions = Union[slice, Sequence[int], PerImage]
+"""Positions along the capture's token axis to keep (analysis.activations.tokens.select_tokens, per model):
+the same for every image, or per image (a patch sample)."""
 
 
-def _token_positions(tokens: TokenPositions) -> slice | torch.Tensor:
-    if isinstance(tokens, slice):
+def _token_positions(tokens: TokenPositions) -> slice | torch.Tensor | PerImage:
+    if isinstance(tokens, slice) or callable(tokens):
         return tokens
     if isinstance(tokens, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in tokens):
         raise ValueError(
@@ -183,9 +186,13 @@ def _token_positions(tokens: TokenPositions) -> slice | torch.Tensor:
 
 
 def _select_tokens(x: torch.Tensor, keep: slice | torch.Tensor) -> torch.Tensor:
+    """Tokens at `keep`: a slice or 1-D positions for every image, or (n, T) positions per image."""
     if isinstance(keep, slice):
         return x[:, keep]
-    return x.index_select(1, keep.to(x.device))
+    keep = keep.to(x.device)
+    if keep.ndim == 2:
+        return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return x.index_select(1, keep)
 
 
 def _open_todo(stores: dict[str, StoreLocation], shard: int,
@@ -291,10 +298,11 @@ def _checked(out, hooks, layout, keep, span) -> dict[str, tuple[torch.Tensor, to
     """
     res, bad = {}, {}
     where = f"images {span[0]}..{span[1] - 1}"
+    batch_keep = keep(np.arange(*span)) if callable(keep) else keep  # a patch sample: once for every hook
     for hook in hooks:
         if hook not in out:
             raise ValueError(f"capture returned hooks {sorted(out)}, missing {hook!r}")
-        x = _select_tokens(out[hook], keep).float()
+        x = _select_tokens(out[hook], batch_keep).float()
         expected = (span[1] - span[0], layout.n_tokens, layout.d_model)
         if tuple(x.shape) != expected:
             raise ValueError(
@@ -321,7 +329,9 @@ def _checked(out, hooks, layout, keep, span) -> dict[str, tuple[torch.Tensor, to
     return res
 
 
-def _describe(keep: slice | torch.Tensor) -> str:
+def _describe(keep: slice | torch.Tensor | PerImage) -> str:
+    if callable(keep):
+        return "sampled per image"
     if isinstance(keep, slice):
         return "all" if keep == slice(None) else f"{keep.start}..{keep.stop}"
     return str(keep.tolist())

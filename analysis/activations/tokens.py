@@ -12,11 +12,20 @@ A hooked ViT's token axis is: the class token (if the model has one), then its r
 
 `TokenGroups` records, for the store's own token axis, the [start, stop) range of each kind, so
 per-kind metrics, mining heatmaps and notebooks never assume "CLS at 0, patches after it".
+
+With `patches_sample=N` a store keeps only N of the patches of each image: a seeded sample drawn
+from the image's index alone (`TokenSelection.positions_for`), so any batch, shard or rerun picks
+the same ones, and an ImageNet-sized store of a 197-token ViT shrinks by up to the patch count.
+Splicing still replaces every position of the kinds kept (`keep`): a dictionary trained on a
+sample of patch tokens is a dictionary of patch tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
 
 from analysis.models.config import ViTConfig
 
@@ -59,16 +68,46 @@ class TokenSelection:
     """A selection applied to one model: which model positions to keep and what they become."""
 
     keep: slice | tuple[int, ...]
-    """Positions along the model's token axis: a slice when contiguous, else explicit indices."""
+    """Positions along the model's token axis: a slice when contiguous, else explicit indices.
+    With a patch sample, every position of the kinds kept (what splicing replaces)."""
     groups: TokenGroups
+    sample: int | None = None
+    """Patches stored per image (a seeded sample), or None for all of them."""
+
+    def positions_for(self, image_idx) -> torch.Tensor:
+        """(n, T) model positions stored for each image: the kept class token and registers, then
+        `sample` patches drawn without replacement from a generator seeded by the image index,
+        in row-major order."""
+        fixed = _positions(self.keep)
+        patches = [p for p in fixed if p >= self.patch_start]
+        prefix = [p for p in fixed if p < self.patch_start]
+        rows = []
+        for i in np.asarray(image_idx, dtype=np.int64).reshape(-1):
+            drawn = np.random.default_rng([int(i), _SAMPLE_SEED]).choice(len(patches), self.sample, replace=False)
+            rows.append(prefix + [patches[j] for j in np.sort(drawn)])
+        return torch.tensor(rows, dtype=torch.long)
+
+    @property
+    def patch_start(self) -> int:
+        rows, cols = self.groups.patch_grid
+        return max(_positions(self.keep)) + 1 - rows * cols
+
+
+_SAMPLE_SEED = 0
+"""Fixed, so the sample depends on the image alone; the store records it in its lineage."""
+
+
+def _positions(keep: slice | tuple[int, ...]) -> list[int]:
+    return list(range(keep.start, keep.stop)) if isinstance(keep, slice) else list(keep)
 
 
 _KINDS_KEPT = {"all": ("cls", "registers", "patches"), "cls": ("cls",), "patches": ("patches",),
                "no_registers": ("cls", "patches")}
 
 
-def select_tokens(vit: ViTConfig, selection: str) -> TokenSelection:
-    """The positions `selection` keeps from `vit`'s tokens, and the groups of the kept axis."""
+def select_tokens(vit: ViTConfig, selection: str, patches_sample: int | None = None) -> TokenSelection:
+    """The positions `selection` keeps from `vit`'s tokens, and the groups of the kept axis; with
+    `patches_sample`, N patches of each image (see the module docstring)."""
     if selection not in TOKEN_SELECTIONS:
         raise ValueError(f"token selection {selection!r}: expected one of {', '.join(TOKEN_SELECTIONS)}")
     if selection == "cls" and not vit.class_token:
@@ -87,4 +126,13 @@ def select_tokens(vit: ViTConfig, selection: str) -> TokenSelection:
 
     contiguous = kept == list(range(kept[0], kept[-1] + 1))
     keep = slice(kept[0], kept[-1] + 1) if contiguous else tuple(kept)
-    return TokenSelection(keep, TokenGroups(span("cls"), span("registers"), span("patches"), (grid, grid)))
+    groups = TokenGroups(span("cls"), span("registers"), span("patches"), (grid, grid))
+    if patches_sample is None:
+        return TokenSelection(keep, groups)
+    if "patches" not in _KINDS_KEPT[selection] or not 0 < patches_sample < grid**2:
+        raise ValueError(
+            f"patches_sample={patches_sample} with tokens {selection!r}: sample between 1 and {grid**2 - 1} of the "
+            f"model's {grid**2} patches, from a selection that keeps patches (all, patches, no_registers)")
+    start = groups.patches[0]
+    return TokenSelection(keep, TokenGroups(groups.cls, groups.registers, (start, start + patches_sample),
+                                            (grid, grid)), patches_sample)

@@ -26,7 +26,7 @@ from analysis.models.vit import HookedViT
 
 def token_selection(spec: SuiteSpec) -> TokenSelection:
     """The suite's token selection applied to its model: positions kept and their groups."""
-    return select_tokens(vit_config(spec), spec.activations.tokens)
+    return select_tokens(vit_config(spec), spec.activations.tokens, spec.activations.patches_sample)
 
 
 def store_layout(spec: SuiteSpec, n_images: int | None = None) -> StoreLayout:
@@ -89,6 +89,9 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
             "compute_dtype": spec.activations.compute_dtype,
             "preprocessing": "uint8 / 255 -> float32 (B, C, H, W)",
         }
+        if spec.activations.patches_sample:  # which patches: a pure function of the image index
+            lineage["patches_sample"] = {"n": spec.activations.patches_sample,
+                                         "drawn_by": "analysis.activations.tokens.TokenSelection.positions_for"}
         path = root.hook_store(spec.store_id, hook)
         create_store(path, layout, lineage, token_groups=token_selection(spec).groups)
         # The code version is lineage too, but kept outside the compared lineage: a new commit
@@ -121,11 +124,16 @@ def extract(spec: SuiteSpec, root: DataRoot, shard: int, *, device: str = "cpu",
 
     report = extract_shard(
         capture, open_images(root.images(spec.dataset_id)), stores, shard,
-        batch_size=spec.activations.batch_size, device=device, tokens=token_selection(spec).keep,
+        batch_size=spec.activations.batch_size, device=device, tokens=_stored_positions(token_selection(spec)),
         progress=progress,
     )
     return {"shard": shard, "skipped": report.skipped, "n_images": report.n_images,
             "seconds": round(report.seconds, 2), "images_per_second": round(report.n_images / max(report.seconds, 1e-9), 1)}
+
+
+def _stored_positions(selection: TokenSelection):
+    """What extraction keeps: the selection's positions, or each image's own patch sample."""
+    return selection.positions_for if selection.sample else selection.keep
 
 
 def ensure_stats(spec: SuiteSpec, root: DataRoot) -> dict:

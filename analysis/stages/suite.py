@@ -44,6 +44,9 @@ class ActivationSpec:
     compute_dtype: str = "float32"
     """Forward-pass precision: float32, or bfloat16/float16 autocast. It changes the stored values,
     so it is part of the suite (and of the store id), not of the compute resource."""
+    patches_sample: int | None = None
+    """Keep only this many patch tokens of each image (a sample seeded by the image's index,
+    analysis.activations.tokens); None keeps them all. Splicing still replaces every patch."""
     max_store_gb: float = 200.0
     """A suite whose stores (images x tokens x d x bytes x hooks) would exceed this is refused
     before any work; raise it deliberately for a larger run."""
@@ -61,8 +64,10 @@ class ActivationSpec:
             raise ValueError("activations.hooks is empty: list at least one hook point")
 
     def store_id(self, model_id: str, dataset_id: str) -> str:
-        # neither the batch size nor the size limit changes a stored value
-        payload = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "max_store_gb")}
+        # neither the batch size nor the size limit changes a stored value; an unset patch sample
+        # is left out so that stores made before the option keep their ids
+        payload = {k: v for k, v in asdict(self).items() if k not in ("batch_size", "max_store_gb")
+                   and not (k == "patches_sample" and v is None)}
         return content_id("acts", {"spec": payload, "model": model_id, "dataset": dataset_id})
 
 
@@ -90,7 +95,8 @@ class SuiteSpec:
         if self.model.kind != "mouse" and self.dataset.source == "shapes":
             raise ValueError(f"the shapes generator makes the mouse's 64x64 grayscale images; a {self.model.kind} "
                              "model reads a folder or parquet dataset source (dataset.source)")
-        select_tokens(self.vit_config(), self.activations.tokens)  # e.g. 'cls' on a model without one
+        # e.g. 'cls' on a model without one, or a patch sample larger than the patch grid
+        select_tokens(self.vit_config(), self.activations.tokens, self.activations.patches_sample)
 
     @property
     def dataset_id(self) -> str:
