@@ -197,6 +197,8 @@ def test_a_timm_suite_scores_against_the_clean_output_distribution(timm_run):
     assert cos_ablated < cos_spliced <= 1  # the spliced embedding stays closer to the clean one
     store = ActivationStore.open(root.hook_store(spec.store_id, HOOK))
     assert store.n_tokens == 17 and store.d_model == 192
+    assert store.lineage["preprocessing"]["stored"] == {"size": 64, "resize": 71, "channels": 3,
+                                                        "interpolation": "bicubic"}
 
 
 def test_timm_weights_are_checked_before_any_work_and_hashed_into_the_id(photo_folder, tmp_path):

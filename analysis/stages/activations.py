@@ -89,6 +89,10 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
             "compute_dtype": spec.activations.compute_dtype,
             "preprocessing": "uint8 / 255 -> float32 (B, C, H, W)",
         }
+        if spec.dataset.source != "shapes":  # decoded files: how they became the stored pixels
+            lineage["preprocessing"] = {"stored": spec.preprocessing().to_dict(),
+                                        "model_input": lineage["preprocessing"] + "; mean/std folded into the "
+                                                       "model's patch embedding"}
         if spec.activations.patches_sample:  # which patches: a pure function of the image index
             lineage["patches_sample"] = {"n": spec.activations.patches_sample,
                                          "drawn_by": "analysis.activations.tokens.TokenSelection.positions_for"}
