@@ -8,11 +8,19 @@ absolute paths; notebooks attach it read-only (`connect_catalog`).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+def table_number(value) -> float | None:
+    """A metric for a table: NaN (nothing to measure: no labels, no ablation gap) becomes SQL NULL,
+    which aggregates skip, instead of a NaN that poisons them."""
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def write_table_partition(table_dir: str | Path, partition: dict[str, str], table: pa.Table) -> Path:

@@ -207,6 +207,9 @@ def test_crosscoder_member_reconstructs_every_hook_and_reports_each_layer(suite_
     # pooled FVU lies between the per-layer ones (a variance-weighted mean of them)
     assert min(row["fvu_per_layer"]) - 1e-9 <= row["fvu"] <= max(row["fvu_per_layer"]) + 1e-9
     assert row["ce_ablated"] > row["ce_clean"] and np.isfinite(row["loss_recovered"])
+    # each layer alone: its own ablation gap and loss recovered
+    assert len(row["loss_recovered_per_layer"]) == len(row["ablation_gap_per_layer"]) == len(member.hooks)
+    assert all(gap > 0 for gap in row["ablation_gap_per_layer"])
     with pytest.raises(ValueError, match="hooks"):  # another hook group's checkpoint is refused
         other = dataclasses.replace(member, hooks=tuple(reversed(member.hooks)))
         shutil.copytree(root.dictionary(dictionary_id(spec, member)), root.dictionary(dictionary_id(spec, other)))

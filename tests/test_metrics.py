@@ -313,6 +313,16 @@ def test_splice_and_ablation_touch_only_the_dictionarys_token_positions(position
     mc = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, identity, layers, positions=positions),
                                     layers, batches, positions=positions)
     assert mc.ce_spliced == pytest.approx(mc.ce_clean, abs=1e-6) and mc.ablation_gap > 0
+    # one layer alone: a crosscoder that reconstructs zeros, spliced into layer 0 only, is the
+    # ablation of layer 0 only (layer 1 then sees what the edit caused, instead of being overwritten)
+    zeros = lambda acts: SimpleNamespace(x_hat=[torch.zeros_like(a) for a in acts])  # noqa: E731
+    only0 = spliced_downstream_metrics(
+        model, crosscoder_splice_hooks(model, zeros, layers, positions=positions, splice=layers[:1]), layers[:1],
+        batches, positions=positions)
+    assert only0.ce_spliced == pytest.approx(only0.ce_ablated, rel=1e-9) and only0.loss_recovered == pytest.approx(0)
+    assert only0.ce_ablated == pytest.approx(naive(torch.zeros_like), rel=1e-6)  # hook is layer 0
+    with pytest.raises(ValueError, match="reconstructs only"):
+        crosscoder_splice_hooks(model, zeros, layers, splice=["blocks.0.hook_mlp_out"])
 
 
 def test_embedding_cosine_against_a_direct_computation():

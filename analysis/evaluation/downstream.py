@@ -104,12 +104,19 @@ def transcoder_splice_hooks(transcoder, in_hook: str, out_hook: str, *,
     return [(in_hook, read), (out_hook, write)]
 
 
-def crosscoder_splice_hooks(model, crosscoder, hooks: Sequence[str], *,
-                            positions: Positions = slice(None)) -> Callable[[Tensor], list]:
-    """Per batch: every hook of an acausal crosscoder replaced at `positions` by its reconstruction.
+def crosscoder_splice_hooks(model, crosscoder, hooks: Sequence[str], *, positions: Positions = slice(None),
+                            splice: Sequence[str] | None = None) -> Callable[[Tensor], list]:
+    """Per batch: the hooks in `splice` (default: every hook of the acausal crosscoder) replaced at
+    `positions` by their reconstruction; the model runs on from there.
 
     The crosscoder reads all its layers at once (later ones included), so the clean activations
-    come from a first forward pass and the reconstructions are spliced into a second."""
+    come from a first forward pass and the reconstructions are spliced into a second. Splicing one
+    layer alone tests that layer: with every layer spliced, the later ones overwrite whatever the
+    earlier reconstructions caused."""
+    splice = list(hooks) if splice is None else list(splice)
+    unknown = sorted(set(splice) - set(hooks))
+    if unknown:
+        raise ValueError(f"splice={unknown}: the crosscoder reconstructs only {list(hooks)}")
 
     def make(x: Tensor) -> list[tuple[str, Callable]]:
         _, cache = model.run_with_cache(x, names_filter=list(hooks))
@@ -118,7 +125,7 @@ def crosscoder_splice_hooks(model, crosscoder, hooks: Sequence[str], *,
         x_hat = crosscoder([s.reshape(-1, s.shape[-1]) for s in sel]).x_hat
         x_hat = x_hat.unbind(1) if isinstance(x_hat, Tensor) else x_hat
         recon = {h: _replaced(a, positions, r.reshape(s.shape)) for h, r, a, s in zip(hooks, x_hat, acts, sel)}
-        return [(h, lambda act, *, hook, h=h: recon[h]) for h in hooks]
+        return [(h, lambda act, *, hook, h=h: recon[h]) for h in splice]
 
     return make
 

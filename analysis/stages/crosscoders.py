@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis.dictionaries import Crosscoder, SAEOutput
+from analysis.catalog import table_number
 from analysis.ids import content_id
 from analysis.activations.reader import ActivationStore, iter_images, read_tokens
 from analysis.evaluation.downstream import (
@@ -108,13 +109,21 @@ def reconstruction(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc
 def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
                     eval_idx: np.ndarray, model, model_batches, *, device: str
                     ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
-    """Pooled metrics over the concatenated layers, FVU per layer, and the loss with every
-    hook replaced by its reconstruction at once (vs all of them zero-ablated)."""
+    """Pooled metrics over the concatenated layers, FVU per layer, the loss with every hook
+    replaced by its reconstruction at once (vs all of them zero-ablated), and the same for each
+    layer alone (that layer spliced or ablated, the model running on)."""
     rec = reconstruction(spec, root, member, cc, eval_idx, device=device)
     positions = token_selection(spec).keep  # the tokens it was trained on
-    down = spliced_downstream_metrics(model, crosscoder_splice_hooks(model, cc, member.hooks, positions=positions),
-                                      member.hooks, model_batches, positions=positions)
-    return rec, down, {"fvu_per_layer": list(rec.fvu_per_slice)}
+
+    def downstream(layers: list[str]) -> DownstreamMetrics:
+        hooks = crosscoder_splice_hooks(model, cc, member.hooks, positions=positions, splice=layers)
+        return spliced_downstream_metrics(model, hooks, layers, model_batches(), positions=positions)
+
+    down = downstream(list(member.hooks))
+    per_layer = [downstream([h]) for h in member.hooks]
+    return rec, down, {"fvu_per_layer": list(rec.fvu_per_slice),
+                       "loss_recovered_per_layer": [table_number(d.loss_recovered) for d in per_layer],
+                       "ablation_gap_per_layer": [table_number(d.ablation_gap) for d in per_layer]}
 
 
 def mining_input(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,

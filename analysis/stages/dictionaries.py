@@ -9,7 +9,6 @@ looked up in `KIND_STAGES` by `member.kind`.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import asdict
 from types import ModuleType
@@ -20,7 +19,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from analysis.catalog import write_table_partition
+from analysis.catalog import table_number, write_table_partition
 from analysis.ids import code_version
 from analysis.data.images import open_images, read_labels
 from analysis.models.inputs import to_model_input
@@ -126,13 +125,6 @@ def _labelled_batches(spec: SuiteSpec, root: DataRoot, eval_idx: np.ndarray,
             for i in range(0, len(eval_idx), batch))
 
 
-def _number(value) -> float | None:
-    """A metric for the table: NaN (no labels to score, no ablation gap) becomes SQL NULL, which
-    aggregates skip, instead of a NaN that poisons them."""
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
 def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
@@ -142,7 +134,7 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device
         eval_idx = evaluation_images(spec, root)
         model = load_model(spec, root, device=device)
         rec, down, extra = _stage(member).evaluate_member(
-            spec, root, member, dictionary, eval_idx, model, _labelled_batches(spec, root, eval_idx, device),
+            spec, root, member, dictionary, eval_idx, model, lambda: _labelled_batches(spec, root, eval_idx, device),
             device=device)
         extra.update(_fvu_by_token_kind(spec, root, member, dictionary, eval_idx, rec, device))
         row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook,
@@ -152,7 +144,7 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device
                "dataset_id": spec.dataset_id,
                **{k: float(v) for k, v in rec._asdict().items()
                   if k not in ("fire_counts", "n_tokens", "fvu_per_slice")},
-               "n_eval_tokens": int(rec.n_tokens), **{k: _number(v) for k, v in down._asdict().items()}, **extra}
+               "n_eval_tokens": int(rec.n_tokens), **{k: table_number(v) for k, v in down._asdict().items()}, **extra}
         row["n_images"] = int(row["n_images"])
         write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, pa.Table.from_pylist([row]))
         histogram = log10_density_histogram(rec.fire_counts, rec.n_tokens)

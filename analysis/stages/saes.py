@@ -78,7 +78,7 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: SAEMember, sae: Spa
                     ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
     """Reconstruction metrics of `hook`, and the loss when `hook` is replaced by its reconstruction."""
     rec = reconstruction(spec, root, member, sae, eval_idx, device=device)
-    down = downstream_metrics(model, sae, member.hook, model_batches, positions=token_selection(spec).keep)
+    down = downstream_metrics(model, sae, member.hook, model_batches(), positions=token_selection(spec).keep)
     return rec, down, {}
 
 

@@ -87,7 +87,7 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, t
     rec = reconstruction(spec, root, member, tc, eval_idx, device=device)
     positions = token_selection(spec).keep  # the tokens it was trained on
     hooks = transcoder_splice_hooks(tc, member.hook, member.out_hook, positions=positions)
-    down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches, positions=positions)
+    down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches(), positions=positions)
     return rec, down, {}
 
 
