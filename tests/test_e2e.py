@@ -223,3 +223,33 @@ def test_every_dictionary_logs_held_out_fvu_while_training(suite_run):
     con.close()
     assert {r["dict_id"] for r in rows} == {dictionary_id(spec, m) for m in spec.members()}
     assert all(r["eval_fvu"] is not None and 0 < r["eval_fvu"] < 2 and r["eval_l0"] > 0 for r in rows), rows
+
+
+def test_downstream_by_token_kind_equals_a_direct_splice_of_that_kind(suite_run):
+    """loss_recovered_cls / _registers / _patches: only that kind's positions spliced and ablated."""
+    from analysis.data.images import open_images, read_labels
+    from analysis.evaluation.downstream import downstream_metrics
+    from analysis.models.inputs import to_model_input
+    from analysis.stages.dataset import evaluation_images
+    from analysis.stages.model import load_model
+
+    spec, root, _, _ = suite_run
+    member = next(m for m in spec.members() if m.kind == "sae")
+    dict_id = dictionary_id(spec, member)
+    con = connect_catalog(root.catalog)
+    row = con.execute("SELECT loss_recovered_cls, ablation_gap_cls, loss_recovered_registers, loss_recovered_patches, "
+                      "ablation_gap_patches, ablation_gap FROM evaluations WHERE dict_id = ?", [dict_id]).fetchone()
+    con.close()
+    eval_idx = evaluation_images(spec, root)
+    x = to_model_input(open_images(root.images(spec.dataset_id)).get_orthogonal_selection((eval_idx,)))
+    y = torch.from_numpy(read_labels(root.images(spec.dataset_id)).column("label").to_numpy()[eval_idx].copy())
+    model, sae = load_model(spec, root), load_member(spec, root, member)
+    direct = {kind: downstream_metrics(model, sae, member.hook, [(x, y)], positions=pos)
+              for kind, pos in (("cls", [0]), ("registers", [1]), ("patches", range(2, 18)))}
+    assert row[0] == pytest.approx(direct["cls"].loss_recovered, rel=1e-6)
+    assert row[1] == pytest.approx(direct["cls"].ablation_gap, rel=1e-6)
+    # after the last block only the class token reaches the head: the register and the patches have
+    # no ablation gap, so no ratio (NULL), and the all-token gap is the class token's
+    assert direct["registers"].ablation_gap == 0 and row[2] is None
+    assert direct["patches"].ablation_gap == 0 and row[3] is None and row[4] == 0
+    assert row[5] == pytest.approx(row[1], rel=1e-9)

@@ -22,7 +22,7 @@ sample of patch tokens is a dictionary of patch tokens.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -73,6 +73,9 @@ class TokenSelection:
     groups: TokenGroups
     sample: int | None = None
     """Patches stored per image (a seeded sample), or None for all of them."""
+    model_positions: dict = field(default_factory=dict, compare=False)
+    """Kind kept (`cls`, `registers`, `patches`) -> its positions along the model's token axis
+    (every patch, even when the store keeps a sample): what splicing one kind alone replaces."""
 
     def positions_for(self, image_idx) -> torch.Tensor:
         """(n, T) model positions stored for each image: the kept class token and registers, then
@@ -127,12 +130,14 @@ def select_tokens(vit: ViTConfig, selection: str, patches_sample: int | None = N
     contiguous = kept == list(range(kept[0], kept[-1] + 1))
     keep = slice(kept[0], kept[-1] + 1) if contiguous else tuple(kept)
     groups = TokenGroups(span("cls"), span("registers"), span("patches"), (grid, grid))
+    by_kind = {kind: tuple(i for i in kept if kinds[i] == kind) for kind in _KINDS_KEPT[selection]}
+    by_kind = {kind: pos for kind, pos in by_kind.items() if pos}
     if patches_sample is None:
-        return TokenSelection(keep, groups)
+        return TokenSelection(keep, groups, model_positions=by_kind)
     if "patches" not in _KINDS_KEPT[selection] or not 0 < patches_sample < grid**2:
         raise ValueError(
             f"patches_sample={patches_sample} with tokens {selection!r}: sample between 1 and {grid**2 - 1} of the "
             f"model's {grid**2} patches, from a selection that keeps patches (all, patches, no_registers)")
     start = groups.patches[0]
     return TokenSelection(keep, TokenGroups(groups.cls, groups.registers, (start, start + patches_sample),
-                                            (grid, grid)), patches_sample)
+                                            (grid, grid)), patches_sample, by_kind)

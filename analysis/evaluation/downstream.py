@@ -80,10 +80,17 @@ def downstream_metrics(model, sae, hook_name: str, batches: Iterable[tuple[Tenso
     `fn(act, *, hook)` with act (B, T, d) and uses its return value as the replacement.
     """
 
+    return spliced_downstream_metrics(model, sae_splice_hooks(sae, hook_name, positions=positions), hook_name,
+                                      batches, positions=positions)
+
+
+def sae_splice_hooks(sae, hook_name: str, *, positions: Positions = slice(None)) -> list[tuple[str, Callable]]:
+    """The forward hook replacing `hook_name` at `positions` by the SAE's reconstruction."""
+
     def splice(act: Tensor, *, hook) -> Tensor:
         return _replaced(act, positions, _apply(lambda rows: sae(rows).x_hat, act, positions))
 
-    return spliced_downstream_metrics(model, [(hook_name, splice)], hook_name, batches, positions=positions)
+    return [(hook_name, splice)]
 
 
 def transcoder_splice_hooks(transcoder, in_hook: str, out_hook: str, *,

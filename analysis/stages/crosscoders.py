@@ -119,11 +119,17 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, c
         hooks = crosscoder_splice_hooks(model, cc, member.hooks, positions=positions, splice=layers)
         return spliced_downstream_metrics(model, hooks, layers, model_batches(), positions=positions)
 
-    down = downstream(list(member.hooks))
+    down = downstream(list(member.hooks))  # = splice_hooks(model, member, cc, positions)
     per_layer = [downstream([h]) for h in member.hooks]
     return rec, down, {"fvu_per_layer": list(rec.fvu_per_slice),
                        "loss_recovered_per_layer": [table_number(d.loss_recovered) for d in per_layer],
                        "ablation_gap_per_layer": [table_number(d.ablation_gap) for d in per_layer]}
+
+
+def splice_hooks(model, member: CrosscoderMember, cc: Crosscoder, positions) -> tuple[object, list[str]]:
+    """(per-batch forward hooks putting every layer's reconstruction in at `positions`, the hooks an
+    ablation zeroes)."""
+    return crosscoder_splice_hooks(model, cc, member.hooks, positions=positions), list(member.hooks)
 
 
 def mining_input(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,

@@ -23,6 +23,7 @@ from analysis.catalog import table_number, write_table_partition
 from analysis.ids import code_version
 from analysis.data.images import open_images, read_labels
 from analysis.models.inputs import to_model_input
+from analysis.evaluation.downstream import DownstreamMetrics, spliced_downstream_metrics
 from analysis.evaluation.metrics import ReconstructionMetrics, log10_density_histogram
 from analysis.evaluation.mining import mine_features
 from analysis.paths import DataRoot
@@ -133,10 +134,12 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device
         dictionary = load_member(spec, root, member, device, dict_id=dict_id)
         eval_idx = evaluation_images(spec, root)
         model = load_model(spec, root, device=device)
+        batches = lambda: _labelled_batches(spec, root, eval_idx, device)  # noqa: E731  (a fresh pass each call)
         rec, down, extra = _stage(member).evaluate_member(
-            spec, root, member, dictionary, eval_idx, model, lambda: _labelled_batches(spec, root, eval_idx, device),
+            spec, root, member, dictionary, eval_idx, model, batches,
             device=device)
         extra.update(_fvu_by_token_kind(spec, root, member, dictionary, eval_idx, rec, device))
+        extra.update(_downstream_by_token_kind(spec, member, dictionary, model, batches, down))
         row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook,
                "downstream": spec.downstream, **_MEMBER_COLUMNS,
                **asdict(member), "architecture": member.architecture,
@@ -167,6 +170,26 @@ def _fvu_by_token_kind(spec: SuiteSpec, root: DataRoot, member: Member, dictiona
     scorer = _stage(member).reconstruction
     return {name: None if p is None else scorer(spec, root, member, dictionary, eval_idx, device=device, positions=p).fvu
             for name, p in kinds.items()}
+
+
+def _downstream_by_token_kind(spec: SuiteSpec, member: Member, dictionary, model, batches,
+                              down: DownstreamMetrics) -> dict:
+    """Loss recovered and ablation gap when only the class token, only the registers or only the
+    patches are replaced (None for a kind the store does not keep): the head reads the class token,
+    so the all-token number can hide that the loss comes from one kind."""
+    kinds = token_selection(spec).model_positions
+    out = {}
+    for kind in ("cls", "registers", "patches"):
+        if kind not in kinds:
+            d = None
+        elif len(kinds) == 1:  # one kind only: the all-token numbers are its own
+            d = down
+        else:
+            hooks, ablate = _stage(member).splice_hooks(model, member, dictionary, kinds[kind])
+            d = spliced_downstream_metrics(model, hooks, ablate, batches(), positions=kinds[kind])
+        out[f"loss_recovered_{kind}"] = None if d is None else table_number(d.loss_recovered)
+        out[f"ablation_gap_{kind}"] = None if d is None else table_number(d.ablation_gap)
+    return out
 
 
 def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:

@@ -19,7 +19,7 @@ from analysis.activations.reader import ActivationStore, iter_images, read_token
 from analysis.dictionaries import SparseAutoencoder
 from analysis.dictionaries.training.loop import TrainResult
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
-from analysis.evaluation.downstream import DownstreamMetrics, downstream_metrics
+from analysis.evaluation.downstream import DownstreamMetrics, sae_splice_hooks, spliced_downstream_metrics
 from analysis.evaluation.metrics import ReconstructionMetrics, reconstruction_metrics
 from analysis.ids import content_id
 from analysis.paths import DataRoot
@@ -78,8 +78,14 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: SAEMember, sae: Spa
                     ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
     """Reconstruction metrics of `hook`, and the loss when `hook` is replaced by its reconstruction."""
     rec = reconstruction(spec, root, member, sae, eval_idx, device=device)
-    down = downstream_metrics(model, sae, member.hook, model_batches(), positions=token_selection(spec).keep)
-    return rec, down, {}
+    positions = token_selection(spec).keep  # the tokens it was trained on
+    hooks, ablate = splice_hooks(model, member, sae, positions)
+    return rec, spliced_downstream_metrics(model, hooks, ablate, model_batches(), positions=positions), {}
+
+
+def splice_hooks(model, member: SAEMember, sae: SparseAutoencoder, positions) -> tuple[list, list[str]]:
+    """(forward hooks putting the reconstruction of `hook` in at `positions`, the hooks an ablation zeroes)."""
+    return sae_splice_hooks(sae, member.hook, positions=positions), [member.hook]
 
 
 def mining_input(spec: SuiteSpec, root: DataRoot, member: SAEMember, sae: SparseAutoencoder,

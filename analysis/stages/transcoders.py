@@ -86,9 +86,14 @@ def evaluate_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, t
     """Prediction metrics of `out_hook` from `hook`, and the loss when `out_hook` is replaced."""
     rec = reconstruction(spec, root, member, tc, eval_idx, device=device)
     positions = token_selection(spec).keep  # the tokens it was trained on
-    hooks = transcoder_splice_hooks(tc, member.hook, member.out_hook, positions=positions)
-    down = spliced_downstream_metrics(model, hooks, member.out_hook, model_batches(), positions=positions)
-    return rec, down, {}
+    hooks, ablate = splice_hooks(model, member, tc, positions)
+    return rec, spliced_downstream_metrics(model, hooks, ablate, model_batches(), positions=positions), {}
+
+
+def splice_hooks(model, member: TranscoderMember, tc: TopKTranscoder, positions) -> tuple[list, list[str]]:
+    """(forward hooks putting the prediction of `out_hook` from `hook` in at `positions`, the hooks an
+    ablation zeroes)."""
+    return transcoder_splice_hooks(tc, member.hook, member.out_hook, positions=positions), [member.out_hook]
 
 
 def mining_input(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,
