@@ -180,6 +180,8 @@ def test_transcoder_member_is_trained_evaluated_and_mined_with_its_lineage(suite
     tc = load_member(spec, root, member)
     assert (tc.lineage["hook"], tc.lineage["out_hook"], tc.lineage["kind"]) == (member.hook, member.out_hook, "transcoder")
     assert tc.W_skip is not None and float(tc.W_skip.detach().abs().sum()) > 0, "the skip path was trained"
+    assert tc.lineage["machine"] == {"device": "cpu", "torch_threads": torch.get_num_threads(),
+                                     "torch_version": torch.__version__}  # what makes the floats machine-dependent
     con = connect_catalog(root.catalog)
     row = con.sql("SELECT * FROM evaluations WHERE dict_id = $d", params={"d": dict_id}).to_arrow_table().to_pylist()[0]
     n_top = con.execute("SELECT count(*) FROM top_images WHERE dict_id = ?", [dict_id]).fetchone()[0]

@@ -82,7 +82,11 @@ def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: Member, *, dict_i
                     else "no training state was saved before it")
             raise RuntimeError(f"member {member.key}: {err}; {kept}") from err
         lineage = {"dict_id": dict_id, "kind": member.kind, **asdict(member), "store_id": spec.store_id,
-                   "store_lineage": store_lineage, "train_config": train_cfg, "code_version": code_version()}
+                   "store_lineage": store_lineage, "train_config": train_cfg, "code_version": code_version(),
+                   # float reductions depend on these: the same ids on another device or thread count
+                   # train (slightly) different weights
+                   "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
+                               "torch_version": torch.__version__}}
         model = result[0]
         model.save(directory, extra_config=lineage)
         write_table_partition(root.table("train_log"), {"dict_id": dict_id}, pa.Table.from_pylist(result.log))
