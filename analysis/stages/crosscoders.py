@@ -20,7 +20,6 @@ from analysis.catalog import table_number
 from analysis.ids import content_id
 from analysis.activations.reader import ActivationStore, iter_images, read_tokens
 from analysis.evaluation.downstream import (
-    DownstreamMetrics,
     crosscoder_splice_hooks,
     spliced_downstream_metrics,
 )
@@ -106,24 +105,19 @@ def reconstruction(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc
     return reconstruction_metrics(ConcatenatedView(cc), tokens, slices=cc.cfg.slices())
 
 
-def evaluate_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, cc: Crosscoder,
-                    eval_idx: np.ndarray, model, model_batches, *, device: str
-                    ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
-    """Pooled metrics over the concatenated layers, FVU per layer, the loss with every hook
-    replaced by its reconstruction at once (vs all of them zero-ablated), and the same for each
-    layer alone (that layer spliced or ablated, the model running on)."""
-    rec = reconstruction(spec, root, member, cc, eval_idx, device=device)
+def extra_metrics(spec: SuiteSpec, member: CrosscoderMember, cc: Crosscoder, rec: ReconstructionMetrics, model,
+                  batches) -> dict:
+    """FVU per layer (from the pooled pass), and the loss with each layer alone spliced or ablated,
+    the model running on: with every layer spliced, the later ones overwrite what the earlier
+    reconstructions caused, so the all-layers number says little about the early layers."""
     positions = token_selection(spec).keep  # the tokens it was trained on
-
-    def downstream(layers: list[str]) -> DownstreamMetrics:
-        hooks = crosscoder_splice_hooks(model, cc, member.hooks, positions=positions, splice=layers)
-        return spliced_downstream_metrics(model, hooks, layers, model_batches(), positions=positions)
-
-    down = downstream(list(member.hooks))  # = splice_hooks(model, member, cc, positions)
-    per_layer = [downstream([h]) for h in member.hooks]
-    return rec, down, {"fvu_per_layer": list(rec.fvu_per_slice),
-                       "loss_recovered_per_layer": [table_number(d.loss_recovered) for d in per_layer],
-                       "ablation_gap_per_layer": [table_number(d.ablation_gap) for d in per_layer]}
+    per_layer = []
+    for hook in member.hooks:
+        hooks = crosscoder_splice_hooks(model, cc, member.hooks, positions=positions, splice=[hook])
+        per_layer.append(spliced_downstream_metrics(model, hooks, [hook], batches(), positions=positions))
+    return {"fvu_per_layer": list(rec.fvu_per_slice),
+            "loss_recovered_per_layer": [table_number(d.loss_recovered) for d in per_layer],
+            "ablation_gap_per_layer": [table_number(d.ablation_gap) for d in per_layer]}
 
 
 def splice_hooks(model, member: CrosscoderMember, cc: Crosscoder, positions) -> tuple[object, list[str]]:

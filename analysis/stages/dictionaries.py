@@ -2,7 +2,8 @@
 
 This is the flow every member kind shares (ids, done-markers, lineage, tables). What differs by
 kind lives in one module per kind, `saes`, `transcoders` and `crosscoders`, each with the same
-functions (`member_id`, `train_member`, `reconstruction`, `evaluate_member`, `mining_input`),
+functions (`member_id`, `train_member`, `reconstruction`, `splice_hooks`, `extra_metrics`,
+`mining_input`),
 looked up in `KIND_STAGES` by `member.kind`.
 """
 
@@ -139,9 +140,10 @@ def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device
         eval_idx = evaluation_images(spec, root)
         model = load_model(spec, root, device=device)
         batches = lambda: _labelled_batches(spec, root, eval_idx, device)  # noqa: E731  (a fresh pass each call)
-        rec, down, extra = _stage(member).evaluate_member(
-            spec, root, member, dictionary, eval_idx, model, batches,
-            device=device)
+        stage = _stage(member)
+        rec = stage.reconstruction(spec, root, member, dictionary, eval_idx, device=device)
+        down = _downstream(member, dictionary, model, batches, token_selection(spec).keep)  # its trained tokens
+        extra = stage.extra_metrics(spec, member, dictionary, rec, model, batches)
         extra.update(_fvu_by_token_kind(spec, root, member, dictionary, eval_idx, rec, device))
         extra.update(_downstream_by_token_kind(spec, member, dictionary, model, batches, down))
         row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook,
@@ -176,6 +178,12 @@ def _fvu_by_token_kind(spec: SuiteSpec, root: DataRoot, member: Member, dictiona
             for name, p in kinds.items()}
 
 
+def _downstream(member: Member, dictionary, model, batches, positions) -> DownstreamMetrics:
+    """Clean vs spliced vs zero-ablated passes with the member's output put in at `positions`."""
+    hooks, ablate = _stage(member).splice_hooks(model, member, dictionary, positions)
+    return spliced_downstream_metrics(model, hooks, ablate, batches(), positions=positions)
+
+
 def _downstream_by_token_kind(spec: SuiteSpec, member: Member, dictionary, model, batches,
                               down: DownstreamMetrics) -> dict:
     """Loss recovered and ablation gap when only the class token, only the registers or only the
@@ -189,8 +197,7 @@ def _downstream_by_token_kind(spec: SuiteSpec, member: Member, dictionary, model
         elif len(kinds) == 1:  # one kind only: the all-token numbers are its own
             d = down
         else:
-            hooks, ablate = _stage(member).splice_hooks(model, member, dictionary, kinds[kind])
-            d = spliced_downstream_metrics(model, hooks, ablate, batches(), positions=kinds[kind])
+            d = _downstream(member, dictionary, model, batches, kinds[kind])
         out[f"loss_recovered_{kind}"] = None if d is None else table_number(d.loss_recovered)
         out[f"ablation_gap_{kind}"] = None if d is None else table_number(d.ablation_gap)
     return out

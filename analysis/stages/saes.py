@@ -19,11 +19,10 @@ from analysis.activations.reader import ActivationStore, iter_images, read_token
 from analysis.dictionaries import SparseAutoencoder
 from analysis.dictionaries.training.loop import TrainResult
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae
-from analysis.evaluation.downstream import DownstreamMetrics, sae_splice_hooks, spliced_downstream_metrics
+from analysis.evaluation.downstream import sae_splice_hooks
 from analysis.evaluation.metrics import ReconstructionMetrics, reconstruction_metrics
 from analysis.ids import content_id
 from analysis.paths import DataRoot
-from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.stages.members import SAEMember
 from analysis.stages.parsing import construct
@@ -73,19 +72,15 @@ def reconstruction(spec: SuiteSpec, root: DataRoot, member: SAEMember, sae: Spar
     return reconstruction_metrics(sae, tokens)
 
 
-def evaluate_member(spec: SuiteSpec, root: DataRoot, member: SAEMember, sae: SparseAutoencoder,
-                    eval_idx: np.ndarray, model, model_batches, *, device: str
-                    ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
-    """Reconstruction metrics of `hook`, and the loss when `hook` is replaced by its reconstruction."""
-    rec = reconstruction(spec, root, member, sae, eval_idx, device=device)
-    positions = token_selection(spec).keep  # the tokens it was trained on
-    hooks, ablate = splice_hooks(model, member, sae, positions)
-    return rec, spliced_downstream_metrics(model, hooks, ablate, model_batches(), positions=positions), {}
-
-
 def splice_hooks(model, member: SAEMember, sae: SparseAutoencoder, positions) -> tuple[list, list[str]]:
     """(forward hooks putting the reconstruction of `hook` in at `positions`, the hooks an ablation zeroes)."""
     return sae_splice_hooks(sae, member.hook, positions=positions), [member.hook]
+
+
+def extra_metrics(spec: SuiteSpec, member: SAEMember, sae: SparseAutoencoder, rec: ReconstructionMetrics, model,
+                  batches) -> dict:
+    """No columns beyond the shared ones."""
+    return {}
 
 
 def mining_input(spec: SuiteSpec, root: DataRoot, member: SAEMember, sae: SparseAutoencoder,

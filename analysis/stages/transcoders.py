@@ -18,14 +18,11 @@ from analysis.dictionaries import TopKTranscoder
 from analysis.ids import content_id
 from analysis.activations.reader import ActivationStore, iter_images, read_tokens
 from analysis.evaluation.downstream import (
-    DownstreamMetrics,
-    spliced_downstream_metrics,
     transcoder_splice_hooks,
 )
 from analysis.evaluation.metrics import ReconstructionMetrics, prediction_metrics
 from analysis.activations.multi_loader import PairedShuffledLoader
 from analysis.paths import DataRoot
-from analysis.stages.activations import token_selection
 from analysis.stages.dataset import training_monitor_images
 from analysis.stages.members import TranscoderMember
 from analysis.stages.parsing import construct
@@ -80,20 +77,16 @@ def reconstruction(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc
     return prediction_metrics(tc, pairs)
 
 
-def evaluate_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,
-                    eval_idx: np.ndarray, model, model_batches, *, device: str
-                    ) -> tuple[ReconstructionMetrics, DownstreamMetrics, dict]:
-    """Prediction metrics of `out_hook` from `hook`, and the loss when `out_hook` is replaced."""
-    rec = reconstruction(spec, root, member, tc, eval_idx, device=device)
-    positions = token_selection(spec).keep  # the tokens it was trained on
-    hooks, ablate = splice_hooks(model, member, tc, positions)
-    return rec, spliced_downstream_metrics(model, hooks, ablate, model_batches(), positions=positions), {}
-
-
 def splice_hooks(model, member: TranscoderMember, tc: TopKTranscoder, positions) -> tuple[list, list[str]]:
     """(forward hooks putting the prediction of `out_hook` from `hook` in at `positions`, the hooks an
     ablation zeroes)."""
     return transcoder_splice_hooks(tc, member.hook, member.out_hook, positions=positions), [member.out_hook]
+
+
+def extra_metrics(spec: SuiteSpec, member: TranscoderMember, tc: TopKTranscoder, rec: ReconstructionMetrics, model,
+                  batches) -> dict:
+    """No columns beyond the shared ones."""
+    return {}
 
 
 def mining_input(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,
