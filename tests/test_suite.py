@@ -42,7 +42,7 @@ def test_member_keys_are_readable_and_stable():
         ({"dictionaries": {"architectures": ["topkk"]}}, "did you mean topk"),
         ({"activations": {"dtype": "float8"}}, "valid: float16, bfloat16, float32"),
         ({"activatons": {}}, "did you mean activations"),
-        ({"dictionaries": {"ks": [0]}}, "k=0"),
+        ({"dictionaries": {"ks": [0]}}, r"dictionaries.ks\[0\]=0: expected a positive int"),
         ({"activations": {"images_per_shard": 100, "images_per_chunk": 64}}, "multiple"),
     ],
 )
@@ -113,7 +113,7 @@ def test_transcoder_grid_makes_members_with_readable_keys_and_its_own_ids():
         ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_ot"]]}, "did you mean blocks.1.hook_mlp_out"),
         ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_resid_mid"]]}, "two different hooks"),
         ({"pairs": [["blocks.1.hook_resid_mid"]]}, "two different hooks"),
-        ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]], "ks": [0]}, "k=0"),
+        ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]], "ks": [0]}, r"transcoders.ks\[0\]=0"),
         ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]], "skip": ["yes"]}, "expected true or false"),
         ({"pairs": [["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]], "train": {"batch_sise": 8}},
          "did you mean batch_size"),

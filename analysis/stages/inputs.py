@@ -51,11 +51,9 @@ class DatasetSpec:
         valid = [f.name for f in fields(cls)] + sorted(ingest_keys)
         for key in self.params:
             check_choice("key in suite section 'dataset.params'", key, valid)
-        try:
-            source = cls(**{k: v for k, v in self.params.items() if k not in ingest_keys})
-        except TypeError as err:  # a required field (path, paths) is missing
-            raise ValueError(f"dataset.params for source {self.source!r}: {err}") from err
-        return source, IngestConfig(**{k: v for k, v in self.params.items() if k in ingest_keys})
+        source = construct(cls, {k: v for k, v in self.params.items() if k not in ingest_keys}, "dataset.params")
+        return source, construct(IngestConfig, {k: v for k, v in self.params.items() if k in ingest_keys},
+                                 "dataset.params")
 
     def listing(self) -> Listing:
         """What a folder or Parquet source holds, read without decoding (cached per process)."""

@@ -13,7 +13,7 @@ from typing import ClassVar, Union
 
 from analysis.dictionaries.config import ARCHITECTURES, K_ARCHITECTURES, PENALTY_ARCHITECTURES
 from analysis.dictionaries.crosscoder import CROSSCODER_ARCHITECTURES
-from analysis.stages.parsing import check_choice
+from analysis.stages.parsing import check_choice, check_each, check_not_empty
 
 
 def short_hook(hook: str) -> str:
@@ -101,6 +101,41 @@ class CrosscoderMember:
 Member = Union[SAEMember, TranscoderMember, CrosscoderMember]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's `true` is an int to Python
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The numeric axes the grids share: name -> (valid item, what a valid item is, an example axis)
+_AXES = {
+    "expansions": (lambda v: _is_int(v) and v > 0, "a positive int (the width is expansion x the hook's width)", "[4]"),
+    "ks": (lambda v: _is_int(v) and v > 0, "a positive int (TopK keeps the k largest latents)", "[32]"),
+    "seeds": (lambda v: _is_int(v) and v >= 0, "an int >= 0", "[0]"),
+    "sparsity_coefs": (lambda v: _is_number(v) and v > 0, "a positive penalty coefficient", "[1.0, 5.0]"),
+    "skip": (lambda v: isinstance(v, bool), "true or false", "[true]"),
+}
+
+
+def check_axes(section: str, grid) -> None:
+    """Check a grid's numeric axes as the user wrote them (an expansion of -8 is named as
+    `expansions[0]=-8`, not as the width it would make). The axis that says which dictionaries
+    exist (architectures, pairs, hook_groups) may be empty: none of that kind. A parameter axis
+    may not: it would expand to no members, silently (sparsity_coefs and ks are needed only by
+    the architectures that use them)."""
+    architectures = getattr(grid, "architectures", ("topk",))  # a transcoder is always topk
+    optional = {"sparsity_coefs"} | (set() if set(architectures) & set(K_ARCHITECTURES) else {"ks"})
+    for name, (ok, expected, example) in _AXES.items():
+        if not hasattr(grid, name):
+            continue
+        values = getattr(grid, name)
+        if name not in optional:
+            check_not_empty(f"{section}.{name}", values, example)
+        check_each(f"{section}.{name}", values, ok, f"{expected}; e.g. {name}: {example}")
+
+
 @dataclass(frozen=True)
 class DictionaryGrid:
     hooks: tuple[str, ...] | None = None
@@ -119,9 +154,7 @@ class DictionaryGrid:
     def __post_init__(self):
         for arch in self.architectures:
             check_choice("dictionary architecture", arch, ARCHITECTURES)
-        for k in self.ks:
-            if k <= 0:
-                raise ValueError(f"k={k} must be positive: TopK keeps the k largest latents")
+        check_axes("dictionaries", self)
         if any(a in PENALTY_ARCHITECTURES for a in self.architectures) and not self.sparsity_coefs:
             raise ValueError(
                 f"architectures {self.architectures} include a penalty architecture but "
@@ -164,12 +197,7 @@ class TranscoderGrid:
                     "e.g. [blocks.1.hook_resid_mid, blocks.1.hook_mlp_out]"
                 )
         object.__setattr__(self, "pairs", pairs)
-        for k in self.ks:
-            if k <= 0:
-                raise ValueError(f"transcoders.ks holds k={k}: k must be positive")
-        for skip in self.skip:
-            if not isinstance(skip, bool):
-                raise ValueError(f"transcoders.skip holds {skip!r}: expected true or false")
+        check_axes("transcoders", self)
 
     def members(self, store_hooks: tuple[str, ...]) -> list[TranscoderMember]:
         for pair in self.pairs:
@@ -208,9 +236,7 @@ class CrosscoderGrid:
         object.__setattr__(self, "hook_groups", groups)
         for arch in self.architectures:
             check_choice("crosscoder architecture", arch, CROSSCODER_ARCHITECTURES)
-        for k in self.ks:
-            if k <= 0:
-                raise ValueError(f"crosscoders.ks holds k={k}: k must be positive")
+        check_axes("crosscoders", self)
         penalty = [a for a in self.architectures if a in PENALTY_ARCHITECTURES]
         if penalty and not self.sparsity_coefs:
             raise ValueError(f"crosscoders.architectures includes {penalty[0]} but crosscoders.sparsity_coefs is "

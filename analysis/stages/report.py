@@ -19,15 +19,41 @@ SUMMARY_COLUMNS = ("kind", "hook", "out_hook", "architecture", "k", "sparsity_co
 
 
 def suite_evaluations(spec: SuiteSpec, root: DataRoot) -> pa.Table:
-    """This suite's evaluation rows, through the catalog (the same SQL a researcher runs)."""
+    """This suite's evaluation rows, through the catalog (the same SQL a researcher runs).
+
+    Rows are found by the members' dictionary ids, not by the `suite` column: a member is content
+    addressed, so a suite whose members were first evaluated under another suite's name (same
+    dataset, model and grid, another file) reuses those rows as its own."""
+    ids = list(member_dict_ids(spec).values())
     con = connect_catalog(root.catalog)
     try:
+        if not _has_view(con, "evaluations"):  # no member was ever evaluated under this root
+            return pa.table({"dict_id": pa.array([], pa.string())})
         return con.sql(
-            "SELECT * FROM evaluations WHERE suite = $suite AND store_id = $store ORDER BY kind, hook, architecture, k, sparsity_coef, expansion, seed",
-            params={"suite": spec.name, "store": spec.store_id},
+            "SELECT * FROM evaluations WHERE list_contains($ids, dict_id) "
+            "ORDER BY kind, hook, architecture, k, sparsity_coef, expansion, seed",
+            params={"ids": ids},
         ).to_arrow_table()
     finally:
         con.close()
+
+
+def member_dict_ids(spec: SuiteSpec) -> dict[str, str]:
+    """member key -> dictionary id, for every member of the suite."""
+    return {m.key: dictionary_id(spec, m) for m in spec.members()}
+
+
+def missing_members(spec: SuiteSpec, evals: pa.Table) -> list[str]:
+    """Keys of the suite's members with no row in `evals` (a suite_evaluations result)."""
+    have = set(evals.column("dict_id").to_pylist())
+    return [key for key, dict_id in member_dict_ids(spec).items() if dict_id not in have]
+
+
+def _has_view(con, name: str) -> bool:
+    # fetchall: DuckDB 2 keeps the connection busy until a result is read to its end
+    [(n,)] = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ? AND NOT internal",
+                         [name]).fetchall()
+    return n > 0
 
 
 def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
@@ -56,9 +82,12 @@ def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
 
 
 def write_report(spec: SuiteSpec, root: DataRoot) -> dict:
+    """The plot and summary of the members evaluated so far; `missing_members` names the others
+    (a report of part of a suite is useful while it runs; `pipelines.run` fails on a gap at its end)."""
     evals = suite_evaluations(spec, root)
     plot = plot_fvu_vs_l0(evals, root.reports / f"{spec.name}_fvu_vs_l0.png")
-    return {"plot": str(plot), "n_dictionaries": evals.num_rows, "table": format_summary(evals)}
+    return {"plot": str(plot), "n_dictionaries": evals.num_rows, "table": format_summary(evals),
+            "missing_members": missing_members(spec, evals)}
 
 
 def format_summary(evals: pa.Table) -> str:

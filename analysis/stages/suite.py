@@ -9,6 +9,7 @@ members they expand into in `analysis.stages.members`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,9 +22,12 @@ from analysis.models.mouse import MouseTrainConfig
 from analysis.models.vit import ViTConfig
 from analysis.stages.inputs import DatasetSpec, ModelSpec
 from analysis.stages.members import CrosscoderGrid, DictionaryGrid, Member, TranscoderGrid
-from analysis.stages.parsing import check_choice, construct
+from analysis.stages.parsing import check_choice, construct, describe_value
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
+# A suite's name becomes part of paths (reports/<name>_fvu_vs_l0.png) and of table rows: one plain
+# path component, so no name can reach outside the data root.
+SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class ActivationSpec:
             )
         if not self.hooks:
             raise ValueError("activations.hooks is empty: list at least one hook point")
+        _check_positive("activations", self, ("images_per_shard", "images_per_chunk", "batch_size",
+                                              "patches_sample", "max_store_gb"))
 
     def store_id(self, model_id: str, dataset_id: str) -> str:
         # neither the batch size nor the size limit changes a stored value; an unset patch sample
@@ -79,6 +85,17 @@ class EvaluationSpec:
     """Max-activating images kept per feature."""
     batch_images: int = 128
 
+    def __post_init__(self):
+        _check_positive("evaluation", self, ("max_images", "n_top", "batch_images"))
+
+
+def _check_positive(section: str, spec, names: tuple[str, ...]) -> None:
+    for name in names:
+        value, default = getattr(spec, name), getattr(type(spec), name)
+        if value is not None and not value > 0:
+            example = f"; e.g. {name}: {default} (the default)" if default is not None else ", or leave it unset"
+            raise ValueError(f"{section}.{name}={value!r}: expected a positive number{example}")
+
 
 @dataclass(frozen=True)
 class SuiteSpec:
@@ -92,6 +109,7 @@ class SuiteSpec:
     evaluation: EvaluationSpec = EvaluationSpec()
 
     def __post_init__(self):
+        check_suite_name(self.name)
         if self.model.kind != "mouse" and self.dataset.source == "shapes":
             raise ValueError(f"the shapes generator makes the mouse's 64x64 grayscale images; a {self.model.kind} "
                              "model reads a folder or parquet dataset source (dataset.source)")
@@ -167,21 +185,76 @@ _SECTIONS = {
 }
 
 
-def _build(cls, raw: dict, where: str):
-    if not isinstance(raw, dict):
-        raise ValueError(f"suite section {where!r} must be a mapping, got {type(raw).__name__}")
-    return construct(cls, raw, where)
+def check_suite_name(name) -> None:
+    """Refuse a name that is not one plain path component (`../x`, `a/b`, spaces, 200 chars)."""
+    if not isinstance(name, str) or not SUITE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"suite name {name!r} is not allowed: it names files under the data root, so it must "
+                         f"match {SUITE_NAME.pattern} without '..' (letters, digits, _ . -, at most 64); "
+                         "set `name:` in the suite YAML, e.g. name: my_suite")
 
 
 def parse_suite(raw: dict, name: str = "suite") -> SuiteSpec:
+    """A suite from its YAML mapping; `name` when the mapping has no `name:` (the file's stem)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"the top level of a suite must be a mapping of sections (name, {', '.join(_SECTIONS)}), "
+                         f"got {describe_value(raw)}: write one `section: {{key: value}}` per line, e.g. "
+                         "`dictionaries: {ks: [8, 32]}`")
     for key in raw:
         check_choice("suite section", key, ["name", *_SECTIONS])
-    parts = {sec: _build(cls, raw.get(sec) or {}, sec) for sec, cls in _SECTIONS.items()}
+    # an empty section (`dictionaries:` with nothing under it) keeps the defaults; any other
+    # non-mapping is refused by construct, never read as empty
+    parts = {sec: construct(cls, {} if raw.get(sec) is None else raw[sec], sec) for sec, cls in _SECTIONS.items()}
     return SuiteSpec(name=raw.get("name", name), **parts)
 
 
 def load_suite(path: str | Path) -> SuiteSpec:
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"suite file {path} does not exist: pass a YAML path or a name in pipelines/suites/")
-    return parse_suite(yaml.safe_load(path.read_text()) or {}, name=path.stem)
+    raw = read_suite_yaml(path)
+    try:
+        return parse_suite(raw, name=path.stem)
+    except ValueError as err:
+        raise ValueError(f"suite file {path}: {err}") from err
+
+
+def read_suite_yaml(path: Path):
+    """The file's top-level value; a syntax error, a duplicated key or an empty file is one
+    ValueError naming the file (and line and column), never a traceback or an all-defaults suite."""
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ValueError(f"suite file {path} is not valid YAML{_position(err)}: {_yaml_problem(err)}; "
+                         "fix the syntax there") from None
+    if raw is None:
+        raise ValueError(f"suite file {path} is empty: a suite needs at least a `name:` and the sections it "
+                         f"changes ({', '.join(_SECTIONS)}); see pipelines/suites/default.yaml")
+    return raw  # any other non-mapping is refused by parse_suite, naming what it is
+
+
+def _position(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"  # 0-based in yaml
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(err).splitlines()[0]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys, silently dropping the first section."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (each key once per mapping)",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
