@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from analysis.catalog import check_sql_path
 from analysis.paths import DataRoot
 
 
@@ -20,7 +21,7 @@ class StorageResource(dg.ConfigurableResource):
     s3://bucket/spectra/activations ($SPECTRA_ACTIVATIONS_URL; s3:// needs `pip install s3fs`)."""
 
     def data_root(self) -> DataRoot:
-        root = Path(self.root).expanduser().resolve()
+        root = check_sql_path(self.root)  # fail at the first asset, not at the catalog after all the work
         check_writable(root)
         url = self.activations_url or None
         if url is not None and "://" in url:
