@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(SPECTRA_ROOT)/dagster_home
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install run test ui bench bench-peers clean
+.PHONY: install run test verify ui bench bench-peers clean
 
 install: $(STAMP)
 
@@ -28,8 +28,13 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
+# Reread every artifact of the suite against its checksums (add ARGS=--repair to take back damaged ones).
+verify: install
+	$(PY) -m pipelines.verify $(ARGS)
+
 ui: install
-	mkdir -p $(DAGSTER_HOME) && test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
+	mkdir -p $(DAGSTER_HOME) && test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\npython_logs:\n  managed_python_loggers:\n    - spectra\n' > $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m pipelines.stale_runs  # runs a killed process left STARTED are marked failed
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: install

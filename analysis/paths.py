@@ -53,6 +53,11 @@ class DataRoot:
     def table(self, name: str) -> Path:
         return self.root / "tables" / name
 
+    def lock(self, artifact_id: str) -> Path:
+        """The lock file one process holds while it writes `artifact_id` (a content id, or an id
+        and a part): local to this machine, like the data root."""
+        return self.root / ".locks" / f"{artifact_id}.lock"
+
     @property
     def catalog(self) -> Path:
         return self.root / "catalog.duckdb"

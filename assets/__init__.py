@@ -9,6 +9,7 @@ from assets.dictionaries import dictionary_assets
 from assets.images import images_asset
 from assets.model import model_asset
 from assets.report import report_assets
+from assets.verify import verification_checks
 
 
 def build_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
@@ -17,4 +18,4 @@ def build_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
 
 
 def build_asset_checks(spec: SuiteSpec) -> list[dg.AssetChecksDefinition]:
-    return activation_checks(spec)
+    return [*activation_checks(spec), *verification_checks(spec)]

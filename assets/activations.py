@@ -16,13 +16,13 @@ def shard_partitions(spec: SuiteSpec) -> dg.StaticPartitionsDefinition:
 def activation_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     # code_version names the store format these assets write: a format change bumps it, so Dagster
     # marks stores written in another format stale
-    @dg.asset(name="activation_layout", group_name="activations", code_version="2", deps=["model"],
+    @dg.asset(name="activation_layout", group_name="activations", code_version="3", deps=["model"],
               kinds={"zarr"}, description="Creates every hook's Zarr arrays once, before the shards fill them.")
     def activation_layout(storage: StorageResource) -> dg.MaterializeResult:
         summary = ensure_layout(spec, storage.data_root())
         return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(spec.store_id))
 
-    @dg.asset(name="activations", group_name="activations", code_version="2", deps=["activation_layout"],
+    @dg.asset(name="activations", group_name="activations", code_version="3", deps=["activation_layout"],
               partitions_def=shard_partitions(spec), kinds={"zarr"},
               description=f"Activations of {', '.join(spec.activations.hooks)}, one partition per image shard.")
     def activations(context: dg.AssetExecutionContext, storage: StorageResource,

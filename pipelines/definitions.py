@@ -65,3 +65,10 @@ def build_definitions(spec: SuiteSpec, resources: dict | None = None) -> dg.Defi
 
 
 defs = build_definitions(resolve_suite(os.environ.get("SPECTRA_SUITE", "default")))
+
+
+def job_named(name: str) -> dg.JobDefinition:
+    """A job of the suite the environment names, rebuilt from this module: what step processes of
+    Dagster's multiprocess executor import (`dg.build_reconstructable_job("pipelines.definitions",
+    "job_named", reconstructable_args=(name,))`)."""
+    return defs.resolve_job_def(name)

@@ -19,24 +19,30 @@ from pathlib import Path
 import dagster as dg
 
 from analysis.stages.activations import store_bytes
-from analysis.stages.report import format_summary, suite_evaluations
+from analysis.stages.report import format_summary, missing_members, suite_evaluations
 from analysis.stages.validate import validate_suite
 from analysis.stages.suite import SuiteSpec
+from analysis.catalog import check_sql_path
+from pipelines.stale_runs import owner_tags, sweep_dead_runs
 from resources.storage import check_writable
 
-DAGSTER_YAML = "telemetry:\n  enabled: false\n"
+# Telemetry off; Spectra's own warnings (a damaged artifact being redone) shown in the runs' logs.
+DAGSTER_YAML = "telemetry:\n  enabled: false\npython_logs:\n  managed_python_loggers:\n    - spectra\n"
 # The terminal shows our progress lines and bars; every event still lands in the instance (the UI).
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-def prepare_dagster_home(root: Path) -> Path:
-    """A persistent SQLite-backed instance under the data root, telemetry off."""
+def prepare_dagster_home(root: Path, log=print) -> Path:
+    """A persistent SQLite-backed instance under the data root, telemetry off, where runs that a
+    killed process left unfinished are marked failed (they would show as running forever)."""
     home = root / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
         config.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
+    with dg.DagsterInstance.get() as instance:
+        sweep_dead_runs(instance, log=log)
     return home
 
 
@@ -51,8 +57,9 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
 
     def execute(job_name: str, partition_key: str | None = None) -> None:
         job = defs.resolve_job_def(job_name)
+        # the owner tags let a later sweep fail this run if this process is killed mid-run
         result = job.execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=True,
-                                        run_config=QUIET_CONSOLE)
+                                        run_config=QUIET_CONSOLE, tags=owner_tags())
         if not result.success:
             raise RuntimeError(f"{job_name} {partition_key or ''} failed: see the Dagster run {result.run_id}")
 
@@ -82,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything that can be wrong with the input fails here, before any work, in one line
         from pipelines.definitions import resolve_suite
 
-        root = Path(args.root).expanduser().resolve()
-        check_writable(root)
+        root = check_sql_path(Path(args.root))  # before anything is written under it
         spec = resolve_suite(args.suite)
         validate_suite(spec)
+        check_writable(root)  # last: it creates the root, which a bad suite must not leave behind
     except (ValueError, PermissionError, FileNotFoundError) as err:
         print(f"spectra: {err}", file=sys.stderr)
         return 2
@@ -107,10 +114,23 @@ def main(argv: list[str] | None = None) -> int:
               f"({model['train_seconds']:.0f} s of training)")
     else:
         print(f"Model: {spec.model.kind} {spec.model.name} ({spec.model.weights} weights)")
-    print(format_summary(suite_evaluations(spec, data_root)))
+    evals = suite_evaluations(spec, data_root)
+    print(format_summary(evals))
     print(f"\nCatalog: {data_root.catalog}\nPlot:    {data_root.reports / f'{spec.name}_fvu_vs_l0.png'}")
     print(f"Stage seconds: {timings}; total {time.perf_counter() - start:.1f} s")
-    return 0
+    return report_missing(spec, evals)
+
+
+def report_missing(spec: SuiteSpec, evals) -> int:
+    """1, naming them, when members of the suite have no evaluation row at the end of its run: a
+    table that silently lacks members reads as a complete result."""
+    missing = missing_members(spec, evals)
+    if not missing:
+        return 0
+    print(f"spectra: {len(missing)} of the suite's {len(spec.members())} members have no row in the catalog's "
+          f"evaluations table: {', '.join(missing)}; run the suite again (finished members are reused) and, if "
+          "they stay missing, look at their dictionary_job runs (make ui)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

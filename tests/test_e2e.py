@@ -117,10 +117,11 @@ def test_top_images_are_held_out_and_ranked(suite_run):
             assert a["activation"] >= b["activation"]
 
 
-def test_blocking_finiteness_check_ran_and_passed(suite_run):
+@pytest.mark.parametrize("asset, check", [("activation_stats", "activations_are_finite"),
+                                          ("catalog", "artifacts_match_their_checksums")])
+def test_asset_checks_ran_and_passed(suite_run, asset, check):
     _, _, instance, _ = suite_run
-    key = dg.AssetCheckKey(dg.AssetKey("activation_stats"), "activations_are_finite")
-    record = instance.get_latest_asset_check_evaluation_record(key)
+    record = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey(asset), check))
     assert record is not None and record.evaluation.passed
 
 

@@ -22,6 +22,7 @@ of every hook has landed without error.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,10 +34,14 @@ import zarr
 from tqdm.auto import tqdm
 
 from analysis.activations.stats import Moments, write_partial
-from analysis.activations.store import ZARR_DTYPE, StoreLayout, StoreLocation, completed, is_url, open_layout
+from analysis.activations.store import (ZARR_DTYPE, StoreLayout, StoreLocation, completed, damaged_shards, is_url,
+                                        open_layout, reset_shard)
+from analysis.activations.store_files import record_shard_files, remove_partials
 from analysis.models.inputs import to_model_input
 from analysis.activations.shard_file import ShardFileWriter
 from analysis.activations.threads import CallerExecutor, Worker, spare_core
+
+log = logging.getLogger("spectra.integrity")
 
 Capture = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 """Model input (B, C, H, W) float32 in [0, 1] -> {hook: (B, T, d) activations}.
@@ -148,7 +153,9 @@ class _HookShard:
                 future.result()  # re-raises a write's ShardWriteError here
 
     def mark_complete(self) -> None:
-        """The statistics row, which doubles as the completion marker: only after all data."""
+        """The files' sizes and checksums, then the statistics row, which doubles as the completion
+        marker: only after all data."""
+        self._write(lambda: record_shard_files(self.group, self.shard, self.start, self.start + self.n))
         self._write(lambda: write_partial(self.group, self.shard, self.moments.partial()))
 
     def _put(self, name: str, data: np.ndarray, offset: int) -> None:
@@ -209,7 +216,17 @@ def _open_todo(stores: dict[str, StoreLocation], shard: int,
     if images.shape[0] != layout.n_images:
         raise ValueError(f"images has {images.shape[0]} rows but the stores expect n_images={layout.n_images}: "
                          "create the stores from this image dataset")
-    return layout, {hook: g for hook, (g, _) in opened.items() if not completed(g)[shard]}
+    todo = {}
+    for hook, (group, _) in opened.items():
+        damage = damaged_shards(group, layout, [shard])
+        if damage:  # redone from the images, never reused: a missing file would read as zeros
+            log.warning("activation store %s: %s; extracting shard %d again", stores[hook],
+                        "; ".join(map(str, damage)), shard)
+            reset_shard(group, shard)
+        if not completed(group)[shard]:
+            remove_partials(group, shard, *layout.shard_bounds(shard))  # a killed attempt's leftovers
+            todo[hook] = group
+    return layout, todo
 
 
 def extract_shard(

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from analysis.activations.stats import StoreStats, merge_partials, read_stats
-from analysis.activations.store import StoreLocation, completed, is_url, open_layout
+from analysis.activations.store import StoreLocation, completed, damaged_shards, is_url, open_layout
 from analysis.activations.tokens import TokenGroups
+from analysis.integrity import DamagedArtifact
 
 def decode(raw: np.ndarray, logical_dtype: str) -> torch.Tensor:
     """Stored values -> float32 tensor (bfloat16 is stored as its uint16 bits).
@@ -42,6 +43,12 @@ class ActivationStore:
                 f"activation store {self.path} is incomplete: shards {missing} are missing; "
                 "materialize the activations for those partitions first"
             )
+        damage = damaged_shards(group, self.layout)  # a stat per file: a missing file would read as zeros
+        if damage:
+            shards = sorted({d.shard for d in damage})
+            raise DamagedArtifact(
+                f"activation store {self.path} is damaged: {'; '.join(map(str, damage))}; materialize the "
+                f"activations partitions {shards} again (make run does), which re-extracts exactly those shards")
         self._group, self._acts = group, group["acts"]
         self.n_images, self.n_tokens = self.layout.n_images, self.layout.n_tokens
         self.d_model, self.dtype = self.layout.d_model, self.layout.dtype

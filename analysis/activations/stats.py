@@ -130,6 +130,8 @@ def finalize_stats(location: StoreLocation) -> StoreStats:
     """Merge the partials and record `mean`, `var` (d,) float64 and attrs in the store."""
     stats = merge_partials(location)
     group = open_store_group(location, "r+")
+    if _same(read_stats(group), stats):  # already recorded: rewriting would only open a window
+        return stats                     # in which a concurrent reader sees the arrays' fill value
     for name in ("mean", "var"):
         arr = group.create_array(name, shape=(len(stats.mean),), dtype="float64",
                                  compressors=None, fill_value=0, overwrite=True)
@@ -144,3 +146,8 @@ def read_stats(group: zarr.Group) -> StoreStats | None:
         return StoreStats(group["mean"][:], group["var"][:], float(group.attrs["mean_norm"]),
                           int(group.attrs["n_tokens_total"]))
     return None
+
+
+def _same(a: StoreStats | None, b: StoreStats) -> bool:
+    return a is not None and np.array_equal(a.mean, b.mean) and np.array_equal(a.var, b.var) \
+        and a.mean_norm == b.mean_norm and a.n_tokens == b.n_tokens

@@ -4,7 +4,8 @@ A store location is a local path (`Path`, or a `str` without a scheme) or any fs
 (`memory://…`, `s3://…` with s3fs installed, `gs://…`); Zarr opens both, wrapping synchronous
 fsspec filesystems such as memory:// itself. Everything a store records lives inside it as Zarr
 nodes or attributes — layout and lineage in the group attrs, completion in the `partials`
-array — so no side files on local disk are needed and object storage behaves like a directory.
+array, each shard file's size and crc32c in the `files` array (`store_files`) — so no side
+files on local disk are needed and object storage behaves like a directory.
 
 `partials` has one row, and one chunk, per shard: [count, norm_sum, mean (d), m2 (d)] of the
 shard's tokens. The row is written after all of the shard's data, in one object write (atomic
@@ -23,12 +24,13 @@ from typing import Literal, Union
 import numpy as np
 import zarr
 
+from analysis.activations.store_files import FILES, ShardDamage, check_shards, create_files_array
 from analysis.activations.tokens import TokenGroups
 
 StoreLocation = Union[str, Path]
 """A local directory (Path or plain str) or an fsspec URL such as memory://… or s3://…."""
 
-FORMAT = "spectra.activations/3"  # 3: token_groups attribute; 2: completion markers in the store
+FORMAT = "spectra.activations/4"  # 4: recorded file sizes and crc32c; 3: token_groups; 2: completion markers
 ZARR_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 PARTIALS = "partials"
 
@@ -123,7 +125,7 @@ def _check_format(attrs: dict, location: StoreLocation) -> None:
     if attrs.get("format") != FORMAT:
         raise ValueError(
             f"activation store {location} has format {attrs.get('format')!r}, this code reads "
-            f"{FORMAT!r} (the store now records its token groups): delete the store, or "
+            f"{FORMAT!r} (the store now records each file's size and checksum): delete the store, or "
             "re-create it with create_store(..., overwrite=True), and extract again"
         )
 
@@ -187,6 +189,7 @@ def create_store(location: StoreLocation, layout: StoreLayout, lineage: dict, *,
     # One chunk per shard: each partition writes its own row object, never a shared one.
     group.create_array(PARTIALS, shape=(layout.n_shards, 2 + 2 * d), chunks=(1, 2 + 2 * d),
                        dtype="float64", **common)
+    create_files_array(group, layout.n_shards)
     group.attrs.update({**wanted, "format": FORMAT, "logical_dtype": layout.dtype})
 
 
@@ -199,6 +202,27 @@ def missing_shards(location: StoreLocation) -> list[int]:
     """Shards without a completion marker, ascending."""
     group, _ = open_layout(location)  # a clear error for a missing store or an old format
     return np.flatnonzero(~completed(group)).tolist()
+
+
+def damaged_shards(group: zarr.Group, layout: StoreLayout, shards=None, *, full: bool = False) -> list[ShardDamage]:
+    """Damage in the files of completed shards (all of them, or those in `shards`): missing,
+    truncated, or (full) changed since extraction recorded them."""
+    done = np.flatnonzero(completed(group)).tolist()
+    wanted = done if shards is None else [s for s in shards if s in done]
+    return check_shards(group, wanted, layout.shard_bounds, full=full)
+
+
+def shards_to_extract(location: StoreLocation) -> list[int]:
+    """Shards without a completion marker or with damaged files (cheap check), ascending."""
+    group, layout = open_layout(location)
+    return sorted(set(np.flatnonzero(~completed(group)).tolist())
+                  | {d.shard for d in damaged_shards(group, layout)})
+
+
+def reset_shard(group: zarr.Group, shard: int) -> None:
+    """Take back a shard's completion marker (and its file records), so it is extracted again."""
+    group[PARTIALS][shard] = 0
+    group[FILES][shard] = 0
 
 
 def is_complete(location: StoreLocation) -> bool:

@@ -16,6 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from analysis.integrity import atomic_write, require_done, write_done
+
+DONE_FILE = "dataset.json"  # written last: vouches for images.zarr and the tables
+
 
 def image_sha256(image: np.ndarray) -> str:
     """Content hash of one image (shape and dtype included, so a reshape changes it)."""
@@ -44,7 +48,7 @@ def write_image_dataset(
     """Write images.zarr + labels.parquet into `directory`; returns the content hash.
 
     `labels` columns must each have N rows; `image_idx` and `sha256` are added here.
-    The Parquet file is written last, so its presence marks a complete dataset.
+    The done-marker (`dataset.json`, with every file's size and sha256) is written last.
     """
     directory = Path(directory)
     n = images.shape[0]
@@ -64,20 +68,24 @@ def write_image_dataset(
     content_hash = dataset_content_hash(shas)
     arr.attrs.update({**(attrs or {}), "content_hash": content_hash, "n_images": int(n)})
     table = pa.table({"image_idx": np.arange(n, dtype=np.int64), **labels, "sha256": shas})
-    tmp = directory / "labels.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(directory / "labels.parquet")
+    atomic_write(directory / "labels.parquet", lambda tmp: pq.write_table(table, tmp))
+    mark_dataset_done(directory, content_hash, n)
     return content_hash
 
 
+def mark_dataset_done(directory: Path, content_hash: str, n_images: int) -> None:
+    """The dataset's done-marker, last: it vouches for every file of the images and tables."""
+    files = [directory / name for name in ("images.zarr", "labels.parquet", "rejected.parquet")
+             if (directory / name).exists()]
+    write_done(directory / DONE_FILE, {"content_hash": content_hash, "n_images": int(n_images)}, files)
+
+
 def open_images(directory: str | Path) -> zarr.Array:
-    """The images array of a written dataset (read-only)."""
-    path = Path(directory) / "images.zarr"
-    if not (Path(directory) / "labels.parquet").exists():
-        raise FileNotFoundError(
-            f"no complete image dataset at {directory}: materialize the images asset first"
-        )
-    return zarr.open_array(str(path), mode="r")
+    """The images array of a finished dataset (read-only), refused when a file its done-marker
+    vouches for is missing or truncated (a missing chunk would read as black images)."""
+    require_done(Path(directory) / DONE_FILE, "image dataset",
+                 "materialize the images asset again (make run does), which rewrites it")
+    return zarr.open_array(str(Path(directory) / "images.zarr"), mode="r")
 
 
 def read_labels(directory: str | Path) -> pa.Table:

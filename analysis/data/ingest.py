@@ -9,8 +9,8 @@ hash its decoded pixels, set aside what cannot be read, and split over unique co
 Decoding runs on a thread pool (Pillow releases the GIL while it decodes), in order, with a
 progress bar. Images are written to Zarr one whole chunk at a time. Exact duplicates (same
 decoded pixels) are kept, listed by `duplicate_of`, and always land on the same side of the
-split, so no image is both trained on and evaluated. labels.parquet is written last: its
-presence marks a complete dataset.
+split, so no image is both trained on and evaluated. The done-marker `dataset.json` is written
+last, with every file's size and sha256.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import zarr
 from tqdm.auto import tqdm
 
 from analysis.data.decode import ImageRejected, decode_image
-from analysis.data.images import dataset_content_hash, image_sha256
+from analysis.data.images import dataset_content_hash, image_sha256, mark_dataset_done
 from analysis.data.sources import Entry
 from analysis.models.inputs import Preprocessing
+from analysis.integrity import atomic_write
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,13 @@ def _finish(directory: Path, arr: zarr.Array, kept: list[dict], rejected: list[d
     content_hash = dataset_content_hash(shas)
     arr.attrs.update({**attrs, "content_hash": content_hash, "n_images": len(kept)})
     reject_schema = pa.schema([("source", pa.string()), ("reason", pa.string())])
-    pq.write_table(pa.Table.from_pylist(rejected, schema=reject_schema), directory / "rejected.parquet")
+    rejected_table = pa.Table.from_pylist(rejected, schema=reject_schema)
+    atomic_write(directory / "rejected.parquet", lambda tmp: pq.write_table(rejected_table, tmp))
     table = pa.Table.from_pylist(kept).add_column(0, "image_idx", pa.array(np.arange(len(kept), dtype=np.int64)))
     table = table.append_column("duplicate_of", pa.array(duplicate_of, pa.int64()))
     table = table.append_column("split", pa.array(split))
-    tmp = directory / "labels.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(directory / "labels.parquet")
+    atomic_write(directory / "labels.parquet", lambda tmp: pq.write_table(table, tmp))
+    mark_dataset_done(directory, content_hash, len(kept))
     n_dup = sum(d is not None for d in duplicate_of)
     return IngestReport(len(kept), len(rejected), n_dup, int((split == "train").sum()), int((split == "eval").sum()),
                         content_hash)

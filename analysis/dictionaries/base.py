@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from analysis.dictionaries.config import SAEConfig
+from analysis.integrity import atomic_write, write_bytes
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -171,10 +172,10 @@ def write_checkpoint(directory: str | Path, module: nn.Module, config: dict, fam
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE))
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     lineage = extra_config if extra_config is not None else getattr(module, "lineage", None)
     config = {**config, DICTIONARY_KEY: family, "lineage": lineage or {}}
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_bytes(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode())
     return directory
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from analysis.integrity import atomic_write, write_json
+
 RESUME_DIR = "resume"
 
 
@@ -33,9 +35,8 @@ def save_train_state(directory: str | Path, *, sae, opt: torch.optim.Optimizer, 
         for key, value in st.items():
             out[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
     out.update({f"loop.{n}": t.detach().contiguous().cpu() for n, t in tensors.items()})
-    save_file(out, str(tmp / "state.safetensors"))
-    meta = {**meta, "param_groups": opt_state["param_groups"]}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    atomic_write(tmp / "state.safetensors", lambda path: save_file(out, str(path)))
+    write_json(tmp / "state.json", {**meta, "param_groups": opt_state["param_groups"]})
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from analysis.dictionaries.base import SparseAutoencoder
 from analysis.dictionaries.config import SAEConfig
 from analysis.dictionaries.models import build_sae
+from analysis.integrity import atomic_write, write_bytes
 
 SAELENS_CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -111,8 +112,8 @@ def export_saelens(sae: SparseAutoencoder, directory: str | Path, *, model_name:
         out["k"] = cfg.k
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / SAELENS_WEIGHTS_FILE))
-    (directory / SAELENS_CFG_FILE).write_text(json.dumps(out, indent=2, sort_keys=True))
+    atomic_write(directory / SAELENS_WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    write_bytes(directory / SAELENS_CFG_FILE, json.dumps(out, indent=2, sort_keys=True).encode())
     return directory
 
 

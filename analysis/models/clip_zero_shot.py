@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from analysis.models.cache import ActivationCache
 from analysis.models.hooks import HookFn, NameFilter
+from analysis.integrity import atomic_write, write_json
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 HEAD_WEIGHTS, HEAD_CONFIG = "zero_shot_head.safetensors", "zero_shot_head.json"
@@ -47,10 +48,9 @@ class ZeroShotHead(nn.Module):
         beside the tower's own files (mirror of `load`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"class_embeddings": self.class_embeddings.detach().cpu().contiguous()},
-                  str(directory / HEAD_WEIGHTS))
-        (directory / HEAD_CONFIG).write_text(json.dumps({"logit_scale": self.logit_scale,
-                                                          "class_names": self.class_names}, indent=2))
+        tensors = {"class_embeddings": self.class_embeddings.detach().cpu().contiguous()}
+        atomic_write(directory / HEAD_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+        write_json(directory / HEAD_CONFIG, {"logit_scale": self.logit_scale, "class_names": self.class_names})
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "ZeroShotHead":

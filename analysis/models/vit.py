@@ -36,6 +36,7 @@ from analysis.models.cache import ActivationCache
 from analysis.models.hooks import HookedRootModule, HookFn, HookPoint, NameFilter
 from analysis.models.blocks import Block, LayerNorm
 from analysis.models.config import ViTConfig
+from analysis.integrity import atomic_write, write_json
 from analysis.models.convert import fold_input_normalization, open_clip_weights, timm_weights
 
 __all__ = ["HookedViT", "ViTConfig", "resample_pos_embed", "CONFIG_FILE", "WEIGHTS_FILE"]
@@ -249,9 +250,9 @@ class HookedViT(HookedRootModule):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE))
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         meta = {"model": "HookedViT", "config": self.cfg.to_dict(), "weights_hash": self.weights_hash()}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        write_json(directory / CONFIG_FILE, meta)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "HookedViT":

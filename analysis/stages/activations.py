@@ -5,12 +5,11 @@ Stores live where `DataRoot.hook_store` says: under the data root, or under an f
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch
 
-from analysis.activations.store import StoreLayout, create_store, missing_shards
+from analysis.activations.store import StoreLayout, create_store, shards_to_extract
 from analysis.activations.extract import extract_shard
 from analysis.activations.stats import finalize_stats
 from analysis.activations.store import open_store_group
@@ -18,7 +17,8 @@ from analysis.ids import code_version
 from analysis.data.images import open_images
 from analysis.activations.reader import ActivationStore
 from analysis.paths import DataRoot
-from analysis.stages.model import load_tower, vit_config
+from analysis.integrity import file_lock, require_done
+from analysis.stages.model import RESULT_FILE, load_tower, vit_config
 from analysis.stages.suite import SuiteSpec
 from analysis.activations.tokens import TokenSelection, select_tokens
 from analysis.models.vit import HookedViT
@@ -76,33 +76,13 @@ def stop_layer(hooks: list[str]) -> int | None:
 
 def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
     """Create every hook's arrays once; partitions then write disjoint shard-aligned regions."""
-    model_dir = root.model(spec.model_id)
-    model_summary = json.loads((model_dir / "result.json").read_text())
+    model_summary = require_done(root.model(spec.model_id) / RESULT_FILE, "model",
+                                 "materialize the model asset again (make run does)")
     images = open_images(root.images(spec.dataset_id))
     layout = store_layout(spec, images.shape[0])
-    for hook in spec.activations.hooks:
-        lineage = {
-            "store_id": spec.store_id, "hook": hook,
-            "model_id": spec.model_id, "model_weights_hash": model_summary["weights_hash"],
-            "dataset_id": spec.dataset_id, "dataset_content_hash": images.attrs["content_hash"],
-            "tokens": spec.activations.tokens, "dtype": spec.activations.dtype,
-            "compute_dtype": spec.activations.compute_dtype,
-            "preprocessing": "uint8 / 255 -> float32 (B, C, H, W)",
-        }
-        if spec.dataset.source != "shapes":  # decoded files: how they became the stored pixels
-            lineage["preprocessing"] = {"stored": spec.preprocessing().to_dict(),
-                                        "model_input": lineage["preprocessing"] + "; mean/std folded into the "
-                                                       "model's patch embedding"}
-        if spec.activations.patches_sample:  # which patches: a pure function of the image index
-            lineage["patches_sample"] = {"n": spec.activations.patches_sample,
-                                         "drawn_by": "analysis.activations.tokens.TokenSelection.positions_for"}
-        path = root.hook_store(spec.store_id, hook)
-        create_store(path, layout, lineage, token_groups=token_selection(spec).groups)
-        # The code version is lineage too, but kept outside the compared lineage: a new commit
-        # must not invalidate a store whose content ids are unchanged.
-        group = open_store_group(path, "r+")
-        if "code_version" not in group.attrs:
-            group.attrs["code_version"] = code_version()
+    with file_lock(root.lock(spec.store_id)):  # creation must not race: an unfinished store is recreated empty
+        for hook in spec.activations.hooks:
+            _create_hook_store(spec, root, hook, layout, model_summary, images.attrs["content_hash"])
     return {"store_id": spec.store_id, "path": str(root.store(spec.store_id)), "n_shards": layout.n_shards,
             "store_gb": round(store_bytes(spec, layout.n_images) / 1e9, 3),
             "n_images": layout.n_images, "n_tokens": layout.n_tokens, "d_model": layout.d_model,
@@ -110,9 +90,42 @@ def ensure_layout(spec: SuiteSpec, root: DataRoot) -> dict:
             "hooks": list(spec.activations.hooks)}
 
 
+def _create_hook_store(spec: SuiteSpec, root: DataRoot, hook: str, layout: StoreLayout, model_summary: dict,
+                       dataset_hash: str) -> None:
+    lineage = {
+        "store_id": spec.store_id, "hook": hook,
+        "model_id": spec.model_id, "model_weights_hash": model_summary["weights_hash"],
+        "dataset_id": spec.dataset_id, "dataset_content_hash": dataset_hash,
+        "tokens": spec.activations.tokens, "dtype": spec.activations.dtype,
+        "compute_dtype": spec.activations.compute_dtype,
+        "preprocessing": "uint8 / 255 -> float32 (B, C, H, W)",
+    }
+    if spec.dataset.source != "shapes":  # decoded files: how they became the stored pixels
+        lineage["preprocessing"] = {"stored": spec.preprocessing().to_dict(),
+                                    "model_input": lineage["preprocessing"] + "; mean/std folded into the "
+                                                   "model's patch embedding"}
+    if spec.activations.patches_sample:  # which patches: a pure function of the image index
+        lineage["patches_sample"] = {"n": spec.activations.patches_sample,
+                                     "drawn_by": "analysis.activations.tokens.TokenSelection.positions_for"}
+    path = root.hook_store(spec.store_id, hook)
+    create_store(path, layout, lineage, token_groups=token_selection(spec).groups)
+    # The code version is lineage too, but kept outside the compared lineage: a new commit
+    # must not invalidate a store whose content ids are unchanged.
+    group = open_store_group(path, "r+")
+    if "code_version" not in group.attrs:
+        group.attrs["code_version"] = code_version()
+
+
 def extract(spec: SuiteSpec, root: DataRoot, shard: int, *, device: str = "cpu", progress: bool = True) -> dict:
+    """Extract one shard into every hook's store unless it is there with intact files. A second
+    process on the same shard (on this machine) waits, then finds it done."""
+    with file_lock(root.lock(f"{spec.store_id}.shard{shard:05d}")):
+        return _extract(spec, root, shard, device, progress)
+
+
+def _extract(spec: SuiteSpec, root: DataRoot, shard: int, device: str, progress: bool) -> dict:
     stores = {hook: root.hook_store(spec.store_id, hook) for hook in spec.activations.hooks}
-    if all(shard not in missing_shards(path) for path in stores.values()):
+    if all(shard not in shards_to_extract(path) for path in stores.values()):  # done, files intact
         return {"shard": shard, "skipped": True}
     model = load_tower(spec, root, device=device)
     hooks = list(spec.activations.hooks)
@@ -143,7 +156,8 @@ def _stored_positions(selection: TokenSelection):
 def ensure_stats(spec: SuiteSpec, root: DataRoot) -> dict:
     out = {"store_id": spec.store_id}
     for hook in spec.activations.hooks:
-        stats = finalize_stats(root.hook_store(spec.store_id, hook))
+        with file_lock(root.lock(spec.store_id)):
+            stats = finalize_stats(root.hook_store(spec.store_id, hook))
         out[f"{hook}.mean_norm"] = round(float(stats.mean_norm), 4)
         out[f"{hook}.n_tokens"] = int(stats.n_tokens)
     return out

@@ -9,9 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from analysis.catalog import write_table_partition
-from analysis.data.images import open_images, read_labels, write_image_dataset
+from analysis.data.images import DONE_FILE, open_images, read_labels, write_image_dataset
 from analysis.data.ingest import ingest
 from analysis.data.shapes import generate_shapes
+from analysis.integrity import file_lock, read_done, remove_temporaries
 from analysis.paths import DataRoot
 from analysis.stages.suite import SuiteSpec
 
@@ -20,14 +21,20 @@ REJECTED_FILE = "rejected.parquet"
 
 def ensure_dataset(spec: SuiteSpec, root: DataRoot, *, progress: bool = True) -> dict:
     directory = root.images(spec.dataset_id)
-    if not (directory / "labels.parquet").exists():
-        if spec.dataset.source == "shapes":
-            data = generate_shapes(spec.dataset.config())
-            write_image_dataset(directory, data.images, data.labels,
-                                attrs={"source": "shapes", "config": spec.dataset.params,
-                                       "class_names": data.class_names})
-        else:
-            _ingest(spec, root, progress)
+    with file_lock(root.lock(spec.dataset_id)):  # a second run waits, then reuses
+        if read_done(directory / DONE_FILE) is None:  # absent, or damaged (logged): (re)written whole
+            remove_temporaries(directory)
+            if spec.dataset.source == "shapes":
+                data = generate_shapes(spec.dataset.config())
+                write_image_dataset(directory, data.images, data.labels,
+                                    attrs={"source": "shapes", "config": spec.dataset.params,
+                                           "class_names": data.class_names})
+            else:
+                _ingest(spec, root, progress)
+        rejected = directory / REJECTED_FILE
+        if rejected.exists():  # the table copy, rewritten from the dataset's own (vouched-for) file
+            write_table_partition(root.table("rejected_images"), {"dataset_id": spec.dataset_id},
+                                  pq.read_table(rejected))
     images = open_images(directory)
     labels = read_labels(directory)
     split = np.asarray(labels.column("split").to_pylist())
@@ -58,8 +65,6 @@ def _ingest(spec: SuiteSpec, root: DataRoot, progress: bool) -> None:
            eval_fraction=cfg.eval_fraction, seed=cfg.seed, workers=cfg.workers, progress=progress,
            attrs={"source": spec.dataset.source, "config": spec.dataset.params, "listing": listing.digest,
                   "preprocessing": pre.to_dict(), "class_names": list(listing.class_names)})
-    write_table_partition(root.table("rejected_images"), {"dataset_id": spec.dataset_id},
-                          pq.read_table(directory / REJECTED_FILE))
 
 
 def split_indices(root: DataRoot, dataset_id: str) -> tuple[np.ndarray, np.ndarray]:

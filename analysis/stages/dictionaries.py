@@ -22,6 +22,7 @@ from torch import Tensor
 
 from analysis.catalog import table_number, write_table_partition
 from analysis.ids import code_version
+from analysis.integrity import atomic_write, file_lock, read_done, remove_temporaries, require_done, write_done
 from analysis.data.images import open_images, read_labels
 from analysis.models.inputs import to_model_input
 from analysis.evaluation.downstream import DownstreamMetrics, spliced_downstream_metrics
@@ -29,6 +30,7 @@ from analysis.evaluation.metrics import ReconstructionMetrics, log10_density_his
 from analysis.evaluation.mining import mine_features
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
+from analysis.dictionaries.base import CONFIG_FILE, WEIGHTS_FILE
 from analysis.dictionaries.resume import RESUME_DIR
 from analysis.stages import crosscoders, saes, transcoders
 from analysis.stages.activations import token_selection
@@ -37,7 +39,11 @@ from analysis.stages.members import Member
 from analysis.stages.model import load_model
 from analysis.stages.suite import SuiteSpec
 
-SUMMARY_FILE = "train_summary.json"  # written last: its presence marks a finished checkpoint
+# Done-markers, each written last and vouching for the files its stage wrote (analysis.integrity)
+SUMMARY_FILE = "train_summary.json"
+EVALUATION_FILE = "evaluation.json"
+FEATURES_FILE = "features.json"
+HEATMAPS_FILE = "heatmaps.npy"
 CHECKPOINT_EVERY = 200  # steps between resumable training states (a multiple of the log interval)
 
 # member kind -> the module with that kind's half of these stages
@@ -65,38 +71,50 @@ def dictionary_id(spec: SuiteSpec, member: Member) -> str:
 def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: Member, *, dict_id: str | None = None,
                       device: str = "cpu", on_log: Callable[[dict], None] | None = None,
                       progress: bool = True) -> dict:
-    """Train the member's dictionary unless it is done; `dict_id` saves recomputing its id."""
+    """Train the member's dictionary unless it is done; `dict_id` saves recomputing its id.
+    A second process training the same member waits for the first, then reuses its checkpoint:
+    two never train into one `resume/` directory."""
     dict_id = dictionary_id(spec, member) if dict_id is None else dict_id
     directory = root.dictionary(dict_id)
     done = directory / SUMMARY_FILE
-    if not done.exists():
-        train_idx, _ = split_indices(root, spec.dataset_id)
-        # A killed run resumes from its last state in <dict dir>/resume and ends on the same weights.
-        try:
-            result, train_cfg, store_lineage = _stage(member).train_member(
-                spec, root, member, train_idx, checkpoint_dir=directory, checkpoint_every=CHECKPOINT_EVERY,
-                device=device, on_log=on_log, progress=progress)
-        except RuntimeError as err:  # diverged: say where the last good state is, and keep it
-            state = directory / RESUME_DIR / "state.json"
-            kept = (f"the last good training state (step {json.loads(state.read_text())['step']}, weights at "
-                    f"training scale) is kept in {state.parent}" if state.exists()
-                    else "no training state was saved before it")
-            raise RuntimeError(f"member {member.key}: {err}; {kept}") from err
-        lineage = {"dict_id": dict_id, "kind": member.kind, **asdict(member), "store_id": spec.store_id,
-                   "store_lineage": store_lineage, "train_config": train_cfg, "code_version": code_version(),
-                   # float reductions depend on these: the same ids on another device or thread count
-                   # train (slightly) different weights
-                   "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
-                               "torch_version": torch.__version__}}
-        model = result[0]
-        model.save(directory, extra_config=lineage)
-        write_table_partition(root.table("train_log"), {"dict_id": dict_id}, pa.Table.from_pylist(result.log))
-        summary = {"dict_id": dict_id, "steps": int(result.steps), "train_tokens": int(result.tokens),
-                   "train_seconds": round(float(result.seconds), 2),
-                   "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1)}
-        done.write_text(json.dumps(summary, indent=2))
-        shutil.rmtree(directory / RESUME_DIR, ignore_errors=True)  # optimizer state is not needed past here
-    return {**json.loads(done.read_text()), "path": str(directory)}
+    with file_lock(root.lock(dict_id)):
+        summary = read_done(done)  # None when absent, or damaged (logged): then trained again
+        if summary is None:
+            summary = _train(spec, root, member, dict_id, device, on_log, progress)
+    return {**summary, "path": str(directory)}
+
+
+def _train(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str,
+           on_log: Callable[[dict], None] | None, progress: bool) -> dict:
+    directory = root.dictionary(dict_id)
+    _remove_temporaries(root, dict_id, "train_log")
+    train_idx, _ = split_indices(root, spec.dataset_id)
+    # A killed run resumes from its last state in <dict dir>/resume and ends on the same weights.
+    try:
+        result, train_cfg, store_lineage = _stage(member).train_member(
+            spec, root, member, train_idx, checkpoint_dir=directory, checkpoint_every=CHECKPOINT_EVERY,
+            device=device, on_log=on_log, progress=progress)
+    except RuntimeError as err:  # diverged: say where the last good state is, and keep it
+        state = directory / RESUME_DIR / "state.json"
+        kept = (f"the last good training state (step {json.loads(state.read_text())['step']}, weights at "
+                f"training scale) is kept in {state.parent}" if state.exists()
+                else "no training state was saved before it")
+        raise RuntimeError(f"member {member.key}: {err}; {kept}") from err
+    lineage = {"dict_id": dict_id, "kind": member.kind, **asdict(member), "store_id": spec.store_id,
+               "store_lineage": store_lineage, "train_config": train_cfg, "code_version": code_version(),
+               # float reductions depend on these: the same ids on another device or thread count
+               # train (slightly) different weights
+               "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
+                           "torch_version": torch.__version__}}
+    model = result[0]
+    model.save(directory, extra_config=lineage)
+    train_log = write_table_partition(root.table("train_log"), {"dict_id": dict_id}, pa.Table.from_pylist(result.log))
+    summary = {"dict_id": dict_id, "steps": int(result.steps), "train_tokens": int(result.tokens),
+               "train_seconds": round(float(result.seconds), 2),
+               "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9), 1)}
+    write_done(directory / SUMMARY_FILE, summary, [directory / WEIGHTS_FILE, directory / CONFIG_FILE, train_log])
+    shutil.rmtree(directory / RESUME_DIR, ignore_errors=True)  # optimizer state is not needed past here
+    return summary
 
 
 def load_member(spec: SuiteSpec, root: DataRoot, member: Member, device: str = "cpu", *,
@@ -104,6 +122,8 @@ def load_member(spec: SuiteSpec, root: DataRoot, member: Member, device: str = "
     """The member's trained dictionary, refused when its lineage is not this store and hook(s);
     `dict_id` saves recomputing its id."""
     path = root.dictionary(dictionary_id(spec, member) if dict_id is None else dict_id)
+    require_done(path / SUMMARY_FILE, f"{member.kind} checkpoint",
+                 f"materialize the dictionaries partition {member.key!r} again (make run does)")
     model = load_dictionary(path, device=device)
     lineage = model.lineage or {}
     # the member fields that name hooks: hook (SAE), hook + out_hook (transcoder), hooks (crosscoder);
@@ -134,33 +154,43 @@ def _labelled_batches(spec: SuiteSpec, root: DataRoot, eval_idx: np.ndarray,
 def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
-    done = directory / "evaluation.json"
-    if not done.exists():
-        dictionary = load_member(spec, root, member, device, dict_id=dict_id)
-        eval_idx = evaluation_images(spec, root)
-        model = load_model(spec, root, device=device)
-        batches = lambda: _labelled_batches(spec, root, eval_idx, device)  # noqa: E731  (a fresh pass each call)
-        stage = _stage(member)
-        rec = stage.reconstruction(spec, root, member, dictionary, eval_idx, device=device)
-        down = _downstream(member, dictionary, model, batches, token_selection(spec).keep)  # its trained tokens
-        extra = stage.extra_metrics(spec, member, dictionary, rec, model, batches)
-        extra.update(_fvu_by_token_kind(spec, root, member, dictionary, eval_idx, rec, device))
-        extra.update(_downstream_by_token_kind(spec, member, dictionary, model, batches, down))
-        row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook,
-               "downstream": spec.downstream, **_MEMBER_COLUMNS,
-               **asdict(member), "architecture": member.architecture,
-               "width": dictionary.cfg.width, "store_id": spec.store_id, "model_id": spec.model_id,
-               "dataset_id": spec.dataset_id,
-               **{k: float(v) for k, v in rec._asdict().items()
-                  if k not in ("fire_counts", "n_tokens", "fvu_per_slice")},
-               "n_eval_tokens": int(rec.n_tokens), **{k: table_number(v) for k, v in down._asdict().items()}, **extra}
-        row["n_images"] = int(row["n_images"])
-        write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, pa.Table.from_pylist([row]))
-        histogram = log10_density_histogram(rec.fire_counts, rec.n_tokens)
-        write_table_partition(root.table("density_histogram"), {"dict_id": dict_id},
-                              pa.Table.from_pylist(histogram))
-        done.write_text(json.dumps(row, indent=2))
-    return json.loads(done.read_text())
+    done = directory / EVALUATION_FILE
+    with file_lock(root.lock(f"{dict_id}.evaluation")):
+        # redone when damaged, or when the weights it scored were replaced since
+        row = read_done(done, upstream=directory / SUMMARY_FILE)
+        if row is None:
+            row = _evaluate(spec, root, member, dict_id, device)
+    return row
+
+
+def _evaluate(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str) -> dict:
+    directory = root.dictionary(dict_id)
+    _remove_temporaries(root, dict_id, "evaluations", "density_histogram")
+    dictionary = load_member(spec, root, member, device, dict_id=dict_id)
+    eval_idx = evaluation_images(spec, root)
+    model = load_model(spec, root, device=device)
+    batches = lambda: _labelled_batches(spec, root, eval_idx, device)  # noqa: E731  (a fresh pass each call)
+    stage = _stage(member)
+    rec = stage.reconstruction(spec, root, member, dictionary, eval_idx, device=device)
+    down = _downstream(member, dictionary, model, batches, token_selection(spec).keep)  # its trained tokens
+    extra = stage.extra_metrics(spec, member, dictionary, rec, model, batches)
+    extra.update(_fvu_by_token_kind(spec, root, member, dictionary, eval_idx, rec, device))
+    extra.update(_downstream_by_token_kind(spec, member, dictionary, model, batches, down))
+    row = {"dict_id": dict_id, "suite": spec.name, "kind": member.kind, "hook": member.hook,
+           "downstream": spec.downstream, **_MEMBER_COLUMNS,
+           **asdict(member), "architecture": member.architecture,
+           "width": dictionary.cfg.width, "store_id": spec.store_id, "model_id": spec.model_id,
+           "dataset_id": spec.dataset_id,
+           **{k: float(v) for k, v in rec._asdict().items()
+              if k not in ("fire_counts", "n_tokens", "fvu_per_slice")},
+           "n_eval_tokens": int(rec.n_tokens), **{k: table_number(v) for k, v in down._asdict().items()}, **extra}
+    row["n_images"] = int(row["n_images"])
+    table = write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, pa.Table.from_pylist([row]))
+    histogram = log10_density_histogram(rec.fire_counts, rec.n_tokens)
+    hist_table = write_table_partition(root.table("density_histogram"), {"dict_id": dict_id},
+                                       pa.Table.from_pylist(histogram))
+    # the weights too: a retrain that replaced them makes this evaluation stale (read_done's upstream)
+    return write_done(directory / EVALUATION_FILE, row, [table, hist_table, directory / WEIGHTS_FILE])
 
 
 def _fvu_by_token_kind(spec: SuiteSpec, root: DataRoot, member: Member, dictionary, eval_idx: np.ndarray,
@@ -208,17 +238,37 @@ def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: 
     kind's `mining_input`: a transcoder's input hook, a crosscoder's hooks all at once)."""
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
-    done = directory / "features.json"
-    if not done.exists():
-        dictionary = load_member(spec, root, member, device, dict_id=dict_id)
-        eval_idx = evaluation_images(spec, root)
-        miner, batches = _stage(member).mining_input(spec, root, member, dictionary, eval_idx, device)
-        mined = mine_features(miner, batches, n_top=spec.evaluation.n_top)
-        write_table_partition(root.table("top_images"), {"dict_id": dict_id}, mined.top_images)
-        write_table_partition(root.table("feature_stats"), {"dict_id": dict_id}, mined.feature_stats)
-        np.save(directory / "heatmaps.npy", mined.heatmaps)
-        alive = int((np.asarray(mined.feature_stats.column("fire_count")) > 0).sum())
-        summary = {"dict_id": dict_id, "n_features": int(dictionary.cfg.width), "n_alive": alive,
-                   "n_top_rows": mined.top_images.num_rows}
-        done.write_text(json.dumps(summary, indent=2))
-    return json.loads(done.read_text())
+    done = directory / FEATURES_FILE
+    with file_lock(root.lock(f"{dict_id}.features")):
+        summary = read_done(done, upstream=directory / SUMMARY_FILE)
+        if summary is None:
+            summary = _mine(spec, root, member, dict_id, device)
+    return summary
+
+
+def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str) -> dict:
+    directory = root.dictionary(dict_id)
+    _remove_temporaries(root, dict_id, "top_images", "feature_stats")
+    dictionary = load_member(spec, root, member, device, dict_id=dict_id)
+    eval_idx = evaluation_images(spec, root)
+    miner, batches = _stage(member).mining_input(spec, root, member, dictionary, eval_idx, device)
+    mined = mine_features(miner, batches, n_top=spec.evaluation.n_top)
+    files = [write_table_partition(root.table("top_images"), {"dict_id": dict_id}, mined.top_images),
+             write_table_partition(root.table("feature_stats"), {"dict_id": dict_id}, mined.feature_stats),
+             atomic_write(directory / HEATMAPS_FILE, lambda tmp: _save_npy(tmp, mined.heatmaps)),
+             directory / WEIGHTS_FILE]
+    alive = int((np.asarray(mined.feature_stats.column("fire_count")) > 0).sum())
+    summary = {"dict_id": dict_id, "n_features": int(dictionary.cfg.width), "n_alive": alive,
+               "n_top_rows": mined.top_images.num_rows}
+    return write_done(directory / FEATURES_FILE, summary, files)
+
+
+def _save_npy(path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save given a name would append ".npy" to it
+        np.save(f, array)
+
+
+def _remove_temporaries(root: DataRoot, dict_id: str, *tables: str) -> None:
+    """Leftovers of a killed earlier attempt, in the member's folder and its table partitions (the
+    caller holds the member's lock for this stage)."""
+    remove_temporaries(root.dictionary(dict_id), *(root.table(t) / f"dict_id={dict_id}" for t in tables))

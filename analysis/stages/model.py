@@ -3,7 +3,6 @@ either)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,12 @@ import torch
 from analysis.catalog import write_table_partition
 from analysis.data.images import open_images, read_labels
 from analysis.models.mouse import train_mouse
-from analysis.models.clip_zero_shot import ZeroShotClassifier, ZeroShotHead, zero_shot_head
+from analysis.integrity import file_lock, read_done, remove_temporaries, require_done, write_done
+from analysis.models.clip_zero_shot import HEAD_CONFIG, HEAD_WEIGHTS, ZeroShotClassifier, ZeroShotHead, zero_shot_head
 from analysis.models.zoo import create_open_clip, load_model as load_named_model
 from analysis.paths import DataRoot
 from analysis.stages.suite import SuiteSpec
-from analysis.models.vit import HookedViT, ViTConfig
+from analysis.models.vit import CONFIG_FILE, WEIGHTS_FILE, HookedViT, ViTConfig
 
 RESULT_FILE = "result.json"  # written last: its presence marks a finished model
 
@@ -29,44 +29,54 @@ def vit_config(spec: SuiteSpec) -> ViTConfig:
 def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progress: bool = True) -> dict:
     directory = root.model(spec.model_id)
     done = directory / RESULT_FILE
-    if not done.exists() and spec.model.kind != "mouse":
-        _convert(spec, root)
-    elif not done.exists():
-        images = open_images(root.images(spec.dataset_id))[...]
-        labels = read_labels(root.images(spec.dataset_id))
-        cfg = spec.model_config()
-        result = train_mouse(
-            images, labels.column("label").to_numpy(), np.asarray(labels.column("split").to_pylist()),
-            cfg, device=device, progress=progress,
-        )
-        result.model.save(directory)
-        history = pa.Table.from_pylist(result.history)
-        write_table_partition(root.table("mouse_history"), {"model_id": spec.model_id}, history)
-        summary = {
-            "model_id": spec.model_id, "dataset_id": spec.dataset_id,
-            "train_accuracy": float(result.train_accuracy), "eval_accuracy": float(result.eval_accuracy),
-            "steps": int(result.steps), "train_seconds": round(float(result.seconds), 2),
-            "weights_hash": result.model.weights_hash(),
-            # float reductions depend on these: the same seed on another thread count or device
-            # gives (slightly) different weights, so lineage records them.
-            "device": device, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
-        }
-        done.write_text(json.dumps(summary, indent=2))
-    return {**json.loads(done.read_text()), "path": str(directory)}
+    with file_lock(root.lock(spec.model_id)):  # a second run waits, then reuses
+        summary = read_done(done)  # None when absent, or damaged (logged): then made again
+        if summary is None:
+            remove_temporaries(directory, root.table("mouse_history") / f"model_id={spec.model_id}")
+            summary, tables = _convert(spec, root) if spec.model.kind != "mouse" else \
+                _train_mouse(spec, root, device, progress)
+            write_done(done, summary, [directory / name for name in _MODEL_FILES if (directory / name).exists()]
+                       + tables)
+    return {**summary, "path": str(directory)}
 
 
-def _convert(spec: SuiteSpec, root: DataRoot) -> None:
+_MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, HEAD_WEIGHTS, HEAD_CONFIG)
+
+
+def _train_mouse(spec: SuiteSpec, root: DataRoot, device: str, progress: bool) -> tuple[dict, list[Path]]:
+    """The mouse trained on the dataset's task and saved; (summary, table files written)."""
+    images = open_images(root.images(spec.dataset_id))[...]
+    labels = read_labels(root.images(spec.dataset_id))
+    result = train_mouse(
+        images, labels.column("label").to_numpy(), np.asarray(labels.column("split").to_pylist()),
+        spec.model_config(), device=device, progress=progress,
+    )
+    result.model.save(root.model(spec.model_id))
+    history = write_table_partition(root.table("mouse_history"), {"model_id": spec.model_id},
+                                    pa.Table.from_pylist(result.history))
+    summary = {
+        "model_id": spec.model_id, "dataset_id": spec.dataset_id,
+        "train_accuracy": float(result.train_accuracy), "eval_accuracy": float(result.eval_accuracy),
+        "steps": int(result.steps), "train_seconds": round(float(result.seconds), 2),
+        "weights_hash": result.model.weights_hash(),
+        # float reductions depend on these: the same seed on another thread count or device
+        # gives (slightly) different weights, so lineage records them.
+        "device": device, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+    }
+    return summary, [history]
+
+
+def _convert(spec: SuiteSpec, root: DataRoot) -> tuple[dict, list[Path]]:
     """The timm or open_clip model as a HookedViT taking [0, 1] pixels (its normalisation folded
-    in), saved; an open_clip model also gets its zero-shot head over the dataset's classes."""
+    in), saved; an open_clip model also gets its zero-shot head over the dataset's classes.
+    (summary, table files written: none)"""
     m = spec.model
     source = m.model_input()
     directory = root.model(spec.model_id)
     if m.kind == "file":
         model = HookedViT.load(Path(m.name).expanduser())
         model.save(directory)
-        summary = {"model_id": spec.model_id, "kind": m.kind, "name": m.name, "weights_hash": model.weights_hash()}
-        (directory / RESULT_FILE).write_text(json.dumps(summary, indent=2))
-        return
+        return {"model_id": spec.model_id, "kind": m.kind, "name": m.name, "weights_hash": model.weights_hash()}, []
     weights = None if m.weights_source() == "hub" and m.kind == "timm" else m.weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # weights="random" is reproducible
@@ -82,10 +92,9 @@ def _convert(spec: SuiteSpec, root: DataRoot) -> None:
     model.save(directory)
     if head is not None:
         head.save(directory)
-    summary = {"model_id": spec.model_id, "kind": m.kind, "name": m.name, "weights": m.weights,
-               "kwargs": m.kwargs, "input_mean": list(source.mean), "input_std": list(source.std),
-               "preprocessing": source.preprocessing.to_dict(), "weights_hash": model.weights_hash()}
-    (directory / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+    return {"model_id": spec.model_id, "kind": m.kind, "name": m.name, "weights": m.weights,
+            "kwargs": m.kwargs, "input_mean": list(source.mean), "input_std": list(source.std),
+            "preprocessing": source.preprocessing.to_dict(), "weights_hash": model.weights_hash()}, []
 
 
 def load_model(spec: SuiteSpec, root: DataRoot, device: str = "cpu") -> HookedViT | ZeroShotClassifier:
@@ -98,5 +107,8 @@ def load_model(spec: SuiteSpec, root: DataRoot, device: str = "cpu") -> HookedVi
 
 
 def load_tower(spec: SuiteSpec, root: DataRoot, device: str = "cpu") -> HookedViT:
-    """The HookedViT whose hooks the activation stores read."""
-    return HookedViT.load(root.model(spec.model_id), device=device).eval()
+    """The HookedViT whose hooks the activation stores read, refused when a file its done-marker
+    vouches for is missing or truncated."""
+    directory = root.model(spec.model_id)
+    require_done(directory / RESULT_FILE, "model", "materialize the model asset again (make run does)")
+    return HookedViT.load(directory, device=device).eval()
