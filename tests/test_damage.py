@@ -268,3 +268,18 @@ def test_a_repair_inside_a_dagster_run_is_logged_in_that_run(copy, tmp_path, mon
     assert result.success
     assert any("damaged artifact, redoing it" in m and str(part) in m for m in logs)
     assert snapshot(root) == {**clean, **{k: v for k, v in snapshot(root).items() if k.startswith("dagster_home")}}
+
+
+def test_a_store_of_an_older_format_is_made_again_not_trusted(copy, caplog):
+    import zarr
+
+    root, clean = copy
+    location = root.hook_store(SUITE.store_id, HOOK)
+    group = zarr.open_group(str(location), mode="r+")
+    group.attrs["format"] = "spectra.activations/3"  # written before shard files had checksums
+    with pytest.raises(ValueError, match="has format 'spectra.activations/3'"):
+        ActivationStore.open(location)  # readers refuse it, naming the fix
+    with caplog.at_level(logging.WARNING, logger="spectra.integrity"):
+        materialize_store(SUITE, root)
+    assert "creating it again and extracting every shard" in caplog.text
+    assert snapshot(root) == clean

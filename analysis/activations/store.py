@@ -16,6 +16,7 @@ completion marker, and concurrent partitions never write the same object.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ StoreLocation = Union[str, Path]
 FORMAT = "spectra.activations/4"  # 4: recorded file sizes and crc32c; 3: token_groups; 2: completion markers
 ZARR_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 PARTIALS = "partials"
+log = logging.getLogger("spectra.integrity")
 
 
 def is_url(location: StoreLocation) -> bool:
@@ -167,6 +169,11 @@ def create_store(location: StoreLocation, layout: StoreLayout, lineage: dict, *,
         )
     wanted = {"layout": asdict(layout), "token_groups": groups, "lineage": lineage}
     attrs = None if overwrite else _existing_attrs(location)
+    if attrs and "layout" in attrs and str(attrs.get("format", "")).startswith("spectra.activations/") \
+            and attrs.get("format") != FORMAT:  # an older format of ours: content-derived, so made again
+        log.warning("activation store %s has format %s, not %s (no file checksums to verify it against): "
+                    "creating it again and extracting every shard", location, attrs.get("format"), FORMAT)
+        attrs = None
     if attrs and "layout" in attrs:  # attrs are written last, so without them creation was cut short
         _check_format(attrs, location)
         found = {"layout": attrs["layout"], "token_groups": attrs.get("token_groups"), "lineage": attrs.get("lineage")}
