@@ -9,7 +9,8 @@ these passes back to back (interleaved, so load spikes on a shared machine hit a
     forward_only   model(x) on inputs already converted in memory         (the stricter baseline)
     bare           read uint8 from Zarr + to_model_input + model(x)       (the baseline)
     capture        read + to_model_input + the pipeline's capture only    (hooks, no store)
-    extract_nowrite extract_shard minus the acts/norms/image_idx Zarr writes (checks, stats, cast)
+    extract_nowrite extract_shard minus the acts/norms/image_idx Zarr writes and their read-back
+                    for checksums (checks, stats, cast)
     extract        extract_shard into fresh stores                        (what the pipeline does)
     extract_threads extract with worker and writer threads forced          (one of extract's two modes)
     extract_inline  extract with the worker's share and the writes on the caller (the other)
@@ -130,8 +131,10 @@ def run_extract(capture, images, layout: StoreLayout, hooks: list[str], workdir:
     for h, p in stores.items():
         create_store(p, layout, {"bench": True, "hook": h}, overwrite=True)
     put = _discard_put if discard_writes else extraction._HookShard._put
+    # without written files there is nothing to read back and record
+    record = (lambda *a, **k: None) if discard_writes else extraction.record_shard_files
     try:
-        with _patched(extraction._HookShard, "_put", put):
+        with _patched(extraction._HookShard, "_put", put), _patched(extraction, "record_shard_files", record):
             t0 = time.perf_counter()
             for shard in range(layout.n_shards):
                 extract_shard(capture, images, stores, shard, batch_size=batch_size, device=DEVICE,

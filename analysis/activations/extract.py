@@ -155,7 +155,8 @@ class _HookShard:
     def mark_complete(self) -> None:
         """The files' sizes and checksums, then the statistics row, which doubles as the completion
         marker: only after all data."""
-        self._write(lambda: record_shard_files(self.group, self.shard, self.start, self.start + self.n))
+        known = {k: v for w in self.writers.values() for k, v in w.written.items()}
+        self._write(lambda: record_shard_files(self.group, self.shard, self.start, self.start + self.n, known))
         self._write(lambda: write_partial(self.group, self.shard, self.moments.partial()))
 
     def _put(self, name: str, data: np.ndarray, offset: int) -> None:

@@ -69,6 +69,9 @@ class ShardFileWriter:
         self.dtype = np.dtype(array.dtype).newbyteorder("<") if np.dtype(array.dtype).itemsize > 1 \
             else np.dtype(array.dtype)
         self._prototype = default_buffer_prototype()
+        self.written: dict[str, tuple[int, int]] = {}
+        """store key -> (size, crc32c) of each file written directly, taken from the bytes in
+        memory (the store's file records then need no read-back of these)."""
 
     def write(self, start: int, data: np.ndarray) -> None:
         """`array[start : start + len(data)] = data`."""
@@ -87,6 +90,7 @@ class ShardFileWriter:
         else:
             payload = np.concatenate([body, np.frombuffer(index, dtype=np.uint8)])
             sync(store.set(key, self._prototype.buffer.from_array_like(payload)))
+        self.written[key] = (body.size + len(index), google_crc32c.extend(google_crc32c.value(body), index))
 
     def _index(self, body_bytes: int) -> bytes:
         """The shard index: (offset, nbytes) per inner chunk, then its crc32c."""

@@ -88,17 +88,27 @@ def _crc32c(store, key: str) -> int | None:
     return None if buffer is None else google_crc32c.value(buffer.to_bytes())
 
 
-def record_shard_files(group: zarr.Group, shard: int, start: int, stop: int) -> None:
-    """Read the shard's files back and record [size, crc32c] of each: after its data has landed,
-    before its completion marker."""
+def record_shard_files(group: zarr.Group, shard: int, start: int, stop: int,
+                       known: dict[str, tuple[int, int]] | None = None) -> None:
+    """Record [size, crc32c] of each of the shard's files: after its data has landed, before its
+    completion marker. `known` gives (size, crc32c) of files whose bytes the writer had in memory;
+    the others (written through zarr) are read back."""
     store, row = _store(group), np.zeros(files_row_width(), dtype=np.uint64)
     for i, key in enumerate(shard_keys(group, shard, start, stop)):
-        buffer = sync(store.get(key, prototype=default_buffer_prototype()))
-        if buffer is None:
-            raise FileNotFoundError(f"shard {shard}'s file {key} was not written (store {store})")
-        data = buffer.to_bytes()
-        row[2 * i: 2 * i + 2] = (len(data), google_crc32c.value(data))
+        size, crc = (known or {}).get(key) or _read_record(store, shard, key)
+        if _size(store, key) != size:  # landed whole: a short write must not be vouched for
+            raise OSError(f"shard {shard}'s file {key} holds {_size(store, key)} bytes, {size} were written "
+                          f"(store {store})")
+        row[2 * i: 2 * i + 2] = (size, crc)
     group[FILES][shard] = row
+
+
+def _read_record(store, shard: int, key: str) -> tuple[int, int]:
+    buffer = sync(store.get(key, prototype=default_buffer_prototype()))
+    if buffer is None:
+        raise FileNotFoundError(f"shard {shard}'s file {key} was not written (store {store})")
+    data = buffer.to_bytes()
+    return len(data), google_crc32c.value(data)
 
 
 def check_shards(group: zarr.Group, shards, bounds, *, full: bool = False) -> list[ShardDamage]:
