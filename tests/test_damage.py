@@ -283,3 +283,22 @@ def test_a_store_of_an_older_format_is_made_again_not_trusted(copy, caplog):
         materialize_store(SUITE, root)
     assert "creating it again and extracting every shard" in caplog.text
     assert snapshot(root) == clean
+
+
+def test_reusing_weights_trained_under_other_thread_counts_says_so(copy, caplog):
+    import torch
+
+    root, clean = copy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="spectra.machine"):
+            summary = ensure_dictionary(SUITE, root, MEMBER, progress=False)
+            model = ensure_model(SUITE, root, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    differs = f"torch_threads {threads} (now {threads + 1})"
+    assert summary["machine_differs"] == differs and model["machine_differs"] == differs
+    assert caplog.text.count("kept as it is") == 2
+    assert snapshot(root) == clean  # reused, not retrained
+    assert "machine_differs" not in ensure_dictionary(SUITE, root, MEMBER, progress=False)

@@ -103,6 +103,24 @@ def test_catalog_fvu_equals_fvu_recomputed_from_saved_weights_and_stored_activat
     con.close()
 
 
+def test_dead_fraction_counts_the_whole_eval_split_recomputed_from_weights(suite_run):
+    spec, root, _, _ = suite_run
+    _, eval_idx = split_indices(root, spec.dataset_id)
+    assert len(eval_idx) > spec.evaluation.max_images  # the window is more than the FVU's images
+    con = connect_catalog(root.catalog)
+    for member in [m for m in spec.members() if m.kind == "sae"]:
+        dict_id = dictionary_id(spec, member)
+        [(dead, dense, n_tokens)] = con.execute("SELECT dead_fraction, dense_fraction, n_dead_tokens FROM evaluations "
+                                                "WHERE dict_id = ?", [dict_id]).fetchall()
+        store = ActivationStore.open(root.hook_store(spec.store_id, member.hook))
+        x = torch.cat([store.read(i, i + 1) for i in eval_idx]).reshape(-1, store.d_model)
+        with torch.no_grad():
+            fires = (load_dictionary(root.dictionary(dict_id)).dense_latents(x) > 0).sum(0)
+        assert n_tokens == len(x) == len(eval_idx) * store.n_tokens
+        assert dead == float((fires == 0).double().mean()) and dense == float((fires > 0.1 * len(x)).double().mean())
+    con.close()
+
+
 def test_top_images_are_held_out_and_ranked(suite_run):
     spec, root, _, _ = suite_run
     _, eval_idx = split_indices(root, spec.dataset_id)

@@ -31,10 +31,10 @@ def test_shapes_dtypes_and_binary_pixels():
     assert d.images.shape == (50, 64, 64, 1) and d.images.dtype == np.uint8
     assert set(np.unique(d.images).tolist()) <= {0, 255}
     assert (d.images.reshape(50, -1).max(1) == 255).all(), "every image shows a sprite"
-    assert set(d.labels) == {"label", "shape", "scale", "orientation", "pos_x", "pos_y", "split"}
+    assert set(d.labels) == {"label", "shape", "scale", "orientation", "pos_x", "pos_y", "split", "duplicate_of"}
     for k, v in d.labels.items():
         assert len(v) == 50
-        if k != "split":
+        if k not in ("split", "duplicate_of"):
             assert v.dtype == np.int64, k
     assert d.class_names == list(SHAPES)
 
@@ -53,12 +53,29 @@ def test_latents_within_allowed_values_and_all_used():
 
 
 def test_split_by_image_with_requested_fraction():
-    d = generate_shapes(ShapesConfig(n_images=1000, eval_fraction=0.25))
+    d = generate_shapes(ShapesConfig(n_images=1000, eval_fraction=0.25, split_by="image"))
     split = d.labels["split"]
     assert set(np.unique(split).tolist()) == {"train", "eval"}
     assert (split == "eval").sum() == 250
     # Random per image, not a block at the end.
     assert 0 < (split[:500] == "eval").sum() < 250
+
+
+def test_split_by_content_holds_out_no_copy_of_a_training_image():
+    from analysis.data.images import image_sha256
+
+    cfg = ShapesConfig(n_images=4000, scales=(5,), orientations=(0,))  # few factor combinations: many copies
+    shas = np.array([image_sha256(img) for img in generate_shapes(cfg).images])
+    by_image = generate_shapes(ShapesConfig(**{**cfg.to_dict(), "split_by": "image"})).labels["split"]
+    assert np.isin(shas[by_image == "eval"], shas[by_image == "train"]).sum() > 100  # what it replaces
+    d = generate_shapes(cfg)
+    split, first = d.labels["split"], d.labels["duplicate_of"].to_pylist()
+    assert not np.isin(shas[split == "eval"], shas[split == "train"]).any()
+    unique = len(set(shas))
+    assert len(set(shas[split == "eval"])) == round(0.2 * unique)  # the fraction is of distinct images
+    copies = [i for i, f in enumerate(first) if f is not None]
+    assert len(copies) == len(shas) - unique and all(shas[i] == shas[first[i]] for i in copies)
+    assert all(split[i] == split[first[i]] for i in copies)
 
 
 @pytest.mark.parametrize("task,n_classes", [("quadrant", 4), ("shape_quadrant", 12), ("scale", 3)])

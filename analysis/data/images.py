@@ -37,6 +37,26 @@ def dataset_content_hash(per_image_sha: list[str]) -> str:
     return h.hexdigest()
 
 
+def split_unique(shas: list[str], eval_fraction: float, seed: int) -> np.ndarray:
+    """"train"/"eval" per image, drawn over distinct contents: copies share their first's side."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction={eval_fraction}: expected a fraction in (0, 1), e.g. 0.1")
+    unique = list(dict.fromkeys(shas))
+    n_eval = round(eval_fraction * len(unique))
+    if not 0 < n_eval < len(unique):
+        raise ValueError(f"eval_fraction={eval_fraction} of {len(unique)} distinct images leaves an empty split: "
+                         "use more images or a different fraction")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    held_out = {unique[i] for i in order[:n_eval]}
+    return np.array(["eval" if s in held_out else "train" for s in shas])
+
+
+def first_copies(shas: list[str]) -> list[int | None]:
+    """Per image, the index of the first image with the same content (None for that first one)."""
+    first: dict[str, int] = {}
+    return [None if (d := first.setdefault(s, i)) == i else d for i, s in enumerate(shas)]
+
+
 def write_image_dataset(
     directory: str | Path,
     images: np.ndarray,

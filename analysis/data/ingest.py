@@ -28,7 +28,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from analysis.data.decode import ImageRejected, decode_image
-from analysis.data.images import dataset_content_hash, image_sha256, mark_dataset_done
+from analysis.data.images import dataset_content_hash, first_copies, image_sha256, mark_dataset_done, split_unique
 from analysis.data.sources import Entry
 from analysis.models.inputs import Preprocessing
 from analysis.integrity import atomic_write
@@ -77,20 +77,6 @@ def _decoded(entry: Entry, pre: Preprocessing) -> tuple[np.ndarray, str] | str:
     return pre.apply(rgb), image_sha256(rgb)
 
 
-def split_unique(shas: list[str], eval_fraction: float, seed: int) -> np.ndarray:
-    """"train"/"eval" per image, drawn over distinct contents: copies share their first's side."""
-    if not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction={eval_fraction}: expected a fraction in (0, 1), e.g. 0.1")
-    unique = list(dict.fromkeys(shas))
-    n_eval = round(eval_fraction * len(unique))
-    if not 0 < n_eval < len(unique):
-        raise ValueError(f"eval_fraction={eval_fraction} of {len(unique)} distinct images leaves an empty split: "
-                         "use more images or a different fraction")
-    order = np.random.default_rng(seed).permutation(len(unique))
-    held_out = {unique[i] for i in order[:n_eval]}
-    return np.array(["eval" if s in held_out else "train" for s in shas])
-
-
 def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directory: str | Path, *,
            class_names: tuple[str, ...], eval_fraction: float = 0.1, seed: int = 0, workers: int = 8,
            images_per_chunk: int = 256, attrs: dict | None = None, progress: bool = True) -> IngestReport:
@@ -134,9 +120,7 @@ def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directo
 def _finish(directory: Path, arr: zarr.Array, kept: list[dict], rejected: list[dict], eval_fraction: float,
             seed: int, attrs: dict) -> IngestReport:
     shas = [row["sha256"] for row in kept]
-    first: dict[str, int] = {}
-    duplicate_of = [first.setdefault(s, i) for i, s in enumerate(shas)]
-    duplicate_of = [None if d == i else d for i, d in enumerate(duplicate_of)]
+    duplicate_of = first_copies(shas)
     split = split_unique(shas, eval_fraction, seed)
     content_hash = dataset_content_hash(shas)
     arr.attrs.update({**attrs, "content_hash": content_hash, "n_images": len(kept)})

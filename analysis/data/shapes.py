@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal, NamedTuple, get_args
 
 import numpy as np
+import pyarrow as pa
+
+from analysis.data.images import first_copies, image_sha256, split_unique
 
 SHAPES = ("square", "ellipse", "heart")
 IMAGE_SIZE = 64
@@ -34,6 +37,8 @@ _ELLIPSE_MINOR = 0.5  # minor/major axis ratio; elongated so its rotation is vis
 
 Task = Literal["shape", "quadrant", "shape_quadrant", "scale"]
 TASKS: tuple[str, ...] = get_args(Task)
+SplitBy = Literal["content", "image"]
+SPLIT_BY: tuple[str, ...] = get_args(SplitBy)
 SPLITS = ("train", "eval")
 
 
@@ -60,7 +65,13 @@ class ShapesConfig:
     orientations: tuple[int, ...] | None = None
     """Indices into the 40 orientations that may be sampled; None allows all 40."""
     eval_fraction: float = 0.2
-    """Fraction of images (chosen at random per image) in the "eval" split."""
+    """Fraction held out in the "eval" split: of the distinct images with split_by="content",
+    of all images with split_by="image"."""
+    split_by: SplitBy = "content"
+    """"content": the split is drawn over distinct images and a copy (the sampled latents repeat,
+    and e.g. every orientation of a circle renders alike) goes where its first went, so no
+    held-out image equals a training image. "image": each image drawn on its own, as before; about
+    a tenth of the default held-out images then equal a training image."""
 
     def __post_init__(self) -> None:
         if self.n_images < 1:
@@ -70,6 +81,9 @@ class ShapesConfig:
         _check_indices("scales", self.scales, N_SCALES)
         if self.orientations is not None:
             _check_indices("orientations", self.orientations, N_ORIENTATIONS)
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"split_by={self.split_by!r}: expected one of {SPLIT_BY}; \"content\" keeps copies "
+                             "of training images out of the held-out split")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(
                 f"eval_fraction={self.eval_fraction}: expected a fraction in [0, 1); e.g. 0.2"
@@ -111,7 +125,8 @@ class ShapesData(NamedTuple):
     """uint8 (N, 64, 64, 1), values 0 or 255."""
     labels: dict[str, np.ndarray]
     """"label" (int64 task class), "shape", "scale", "orientation", "pos_x", "pos_y"
-    (int64 latent indices into the full dSprites grids) and "split" (str per image)."""
+    (int64 latent indices into the full dSprites grids), "split" (str per image) and
+    "duplicate_of" (the first image with the same pixels, null for a first)."""
     class_names: list[str]
     """Name of each "label" class, by index."""
 
@@ -206,6 +221,9 @@ def generate_shapes(cfg: ShapesConfig) -> ShapesData:
     is_eval = np.zeros(n, dtype=bool)
     is_eval[rng.permutation(n)[: int(round(cfg.eval_fraction * n))]] = True
     images = render_shapes(shape, scale, orientation, pos_x, pos_y)
+    shas = [image_sha256(img) for img in images]
+    if cfg.split_by == "content" and cfg.eval_fraction > 0:
+        is_eval = split_unique(shas, cfg.eval_fraction, cfg.seed) == "eval"
     labels = {
         "label": _task_labels(cfg, shape, scale, pos_x, pos_y),
         "shape": shape,
@@ -214,5 +232,6 @@ def generate_shapes(cfg: ShapesConfig) -> ShapesData:
         "pos_x": pos_x,
         "pos_y": pos_y,
         "split": np.where(is_eval, "eval", "train"),
+        "duplicate_of": pa.array(first_copies(shas), pa.int64()),
     }
     return ShapesData(images=images, labels=labels, class_names=cfg.class_names)

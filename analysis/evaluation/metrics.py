@@ -155,6 +155,12 @@ def _ratio(err: Tensor, var: Tensor) -> float:
     return float(err.sum()) / v if v > 0 else math.nan
 
 
+def firing_fractions(fire_counts: np.ndarray, n_tokens: int, dense_threshold: float = 0.1) -> tuple[float, float]:
+    """(dead, dense): latents that fired on no token, and on more than `dense_threshold` of them."""
+    counts = np.asarray(fire_counts)
+    return float((counts == 0).mean()), float((counts > dense_threshold * n_tokens).mean())
+
+
 def log10_density_histogram(fire_counts: np.ndarray, n_tokens: int, *, bins_per_decade: int = 4) -> list[dict]:
     """Histogram of log10(firing density) over latents, the standard SAE health plot.
 

@@ -50,8 +50,17 @@ def ensure_dataset(spec: SuiteSpec, root: DataRoot, *, progress: bool = True) ->
     }
     if (directory / REJECTED_FILE).exists():  # an ingested source
         summary["n_rejected"] = pq.read_metadata(directory / REJECTED_FILE).num_rows
+    if "duplicate_of" in labels.column_names:
         summary["n_duplicates"] = len(labels) - labels.column("duplicate_of").null_count
+    summary["n_eval_copies_of_train"] = eval_copies_of_train(labels)
     return summary
+
+
+def eval_copies_of_train(labels) -> int:
+    """Held-out images whose pixels equal a training image's (0 for a split over content)."""
+    shas = np.asarray(labels.column("sha256").to_pylist())
+    split = np.asarray(labels.column("split").to_pylist())
+    return int(np.isin(shas[split == "eval"], shas[split == "train"]).sum())
 
 
 def _ingest(spec: SuiteSpec, root: DataRoot, progress: bool) -> None:
@@ -82,6 +91,14 @@ def evaluation_images(spec, root: DataRoot) -> np.ndarray:
     the eval split (never trained on)."""
     _, eval_idx = split_indices(root, spec.dataset_id)
     return eval_idx[: spec.evaluation.max_images]
+
+
+def dead_window_images(spec, root: DataRoot, tokens_per_image: int) -> np.ndarray:
+    """The held-out images dead and dense fractions are counted on: the whole eval split, or its
+    last images holding `evaluation.dead_tokens` tokens when the split is larger."""
+    _, eval_idx = split_indices(root, spec.dataset_id)
+    keep = -(-spec.evaluation.dead_tokens // tokens_per_image)
+    return eval_idx[-keep:]
 
 
 def training_monitor_images(spec, root: DataRoot) -> np.ndarray:

@@ -26,7 +26,7 @@ from analysis.integrity import atomic_write, file_lock, read_done, remove_tempor
 from analysis.data.images import open_images, read_labels
 from analysis.models.inputs import to_model_input
 from analysis.evaluation.downstream import DownstreamMetrics, spliced_downstream_metrics
-from analysis.evaluation.metrics import ReconstructionMetrics, log10_density_histogram
+from analysis.evaluation.metrics import ReconstructionMetrics, firing_fractions, log10_density_histogram
 from analysis.evaluation.mining import mine_features
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
@@ -34,8 +34,9 @@ from analysis.dictionaries.base import CONFIG_FILE, WEIGHTS_FILE
 from analysis.dictionaries.resume import RESUME_DIR
 from analysis.stages import crosscoders, saes, transcoders
 from analysis.stages.activations import token_selection
-from analysis.stages.dataset import evaluation_images, split_indices
+from analysis.stages.dataset import dead_window_images, evaluation_images, split_indices
 from analysis.stages.members import Member
+from analysis.stages.machine import machine, note_reuse
 from analysis.stages.model import load_model
 from analysis.stages.suite import SuiteSpec
 
@@ -81,6 +82,9 @@ def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: Member, *, dict_i
         summary = read_done(done)  # None when absent, or damaged (logged): then trained again
         if summary is None:
             summary = _train(spec, root, member, dict_id, device, on_log, progress)
+        else:
+            lineage = json.loads((directory / CONFIG_FILE).read_text()).get("lineage", {})
+            summary.update(note_reuse(f"{member.kind} {dict_id}", lineage.get("machine"), device))
     return {**summary, "path": str(directory)}
 
 
@@ -102,10 +106,7 @@ def _train(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device
         raise RuntimeError(f"member {member.key}: {err}; {kept}") from err
     lineage = {"dict_id": dict_id, "kind": member.kind, **asdict(member), "store_id": spec.store_id,
                "store_lineage": store_lineage, "train_config": train_cfg, "code_version": code_version(),
-               # float reductions depend on these: the same ids on another device or thread count
-               # train (slightly) different weights
-               "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
-                           "torch_version": torch.__version__}}
+               "machine": machine(device)}
     model = result[0]
     model.save(directory, extra_config=lineage)
     train_log = write_table_partition(root.table("train_log"), {"dict_id": dict_id}, pa.Table.from_pylist(result.log))
@@ -185,12 +186,26 @@ def _evaluate(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, dev
               if k not in ("fire_counts", "n_tokens", "fvu_per_slice")},
            "n_eval_tokens": int(rec.n_tokens), **{k: table_number(v) for k, v in down._asdict().items()}, **extra}
     row["n_images"] = int(row["n_images"])
+    fire_counts, n_fire_tokens = _firing_over_split(spec, root, member, dictionary, eval_idx, rec, device)
+    row["dead_fraction"], row["dense_fraction"] = firing_fractions(fire_counts, n_fire_tokens)
+    row["n_dead_tokens"] = int(n_fire_tokens)
     table = write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, pa.Table.from_pylist([row]))
-    histogram = log10_density_histogram(rec.fire_counts, rec.n_tokens)
+    histogram = log10_density_histogram(fire_counts, n_fire_tokens)
     hist_table = write_table_partition(root.table("density_histogram"), {"dict_id": dict_id},
                                        pa.Table.from_pylist(histogram))
     # the weights too: a retrain that replaced them makes this evaluation stale (read_done's upstream)
     return write_done(directory / EVALUATION_FILE, row, [table, hist_table, directory / WEIGHTS_FILE])
+
+
+def _firing_over_split(spec: SuiteSpec, root: DataRoot, member: Member, dictionary, eval_idx: np.ndarray,
+                       rec, device: str) -> tuple[np.ndarray, int]:
+    """(tokens each latent fired on, tokens counted) over the dead-latent window of the eval split
+    (DESIGN.md §4), which is usually more than the `max_images` the other metrics use."""
+    window = dead_window_images(spec, root, token_selection(spec).groups.n_tokens)
+    if np.array_equal(window, eval_idx):
+        return rec.fire_counts, rec.n_tokens
+    whole = _stage(member).reconstruction(spec, root, member, dictionary, window, device=device)
+    return whole.fire_counts, whole.n_tokens
 
 
 def _fvu_by_token_kind(spec: SuiteSpec, root: DataRoot, member: Member, dictionary, eval_idx: np.ndarray,

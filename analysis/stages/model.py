@@ -16,6 +16,7 @@ from analysis.integrity import file_lock, read_done, remove_temporaries, require
 from analysis.models.clip_zero_shot import HEAD_CONFIG, HEAD_WEIGHTS, ZeroShotClassifier, ZeroShotHead, zero_shot_head
 from analysis.models.zoo import create_open_clip, load_model as load_named_model
 from analysis.paths import DataRoot
+from analysis.stages.machine import machine, note_reuse
 from analysis.stages.suite import SuiteSpec
 from analysis.models.vit import CONFIG_FILE, WEIGHTS_FILE, HookedViT, ViTConfig
 
@@ -37,6 +38,8 @@ def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progre
                 _train_mouse(spec, root, device, progress)
             write_done(done, summary, [directory / name for name in _MODEL_FILES if (directory / name).exists()]
                        + tables)
+        elif spec.model.kind == "mouse":  # trained here: its weights depend on the machine
+            summary.update(note_reuse(f"model {spec.model_id}", summary, device))
     return {**summary, "path": str(directory)}
 
 
@@ -58,10 +61,7 @@ def _train_mouse(spec: SuiteSpec, root: DataRoot, device: str, progress: bool) -
         "model_id": spec.model_id, "dataset_id": spec.dataset_id,
         "train_accuracy": float(result.train_accuracy), "eval_accuracy": float(result.eval_accuracy),
         "steps": int(result.steps), "train_seconds": round(float(result.seconds), 2),
-        "weights_hash": result.model.weights_hash(),
-        # float reductions depend on these: the same seed on another thread count or device
-        # gives (slightly) different weights, so lineage records them.
-        "device": device, "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "weights_hash": result.model.weights_hash(), **machine(device),
     }
     return summary, [history]
 

@@ -84,9 +84,13 @@ class EvaluationSpec:
     n_top: int = 16
     """Max-activating images kept per feature."""
     batch_images: int = 128
+    dead_tokens: int = 10_000_000
+    """Dead and dense fractions count firing over the whole evaluation split, or over its last
+    images holding this many tokens when it is larger (DESIGN.md §4): a latent silent on the
+    `max_images` subset may fire elsewhere in the split."""
 
     def __post_init__(self):
-        _check_positive("evaluation", self, ("max_images", "n_top", "batch_images"))
+        _check_positive("evaluation", self, ("max_images", "n_top", "batch_images", "dead_tokens"))
 
 
 def _check_positive(section: str, spec, names: tuple[str, ...]) -> None:
