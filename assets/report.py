@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from analysis.stages.report import write_report, write_stability
+from analysis.stages.report import write_report, write_seed_spread, write_stability
 from analysis.stages.suite import SuiteSpec
 from assets._common import data_version, image_markdown, metadata
 from resources import CatalogResource, StorageResource
@@ -14,11 +14,12 @@ def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
               kinds={"duckdb"}, description="Cross-seed stability, then DuckDB views over every Parquet table under the data root.")
     def catalog(storage: StorageResource, catalog: CatalogResource) -> dg.MaterializeResult:
         root = storage.data_root()
-        n_stability = write_stability(spec, root)  # a table too, so it comes before the views
+        n_stability = write_stability(spec, root)  # tables too, so they come before the views
+        n_spread = write_seed_spread(spec, root)
         views = catalog.refresh(root)
         return dg.MaterializeResult(
             metadata={"path": dg.MetadataValue.path(str(root.catalog)), "views": ", ".join(views),
-                      "stability_rows": n_stability},
+                      "stability_rows": n_stability, "seed_spread_rows": n_spread},
             data_version=data_version(spec.store_id, *(m.key for m in spec.members())),
         )
 

@@ -121,6 +121,20 @@ def test_dead_fraction_counts_the_whole_eval_split_recomputed_from_weights(suite
     con.close()
 
 
+def test_seed_spread_equals_the_spread_of_the_evaluation_rows(suite_run):
+    spec, root, _, _ = suite_run
+    con = connect_catalog(root.catalog)
+    spread = con.execute("SELECT hook, architecture, k, n_seeds, mean, std, min, max, dict_ids FROM seed_spread "
+                         "WHERE metric = 'fvu'").fetchall()
+    n_groups = len({(m.hook, m.architecture, m.k) for m in spec.members() if m.kind == "sae"})
+    assert len(spread) == n_groups  # only the SAEs have several seeds in the tiny suite
+    for hook, arch, k, n_seeds, mean, std, lo, hi, dict_ids in spread:
+        [(fvus,)] = con.execute("SELECT list(fvu) FROM evaluations WHERE list_contains(?, dict_id)", [dict_ids]).fetchall()
+        assert n_seeds == len(fvus) == 2
+        np.testing.assert_allclose([mean, std, lo, hi], [np.mean(fvus), np.std(fvus, ddof=1), min(fvus), max(fvus)])
+    con.close()
+
+
 def test_top_images_are_held_out_and_ranked(suite_run):
     spec, root, _, _ = suite_run
     _, eval_idx = split_indices(root, spec.dataset_id)

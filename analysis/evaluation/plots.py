@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
@@ -27,16 +28,20 @@ def plot_fvu_vs_l0(evaluations: pa.Table, path: str | Path) -> Path:
         groups.setdefault((hook, arch, r["expansion"]), []).append(r)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for (hook, arch, expansion), members in sorted(groups.items()):
-        members.sort(key=lambda r: r["l0"])
-        ax.plot([r["l0"] for r in members], [r["fvu"] for r in members], marker="o",
-                label=f"{hook} {arch} ×{expansion}")
-        for r in members:
-            label = f"k={r['k']}" if r.get("k") is not None else f"λ={r.get('sparsity_coef'):g}"
-            ax.annotate(label, (r["l0"], r["fvu"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        points = _over_seeds(members)
+        line = ax.errorbar([p["l0"] for p in points], [p["fvu"] for p in points],
+                           xerr=[[p["l0"] - p["l0_min"] for p in points], [p["l0_max"] - p["l0"] for p in points]],
+                           yerr=[[p["fvu"] - p["fvu_min"] for p in points], [p["fvu_max"] - p["fvu"] for p in points]],
+                           marker="o", capsize=2, label=f"{hook} {arch} ×{expansion}")
+        for p in points:
+            label = f"k={p['k']}" if p.get("k") is not None else f"λ={p.get('sparsity_coef'):g}"
+            label += f" ({p['n_seeds']} seeds)" if p["n_seeds"] > 1 else ""
+            ax.annotate(label, (p["l0"], p["fvu"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=line[0].get_color())
     ax.set_xscale("log")
+    ax.set_title("Sparsity–reconstruction frontier (mean, bars: min–max over seeds)")
     ax.set_xlabel("L0 (mean active latents per token)")
     ax.set_ylabel("FVU (held-out, mean-centred)")
-    ax.set_title("Sparsity–reconstruction frontier")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -45,3 +50,18 @@ def plot_fvu_vs_l0(evaluations: pa.Table, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _over_seeds(members: list[dict]) -> list[dict]:
+    """One point per k (or coefficient): mean FVU and L0 over the seeds, with their min and max."""
+    by_setting: dict = {}
+    for r in members:
+        by_setting.setdefault((r.get("k"), r.get("sparsity_coef")), []).append(r)
+    points = []
+    for (k, coef), rows in by_setting.items():
+        point = {"k": k, "sparsity_coef": coef, "n_seeds": len(rows)}
+        for metric in ("l0", "fvu"):
+            values = [r[metric] for r in rows]
+            point.update({metric: float(np.mean(values)), f"{metric}_min": min(values), f"{metric}_max": max(values)})
+        points.append(point)
+    return sorted(points, key=lambda p: p["l0"])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pyarrow as pa
 
-from analysis.catalog import connect_catalog, write_table_partition
+from analysis.catalog import connect_catalog, read_table, write_table_partition
 from analysis.paths import DataRoot
 from analysis.evaluation.plots import plot_fvu_vs_l0
 from analysis.evaluation.stability import suite_stability
@@ -78,6 +79,38 @@ def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
                      "dict_ids": dict_ids})
     if rows:
         write_table_partition(root.table("stability"), {"store_id": spec.store_id}, pa.Table.from_pylist(rows))
+    return len(rows)
+
+
+SPREAD_METRICS = ("fvu", "fvu_cls", "l0", "dead_fraction", "loss_recovered", "ablation_gap")
+
+
+def write_seed_spread(spec: SuiteSpec, root: DataRoot) -> int:
+    """Mean, standard deviation (over seeds, n - 1), min and max of the headline metrics, per
+    member that differs only by seed: the `seed_spread` table (long: one row per metric), so a
+    number is read with its spread rather than as one lucky run. Returns its row count."""
+    groups: dict = {}
+    for m in spec.members():
+        groups.setdefault(dataclasses.replace(m, seed=0), []).append(dictionary_id(spec, m))
+    evaluations = root.table("evaluations")
+    by_id = {r["dict_id"]: r for r in read_table(evaluations).to_pylist()} if evaluations.exists() else {}
+    rows = []
+    for key, dict_ids in groups.items():
+        found = [by_id[i] for i in dict_ids if i in by_id]
+        if len(found) < 2:
+            continue
+        for metric in SPREAD_METRICS:
+            values = np.array([r[metric] for r in found if r.get(metric) is not None], dtype=np.float64)
+            if len(values) < 2:
+                continue
+            rows.append({"suite": spec.name, "kind": key.kind, "hook": key.hook,
+                         "out_hook": getattr(key, "out_hook", None), "architecture": key.architecture,
+                         "expansion": key.expansion, "k": key.k, "sparsity_coef": key.sparsity_coef,
+                         "metric": metric, "n_seeds": len(values), "mean": float(values.mean()),
+                         "std": float(values.std(ddof=1)), "min": float(values.min()), "max": float(values.max()),
+                         "dict_ids": [r["dict_id"] for r in found]})
+    if rows:
+        write_table_partition(root.table("seed_spread"), {"store_id": spec.store_id}, pa.Table.from_pylist(rows))
     return len(rows)
 
 
