@@ -152,21 +152,29 @@ def _labelled_batches(spec: SuiteSpec, root: DataRoot, eval_idx: np.ndarray,
             for i in range(0, len(eval_idx), batch))
 
 
-def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
+def _after_training(spec: SuiteSpec, root: DataRoot, member: Member, marker: str, tables: tuple[str, ...],
+                    compute: Callable[[str], dict]) -> dict:
+    """The summary in the member's `marker`, or `compute(dict_id)` under the member's lock for this
+    stage (a second process waits, then reuses it). Redone when a file it vouches for is damaged,
+    or when the weights it read were replaced since; a killed attempt's temporaries in the member's
+    folder and its `tables` partitions are removed first."""
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
-    done = directory / EVALUATION_FILE
-    with file_lock(root.lock(f"{dict_id}.evaluation")):
-        # redone when damaged, or when the weights it scored were replaced since
-        row = read_done(done, upstream=directory / SUMMARY_FILE)
-        if row is None:
-            row = _evaluate(spec, root, member, dict_id, device)
-    return row
+    with file_lock(root.lock(f"{dict_id}.{marker}")):
+        summary = read_done(directory / marker, upstream=directory / SUMMARY_FILE)
+        if summary is None:
+            _remove_temporaries(root, dict_id, *tables)
+            summary = compute(dict_id)
+    return summary
+
+
+def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
+    return _after_training(spec, root, member, EVALUATION_FILE, ("evaluations", "density_histogram"),
+                           lambda dict_id: _evaluate(spec, root, member, dict_id, device))
 
 
 def _evaluate(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str) -> dict:
     directory = root.dictionary(dict_id)
-    _remove_temporaries(root, dict_id, "evaluations", "density_histogram")
     dictionary = load_member(spec, root, member, device, dict_id=dict_id)
     eval_idx = evaluation_images(spec, root)
     model = load_model(spec, root, device=device)
@@ -251,19 +259,12 @@ def _downstream_by_token_kind(spec: SuiteSpec, member: Member, dictionary, model
 def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
     """Max-activating held-out images per latent, over the activations its latents read (the
     kind's `mining_input`: a transcoder's input hook, a crosscoder's hooks all at once)."""
-    dict_id = dictionary_id(spec, member)
-    directory = root.dictionary(dict_id)
-    done = directory / FEATURES_FILE
-    with file_lock(root.lock(f"{dict_id}.features")):
-        summary = read_done(done, upstream=directory / SUMMARY_FILE)
-        if summary is None:
-            summary = _mine(spec, root, member, dict_id, device)
-    return summary
+    return _after_training(spec, root, member, FEATURES_FILE, ("top_images", "feature_stats"),
+                           lambda dict_id: _mine(spec, root, member, dict_id, device))
 
 
 def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str) -> dict:
     directory = root.dictionary(dict_id)
-    _remove_temporaries(root, dict_id, "top_images", "feature_stats")
     dictionary = load_member(spec, root, member, device, dict_id=dict_id)
     eval_idx = evaluation_images(spec, root)
     miner, batches = _stage(member).mining_input(spec, root, member, dictionary, eval_idx, device)
