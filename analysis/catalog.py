@@ -46,6 +46,16 @@ def table_number(value) -> float | None:
     return None if math.isnan(value) else value
 
 
+def typed_table(rows: list[dict], null_types: dict[str, pa.DataType]) -> pa.Table:
+    """`rows` as a table whose all-None columns carry a type (`null_types`, else float64): a
+    Parquet column of type null reads back as SQL type "NULL", which no query can use as a number."""
+    table = pa.Table.from_pylist(rows)
+    for i, field in enumerate(table.schema):
+        if pa.types.is_null(field.type):
+            table = table.set_column(i, field.name, pa.nulls(len(table), null_types.get(field.name, pa.float64())))
+    return table
+
+
 def sql_literal(text: str) -> str:
     """A SQL string literal for statements that take no parameters (CREATE VIEW, CREATE MACRO)."""
     return "'" + str(text).replace("'", "''") + "'"

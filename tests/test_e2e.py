@@ -288,3 +288,13 @@ def test_downstream_by_token_kind_equals_a_direct_splice_of_that_kind(suite_run)
     assert direct["registers"].ablation_gap == 0 and row[2] is None
     assert direct["patches"].ablation_gap == 0 and row[3] is None and row[4] == 0
     assert row[5] == pytest.approx(row[1], rel=1e-9)
+
+
+def test_no_catalog_column_is_typed_null(suite_run):
+    _, root, _, _ = suite_run
+    con = connect_catalog(root.catalog)
+    views = [v for (v,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
+    untyped = {v: [c for c, t, *_ in con.execute(f'DESCRIBE "{v}"').fetchall() if t == '"NULL"' or t == "NULL"]
+               for v in views}
+    con.close()
+    assert "evaluations" in untyped and {v: c for v, c in untyped.items() if c} == {}

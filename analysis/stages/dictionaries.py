@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from analysis.catalog import table_number, write_table_partition
+from analysis.catalog import table_number, typed_table, write_table_partition
 from analysis.ids import code_version
 from analysis.integrity import atomic_write, file_lock, read_done, remove_temporaries, require_done, write_done
 from analysis.data.images import open_images, read_labels
@@ -52,6 +52,9 @@ KIND_STAGES: dict[str, ModuleType] = {"sae": saes, "transcoder": transcoders, "c
 
 # member fields of every kind, so one evaluations table holds all kinds (None where a kind has none)
 _MEMBER_COLUMNS = {"out_hook": None, "hooks": None, "sparsity_coef": None, "skip": None}
+# Their types where every row has None (`sparsity_coef` in an all-TopK suite); any other None is a metric.
+MEMBER_NULL_TYPES = {"out_hook": pa.string(), "hooks": pa.list_(pa.string()), "sparsity_coef": pa.float64(),
+               "skip": pa.bool_(), "k": pa.int64()}
 
 
 def _stage(member: Member) -> ModuleType:
@@ -197,7 +200,7 @@ def _evaluate(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, dev
     fire_counts, n_fire_tokens = _firing_over_split(spec, root, member, dictionary, eval_idx, rec, device)
     row["dead_fraction"], row["dense_fraction"] = firing_fractions(fire_counts, n_fire_tokens)
     row["n_dead_tokens"] = int(n_fire_tokens)
-    table = write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, pa.Table.from_pylist([row]))
+    table = write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, typed_table([row], MEMBER_NULL_TYPES))
     histogram = log10_density_histogram(fire_counts, n_fire_tokens)
     hist_table = write_table_partition(root.table("density_histogram"), {"dict_id": dict_id},
                                        pa.Table.from_pylist(histogram))

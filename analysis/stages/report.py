@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from analysis.catalog import connect_catalog, read_table, write_table_partition
+from analysis.catalog import connect_catalog, read_table, typed_table, write_table_partition
 from analysis.paths import DataRoot
 from analysis.evaluation.plots import plot_fvu_vs_l0
 from analysis.evaluation.stability import suite_stability
-from analysis.stages.dictionaries import dictionary_id, load_member
+from analysis.stages.dictionaries import MEMBER_NULL_TYPES, dictionary_id, load_member
 from analysis.stages.suite import SuiteSpec
 
 SUMMARY_COLUMNS = ("kind", "hook", "out_hook", "architecture", "k", "sparsity_coef", "width", "l0", "fvu", "fvu_cls", "dead_fraction", "dense_fraction",
@@ -78,7 +78,7 @@ def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
                      "n_seeds": len(members), "mean_matched_cosine": suite_stability(dictionaries),
                      "dict_ids": dict_ids})
     if rows:
-        write_table_partition(root.table("stability"), {"store_id": spec.store_id}, pa.Table.from_pylist(rows))
+        write_table_partition(root.table("stability"), {"store_id": spec.store_id}, typed_table(rows, MEMBER_NULL_TYPES))
     return len(rows)
 
 
@@ -110,7 +110,7 @@ def write_seed_spread(spec: SuiteSpec, root: DataRoot) -> int:
                          "std": float(values.std(ddof=1)), "min": float(values.min()), "max": float(values.max()),
                          "dict_ids": [r["dict_id"] for r in found]})
     if rows:
-        write_table_partition(root.table("seed_spread"), {"store_id": spec.store_id}, pa.Table.from_pylist(rows))
+        write_table_partition(root.table("seed_spread"), {"store_id": spec.store_id}, typed_table(rows, MEMBER_NULL_TYPES))
     return len(rows)
 
 
