@@ -60,3 +60,16 @@ def test_a_sampled_suite_trains_evaluates_and_costs_less(sampled_run):
     assert store_bytes(spec) * 18 == store_bytes(full) * 7  # 7 of the 18 tokens kept
     rows = connect_catalog(root.catalog).execute("SELECT fvu, fvu_patches, loss_recovered FROM evaluations").fetchall()
     assert len(rows) == 1 and all(0 < fvu < 1 and 0 < p < 1 for fvu, p, _ in rows)  # one SAE on one hook
+
+
+def test_a_one_seed_suite_still_has_empty_stability_and_seed_spread_views(sampled_run):
+    spec, root = sampled_run
+    assert len({m.seed for m in spec.members()}) == 1
+    con = connect_catalog(root.catalog)
+    for view in ("stability", "seed_spread"):  # the README queries both
+        [(n,)] = con.execute(f"SELECT count(*) FROM {view}").fetchall()
+        assert n == 0
+    [(kind,)] = con.execute("SELECT data_type FROM duckdb_columns() WHERE table_name = 'seed_spread' "
+                            "AND column_name = 'mean'").fetchall()
+    assert kind == "DOUBLE"
+    con.close()

@@ -77,11 +77,20 @@ def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
                      "expansion": key.expansion, "k": key.k, "sparsity_coef": key.sparsity_coef,
                      "n_seeds": len(members), "mean_matched_cosine": suite_stability(dictionaries),
                      "dict_ids": dict_ids})
-    if rows:
-        write_table_partition(root.table("stability"), {"store_id": spec.store_id}, typed_table(rows, MEMBER_NULL_TYPES))
+    # written even when empty, so the view (and the README's query) exists for one-seed suites
+    write_table_partition(root.table("stability"), {"store_id": spec.store_id},
+                          typed_table(rows, MEMBER_NULL_TYPES) if rows else STABILITY_SCHEMA.empty_table())
     return len(rows)
 
 
+_GROUP_FIELDS = [("suite", pa.string()), ("kind", pa.string()), ("hook", pa.string()), ("out_hook", pa.string()),
+                 ("architecture", pa.string()), ("expansion", pa.int64()), ("k", pa.int64()),
+                 ("sparsity_coef", pa.float64())]
+STABILITY_SCHEMA = pa.schema([*_GROUP_FIELDS, ("n_seeds", pa.int64()), ("mean_matched_cosine", pa.float64()),
+                              ("dict_ids", pa.list_(pa.string()))])
+SEED_SPREAD_SCHEMA = pa.schema([*_GROUP_FIELDS, ("metric", pa.string()), ("n_seeds", pa.int64()),
+                                *((name, pa.float64()) for name in ("mean", "std", "min", "max")),
+                                ("dict_ids", pa.list_(pa.string()))])
 SPREAD_METRICS = ("fvu", "fvu_cls", "l0", "dead_fraction", "loss_recovered", "ablation_gap")
 
 
@@ -109,8 +118,8 @@ def write_seed_spread(spec: SuiteSpec, root: DataRoot) -> int:
                          "metric": metric, "n_seeds": len(values), "mean": float(values.mean()),
                          "std": float(values.std(ddof=1)), "min": float(values.min()), "max": float(values.max()),
                          "dict_ids": [r["dict_id"] for r in found]})
-    if rows:
-        write_table_partition(root.table("seed_spread"), {"store_id": spec.store_id}, typed_table(rows, MEMBER_NULL_TYPES))
+    write_table_partition(root.table("seed_spread"), {"store_id": spec.store_id},
+                          typed_table(rows, MEMBER_NULL_TYPES) if rows else SEED_SPREAD_SCHEMA.empty_table())
     return len(rows)
 
 
