@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -298,3 +299,17 @@ def test_no_catalog_column_is_typed_null(suite_run):
                for v in views}
     con.close()
     assert "evaluations" in untyped and {v: c for v, c in untyped.items() if c} == {}
+
+
+def test_the_images_table_joins_top_images_to_their_labels(suite_run):
+    spec, root, _, _ = suite_run
+    labels = pq.read_table(root.images(spec.dataset_id) / "labels.parquet")
+    con = connect_catalog(root.catalog)
+    [(n, n_eval)] = con.execute("SELECT count(*), count(*) FILTER (split = 'eval') FROM images "
+                                "WHERE dataset_id = ?", [spec.dataset_id]).fetchall()
+    assert n == labels.num_rows and n_eval == labels.column("split").to_pylist().count("eval")
+    joined = con.execute("SELECT t.image_idx, i.label, i.split FROM top_images t JOIN images i USING (image_idx) "
+                         "LIMIT 50").fetchall()
+    con.close()
+    label = labels.column("label").to_pylist()
+    assert joined and all(label[idx] == lab and split == "eval" for idx, lab, split in joined)

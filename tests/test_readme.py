@@ -113,7 +113,7 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     code = "\n".join(line for _, block in _blocks("sql") for line in block.splitlines()
                      if not line.lstrip().startswith("--"))  # comments hold semicolons too
     statements = [s.strip() for s in code.split(";") if s.strip()]
-    assert len(statements) == 5
+    assert len(statements) == 6
     con = connect_catalog(root.catalog)
     try:
         results = {s: con.execute(s).fetchall() for s in statements}
@@ -122,6 +122,8 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     [[(*member, n_seeds, cosine)]] = [rows for s, rows in results.items() if "FROM stability" in s]
     assert member == ["blocks.1.hook_resid_post", "topk", 8] and n_seeds == 2 and 0 < cosine <= 1
     assert all(rows for s, rows in results.items() if "density_histogram" in s or "feature_stats" in s)
+    [agree] = [rows for s, rows in results.items() if "JOIN images" in s]
+    assert agree and all(0 < n_top <= 4 for *_, n_top in agree)  # the tiny suite keeps 4 top images
     [spread] = [rows for s, rows in results.items() if "FROM seed_spread" in s]
     assert {(r[1], r[2], r[3], r[4]) for r in spread} >= {("blocks.1.hook_resid_post", 8, "fvu", 2)}
 

@@ -21,9 +21,11 @@ REJECTED_FILE = "rejected.parquet"
 
 def ensure_dataset(spec: SuiteSpec, root: DataRoot, *, progress: bool = True) -> dict:
     directory = root.images(spec.dataset_id)
+    images_table = root.table("images") / f"dataset_id={spec.dataset_id}" / "part.parquet"
     with file_lock(root.lock(spec.dataset_id)):  # a second run waits, then reuses
         if read_done(directory / DONE_FILE) is None:  # absent, or damaged (logged): (re)written whole
             remove_temporaries(directory)
+            images_table.unlink(missing_ok=True)  # the catalog's copy follows the dataset
             if spec.dataset.source == "shapes":
                 data = generate_shapes(spec.dataset.config())
                 write_image_dataset(directory, data.images, data.labels,
@@ -31,6 +33,8 @@ def ensure_dataset(spec: SuiteSpec, root: DataRoot, *, progress: bool = True) ->
                                            "class_names": data.class_names})
             else:
                 _ingest(spec, root, progress)
+        if not images_table.exists():  # labels, latents, split, sha256 and source per image, for SQL joins
+            write_table_partition(root.table("images"), {"dataset_id": spec.dataset_id}, read_labels(directory))
         rejected = directory / REJECTED_FILE
         if rejected.exists():  # the table copy, rewritten from the dataset's own (vouched-for) file
             write_table_partition(root.table("rejected_images"), {"dataset_id": spec.dataset_id},
