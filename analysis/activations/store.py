@@ -214,16 +214,17 @@ def missing_shards(location: StoreLocation) -> list[int]:
 def damaged_shards(group: zarr.Group, layout: StoreLayout, shards=None, *, full: bool = False) -> list[ShardDamage]:
     """Damage in the files of completed shards (all of them, or those in `shards`): missing,
     truncated, or (full) changed since extraction recorded them."""
-    done = np.flatnonzero(completed(group)).tolist()
-    wanted = done if shards is None else [s for s in shards if s in done]
+    if shards is None:
+        wanted = np.flatnonzero(completed(group)).tolist()
+    else:  # only these shards' rows: reading every shard's is the cost of a whole-store check
+        wanted = [s for s in shards if group[PARTIALS][s, 0] > 0]
     return check_shards(group, wanted, layout.shard_bounds, full=full)
 
 
-def shards_to_extract(location: StoreLocation) -> list[int]:
-    """Shards without a completion marker or with damaged files (cheap check), ascending."""
+def shard_intact(location: StoreLocation, shard: int) -> bool:
+    """The shard is marked complete and its files pass the cheap check (presence and size)."""
     group, layout = open_layout(location)
-    return sorted(set(np.flatnonzero(~completed(group)).tolist())
-                  | {d.shard for d in damaged_shards(group, layout)})
+    return bool(group[PARTIALS][shard, 0] > 0) and not damaged_shards(group, layout, [shard])
 
 
 def reset_shard(group: zarr.Group, shard: int) -> None:

@@ -46,20 +46,25 @@ def create_files_array(group: zarr.Group, n_shards: int) -> None:
                        dtype="uint64", compressors=None, fill_value=0)
 
 
-def shard_keys(group: zarr.Group, shard: int, start: int, stop: int) -> list[str]:
-    """Store keys of the files holding images [start, stop) of every array, in a fixed order."""
+def shard_keys(group: zarr.Group, shard: int, start: int, stop: int, arrays: list | None = None) -> list[str]:
+    """Store keys of the files holding images [start, stop) of every array, in a fixed order;
+    `arrays` (from `file_arrays`) saves re-reading the arrays' metadata for each shard."""
     keys = []
-    for name in ARRAYS:
-        array = group[name]
+    for array in file_arrays(group) if arrays is None else arrays:
         per_file = array.shards[0] if array.shards else array.chunks[0]
         files = range(start // per_file, math.ceil(stop / per_file))
         if len(files) > MAX_FILES_PER_ARRAY:
-            raise ValueError(f"shard {shard} of {name} spans {len(files)} files, more than the "
+            raise ValueError(f"shard {shard} of {array.basename} spans {len(files)} files, more than the "
                              f"{MAX_FILES_PER_ARRAY} a `files` row records")
         for f in files:
             chunk_key = array.metadata.encode_chunk_key((f,) + (0,) * (array.ndim - 1))
             keys.append(_join(array.store_path.path, chunk_key))
     return keys
+
+
+def file_arrays(group: zarr.Group) -> list[zarr.Array]:
+    """The arrays whose files `files` records, opened once (each open parses their metadata)."""
+    return [group[name] for name in ARRAYS]
 
 
 def _join(*parts: str) -> str:
@@ -96,9 +101,9 @@ def record_shard_files(group: zarr.Group, shard: int, start: int, stop: int,
     store, row = _store(group), np.zeros(files_row_width(), dtype=np.uint64)
     for i, key in enumerate(shard_keys(group, shard, start, stop)):
         size, crc = (known or {}).get(key) or _read_record(store, shard, key)
-        if _size(store, key) != size:  # landed whole: a short write must not be vouched for
-            raise OSError(f"shard {shard}'s file {key} holds {_size(store, key)} bytes, {size} were written "
-                          f"(store {store})")
+        landed = _size(store, key)
+        if landed != size:  # landed whole: a short write must not be vouched for
+            raise OSError(f"shard {shard}'s file {key} holds {landed} bytes, {size} were written (store {store})")
         row[2 * i: 2 * i + 2] = (size, crc)
     group[FILES][shard] = row
 
@@ -116,11 +121,13 @@ def check_shards(group: zarr.Group, shards, bounds, *, full: bool = False) -> li
     (full) a crc32c other than recorded. `bounds(shard)` gives the shard's image range."""
     if FILES not in group:
         return []  # callers check the store format first; nothing recorded, nothing to compare
-    store, records = _store(group), group[FILES]
+    store, records, arrays = _store(group), group[FILES], file_arrays(group)
+    shards = list(shards)
+    rows = records[:] if len(shards) > 1 else {s: records[s] for s in shards}  # one read for many shards
     damage = []
     for shard in shards:
-        row = records[shard]
-        for i, key in enumerate(shard_keys(group, shard, *bounds(shard))):
+        row = rows[shard]
+        for i, key in enumerate(shard_keys(group, shard, *bounds(shard), arrays)):
             size, crc = int(row[2 * i]), int(row[2 * i + 1])
             found = _size(store, key)
             if found is None:

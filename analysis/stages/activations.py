@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.activations.store import StoreLayout, create_store, shards_to_extract
+from analysis.activations.store import StoreLayout, create_store, shard_intact
 from analysis.activations.extract import extract_shard
 from analysis.activations.stats import finalize_stats
 from analysis.activations.store import open_store_group
@@ -125,7 +125,7 @@ def extract(spec: SuiteSpec, root: DataRoot, shard: int, *, device: str = "cpu",
 
 def _extract(spec: SuiteSpec, root: DataRoot, shard: int, device: str, progress: bool) -> dict:
     stores = {hook: root.hook_store(spec.store_id, hook) for hook in spec.activations.hooks}
-    if all(shard not in shards_to_extract(path) for path in stores.values()):  # done, files intact
+    if all(shard_intact(path, shard) for path in stores.values()):  # this shard only: one check per partition
         return {"shard": shard, "skipped": True}
     model = load_tower(spec, root, device=device)
     hooks = list(spec.activations.hooks)
