@@ -16,7 +16,7 @@ def test_definitions_load_with_every_asset_job_and_schedule():
         assert defs.resolve_job_def(name) is not None
     assert defs.resolve_schedule_def("prepare_job_schedule").cron_schedule == "0 3 * * 1"
     parts = defs.resolve_assets_def("dictionaries").partitions_def.get_partition_keys()
-    assert len(parts) == 8 and "b1_resid_post-topk-x4-k32-s0" in parts  # 4 SAEs, 3 transcoder seeds, 1 crosscoder
+    assert len(parts) == 16 and "b1_resid_post-topk-x4-k32-s2" in parts  # 4 SAEs x 3 seeds, 3 transcoder seeds, 1 crosscoder
     assert "cc-b0_resid_post+b1_resid_post-topk-x4-k32-s0" in parts
     assert "tc-b1_resid_mid-b1_mlp_out-x4-k32-skip-s0" in parts
     for assets_def in defs.resolve_all_asset_specs():

@@ -156,3 +156,41 @@ def _raw_tiny() -> dict:
     import yaml
 
     return {"name": "tiny", **{k: v for k, v in yaml.safe_load(TINY.read_text()).items() if k != "name"}}
+
+
+def test_the_frontiers_suite_reuses_the_default_store_and_sweeps_every_architecture():
+    """benchmarks/bench_frontiers.py --suite relies on it: nothing upstream of the dictionaries is
+    redone after `make run`, and each architecture has at least four sparsities on both hooks."""
+    from analysis.stages.validate import validate_suite
+
+    suites = Path(__file__).parents[1] / "pipelines" / "suites"
+    default, frontiers = load_suite(suites / "default.yaml"), load_suite(suites / "frontiers.yaml")
+    assert (frontiers.dataset_id, frontiers.model_id, frontiers.store_id) == \
+        (default.dataset_id, default.model_id, default.store_id)
+    validate_suite(frontiers)
+    members = frontiers.members()
+    for arch in ("topk", "batchtopk", "relu", "jumprelu"):
+        for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+            assert len([m for m in members if m.architecture == arch and m.hook == hook]) >= 4
+
+
+def test_a_changed_default_learning_rate_or_warm_up_makes_new_dictionary_ids(monkeypatch):
+    """Ids hash the learning rate and warm-up training uses, not the `None` a suite leaves them
+    at: a changed default must retrain, never reuse weights trained under the old one."""
+    from analysis.dictionaries.training import schedule
+    from analysis.stages.dictionaries import dictionary_id
+
+    spec = load_suite(TINY)
+    before = [dictionary_id(spec, m) for m in spec.members()]
+    monkeypatch.setattr(schedule, "default_lr", lambda width: 1e-3)
+    after_lr = [dictionary_id(spec, m) for m in spec.members()]
+    assert all(a != b for a, b in zip(before, after_lr))
+    monkeypatch.undo()
+    assert [dictionary_id(spec, m) for m in spec.members()] == before
+    raw = _raw_tiny()
+    raw["dictionaries"]["train"] = {k: v for k, v in raw["dictionaries"]["train"].items() if k != "warmup_steps"}
+    unset = parse_suite(raw)
+    warmup = {m.key: dictionary_id(unset, m) for m in unset.members() if m.kind == "sae"}
+    raw["dictionaries"]["train"]["warmup_steps"] = 2  # what unset means here: 5 % of 40 steps
+    explicit = parse_suite(raw)
+    assert {m.key: dictionary_id(explicit, m) for m in explicit.members() if m.kind == "sae"} == warmup

@@ -216,12 +216,17 @@ def test_geometric_median_resists_outliers():
 
 def test_lr_schedule():
     cfg = SAETrainConfig(width=2**16, batch_size=10, n_train_tokens=1000, warmup_steps=10)
-    assert cfg.base_lr() == pytest.approx(2e-4 / 2)
+    assert cfg.base_lr() == pytest.approx(4e-4 / 2)
     assert cfg.lr_at(0) == pytest.approx(cfg.base_lr() / 10)
     assert cfg.lr_at(50) == pytest.approx(cfg.base_lr())
     assert cfg.lr_at(90) == pytest.approx(cfg.base_lr() * 0.5)
     assert cfg.lr_at(99) < cfg.lr_at(90)
     assert SAETrainConfig(width=64, lr_decay=False, batch_size=10, n_train_tokens=100).lr_at(99) > 0
+    # unset, the warm-up is 5 % of the run: 25 of 500 steps, and at least one step
+    default = SAETrainConfig(width=2**16, batch_size=10, n_train_tokens=5000)
+    assert default.warmup() == 25 and default.lr_at(24) == pytest.approx(default.base_lr())
+    assert default.lr_at(11) == pytest.approx(default.base_lr() * 12 / 25)
+    assert SAETrainConfig(width=64, batch_size=10, n_train_tokens=100).warmup() == 1
 
 
 @pytest.mark.parametrize("kw, msg", [

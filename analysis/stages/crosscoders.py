@@ -43,7 +43,7 @@ def train_config(spec: SuiteSpec, member: CrosscoderMember, d: int) -> Crosscode
 
 def member_id(spec: SuiteSpec, member: CrosscoderMember) -> str:
     cfg = train_config(spec, member, spec.vit_config().d_model)
-    return content_id("crosscoder", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
+    return content_id("crosscoder", {"member": asdict(member), "train": cfg.resolved(), "store": spec.store_id})
 
 
 def _stores(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember) -> list[ActivationStore]:
@@ -65,7 +65,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, trai
     result = train_crosscoder(loader, cfg, mean_norms=loader.mean_norms, init_batch=init_batch, progress=progress,
                               on_log=on_log, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                               eval_batch=eval_batch)
-    return result, asdict(cfg), stores[0].lineage
+    return result, cfg.resolved(), stores[0].lineage
 
 
 class ConcatenatedView(nn.Module):

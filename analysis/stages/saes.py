@@ -39,7 +39,7 @@ def train_config(spec: SuiteSpec, member: SAEMember, d_in: int) -> SAETrainConfi
 
 def member_id(spec: SuiteSpec, member: SAEMember) -> str:
     cfg = train_config(spec, member, spec.vit_config().d_model)
-    return content_id("sae", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
+    return content_id("sae", {"member": asdict(member), "train": cfg.resolved(), "store": spec.store_id})
 
 
 def _store(spec: SuiteSpec, root: DataRoot, member: SAEMember) -> ActivationStore:
@@ -61,7 +61,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: SAEMember, train_idx: 
                        init_batch=init_batch, progress=progress, on_log=on_log,
                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        eval_tokens=eval_tokens)
-    return result, asdict(cfg), store.lineage
+    return result, cfg.resolved(), store.lineage
 
 
 def reconstruction(spec: SuiteSpec, root: DataRoot, member: SAEMember, sae: SparseAutoencoder,

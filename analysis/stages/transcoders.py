@@ -39,7 +39,7 @@ def train_config(spec: SuiteSpec, member: TranscoderMember, d_in: int) -> Transc
 def member_id(spec: SuiteSpec, member: TranscoderMember) -> str:
     d = spec.vit_config().d_model  # every hook a transcoder may pair is a d_model stream
     cfg = train_config(spec, member, d)
-    return content_id("transcoder", {"member": asdict(member), "train": asdict(cfg), "store": spec.store_id})
+    return content_id("transcoder", {"member": asdict(member), "train": cfg.resolved(), "store": spec.store_id})
 
 
 def _stores(spec: SuiteSpec, root: DataRoot, member: TranscoderMember) -> tuple[ActivationStore, ActivationStore]:
@@ -63,7 +63,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, trai
         loader, cfg, mean_norm_in=float(store_in.stats.mean_norm), mean_norm_out=float(store_out.stats.mean_norm),
         init_batch=init_batch, progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         on_log=on_log, eval_batch=eval_batch)
-    return result, asdict(cfg), store_in.lineage
+    return result, cfg.resolved(), store_in.lineage
 
 
 def reconstruction(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, tc: TopKTranscoder,
