@@ -65,15 +65,17 @@ def sql_identifier(name: str) -> str:
     return '"' + str(name).replace('"', '""') + '"'
 
 
-def write_table_partition(table_dir: str | Path, partition: dict[str, str], table: pa.Table) -> Path:
-    """Replace one partition of a table. `partition` maps column → value (also stored as columns)."""
+def write_table_partition(table_dir: str | Path, partition: dict[str, str], table: pa.Table,
+                          file_name: str = "part.parquet") -> Path:
+    """Replace one partition of a table. `partition` maps column → value (also stored as columns).
+    Several writers may share a partition, each replacing only its own `file_name` in it."""
     directory = Path(table_dir)
     for col, value in partition.items():
         _check_partition_value(col, str(value))
         directory = directory / f"{col}={value}"
         if col in table.column_names:
             table = table.drop_columns([col])  # hive partitioning supplies it on read
-    return atomic_write(directory / "part.parquet", lambda tmp: pq.write_table(table, tmp))
+    return atomic_write(directory / file_name, lambda tmp: pq.write_table(table, tmp))
 
 
 def _check_partition_value(col: str, value: str) -> None:

@@ -313,3 +313,33 @@ def test_the_images_table_joins_top_images_to_their_labels(suite_run):
     con.close()
     label = labels.column("label").to_pylist()
     assert joined and all(label[idx] == lab and split == "eval" for idx, lab, split in joined)
+
+
+def test_a_second_suite_on_the_same_store_keeps_the_first_suites_spread_and_stability(suite_run):
+    """The frontiers suite shares the default suite's store: writing its (one-seed, empty) spread
+    and stability must not replace the default's rows."""
+    from analysis.catalog import refresh_catalog
+    from analysis.stages.report import write_seed_spread, write_stability
+
+    spec, root, _, _ = suite_run
+    one_seed = dataclasses.replace(spec, name="one_seed",
+                                   dictionaries=dataclasses.replace(spec.dictionaries, seeds=(0,)))
+    assert one_seed.store_id == spec.store_id
+
+    def counts():
+        con = connect_catalog(root.catalog)
+        try:
+            return {t: dict(con.execute(f"SELECT suite, count(*) FROM {t} GROUP BY suite").fetchall())
+                    for t in ("seed_spread", "stability")}
+        finally:
+            con.close()
+
+    before = counts()
+    assert before["seed_spread"][spec.name] > 0 and before["stability"][spec.name] > 0
+    try:
+        assert write_seed_spread(one_seed, root) == 0 and write_stability(one_seed, root) == 0
+        refresh_catalog(root.catalog, root.root / "tables")
+        assert counts() == before
+    finally:
+        for table in ("seed_spread", "stability"):
+            (root.table(table) / f"store_id={spec.store_id}" / "one_seed.parquet").unlink()

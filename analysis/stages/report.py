@@ -78,9 +78,17 @@ def write_stability(spec: SuiteSpec, root: DataRoot) -> int:
                      "n_seeds": len(members), "mean_matched_cosine": suite_stability(dictionaries),
                      "dict_ids": dict_ids})
     # written even when empty, so the view (and the README's query) exists for one-seed suites
-    write_table_partition(root.table("stability"), {"store_id": spec.store_id},
-                          typed_table(rows, MEMBER_NULL_TYPES) if rows else STABILITY_SCHEMA.empty_table())
+    _write_suite_rows(root, "stability", spec,
+                      typed_table(rows, MEMBER_NULL_TYPES) if rows else STABILITY_SCHEMA.empty_table())
     return len(rows)
+
+
+def _write_suite_rows(root: DataRoot, table: str, spec: SuiteSpec, rows: pa.Table) -> None:
+    """The suite's rows of a per-suite table, one file per suite in the store's partition: suites
+    sharing a store (the frontiers suite reads the default's) keep each other's rows."""
+    write_table_partition(root.table(table), {"store_id": spec.store_id}, rows, file_name=f"{spec.name}.parquet")
+    # earlier versions wrote one part.parquet per store, holding whichever suite ran last
+    (root.table(table) / f"store_id={spec.store_id}" / "part.parquet").unlink(missing_ok=True)
 
 
 _GROUP_FIELDS = [("suite", pa.string()), ("kind", pa.string()), ("hook", pa.string()), ("out_hook", pa.string()),
@@ -118,8 +126,8 @@ def write_seed_spread(spec: SuiteSpec, root: DataRoot) -> int:
                          "metric": metric, "n_seeds": len(values), "mean": float(values.mean()),
                          "std": float(values.std(ddof=1)), "min": float(values.min()), "max": float(values.max()),
                          "dict_ids": [r["dict_id"] for r in found]})
-    write_table_partition(root.table("seed_spread"), {"store_id": spec.store_id},
-                          typed_table(rows, MEMBER_NULL_TYPES) if rows else SEED_SPREAD_SCHEMA.empty_table())
+    _write_suite_rows(root, "seed_spread", spec,
+                      typed_table(rows, MEMBER_NULL_TYPES) if rows else SEED_SPREAD_SCHEMA.empty_table())
     return len(rows)
 
 
