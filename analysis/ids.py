@@ -39,12 +39,23 @@ def code_version() -> str:
         v = version("spectra")
     except PackageNotFoundError:
         v = "0+unknown"
+    sha = _git("rev-parse", "--short=12", "HEAD")
+    return v if sha is None else f"{v}+g{sha.strip()}"
+
+
+@lru_cache(maxsize=1)
+def code_modified() -> bool | None:
+    """Whether tracked files differ from the commit `code_version` names (lineage, not ids): the
+    commit alone then does not say what code ran. Untracked files are not counted, as in
+    `git describe --dirty`. None when that cannot be told (no git, or not run from a checkout)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
+
+
+def _git(*args: str) -> str | None:
+    """The output of a git command run in the package's folder, or None when it fails."""
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
-        return f"{v}+g{sha}"
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=5, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return v
+        return None

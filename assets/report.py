@@ -3,6 +3,7 @@
 
 import dagster as dg
 
+from analysis.stages.lineage import write_lineage_tables
 from analysis.stages.report import write_report, write_seed_spread, write_stability
 from analysis.stages.suite import SuiteSpec
 from assets._common import data_version, image_markdown, metadata
@@ -10,16 +11,20 @@ from resources import CatalogResource, StorageResource
 
 
 def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
-    @dg.asset(name="catalog", group_name="catalog", code_version="1", deps=["evaluations", "features"],
-              kinds={"duckdb"}, description="Cross-seed stability, then DuckDB views over every Parquet table under the data root.")
+    @dg.asset(name="catalog", group_name="catalog", code_version="2", deps=["evaluations", "features"],
+              kinds={"duckdb"}, description="Lineage tables and cross-seed stability, then DuckDB views over "
+                                            "every Parquet table under the data root.")
     def catalog(storage: StorageResource, catalog: CatalogResource) -> dg.MaterializeResult:
         root = storage.data_root()
-        n_stability = write_stability(spec, root)  # tables too, so they come before the views
+        # tables first, so that the views cover them; lineage comes from the artifacts' own files
+        lineage_rows = write_lineage_tables(spec, root)
+        n_stability = write_stability(spec, root)
         n_spread = write_seed_spread(spec, root)
         views = catalog.refresh(root)
         return dg.MaterializeResult(
             metadata={"path": dg.MetadataValue.path(str(root.catalog)), "views": ", ".join(views),
-                      "stability_rows": n_stability, "seed_spread_rows": n_spread},
+                      "stability_rows": n_stability, "seed_spread_rows": n_spread,
+                      **{f"{table}_rows": n for table, n in lineage_rows.items()}},
             data_version=data_version(spec.store_id, *(m.key for m in spec.members())),
         )
 

@@ -113,7 +113,7 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     code = "\n".join(line for _, block in _blocks("sql") for line in block.splitlines()
                      if not line.lstrip().startswith("--"))  # comments hold semicolons too
     statements = [s.strip() for s in code.split(";") if s.strip()]
-    assert len(statements) == 6
+    assert len(statements) == 7
     con = connect_catalog(root.catalog)
     try:
         results = {s: con.execute(s).fetchall() for s in statements}
@@ -126,6 +126,9 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     assert agree and all(0 < n_top <= 4 for *_, n_top in agree)  # the tiny suite keeps 4 top images
     [spread] = [rows for s, rows in results.items() if "FROM seed_spread" in s]
     assert {(r[1], r[2], r[3], r[4]) for r in spread} >= {("blocks.1.hook_resid_post", 8, "fvu", 2)}
+    [lineage] = [rows for s, rows in results.items() if "JOIN datasets" in s]
+    # every link found, up to code_version (code_modified is NULL where git is absent)
+    assert len(lineage) == 1 and None not in lineage[0][:12]
 
 
 def test_shell_blocks_run_or_are_named_with_a_reason(suite_root):

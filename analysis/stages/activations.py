@@ -13,7 +13,7 @@ from analysis.activations.store import StoreLayout, create_store, shard_intact
 from analysis.activations.extract import extract_shard
 from analysis.activations.stats import finalize_stats
 from analysis.activations.store import open_store_group
-from analysis.ids import code_version
+from analysis.ids import code_modified, code_version
 from analysis.data.images import open_images
 from analysis.activations.reader import ActivationStore
 from analysis.paths import DataRoot
@@ -113,7 +113,7 @@ def _create_hook_store(spec: SuiteSpec, root: DataRoot, hook: str, layout: Store
     # must not invalidate a store whose content ids are unchanged.
     group = open_store_group(path, "r+")
     if "code_version" not in group.attrs:
-        group.attrs["code_version"] = code_version()
+        group.attrs.update({"code_version": code_version(), "code_modified": code_modified()})
 
 
 def extract(spec: SuiteSpec, root: DataRoot, shard: int, *, device: str = "cpu", progress: bool = True) -> dict:

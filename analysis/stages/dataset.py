@@ -39,18 +39,28 @@ def ensure_dataset(spec: SuiteSpec, root: DataRoot, *, progress: bool = True) ->
         if rejected.exists():  # the table copy, rewritten from the dataset's own (vouched-for) file
             write_table_partition(root.table("rejected_images"), {"dataset_id": spec.dataset_id},
                                   pq.read_table(rejected))
+    summary = describe_dataset(root, spec.dataset_id)
+    return {**summary, "class_names": json.dumps(summary["class_names"])}
+
+
+def describe_dataset(root: DataRoot, dataset_id: str) -> dict:
+    """A finished dataset's size, split, content hash, classes and source, from its own files;
+    `n_rejected` (ingested sources) and `n_duplicates` only where the dataset records them."""
+    directory = root.images(dataset_id)
     images = open_images(directory)
     labels = read_labels(directory)
     split = np.asarray(labels.column("split").to_pylist())
     summary = {
-        "dataset_id": spec.dataset_id,
+        "dataset_id": dataset_id,
         "path": str(directory),
         "n_images": int(images.shape[0]),
         "image_shape": list(images.shape[1:]),
         "n_train": int((split == "train").sum()),
         "n_eval": int((split == "eval").sum()),
         "content_hash": images.attrs["content_hash"],
-        "class_names": json.dumps(images.attrs["class_names"]),
+        "class_names": list(images.attrs["class_names"]),
+        "source": images.attrs.get("source"),
+        "config": images.attrs.get("config"),
     }
     if (directory / REJECTED_FILE).exists():  # an ingested source
         summary["n_rejected"] = pq.read_metadata(directory / REJECTED_FILE).num_rows

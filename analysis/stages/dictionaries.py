@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from analysis.catalog import table_number, typed_table, write_table_partition
-from analysis.ids import code_version
+from analysis.ids import code_modified, code_version
 from analysis.integrity import atomic_write, file_lock, read_done, remove_temporaries, require_done, write_done
 from analysis.data.images import open_images, read_labels
 from analysis.models.inputs import to_model_input
@@ -109,7 +109,7 @@ def _train(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device
         raise RuntimeError(f"member {member.key}: {err}; {kept}") from err
     lineage = {"dict_id": dict_id, "kind": member.kind, **asdict(member), "store_id": spec.store_id,
                "store_lineage": store_lineage, "train_config": train_cfg, "code_version": code_version(),
-               "machine": machine(device)}
+               "code_modified": code_modified(), "machine": machine(device)}
     model = result[0]
     model.save(directory, extra_config=lineage)
     train_log = write_table_partition(root.table("train_log"), {"dict_id": dict_id}, pa.Table.from_pylist(result.log))
