@@ -243,7 +243,7 @@ class _Run:
             if model.unit_norm_decoder:
                 model.normalize_decoder()
             if fwd.min_kept is not None:
-                d = cfg.threshold_decay  # BatchTopK only, so an SAETrainConfig
+                d = cfg.threshold_ema_decay()  # BatchTopK only, so an SAETrainConfig
                 self.threshold = fwd.min_kept if self.threshold is None else d * self.threshold + (1 - d) * fwd.min_kept
             self.since_fired = torch.where(fwd.fire_counts > 0, 0, self.since_fired + x.shape[0])
             self.window.append(torch.stack([loss.detach(), sparsity.detach(), aux.detach(), fwd.l0, *extras]))
