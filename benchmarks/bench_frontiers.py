@@ -1,0 +1,172 @@
+"""FVU-L0 frontier of every SAE architecture (TopK, BatchTopK, ReLU-L1, JumpReLU) with its defaults.
+
+Two places, one script:
+- the ground truth of `bench_sae_peers.py` (3072 known unit directions in d=384, 6144 latents,
+  the same activations): held-out FVU, L0, dead fraction and the fraction of true directions
+  recovered at cosine > 0.9 for each architecture at several sparsities;
+- the default suite's store (`--suite`): the suite `pipelines/suites/frontiers.yaml` (the
+  default dataset, mouse and store; every architecture at several sparsities on both residual
+  streams) is run through the pipeline and its catalog's evaluations are copied in, so the
+  frontier is measured by the same evaluation a user reads.
+
+For each penalty architecture the result states, at each of its points, the TopK FVU at the same
+L0 (linear interpolation in log L0 between TopK's points) and the difference: JumpReLU at
+matched L0 is meant to be no worse than TopK. Only the sparsity knob varies; every other setting
+is the trainer's default.
+
+    .venv/bin/python benchmarks/bench_frontiers.py [--threads 2] [--suite] [--out ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _results import machine, write  # noqa: E402
+from bench_sae_peers import _batches, _eval_batches, make_activations, recovery  # noqa: E402
+
+from analysis.dictionaries.training.sae import SAETrainConfig, train_sae  # noqa: E402
+from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
+
+# the sparsity each architecture is swept over (k, or the penalty coefficient λ)
+# (ReLU's L1 at λ = 1 keeps about 1,000 latents per token here, so its sweep starts at 10)
+GROUND_TRUTH_GRID = {
+    "topk": [8, 16, 32, 64],
+    "batchtopk": [8, 16, 32, 64],
+    "relu": [10.0, 30.0, 100.0],
+    "jumprelu": [0.1, 0.3, 1.0, 3.0],
+}
+
+
+def ground_truth(args, on_row) -> list[dict]:
+    x, directions = make_activations(args.pool_tokens + args.eval_tokens, args.d, args.n_features, args.seed)
+    x, directions = torch.from_numpy(x), torch.from_numpy(directions)
+    train, held_out = x[:args.pool_tokens], x[args.pool_tokens:]
+    mean_norm = float(train[:65536].norm(dim=1).mean())  # the store's statistic in production
+    rows = []
+    for arch in args.architectures:
+        for value in GROUND_TRUTH_GRID[arch]:
+            knob = {"k": value} if arch in ("topk", "batchtopk") else {"sparsity_coef": value}
+            cfg = SAETrainConfig(width=args.expansion * args.d, architecture=arch, batch_size=args.batch_size,
+                                 n_train_tokens=args.train_tokens, seed=args.seed, **knob)
+            t0 = time.perf_counter()
+            result = train_sae(_batches(train, args.batch_size, args.train_tokens), args.d, cfg,
+                               mean_norm=mean_norm, init_batch=train[:args.batch_size], progress=False,
+                               log_every=10**9)
+            seconds = time.perf_counter() - t0
+            sae = result.dictionary.eval()
+            with torch.no_grad():
+                m = reconstruction_metrics(sae, _eval_batches(held_out))
+                rec = recovery(directions, sae.W_dec)
+            row = {"architecture": arch, **knob, "l0": m.l0, "fvu": m.fvu, "dead_fraction": m.dead_fraction,
+                   "dense_fraction": m.dense_fraction, **rec, "seconds": seconds}
+            rows.append(row)
+            on_row(rows)
+            print(f"ground truth {arch:9s} {next(iter(knob))}={value:<5g} L0 {m.l0:6.1f}  FVU {m.fvu:.4f}  "
+                  f"dead {m.dead_fraction:.2%}  recovered {rec['recovered_fraction']:.2%}  ({seconds:.0f} s)",
+                  flush=True)
+    return rows
+
+
+def default_suite(args) -> list[dict]:
+    """Run pipelines/suites/frontiers.yaml into `--suite-root` and read its evaluations."""
+    import duckdb
+
+    root = Path(args.suite_root or tempfile.mkdtemp(prefix="spectra-frontiers-"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1", "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1", "DAGSTER_HOME": str(root / "dagster_home")}
+    subprocess.run([sys.executable, "-m", "pipelines.run", "--suite", "frontiers", "--root", str(root)],
+                   cwd=ROOT, env=env, check=True)
+    con = duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
+    query = """SELECT hook, architecture, k, sparsity_coef, l0, fvu, dead_fraction, dense_fraction,
+                      loss_recovered, n_dead_tokens
+               FROM evaluations WHERE suite = 'frontiers' AND kind = 'sae'
+               ORDER BY hook, architecture, k, sparsity_coef"""
+    cur = con.execute(query)
+    names = [c[0] for c in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def matched_l0(rows: list[dict], group: tuple[str, ...] = ()) -> list[dict]:
+    """Each non-TopK point against TopK's FVU at the same L0 (log-L0 interpolation, within range)."""
+    out = []
+    keys = sorted({tuple(r[g] for g in group) for r in rows})
+    for key in keys:
+        same = [r for r in rows if tuple(r[g] for g in group) == key]
+        topk = sorted((r["l0"], r["fvu"]) for r in same if r["architecture"] == "topk")
+        for r in same:
+            if r["architecture"] == "topk":
+                continue
+            ref = _interpolate(topk, r["l0"])
+            out.append({**dict(zip(group, key)), "architecture": r["architecture"],
+                        "sparsity": r.get("k") if r.get("k") is not None else r.get("sparsity_coef"),
+                        "l0": r["l0"], "fvu": r["fvu"], "topk_fvu_at_l0": ref,
+                        "fvu_minus_topk": None if ref is None else r["fvu"] - ref})
+    return out
+
+
+def _interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
+    for (l0_a, fvu_a), (l0_b, fvu_b) in zip(points, points[1:]):
+        if l0_a <= l0 <= l0_b and l0_a > 0:
+            t = (math.log(l0) - math.log(l0_a)) / (math.log(l0_b) - math.log(l0_a)) if l0_b > l0_a else 0.0
+            return fvu_a + t * (fvu_b - fvu_a)
+    return None  # outside TopK's measured range: no claim
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--expansion", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--train-tokens", type=int, default=2**20)
+    ap.add_argument("--pool-tokens", type=int, default=2**18)
+    ap.add_argument("--eval-tokens", type=int, default=2**15)
+    ap.add_argument("--n-features", type=int, default=3072)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--suite", action="store_true", help="also run the frontiers suite on the default store")
+    ap.add_argument("--suite-root", help="data root for --suite (default: a new temporary directory)")
+    ap.add_argument("--skip-ground-truth", action="store_true")
+    ap.add_argument("--architectures", default=",".join(GROUND_TRUTH_GRID),
+                    help="comma-separated architectures to sweep on the ground truth")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "frontiers.json"))
+    args = ap.parse_args()
+    args.architectures = args.architectures.split(",")
+    unknown = set(args.architectures) - set(GROUND_TRUTH_GRID)
+    if unknown:
+        raise SystemExit(f"unknown --architectures {sorted(unknown)}: choose from {list(GROUND_TRUTH_GRID)}")
+    torch.set_num_threads(args.threads)
+
+    result = {"machine": machine(), "config": {k: v for k, v in vars(args).items() if k != "out"},
+              "grid": {a: GROUND_TRUTH_GRID[a] for a in args.architectures}}
+
+    def partial(rows):  # rewritten after every run, so an interrupted sweep keeps its rows
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**result, "ground_truth": rows, "complete": False}, indent=2))
+
+    if not args.skip_ground_truth:
+        rows = ground_truth(args, partial)
+        result["ground_truth"] = rows
+        result["ground_truth_matched_l0"] = matched_l0(rows)
+    if args.suite:
+        rows = default_suite(args)
+        result["default_suite"] = rows
+        result["default_suite_matched_l0"] = matched_l0(rows, group=("hook",))
+    write(args.out, {**result, "complete": True}, runs_key="ground_truth")
+
+
+if __name__ == "__main__":
+    main()
