@@ -79,7 +79,7 @@ class TrainerConfig:
 
     def warmup(self) -> int:
         """`warmup_steps`, or 5 % of the steps (at least one)."""
-        return self.warmup_steps if self.warmup_steps is not None else max(1, self.total_steps // 20)
+        return self.warmup_steps if self.warmup_steps is not None else five_percent_of(self.total_steps)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for 0-based `step`: warm-up, flat, then linear decay to 0."""
@@ -115,8 +115,13 @@ class PenaltySchedule:
         """Penalty weight for 0-based `step`: `coef` ramped in linearly over the warm-up."""
         warm = self.sparsity_warmup_steps
         if warm is None:
-            warm = max(1, self.total_steps // 20)
+            warm = five_percent_of(self.total_steps)
         return coef * min(1.0, (step + 1) / warm) if warm > 0 else coef
+
+
+def five_percent_of(total_steps: int) -> int:
+    """The default length of every ramp (learning-rate and penalty warm-ups): 5 % of the run."""
+    return max(1, total_steps // 20)
 
 
 def warmup_decay_lr(step: int, total: int, base_lr: float, warmup: int, decay: bool = True) -> float:
