@@ -40,14 +40,16 @@ from bench_sae_peers import _batches, _eval_batches, make_activations, recovery 
 
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae  # noqa: E402
 from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
+from analysis.stages.dictionaries import dictionary_id  # noqa: E402
+from analysis.stages.suite import load_suite  # noqa: E402
 
 # the sparsity each architecture is swept over (k, or the penalty coefficient λ)
-# (ReLU's L1 at λ = 1 keeps about 1,000 latents per token here, so its sweep starts at 10)
+# (ReLU's L1 at λ = 10 already shrinks every true magnitude, 1.1-10 here, to almost nothing)
 GROUND_TRUTH_GRID = {
     "topk": [8, 16, 32, 64],
     "batchtopk": [8, 16, 32, 64],
-    "relu": [10.0, 30.0, 100.0],
-    "jumprelu": [0.1, 0.3, 1.0, 3.0],
+    "relu": [1.0, 3.0, 10.0],
+    "jumprelu": [0.3, 1.0, 3.0, 10.0],
 }
 
 
@@ -90,12 +92,16 @@ def default_suite(args) -> list[dict]:
            "HF_HUB_OFFLINE": "1", "DAGSTER_HOME": str(root / "dagster_home")}
     subprocess.run([sys.executable, "-m", "pipelines.run", "--suite", "frontiers", "--root", str(root)],
                    cwd=ROOT, env=env, check=True)
+    # only this code's members: a root that ran the suite under other defaults also holds the
+    # evaluations of the dictionaries those defaults made (other ids, same suite name)
+    spec = load_suite(ROOT / "pipelines" / "suites" / "frontiers.yaml")
+    ids = [dictionary_id(spec, m) for m in spec.members()]
     con = duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
     query = """SELECT hook, architecture, k, sparsity_coef, l0, fvu, dead_fraction, dense_fraction,
                       loss_recovered, n_dead_tokens
-               FROM evaluations WHERE suite = 'frontiers' AND kind = 'sae'
+               FROM evaluations WHERE kind = 'sae' AND dict_id IN (SELECT unnest(?))
                ORDER BY hook, architecture, k, sparsity_coef"""
-    cur = con.execute(query)
+    cur = con.execute(query, [ids])
     names = [c[0] for c in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]
 
@@ -126,6 +132,18 @@ def _interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
     return None  # outside TopK's measured range: no claim
 
 
+def kept_rows(args) -> list[dict]:
+    """The rows of --out for the architectures not swept now, refused when they were measured
+    with another configuration (another data, width or length would not compare)."""
+    old = json.loads(Path(args.out).read_text())
+    now = {k: v for k, v in vars(args).items() if k not in ("out", "architectures", "keep_others", "suite",
+                                                             "suite_root", "skip_ground_truth")}
+    then = {k: old["config"].get(k) for k in now}
+    if then != now:
+        raise SystemExit(f"--keep-others: {args.out} was measured with {then}, not {now}; rerun every architecture")
+    return [r for r in old.get("ground_truth", []) if r["architecture"] not in args.architectures]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -142,6 +160,9 @@ def main() -> None:
     ap.add_argument("--skip-ground-truth", action="store_true")
     ap.add_argument("--architectures", default=",".join(GROUND_TRUTH_GRID),
                     help="comma-separated architectures to sweep on the ground truth")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the ground-truth rows of the architectures not in --architectures from --out "
+                         "(same config), so a rerun of one architecture is still compared with TopK")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "frontiers.json"))
     args = ap.parse_args()
     args.architectures = args.architectures.split(",")
@@ -157,8 +178,9 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({**result, "ground_truth": rows, "complete": False}, indent=2))
 
+    kept = kept_rows(args) if args.keep_others else []
     if not args.skip_ground_truth:
-        rows = ground_truth(args, partial)
+        rows = kept + ground_truth(args, lambda new: partial(kept + new))
         result["ground_truth"] = rows
         result["ground_truth_matched_l0"] = matched_l0(rows)
     if args.suite:

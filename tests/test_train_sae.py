@@ -11,7 +11,7 @@ from analysis.evaluation.metrics import reconstruction_metrics
 from analysis.dictionaries.training.schedule import remove_parallel_grad
 from analysis.dictionaries import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig, TopKSAE
 from analysis.dictionaries.objectives import SelectedPre, sparse_decode
-from analysis.dictionaries.training.sae import SAETrainConfig, geometric_median, train_sae
+from analysis.dictionaries.training.sae import THRESHOLD_TRAVEL, SAETrainConfig, geometric_median, train_sae
 
 D, WIDTH, N_ATOMS, K_TRUE = 32, 128, 64, 2
 
@@ -233,6 +233,28 @@ def test_lr_schedule():
     assert batch.resolved()["threshold_decay"] == pytest.approx(1 - 1 / 25)
 
 
+def test_jumprelu_thresholds_can_travel_over_a_short_run(data):
+    """Adam moves a log-threshold by about its learning rate per step, so at the shared rate a
+    short run cannot take it far from its initial value; by default its rate is at least
+    THRESHOLD_TRAVEL / steps."""
+    kw = dict(architecture="jumprelu", k=None, sparsity_coef=0.3, n_train_tokens=25_600)  # 50 steps
+    cfg = _cfg(**kw)
+    assert cfg.threshold_learning_rate() == pytest.approx(THRESHOLD_TRAVEL / 50) and cfg.base_lr() == 3e-3
+    assert cfg.resolved()["threshold_lr"] == cfg.threshold_learning_rate()
+    assert "threshold_lr" not in _cfg().resolved()  # other architectures' ids do not carry it
+    long_run = _cfg(**{**kw, "n_train_tokens": 512 * 10_000})
+    assert long_run.threshold_learning_rate() == long_run.base_lr()
+    moved = {}
+    for lr in (None, 3e-3):
+        sae = _train(data[:20_000], _cfg(**kw, threshold_lr=lr)).dictionary
+        # back at training scale (inputs scaled to norm sqrt(D)), where log θ started at log(0.5)
+        log_theta = sae.log_threshold.detach() + math.log(math.sqrt(D) / float(data.norm(dim=1).mean()))
+        moved[lr] = float((log_theta - math.log(0.5)).abs().max())
+    budget = sum(cfg.lr_at(step) for step in range(50))  # what Adam can move at the shared rate
+    assert moved[3e-3] <= 1.5 * budget, (moved, budget)
+    assert moved[None] > 3 * moved[3e-3], moved
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(width=8, k=9), "k=9"),
     (dict(width=64, batch_size=0), "batch_size=0"),
@@ -245,6 +267,8 @@ def test_lr_schedule():
     (dict(width=64, architecture="topk", sparsity_coef=1.0), "sparsity_coef=1.0 has no meaning"),
     (dict(width=64, sparsity_warmup_steps=-1), "sparsity_warmup_steps=-1"),
     (dict(width=64, threshold_decay=1.0), "threshold_decay=1.0"),
+    (dict(width=64, threshold_lr=0.01), "threshold_lr=0.01 has no meaning for architecture='topk'"),
+    (dict(width=64, architecture="jumprelu", threshold_lr=0.0), "threshold_lr=0.0 must be > 0"),
     (dict(width=64, autocast="float16"), "autocast='float16'"),
 ])
 def test_config_validation(kw, msg):

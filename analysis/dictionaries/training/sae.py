@@ -25,6 +25,17 @@ from analysis.dictionaries.training.loop import Objective, TrainOptions, TrainRe
 from analysis.dictionaries.training.schedule import PenaltySchedule, TrainerConfig
 
 
+THRESHOLD_TRAVEL = 2.0
+"""How far (in log units) a JumpReLU log-threshold must be able to move over one run by default.
+
+Adam moves a parameter by about its learning rate per step whatever the gradient's size, so at
+the shared rate a log-threshold can travel only ~lr x steps: 0.17 over the 256 steps of
+benchmarks/bench_frontiers.py's ground truth (width 6144), where every threshold stayed near its
+initial 0.5 and L0 sat at 114-125 for every λ from 0.1 to 3, the penalty doing nothing. With
+the default `threshold_learning_rate` (12x the weights' there) λ = 0.3 / 1 / 3 / 10 give L0 46.5 /
+35.9 / 26.8 / 20.4. Runs long enough that lr x steps exceeds it keep the shared rate."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SAETrainConfig(TrainerConfig, PenaltySchedule):
     """How to train one SAE (the SAE's shape is `SAEConfig`, built by `sae_config(d_in)`)."""
@@ -43,6 +54,10 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
     """jumprelu: initial threshold in scaled-input units (None = SAEConfig default)."""
     bandwidth: float | None = None
     """jumprelu: kernel width ε of the threshold pseudo-gradient (None = SAEConfig default)."""
+    threshold_lr: float | None = None
+    """jumprelu: Adam learning rate of the log-thresholds (same schedule as `lr`); None = the
+    larger of the base lr and THRESHOLD_TRAVEL / steps (`threshold_learning_rate`). Must be None
+    for the other architectures."""
     threshold_decay: float | None = None
     """batchtopk: decay of the running mean of the smallest kept activation (the inference
     threshold); None: a time constant of 5 % of the steps (`threshold_ema_decay`)."""
@@ -53,6 +68,12 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
         self.sae_config(d_in=1)  # validates architecture, k and the sparsity fields
         self.check_schedule()
         self.check_sparsity_warmup()
+        if self.threshold_lr is not None and self.architecture != "jumprelu":
+            raise ValueError(f"threshold_lr={self.threshold_lr} has no meaning for "
+                             f"architecture={self.architecture!r}: only jumprelu learns thresholds; pass None")
+        if self.threshold_lr is not None and not self.threshold_lr > 0:
+            raise ValueError(f"threshold_lr={self.threshold_lr} must be > 0, or None to let a threshold "
+                             f"move by e^{THRESHOLD_TRAVEL:g} over the run")
         if self.threshold_decay is not None and not 0 <= self.threshold_decay < 1:
             raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1), e.g. 0.99, "
                              "or None for a time constant of 5 % of the steps")
@@ -70,10 +91,23 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
             return self.threshold_decay
         return 1 - 1 / max(1.0, self.total_steps / 20)
 
+    def threshold_learning_rate(self) -> float:
+        """jumprelu: `threshold_lr`, or max(base lr, THRESHOLD_TRAVEL / steps): the rate at which a
+        log-threshold can move by about THRESHOLD_TRAVEL over the run (a little less: the warm-up
+        and decay), never below the weights'."""
+        if self.threshold_lr is not None:
+            return self.threshold_lr
+        return max(self.base_lr(), THRESHOLD_TRAVEL / self.total_steps)
+
     def resolved(self) -> dict:
-        if self.architecture != "batchtopk":  # the only architecture that estimates a threshold
-            return super().resolved()
-        return {**super().resolved(), "threshold_decay": self.threshold_ema_decay()}
+        fields = super().resolved()
+        if self.architecture == "jumprelu":  # learns its thresholds at their own learning rate
+            return {**fields, "threshold_lr": self.threshold_learning_rate()}
+        # absent, not None, elsewhere: the ids of dictionaries trained before the field existed stay valid
+        del fields["threshold_lr"]
+        if self.architecture == "batchtopk":  # estimates its threshold with a running mean
+            fields["threshold_decay"] = self.threshold_ema_decay()
+        return fields
 
     def sae_config(self, d_in: int) -> SAEConfig:
         return SAEConfig(d_in=d_in, width=self.width, k=self.k, architecture=self.architecture,
@@ -115,6 +149,14 @@ class SAEObjective(Objective):
 
     def forward(self, x: Tensor, low: torch.dtype | None, reuse: Tensor | None) -> TrainForward:
         return train_forward(self.model, x, low_precision=low, reuse=reuse)
+
+    def param_groups(self) -> list[dict]:
+        if self.cfg.architecture != "jumprelu":
+            return super().param_groups()
+        weights = [p for name, p in self.model.named_parameters() if name != "log_threshold"]
+        return [{"params": weights},
+                {"params": [self.model.log_threshold],
+                 "lr_scale": self.cfg.threshold_learning_rate() / self.cfg.base_lr()}]
 
     def aux_loss(self, fwd: TrainForward, target: Tensor, dead: Tensor) -> Tensor:
         return auxk_loss(sae_weights(self.model), fwd, target, dead, self.aux_k)
