@@ -98,6 +98,9 @@ def test_python_blocks_run_against_a_suites_outputs(suite_root, monkeypatch):
         acts = notebook["acts"]
         assert acts.shape[0] == 8 and acts.shape[-1] == notebook["store"].d_model == 32
         assert notebook["patches"].shape[1] == 16  # the tiny mouse's 4x4 patch grid
+        card = notebook["card"]
+        assert card.feature == notebook["top"][0][0] and card.heatmaps.shape[1:] == (4, 4)
+        assert (root.root / "reports" / "feature.png").stat().st_size > 0
         # the connection is still usable after the README's queries (fetchone would have left it busy)
         assert notebook["con"].sql("SELECT count(*) FROM evaluations").fetchall() == [(2,)]
     finally:
