@@ -22,6 +22,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
@@ -131,51 +132,63 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+class _MinedDictionary:
+    """What a dictionary's features stage wrote, read once for any number of cards: its feature
+    statistics and top images, the dataset's images and labels, and the store's token layout."""
+
+    def __init__(self, root: DataRoot, dict_id: str):
+        self.dict_id, self.directory = dict_id, _dictionary_dir(root, dict_id)
+        if not (self.directory / FEATURES_FILE).exists():
+            raise FileNotFoundError(f"{dict_id} has no mined features ({self.directory / FEATURES_FILE} is "
+                                    "missing): materialize its features partition (make run does) first")
+        self.stats = pq.read_table(root.table("feature_stats") / f"dict_id={dict_id}").sort_by("feature").to_pylist()
+        self.top = pq.read_table(root.table("top_images") / f"dict_id={dict_id}").sort_by([("feature", "ascending"),
+                                                                                          ("rank", "ascending")])
+        lineage = json.loads((self.directory / CONFIG_FILE).read_text()).get("lineage", {})
+        dataset = root.images(lineage["store_lineage"]["dataset_id"])
+        self.images = open_images(dataset)
+        self.labels = read_labels(dataset).column("label").to_numpy()
+        hook = lineage.get("hook") or lineage["hooks"][0]  # a crosscoder's heatmaps follow its first layer's tokens
+        self.groups = ActivationStore.open(root.hook_store(lineage["store_id"], hook)).token_groups
+        self.heatmaps = np.load(self.directory / HEATMAPS_FILE, mmap_mode="r")  # (width, n_top, T)
+        if self.groups is not None and self.heatmaps.shape[-1] != self.groups.n_tokens:
+            raise ValueError(f"{self.directory / HEATMAPS_FILE} holds {self.heatmaps.shape[-1]} tokens per image but "
+                             f"the store holds {self.groups.n_tokens}: materialize the features partition of "
+                             f"{dict_id} again, which rewrites it from the store")
+
+    def card(self, feature: int) -> FeatureCard:
+        width = len(self.stats)
+        if not (isinstance(feature, (int, np.integer)) and 0 <= feature < width):
+            target = feature if isinstance(feature, (int, np.integer)) else 0
+            alive = sorted((r["feature"] for r in self.stats if r["fire_count"] > 0), key=lambda f: abs(f - target))
+            raise IndexError(f"feature={feature!r} is not a latent of {self.dict_id} (width {width}: "
+                             f"0..{width - 1}); latents that fire, nearest first: {alive[:5]}")
+        mask = pc.equal(self.top.column("feature"), int(feature))
+        top = {name: column.to_numpy() for name, column in zip(self.top.column_names, self.top.filter(mask).columns)}
+        image_idx, ranks = top["image_idx"], top["rank"]
+        pixels = (self.images.get_orthogonal_selection((image_idx,)) if len(image_idx)
+                  else np.zeros((0, *self.images.shape[1:]), np.uint8))
+        patches = None if self.groups is None else self.groups.positions("patches")
+        heatmaps = None
+        if patches is not None and len(image_idx):
+            per_token = self.heatmaps[feature][ranks].astype(np.float32)
+            heatmaps = per_token[:, patches].reshape(len(ranks), *self.groups.patch_grid)
+        return FeatureCard(dict_id=self.dict_id, feature=int(feature),
+                           stats={k: v for k, v in self.stats[feature].items() if k not in ("feature", "dict_id")},
+                           image_idx=image_idx, activations=top["activation"], tokens=top["token"],
+                           images=np.asarray(pixels), labels=self.labels[image_idx].tolist(), heatmaps=heatmaps)
+
+
 def feature_card(root: str | Path | DataRoot, dict_id: str, feature: int) -> FeatureCard:
     """The card of latent `feature` of `dict_id`, from what its features stage mined."""
-    root = _root(root)
-    directory = _dictionary_dir(root, dict_id)
-    if not (directory / FEATURES_FILE).exists():
-        raise FileNotFoundError(f"{dict_id} has no mined features ({directory / FEATURES_FILE} is missing): "
-                                f"materialize its features partition (make run does) first")
-    stats = pq.read_table(root.table("feature_stats") / f"dict_id={dict_id}").to_pylist()
-    width = len(stats)
-    if not (isinstance(feature, (int, np.integer)) and 0 <= feature < width):
-        alive = [r["feature"] for r in stats if r["fire_count"] > 0]
-        near = sorted(alive, key=lambda f: abs(f - feature) if isinstance(feature, (int, np.integer)) else f)[:5]
-        raise IndexError(f"feature={feature!r} is not a latent of {dict_id} (width {width}: 0..{width - 1}); "
-                         f"latents that fire, nearest first: {near}")
-    row = next(r for r in stats if r["feature"] == feature)
-    top = pq.read_table(root.table("top_images") / f"dict_id={dict_id}", filters=[("feature", "=", int(feature))])
-    top = {name: column.to_numpy() for name, column in zip(top.column_names, top.sort_by("rank").columns)}
-    ranks = top["rank"]
-    image_idx = top["image_idx"]
-    lineage = json.loads((directory / CONFIG_FILE).read_text()).get("lineage", {})
-    store = lineage["store_lineage"]
-    images = open_images(root.images(store["dataset_id"]))
-    pixels = images.get_orthogonal_selection((image_idx,)) if len(image_idx) else np.zeros((0, *images.shape[1:]),
-                                                                                           np.uint8)
-    labels = read_labels(root.images(store["dataset_id"])).column("label").to_numpy()
-    hook = lineage.get("hook") or lineage["hooks"][0]  # a crosscoder's heatmaps follow its first layer's tokens
-    groups = ActivationStore.open(root.hook_store(lineage["store_id"], hook)).token_groups
-    heatmaps = None
-    patches = None if groups is None else groups.positions("patches")
-    if patches is not None and len(image_idx):
-        per_token = np.load(directory / HEATMAPS_FILE, mmap_mode="r")[feature][ranks].astype(np.float32)
-        if per_token.shape[-1] == groups.n_tokens:
-            heatmaps = per_token[:, patches].reshape(len(ranks), *groups.patch_grid)
-    return FeatureCard(dict_id=dict_id, feature=int(feature),
-                       stats={k: v for k, v in row.items() if k not in ("feature", "dict_id")},
-                       image_idx=image_idx, activations=top["activation"],
-                       tokens=top["token"], images=np.asarray(pixels),
-                       labels=[labels[i].item() if hasattr(labels[i], "item") else labels[i] for i in image_idx],
-                       heatmaps=heatmaps)
+    return _MinedDictionary(_root(root), dict_id).card(feature)
 
 
 def top_images_grid(root: str | Path | DataRoot, dict_id: str, features, path: str | Path | None = None,
                     tile: int = TILE) -> Image.Image:
     """Several features' cards stacked, one row each (saved as PNG when `path` is given)."""
-    rows = [feature_card(root, dict_id, f).render(tile) for f in features]
+    mined = _MinedDictionary(_root(root), dict_id)  # read once for every row
+    rows = [mined.card(f).render(tile) for f in features]
     if not rows:
         raise ValueError("features is empty: pass the latent indices to show, e.g. [0, 1, 2]")
     grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
