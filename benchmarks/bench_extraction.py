@@ -240,8 +240,9 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
     images = make_images(tmp / f"images_{name}", n_images, cfg)
     torch.manual_seed(0)
     model = HookedViT(cfg).eval().to(DEVICE)
-    hooks = [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
-    stop = cfg.n_layers  # stop_layer(hooks) of the pipeline: deepest block + 1
+    layers = range(cfg.n_layers) if args.layers is None else [cfg.n_layers + i if i < 0 else i for i in args.layers]
+    hooks = [f"blocks.{i}.hook_resid_post" for i in layers]
+    stop = max(layers) + 1  # stop_layer(hooks) of the pipeline: deepest block + 1
     capture = make_capture(model, hooks, stop, args.compute_dtype)
     ips = min(args.images_per_shard, -(-n_images // args.images_per_chunk) * args.images_per_chunk)
     layout = StoreLayout(n_images=n_images, n_tokens=cfg.n_tokens, d_model=cfg.d_model,
@@ -330,6 +331,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...: where the forward pass runs")
+    ap.add_argument("--layers", type=int, nargs="+",
+                    help="blocks whose residual stream is stored (default: every block; -1 = the last)")
     ap.add_argument("--mouse-images", type=int, default=4096)
     ap.add_argument("--large-images", type=int, default=512)
     ap.add_argument("--vitb16-images", type=int, default=2048)

@@ -13,6 +13,11 @@ and the end-to-end ratio bare ÷ (ingest with the most threads + extract): 1.0 m
 storing cost nothing beside the forward pass. Writes benchmarks/results/folder_ingest.json.
 
     python benchmarks/bench_folder_ingest.py [--model vit_small_patch16_224] [--images 256] [--repeats 3] [--threads 0]
+    python benchmarks/bench_folder_ingest.py --device cuda --compute-dtype bfloat16 --model vit_base_patch16_224 \
+        --images 4096 --batch-size 256 --workers 4 8 16 --out benchmarks/results/folder_ingest_cuda.json
+
+On a GPU, `bare` runs on pixels already on the device, and every variant waits for the device
+before its clock stops.
 """
 
 from __future__ import annotations
@@ -65,7 +70,18 @@ def time_ingest(folder: Path, out: Path, pre, workers: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_extract(model, images, hook: str, work: Path, batch: int, n_tokens: int) -> float:
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: str, compute_dtype: str):
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, compute_dtype),
+                          enabled=compute_dtype != "float32")
+
+
+def time_extract(model, images, hook: str, work: Path, batch: int, n_tokens: int, device: str,
+                 compute_dtype: str) -> float:
     shutil.rmtree(work, ignore_errors=True)
     n = images.shape[0]
     layout = StoreLayout(n_images=n, n_tokens=n_tokens, d_model=model.cfg.d_model, images_per_shard=n,
@@ -75,20 +91,28 @@ def time_extract(model, images, hook: str, work: Path, batch: int, n_tokens: int
     stop = int(hook.split(".")[1]) + 1
 
     def capture(x):
-        _, cache = model.run_with_cache(x, names_filter=[hook], stop_at_layer=stop)
+        with _autocast(device, compute_dtype):
+            _, cache = model.run_with_cache(x, names_filter=[hook], stop_at_layer=stop)
         return {hook: cache[hook].float()}
 
     t0 = time.perf_counter()
-    extract_shard(capture, images, stores, 0, batch_size=batch, progress=False)
+    extract_shard(capture, images, stores, 0, batch_size=batch, device=device, progress=False)
+    _sync(device)
     return time.perf_counter() - t0
 
 
-def time_bare(model, decoded: torch.Tensor, batch: int) -> float:
+def time_bare(model, decoded: torch.Tensor, batch: int, device: str, compute_dtype: str) -> float:
+    _sync(device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(device, compute_dtype):
         for i in range(0, decoded.shape[0], batch):
             model(decoded[i:i + batch])
+    _sync(device)
     return time.perf_counter() - t0
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
 
 
 def main() -> None:
@@ -99,6 +123,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...: where the forward pass runs")
+    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="forward precision (autocast below float32), as the suite's activations.compute_dtype")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "folder_ingest.json"))
     args = ap.parse_args()
     if args.threads > 0:
@@ -106,6 +133,7 @@ def main() -> None:
     source = timm_input(args.model)
     torch.manual_seed(0)
     model = load_model(f"timm:{args.model}", "random").with_input_normalization(source.mean, source.std).eval()
+    model = model.to(args.device)
     hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     runs: dict[str, list[float]] = {f"decode_w{k}": [] for k in args.workers} | {"extract": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,14 +143,16 @@ def main() -> None:
             for k in args.workers:
                 runs[f"decode_w{k}"].append(args.images / time_ingest(tmp / "jpegs", tmp / "ds", source.preprocessing, k))
             images = open_images(tmp / "ds")
-            decoded = to_model_input(images[...])
+            decoded = to_model_input(images[...]).to(args.device)
             runs["extract"].append(args.images / time_extract(model, images, hook, tmp / "acts", args.batch_size,
-                                                              model.cfg.n_tokens))
-            runs["bare"].append(args.images / time_bare(model, decoded, args.batch_size))
+                                                              model.cfg.n_tokens, args.device, args.compute_dtype))
+            runs["bare"].append(args.images / time_bare(model, decoded, args.batch_size, args.device,
+                                                        args.compute_dtype))
+            del decoded
     most = f"decode_w{max(args.workers)}"
     folder_to_store = [1 / (1 / d + 1 / e) for d, e in zip(runs[most], runs["extract"])]  # images/s of both
     write(args.out, {
-        "machine": machine(pillow=PIL.__version__), "args": vars(args), "images_per_s": runs,
+        "machine": machine(pillow=PIL.__version__, device=_device_name(args.device)), "args": vars(args), "images_per_s": runs,
         "median_images_per_s": {name: statistics.median(v) for name, v in runs.items()},
         "ratio_folder_to_store_over_bare": median_ratio(folder_to_store, runs["bare"]),
         "ratio_extract_over_bare": median_ratio(runs["extract"], runs["bare"]),

@@ -25,6 +25,11 @@ Peers are benchmark-only: `make bench-peers` installs them into .venv-peers (pin
 benchmarks/peers-requirements.txt) and runs this script there. Writes benchmarks/results/sae_peers.json.
 
     .venv-peers/bin/python benchmarks/bench_sae_peers.py [--threads 1,2] [--train-tokens 1048576]
+    python benchmarks/bench_sae_peers.py --device cuda --threads 8 --trainers ours,ours_bf16,sparsify \
+        --train-tokens 16777216 --out benchmarks/results/sae_peers_cuda.json
+
+With --device cuda every trainer reads its batches from a pool already on the GPU, and the clock
+stops only after the device has finished.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ def recovery(directions: torch.Tensor, decoder_rows: torch.Tensor) -> dict:
     """Fraction of true directions whose best-matching decoder row has cosine > RECOVERY_COSINE,
     and the mean of those best cosines."""
     true = torch.nn.functional.normalize(directions.float(), dim=1)
-    rows = torch.nn.functional.normalize(decoder_rows.detach().float(), dim=1)
+    rows = torch.nn.functional.normalize(decoder_rows.detach().float().cpu(), dim=1)
     best = torch.cat([(chunk @ rows.T).max(dim=1).values for chunk in true.split(1024)])
     return {"recovered_fraction": float((best > RECOVERY_COSINE).float().mean()),
             "mean_best_cosine": float(best.mean())}
@@ -106,6 +111,13 @@ def _eval_batches(held_out: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 # ---- one trainer per subprocess ------------------------------------------------------------
+
+
+def _elapsed(t0: float, device: str) -> float:
+    """Seconds since t0 once the device has finished: CUDA trainers return with work still queued."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 class _Adapter:
@@ -130,7 +142,7 @@ def train_ours(train, args, autocast: str):
     t0 = time.perf_counter()
     result = train_sae(_batches(train, args.batch_size, args.train_tokens), train.shape[1], cfg,
                        mean_norm=mean_norm, init_batch=train[:args.batch_size], progress=False, log_every=50)
-    seconds = time.perf_counter() - t0
+    seconds = _elapsed(t0, args.device)
     sae = result.dictionary.eval()
     return seconds, result.tokens, sae
 
@@ -180,7 +192,7 @@ def train_sparsify(train, args, workdir: Path):
     trainer = Trainer(cfg, Sequences(ids.reshape(-1, seq)), ActivationModel(train))
     t0 = time.perf_counter()
     trainer.fit()
-    seconds = time.perf_counter() - t0
+    seconds = _elapsed(t0, args.device)
     sae = trainer.saes["acts"].eval()
 
     def run(x):
@@ -194,15 +206,16 @@ def train_saelens(train, args):
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=train.shape[1], d_sae=args.width, k=args.k))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=train.shape[1], d_sae=args.width, k=args.k,
+                                                device=args.device))
     lr = 3e-4  # LanguageModelSAERunnerConfig's default
     cfg = SAETrainerConfig(total_training_samples=args.train_tokens, train_batch_size_samples=args.batch_size,
-                           lr=lr, lr_end=lr, device="cpu",
+                           lr=lr, lr_end=lr, device=args.device,
                            logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1))
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(train, args.batch_size, args.train_tokens))
     t0 = time.perf_counter()
     trainer.fit()
-    seconds = time.perf_counter() - t0
+    seconds = _elapsed(t0, args.device)
     sae.eval()
 
     def run(x):
@@ -227,9 +240,12 @@ def _selection_mismatch(sae, x: torch.Tensor) -> float:
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     data = np.load(Path(args.data) / "activations.npz")
-    train, held_out = torch.from_numpy(data["train"]), torch.from_numpy(data["held_out"])
+    train = torch.from_numpy(data["train"]).to(args.device)
+    held_out = torch.from_numpy(data["held_out"]).to(args.device)
     directions = torch.from_numpy(data["directions"])
     load0 = os.getloadavg()[0]
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.synchronize(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         if args.worker in ("ours", "ours_bf16"):
             seconds, tokens, sae = train_ours(train, args, "bfloat16" if args.worker == "ours_bf16" else "off")
@@ -242,7 +258,7 @@ def worker(args) -> None:
             extra = {"selection_mismatch": _selection_mismatch(sae, held_out)} if args.worker.startswith("ours") else {}
             extra.update(recovery(directions, sae.W_dec))
     print(json.dumps({**extra,
-        "trainer": args.worker, "threads": args.threads, "tokens": tokens, "seconds": seconds,
+        "trainer": args.worker, "device": args.device, "threads": args.threads, "tokens": tokens, "seconds": seconds,
         "tokens_per_s": tokens / seconds, "fvu": m.fvu, "l0": m.l0, "dead_fraction": m.dead_fraction,
         "dense_fraction": m.dense_fraction, "eval_tokens": m.n_tokens,
         "load_avg_1min_before": load0, "load_avg_1min_after": os.getloadavg()[0],
@@ -269,7 +285,8 @@ def write_result(args, threads: list[int], trainers: list[str], runs: list[dict]
                 if ours in by and peer in by:
                     ratios[f"threads{t}/{ours}_over_{peer}"] = by[ours]["tokens_per_s"] / by[peer]["tokens_per_s"]
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "eai-sparsify": _version("eai-sparsify"), "sae-lens": _version("sae-lens")},
         "config": {"d": args.d, "width": args.width, "k": args.k, "batch_size": args.batch_size,
@@ -302,6 +319,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=2**15)
     ap.add_argument("--n-features", type=int, default=3072, help="true features (16384: more than latents)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...: where every trainer runs")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sae_peers.json"))
     ap.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -334,10 +352,11 @@ def main() -> None:
             for name in order:
                 cmd = [sys.executable, __file__, "--worker", name, "--data", tmp, "--threads", str(t),
                        "--width", str(args.width), "--k", str(args.k), "--batch-size", str(args.batch_size),
-                       "--train-tokens", str(args.train_tokens)]
+                       "--train-tokens", str(args.train_tokens), "--device", args.device]
                 env = {**os.environ, "OMP_NUM_THREADS": str(t), "MKL_NUM_THREADS": str(t),
                        "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-                       "SPARSIFY_DISABLE_TRITON": "1"}  # its documented CPU switch (Triton needs a GPU)
+                       **({} if args.device.startswith("cuda") else
+                          {"SPARSIFY_DISABLE_TRITON": "1"})}  # its documented CPU switch (Triton needs a GPU)
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode:
                     print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
