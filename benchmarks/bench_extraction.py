@@ -102,6 +102,15 @@ def make_capture(model: HookedViT, hooks: list[str], stop: int | None, compute_d
     return capture
 
 
+def with_autocast(fn, compute_dtype: str):
+    """`fn` under the capture's autocast, so the bare forward it is compared with runs at the same precision."""
+    def run(x):
+        with torch.autocast(device_type=DEVICE.type, dtype=getattr(torch, compute_dtype),
+                            enabled=compute_dtype != "float32"):
+            return fn(x)
+    return run
+
+
 def forward_loop(fn, images: zarr.Array, batch_size: int) -> None:
     n = images.shape[0]
     for lo in range(0, n, batch_size):
@@ -250,15 +259,17 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
     bs = args.batch_size
     inputs = [to_model_input(images[lo:lo + bs], DEVICE) for lo in range(0, n_images, bs)]
 
+    bare_model = with_autocast(model, args.compute_dtype)
+
     def forward_only():
         with torch.inference_mode():
             for x in inputs:
-                model(x)
+                bare_model(x)
 
     passes = {
         "forward_only": lambda: _seconds(forward_only),
         "capture": lambda: _seconds(lambda: forward_loop(capture, images, bs)),
-        "bare": lambda: _seconds(lambda: forward_loop(model, images, bs)),
+        "bare": lambda: _seconds(lambda: forward_loop(bare_model, images, bs)),
         "extract": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs),
         "extract_nowrite": lambda: run_extract(capture, images, layout, hooks, tmp / "w", bs, discard_writes=True),
         # The two ways extract_shard can place its non-forward work, forced (extract picks one):
@@ -278,10 +289,12 @@ def bench_config(name: str, cfg: ViTConfig, n_images: int, args, tmp: Path) -> d
         print(f"  [{name}] repeat {r + 1}/{args.repeats}: "
               + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()) + " images/s", flush=True)
     med = {k: float(np.median(v)) for k, v in runs.items()}
-    split = breakdown(capture, images, layout, hooks, tmp / "w", bs)
-    full = StoreLayout(n_images=args.images_per_shard, n_tokens=cfg.n_tokens, d_model=cfg.d_model,
-                       images_per_shard=args.images_per_shard, images_per_chunk=args.images_per_chunk)
-    pattern = shard_write_pattern(full, len(hooks), tmp, min(args.repeats, 3))
+    split = pattern = None
+    if not args.headline_only:
+        split = breakdown(capture, images, layout, hooks, tmp / "w", bs)
+        full = StoreLayout(n_images=args.images_per_shard, n_tokens=cfg.n_tokens, d_model=cfg.d_model,
+                           images_per_shard=args.images_per_shard, images_per_chunk=args.images_per_chunk)
+        pattern = shard_write_pattern(full, len(hooks), tmp, min(args.repeats, 3))
     per_repeat = [e / b for e, b in zip(runs["extract"], runs["bare"])]
     ratios = {k: float(np.median([x / b for x, b in zip(runs[k], runs["bare"])]))
               for k in ("capture", "extract_nowrite", "extract", "extract_threads", "extract_inline")}
@@ -333,6 +346,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...: where the forward pass runs")
     ap.add_argument("--layers", type=int, nargs="+",
                     help="blocks whose residual stream is stored (default: every block; -1 = the last)")
+    ap.add_argument("--headline-only", action="store_true",
+                    help="skip the per-step breakdown and the shard write pattern (a GPU check's short run)")
     ap.add_argument("--mouse-images", type=int, default=4096)
     ap.add_argument("--large-images", type=int, default=512)
     ap.add_argument("--vitb16-images", type=int, default=2048)
@@ -375,12 +390,14 @@ def main():
         f = r["forced_modes_over_bare"]
         print(f"{'':<7} extract runs {r['extract_mode']}; forced: threads {f['threads']:.3f}, inline {f['inline']:.3f}")
     for name, r in results.items():
-        b = r["breakdown_one_pass"]
+        if (b := r["breakdown_one_pass"]) is None:
+            continue
         print(f"\n{name}: one instrumented extract pass, {b['total_seconds']} s")
         for k, v in sorted(b["steps_seconds"].items(), key=lambda kv: -kv[1]):
             print(f"  {v:7.4f} s  {k}")
     for name, r in results.items():
-        w = r["acts_shard_write_pattern"]
+        if (w := r["acts_shard_write_pattern"]) is None:
+            continue
         print(f"{name}: one {w['shard_mb']} MB acts shard ({w['chunks_per_shard']} chunks): chunk-by-chunk "
               f"{w['seconds_median']['chunk_by_chunk']} s vs whole-shard {w['seconds_median']['whole_shard']} s "
               f"({w['chunk_by_chunk_over_whole']}x)")

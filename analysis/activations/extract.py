@@ -5,8 +5,9 @@ Four threads per shard, so the forward pass is the only work on the critical pat
     reader   uint8 Zarr read of the next block of batches (up to 64 MiB)
     caller   to_model_input + capture (the forward pass with hooks)
     worker   token selection, checks, norms, statistics, and the cast into a buffer of one Zarr
-             shard file per hook; when the forward leaves no core spare, the caller does this
-             share itself (threads.spare_core has the measurements)
+             shard file per hook (on a GPU: the cast runs there, into page-locked buffers); when
+             the forward leaves no core spare, the caller does this share itself
+             (threads.spare_core has the measurements)
     writer   each Zarr shard file's write as soon as its images are in (always a whole file: a
              partial write rewrites the file, 5-10x the cost; analysis.activations.shard_file builds
              the file without zarr's per-chunk pipeline, which held the GIL); on a local store
@@ -84,7 +85,7 @@ class _HookShard:
     """
 
     def __init__(self, group: zarr.Group, location: StoreLocation, layout: StoreLayout, shard: int,
-                 acc_dtype: torch.dtype, writes: ThreadPoolExecutor):
+                 acc_dtype: torch.dtype, writes: ThreadPoolExecutor, pinned: bool = False):
         self.group, self.location, self.dtype, self.shard = group, location, layout.dtype, shard
         self.start, stop = layout.shard_bounds(shard)
         self.n = stop - self.start
@@ -92,8 +93,8 @@ class _HookShard:
         # the array: a store made with another file size is still written file by file).
         per_file = group["acts"].shards[0] if group["acts"].shards else self.n
         rows = min(per_file, self.n)
-        self.buffers = [(np.empty((rows, layout.n_tokens, layout.d_model), dtype=ZARR_DTYPE[layout.dtype]),
-                         np.empty((rows, layout.n_tokens), dtype=np.float32)) for _ in range(2)]
+        self.buffers = [(_host_buffer((rows, layout.n_tokens, layout.d_model), ZARR_DTYPE[layout.dtype], pinned),
+                         _host_buffer((rows, layout.n_tokens), "float32", pinned)) for _ in range(2)]
         self.pending: list[Future | None] = [None, None]  # each buffer's write in flight
         self.current = 0
         self.written = 0  # rows of the shard handed to the writer
@@ -118,7 +119,10 @@ class _HookShard:
             dst = torch.from_numpy(acts[rows])
             if self.dtype == "bfloat16":
                 dst = dst.view(torch.bfloat16)
-            dst.copy_(x[done : done + take])  # one fused cast + device-to-host copy into the buffer
+            src = x[done : done + take]
+            if src.device.type != "cpu":  # cast on the device: half the bytes cross the bus (same rounding)
+                src = src.to(dst.dtype)
+            dst.copy_(src)  # into page-locked memory from an accelerator: a DMA at full bus speed
             torch.from_numpy(norm_rows[rows]).copy_(norms[done : done + take])
             self.buffered += take
             done += take
@@ -167,6 +171,15 @@ class _HookShard:
             fn()
         except Exception as e:
             raise ShardWriteError(f"writing shard {self.shard} of {self.location} failed: {e!r}") from e
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: str, pinned: bool) -> np.ndarray:
+    """An uninitialised host array; page-locked when an accelerator copies into it. Pageable
+    memory makes every device-to-host copy go through a driver bounce buffer; torch's pinned
+    allocator caches the blocks, so only the first shard of a process pays for pinning them."""
+    if not pinned:
+        return np.empty(shape, dtype=dtype)
+    return torch.empty(shape, dtype=getattr(torch, dtype), pin_memory=True).numpy()
 
 
 def _read_blocks(start: int, stop: int, batch_size: int, image_bytes: int) -> list[tuple[int, int]]:
@@ -264,7 +277,8 @@ def extract_shard(
     overlap_writes = spare or any(is_url(loc) for loc in stores.values())
     writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-writer") if overlap_writes \
         else CallerExecutor()
-    parts = {h: _HookShard(g, stores[h], layout, shard, acc_dtype, writes) for h, g in groups.items()}
+    pinned = torch.device(device).type == "cuda"
+    parts = {h: _HookShard(g, stores[h], layout, shard, acc_dtype, writes, pinned) for h, g in groups.items()}
 
     def process(out: dict[str, torch.Tensor], span: tuple[int, int]) -> None:
         for hook, (x, norms) in _checked(out, list(parts), layout, keep, span).items():
