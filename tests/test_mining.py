@@ -52,7 +52,7 @@ def test_top_images_match_brute_force(setup, sizes, chunk):
     res = mine_features(sae, _batches(acts, image_idx, sizes), n_top=n_top, max_latent_elements=chunk)
     lat, rows = _brute_force(sae, acts, image_idx, n_top)
     t = res.top_images.to_pydict()
-    assert res.top_images.schema.types == [pa.int32(), pa.int16(), pa.int64(), pa.float32(), pa.int32()]
+    assert res.top_images.schema.types == [pa.int32(), pa.int16(), pa.int64(), pa.float32(), pa.int32(), pa.float32()]
     got = list(zip(t["feature"], t["rank"], t["image_idx"], t["activation"], t["token"]))
     assert [g[:3] for g in got] == [r[:3] for r in rows]
     np.testing.assert_allclose([g[3] for g in got], [r[3] for r in rows], rtol=1e-6)
@@ -75,6 +75,60 @@ def test_top_images_match_brute_force(setup, sizes, chunk):
     np.testing.assert_allclose(
         [m for m in stats["mean_activation"] if m is not None], [m for m in expected_mean if m is not None], rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 2 * T * WIDTH)])
+def test_label_token_kind_and_norm_statistics_match_brute_force(setup, sizes, chunk):
+    """The per-feature statistics added to the streaming pass, against dense numpy over the whole set."""
+    sae, acts, image_idx = setup
+    acts = acts.clone()
+    acts[::5, 2] *= 6  # every fifth image gets one high-norm token
+    labels = np.full(1000 + N_IMG, None, dtype=object)  # indexed by image_idx; some images unlabelled
+    labels[image_idx] = [["cat", "dog", "owl", None][i % 4] for i in range(N_IMG)]
+    res = mine_features(sae, _batches(acts, image_idx, sizes), n_top=4, labels=labels, cls=(0, 1), patches=(1, T),
+                        max_latent_elements=chunk)
+    with torch.no_grad():
+        lat = sae.dense_latents(acts.reshape(-1, D)).reshape(N_IMG, T, WIDTH).numpy()
+    fired = lat > 0
+    stats = res.feature_stats.to_pydict()
+    np.testing.assert_allclose(stats["cls_frequency"], fired[:, 0].mean(0))
+    np.testing.assert_allclose(stats["patch_frequency"], fired[:, 1:].mean((0, 1)))
+
+    image_labels = labels[image_idx]
+    for f in range(WIDTH):
+        on = [lab for lab, hit in zip(image_labels, fired[:, :, f].any(1)) if hit and lab is not None]
+        if not on:
+            assert stats["top_label"][f] is None and stats["label_entropy"][f] is None
+            continue
+        names, counts = np.unique(on, return_counts=True)
+        p = counts / counts.sum()
+        assert stats["top_label"][f] == names[counts.argmax()]  # ties: the first label in sorted order
+        assert stats["top_label_share"][f] == pytest.approx(p.max())
+        assert stats["label_entropy"][f] == pytest.approx(-(p * np.log2(p)).sum())
+
+    norms = np.linalg.norm(acts.numpy(), axis=-1)
+    ratio = norms / np.median(norms, axis=1, keepdims=True)
+    t = res.top_images.to_pydict()
+    position = {int(i): n for n, i in enumerate(image_idx)}
+    expected = [ratio[position[i], tok] for i, tok in zip(t["image_idx"], t["token"])]
+    np.testing.assert_allclose(t["token_norm_ratio"], expected, rtol=1e-5)
+    for f in range(WIDTH):
+        mine = [r for feat, r in zip(t["feature"], t["token_norm_ratio"]) if feat == f]
+        if not mine:
+            assert stats["top_norm_ratio"][f] is None and stats["high_norm"][f] is None
+            continue
+        # torch's nanmedian takes the lower middle value of an even count
+        assert stats["top_norm_ratio"][f] == pytest.approx(sorted(mine)[(len(mine) - 1) // 2], rel=1e-6)
+        assert stats["high_norm"][f] == (stats["top_norm_ratio"][f] > 2.0)
+    assert any(stats["high_norm"][f] for f in range(WIDTH) if stats["high_norm"][f] is not None)
+
+
+def test_without_labels_or_a_class_token_those_columns_are_null(setup):
+    sae, acts, image_idx = setup
+    stats = mine_features(sae, _batches(acts, image_idx, [50]), n_top=2).feature_stats
+    for name in ("cls_frequency", "top_label", "top_label_share", "label_entropy"):
+        assert stats.column(name).null_count == WIDTH, name
+    assert stats.column("patch_frequency").null_count == 0  # patches None: every token
 
 
 def test_ties_prefer_the_lower_image_idx():

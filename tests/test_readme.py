@@ -116,7 +116,7 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     code = "\n".join(line for _, block in _blocks("sql") for line in block.splitlines()
                      if not line.lstrip().startswith("--"))  # comments hold semicolons too
     statements = [s.strip() for s in code.split(";") if s.strip()]
-    assert len(statements) == 7
+    assert len(statements) == 8
     con = connect_catalog(root.catalog)
     try:
         results = {s: con.execute(s).fetchall() for s in statements}
@@ -125,6 +125,10 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     [[(*member, n_seeds, cosine)]] = [rows for s, rows in results.items() if "FROM stability" in s]
     assert member == ["blocks.1.hook_resid_post", "topk", 8] and n_seeds == 2 and 0 < cosine <= 1
     assert all(rows for s, rows in results.items() if "density_histogram" in s or "feature_stats" in s)
+    [selective] = [rows for s, rows in results.items() if "ORDER BY label_entropy" in s]
+    entropies = [entropy for *_, entropy, _, _, _ in selective]
+    assert len(selective) == 10 and entropies == sorted(entropies) and entropies[0] >= 0
+    assert all(0 < share <= 1 and 0 <= patch_freq <= 1 for _, _, _, share, _, _, patch_freq, _ in selective)
     [agree] = [rows for s, rows in results.items() if "JOIN images" in s]
     assert agree and all(0 < n_top <= 4 for *_, n_top in agree)  # the tiny suite keeps 4 top images
     [spread] = [rows for s, rows in results.items() if "FROM seed_spread" in s]

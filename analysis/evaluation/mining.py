@@ -1,8 +1,9 @@
 """Feature mining: the top-activating images of every SAE latent, plus per-latent statistics.
 
 One streaming pass over (image_idx, acts) batches. The state is a running top-n per feature
-(activation, image, token, per-token heatmap), merged with each batch's per-image maxima, so
-memory is O(width · n_top · T) whatever the dataset size.
+(activation, image, token, per-token heatmap, the token's norm ratio), merged with each batch's
+per-image maxima, plus per-feature counters (firing tokens, class-token and patch firings,
+firing images per label), so memory is O(width · (n_top · T + labels)) whatever the dataset size.
 """
 
 from __future__ import annotations
@@ -16,14 +17,27 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 _NO_IMAGE = torch.iinfo(torch.int64).max  # placeholder id; sorts after every real image
+HIGH_NORM_RATIO = 2.0
+"""A feature whose top images fire on tokens above this multiple of their image's median token
+norm is flagged: ViTs grow a few outlier tokens with several times the typical norm that carry
+global information instead of their patch (Darcet et al. 2024, "Vision Transformers Need
+Registers"), and a feature of those tokens says little about the patch it sits on."""
+
+Span = tuple[int, int]
 
 
 class MiningResult(NamedTuple):
     top_images: pa.Table
-    """feature int32, rank int16 (0 = strongest), image_idx int64, activation float32, token int32."""
+    """feature int32, rank int16 (0 = strongest), image_idx int64, activation float32, token int32,
+    token_norm_ratio float32 (the token's norm over the median token norm of its image)."""
     feature_stats: pa.Table
     """feature int32, fire_count int64, frequency float64 (fraction of tokens),
-    mean_activation float64 (over firing tokens; null if never fired), max_activation float32."""
+    mean_activation float64 (over firing tokens; null if never fired), max_activation float32,
+    cls_frequency / patch_frequency float64 (fraction of class tokens / patch tokens that fire it;
+    null where the tokens hold none of that kind), top_label (the label type; null without labels
+    or firings), top_label_share float64 and label_entropy float64 (bits) over the images it fires
+    on, top_norm_ratio float32 (median token_norm_ratio of its top images; null if never fired)
+    and high_norm bool (top_norm_ratio > HIGH_NORM_RATIO)."""
     heatmaps: np.ndarray
     """(width, n_top, T) float16 per-token activations of each top image; zeros in empty slots."""
 
@@ -41,16 +55,23 @@ def mine_features(
     image_batches: Iterable[tuple[np.ndarray, Tensor]],
     *,
     n_top: int = 16,
+    labels: np.ndarray | None = None,
+    cls: Span = (0, 0),
+    patches: Span | None = None,
     max_latent_elements: int = 1 << 24,
     progress: bool = False,
 ) -> MiningResult:
     """Top `n_top` images per feature by max-over-tokens activation (ties: lower image_idx first).
 
-    `image_batches` yields (image_idx (n,), acts (n, T, d)) of RAW activations.
-    `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
+    `image_batches` yields (image_idx (n,), acts (n, T, d)) of RAW activations. `labels[i]` is
+    image i's label (indexed by image_idx; None, NaN or a negative int: unlabelled; labels None:
+    no label statistics). `cls` and `patches` are the
+    spans of the class token and the patch tokens along the token axis ((0, 0): none; patches None:
+    every token). `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
     """
     if n_top <= 0:
         raise ValueError(f"n_top={n_top} must be > 0")
+    codes, label_values = (None, None) if labels is None else _label_codes(labels)
     width = sae.cfg.width
     device = _sae_device(sae)
     running: _Running | None = None
@@ -63,25 +84,58 @@ def mine_features(
             )
         T = acts.shape[1]
         if running is None:
-            running = _Running(width, n_top, T, device)
+            running = _Running(width, n_top, T, device, cls, (0, T) if patches is None else patches,
+                               None if codes is None else torch.as_tensor(codes, device=device), label_values)
         elif T != running.T:
             raise ValueError(f"token count changed from {running.T} to {T}: mine one hook/store at a time")
         chunk = max(1, max_latent_elements // (T * width))
         for s in range(0, acts.shape[0], chunk):
             a = acts[s : s + chunk]
+            norms = torch.linalg.vector_norm(a, dim=-1)
+            norm_ratio = norms / norms.median(dim=1, keepdim=True).values.clamp_min(1e-12)
             running.update(sae.dense_latents(a.reshape(-1, a.shape[-1])).reshape(a.shape[0], T, width),
-                           image_idx[s : s + chunk])
+                           image_idx[s : s + chunk], norm_ratio)
     if running is None:
         raise ValueError("mine_features got no batches: pass at least one (image_idx, acts) batch")
     return running.result()
 
 
-class _Running:
-    """Per feature: the running top `n_top` images (value, image, token, per-token heatmap) and
-    the firing statistics."""
+def _label_codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes 0..k-1 per image and the k label values, sorted; -1 for an image without one."""
+    labels = np.asarray(labels)
+    valid = ~_is_null(labels)
+    values, inverse = np.unique(labels[valid], return_inverse=True)
+    codes = np.full(len(labels), -1, dtype=np.int64)
+    codes[valid] = inverse
+    return codes, values
 
-    def __init__(self, width: int, n_top: int, T: int, device: torch.device):
+
+def _is_null(labels: np.ndarray) -> np.ndarray:
+    """None, NaN, and negative integers (ingestion writes -1 for an image without a label)."""
+    if labels.dtype.kind == "f":
+        return np.isnan(labels)
+    if labels.dtype.kind == "i":
+        return labels < 0
+    if labels.dtype.kind == "O":
+        return np.array([v is None for v in labels], dtype=bool)
+    return np.zeros(len(labels), dtype=bool)
+
+
+class _Running:
+    """Per feature: the running top `n_top` images (value, image, token, per-token heatmap, token
+    norm ratio) and the firing statistics."""
+
+    def __init__(self, width: int, n_top: int, T: int, device: torch.device, cls: Span = (0, 0),
+                 patches: Span | None = None, codes: Tensor | None = None, label_values: np.ndarray | None = None):
         self.width, self.n_top, self.T = width, n_top, T
+        self.cls, self.patches = cls, (0, T) if patches is None else patches
+        self.codes, self.label_values = codes, label_values
+        n_labels = 0 if label_values is None else len(label_values)
+        self.label_fires = torch.zeros((width, max(n_labels, 1)), dtype=torch.int64, device=device)
+        self.fire_cls = torch.zeros(width, dtype=torch.int64, device=device)
+        self.fire_patch = torch.zeros(width, dtype=torch.int64, device=device)
+        self.n_images = 0
+        self.top_ratio = torch.zeros((width, n_top), dtype=torch.float32, device=device)
         self.top_vals = torch.full((width, n_top), -torch.inf, device=device)
         self.top_img = torch.full((width, n_top), _NO_IMAGE, dtype=torch.int64, device=device)
         self.top_tok = torch.zeros((width, n_top), dtype=torch.int64, device=device)
@@ -91,18 +145,29 @@ class _Running:
         self.act_max = torch.zeros(width, dtype=torch.float32, device=device)
         self.n_tokens = 0
 
-    def update(self, lat: Tensor, ids: Tensor) -> None:
-        """Fold in the latents `lat` (c, T, width) of images `ids` (c,)."""
+    def update(self, lat: Tensor, ids: Tensor, norm_ratio: Tensor | None = None) -> None:
+        """Fold in the latents `lat` (c, T, width) of images `ids` (c,); `norm_ratio` (c, T) is
+        each token's norm over its image's median token norm."""
         c, T, width, n_top = lat.shape[0], self.T, self.width, self.n_top
-        self.fire += (lat > 0).sum((0, 1))
+        fired = lat > 0
+        self.fire += fired.sum((0, 1))
+        self.fire_cls += fired[:, self.cls[0]:self.cls[1]].sum((0, 1))
+        self.fire_patch += fired[:, self.patches[0]:self.patches[1]].sum((0, 1))
         self.act_sum += lat.sum((0, 1), dtype=torch.float64)
         self.act_max = torch.maximum(self.act_max, lat.amax((0, 1)))
         self.n_tokens += c * T
+        self.n_images += c
 
         vmax, argmax = lat.max(dim=1)  # (c, width)
+        if self.codes is not None:
+            self._count_labels(vmax > 0, self.codes[ids])
+        if norm_ratio is None:
+            norm_ratio = torch.ones((c, T), device=lat.device)
+        ratio = norm_ratio.gather(1, argmax)  # (c, width): the norm ratio of each image's top token
         cand_vals = torch.cat([self.top_vals, vmax.T], 1)
         cand_img = torch.cat([self.top_img, ids.expand(width, c)], 1)
         cand_tok = torch.cat([self.top_tok, argmax.T], 1)
+        cand_ratio = torch.cat([self.top_ratio, ratio.T.float()], 1)
         # torch.topk does not define an order among equal values; two stable sorts do:
         # by image id, then by activation (descending), so ties keep the lower image first.
         by_img = cand_img.argsort(stable=True, dim=1)
@@ -115,6 +180,31 @@ class _Running:
         self.heat = torch.where(from_running.unsqueeze(-1), old, new)
         self.top_vals, self.top_img = cand_vals.gather(1, sel), cand_img.gather(1, sel)
         self.top_tok = cand_tok.gather(1, sel)
+        self.top_ratio = cand_ratio.gather(1, sel)
+
+    def _count_labels(self, fired_images: Tensor, codes: Tensor) -> None:
+        """Add each (feature, label of an image it fires on) pair: O(pairs), not O(width · labels)."""
+        image, feature = fired_images.nonzero(as_tuple=True)
+        label = codes[image]
+        keep = label >= 0
+        flat = feature[keep] * self.label_fires.shape[1] + label[keep]
+        self.label_fires.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def _label_stats(self) -> dict[str, pa.Array]:
+        width = self.width
+        if self.label_values is None:
+            nulls = pa.nulls(width, pa.float64())
+            return {"top_label": pa.nulls(width, pa.int64()), "top_label_share": nulls, "label_entropy": nulls}
+        counts = self.label_fires.cpu().numpy().astype(np.float64)
+        total = counts.sum(1)
+        none = total == 0
+        p = counts / np.where(none, 1, total)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            entropy = -np.where(p > 0, p * np.log2(p), 0).sum(1)
+        top = counts.argmax(1)
+        return {"top_label": pa.array(self.label_values[top], mask=none),
+                "top_label_share": pa.array(p[np.arange(width), top], mask=none),
+                "label_entropy": pa.array(entropy + 0.0, mask=none)}  # + 0.0: no -0.0 for one label
 
     def result(self) -> MiningResult:
         top_vals, top_img, top_tok, heat, width = self.top_vals, self.top_img, self.top_tok, self.heat, self.width
@@ -127,6 +217,7 @@ class _Running:
             "image_idx": pa.array(top_img[feat, rank].cpu().numpy()),
             "activation": pa.array(top_vals[feat, rank].cpu().numpy().astype(np.float32)),
             "token": pa.array(top_tok[feat, rank].cpu().numpy().astype(np.int32)),
+            "token_norm_ratio": pa.array(self.top_ratio[feat, rank].cpu().numpy().astype(np.float32)),
         })
         fire_np = self.fire.cpu().numpy()
         mean_act = np.divide(self.act_sum.cpu().numpy(), fire_np, out=np.zeros(width), where=fire_np > 0)
@@ -136,5 +227,26 @@ class _Running:
             "frequency": pa.array(fire_np / self.n_tokens),
             "mean_activation": pa.array(mean_act, mask=fire_np == 0),
             "max_activation": pa.array(self.act_max.cpu().numpy()),
+            "cls_frequency": _rate(self.fire_cls, self.n_images * (self.cls[1] - self.cls[0])),
+            "patch_frequency": _rate(self.fire_patch, self.n_images * (self.patches[1] - self.patches[0])),
+            **self._label_stats(),
+            **_norm_stats(self.top_ratio, filled),
         })
         return MiningResult(top_images, feature_stats, heat.cpu().numpy())
+
+
+def _rate(fires: Tensor, n: int) -> pa.Array:
+    """Firings over the n tokens of one kind: null for every feature when there were none."""
+    if n == 0:
+        return pa.nulls(len(fires), pa.float64())
+    return pa.array(fires.cpu().numpy() / n)
+
+
+def _norm_stats(top_ratio: Tensor, filled: Tensor) -> dict[str, pa.Array]:
+    """Per feature, the median norm ratio of its top images' tokens (null if it never fired) and
+    whether it passes HIGH_NORM_RATIO."""
+    ratios = torch.where(filled, top_ratio, torch.nan).cpu()
+    median = ratios.nanmedian(dim=1).values.numpy()  # NaN where no slot is filled
+    none = np.isnan(median)
+    return {"top_norm_ratio": pa.array(median.astype(np.float32), mask=none),
+            "high_norm": pa.array(median > HIGH_NORM_RATIO, mask=none)}

@@ -271,7 +271,9 @@ def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device:
     dictionary = load_member(spec, root, member, device, dict_id=dict_id)
     eval_idx = evaluation_images(spec, root)
     miner, batches = _stage(member).mining_input(spec, root, member, dictionary, eval_idx, device)
-    mined = mine_features(miner, batches, n_top=spec.evaluation.n_top)
+    groups = token_selection(spec).groups
+    mined = mine_features(miner, batches, n_top=spec.evaluation.n_top, labels=_labels(spec, root),
+                          cls=groups.cls, patches=groups.patches)
     files = [write_table_partition(root.table("top_images"), {"dict_id": dict_id}, mined.top_images),
              write_table_partition(root.table("feature_stats"), {"dict_id": dict_id}, mined.feature_stats),
              atomic_write(directory / HEATMAPS_FILE, lambda tmp: _save_npy(tmp, mined.heatmaps)),
@@ -280,6 +282,18 @@ def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device:
     summary = {"dict_id": dict_id, "n_features": int(dictionary.cfg.width), "n_alive": alive,
                "n_top_rows": mined.top_images.num_rows}
     return write_done(directory / FEATURES_FILE, summary, files)
+
+
+def _labels(spec: SuiteSpec, root: DataRoot) -> np.ndarray | None:
+    """Every image's label, by image index (row i of labels.parquet is image i), or None when
+    the dataset has no label column."""
+    table = read_labels(root.images(spec.dataset_id))
+    if "label" not in table.column_names:
+        return None
+    order = table.column("image_idx").to_numpy()
+    if not np.array_equal(order, np.arange(len(order))):
+        raise ValueError(f"{root.images(spec.dataset_id)}/labels.parquet is not in image order: ingest it again")
+    return table.column("label").to_numpy(zero_copy_only=False)
 
 
 def _save_npy(path, array: np.ndarray) -> None:
