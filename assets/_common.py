@@ -33,3 +33,9 @@ def image_markdown(path: str | Path) -> dg.MetadataValue:
 def data_version(*parts) -> dg.DataVersion:
     """Content-derived: same upstream ids and config, same version, so nothing looks stale."""
     return dg.DataVersion(content_id("v", [str(p) for p in parts]))
+
+
+def per_step(row: dict) -> dict:
+    """A per-step training row as tracker history: its values under `train/`, beside the log rows'
+    window means (same step, other names: neither overwrites the other)."""
+    return {key if key in ("step", "tokens", "epoch") else f"train/{key}": value for key, value in row.items()}

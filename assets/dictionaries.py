@@ -5,9 +5,10 @@ from dataclasses import asdict
 
 import dagster as dg
 
-from analysis.stages.dictionaries import dictionary_id, ensure_dictionary, ensure_evaluation, ensure_features
+from analysis.stages.dictionaries import (dictionary_id, dictionary_lineage, ensure_dictionary, ensure_evaluation,
+                                         ensure_features)
 from analysis.stages.suite import SuiteSpec
-from assets._common import data_version, metadata
+from assets._common import data_version, metadata, per_step
 from resources import ComputeResource, StorageResource, TrackerResource
 
 
@@ -26,8 +27,10 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
         member = spec.member(context.partition_key)
         root = storage.data_root()
         dict_id = dictionary_id(spec, member)
-        with tracker.run(dict_id, asdict(member), root) as log:
-            summary = ensure_dictionary(spec, root, member, dict_id=dict_id, device=compute.apply(), on_log=log)
+        with tracker.run(dict_id, {"suite": spec.name, **asdict(member)}, root, job_type=member.kind) as run:
+            summary = ensure_dictionary(spec, root, member, dict_id=dict_id, device=compute.apply(), on_log=run,
+                                        on_step=lambda row: run(per_step(row)))
+            run.update_config({"lineage": dictionary_lineage(root, dict_id), "summary": summary})
         return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(summary["dict_id"]))
 
     @dg.asset(name="evaluations", group_name="dictionaries", code_version="1", deps=["dictionaries"],

@@ -47,10 +47,17 @@ def test_evaluate_accuracy_matches_reported(result, data):
     assert acc == pytest.approx(result.eval_accuracy)
 
 
-def test_deterministic_weights(result, data):
-    again = train_mouse(data.images, data.labels["label"], data.labels["split"], TINY, progress=False)
-    assert again.model.weights_hash() == result.model.weights_hash()
+def test_deterministic_weights_and_a_tracker_sees_every_step(result, data):
+    steps, epochs = [], []
+    again = train_mouse(data.images, data.labels["label"], data.labels["split"], TINY, progress=False,
+                        on_step=steps.append, on_epoch=epochs.append)
+    assert again.model.weights_hash() == result.model.weights_hash()  # reporting changes nothing
     assert again.history[-1]["train_loss"] == result.history[-1]["train_loss"]
+    assert epochs == again.history
+    assert [r["step"] for r in steps] == list(range(1, again.steps + 1))
+    assert set(steps[0]) == {"step", "epoch", "loss", "lr"} and steps[0]["lr"] > 0
+    per_epoch = len(steps) // 3
+    assert np.mean([r["loss"] for r in steps[:per_epoch]]) == pytest.approx(again.history[0]["train_loss"])
 
 
 def test_max_seconds_caps_training(data):

@@ -26,6 +26,32 @@ def test_tracker_offline_writes_a_local_wandb_run_and_finishes_on_error(tmp_path
     assert len(list(Path(tmp_path / "wandb").rglob("offline-run-*"))) == 2
 
 
+def test_tracked_run_logs_at_each_rows_step_and_adds_config(tmp_path, monkeypatch):
+    import wandb
+
+    calls = []
+
+    class FakeRun:
+        class config:  # noqa: N801 - wandb's attribute name
+            @staticmethod
+            def update(values, allow_val_change=False):
+                calls.append(("config", values, allow_val_change))
+
+        def log(self, row, step=None):
+            calls.append(("log", row, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: calls.append(("init", kw["config"], kw["job_type"])) or FakeRun())
+    with TrackerResource(mode="offline").run("sae-x", {"k": 8}, DataRoot(tmp_path), job_type="sae") as run:
+        run({"step": 3, "loss": 0.5})
+        run({"loss": 0.25})
+        run.update_config({"lineage": {"store_id": "s"}})
+    assert calls == [("init", {"k": 8}, "sae"), ("log", {"step": 3, "loss": 0.5}, 3), ("log", {"loss": 0.25}, None),
+                     ("config", {"lineage": {"store_id": "s"}}, True), ("finish",)]
+
+
 def test_storage_activations_url_moves_only_activation_stores(tmp_path):
     from resources import StorageResource
 

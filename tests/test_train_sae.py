@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -48,10 +49,15 @@ def _train(data, cfg, **kw):
 
 
 def test_training_recovers_sparse_structure(data):
-    rows = []
-    result = _train(data, _cfg(), on_log=rows.append)
+    rows, steps = [], []
+    result = _train(data, _cfg(), on_log=rows.append, on_step=steps.append)
     assert result.steps == 150_000 // 512 and result.tokens == result.steps * 512
     assert rows == result.log and [r["step"] for r in rows][:2] == [25, 50]
+    # a tracker's history: one row per step, whose window means are the log rows
+    assert [r["step"] for r in steps] == list(range(1, result.steps + 1))
+    assert steps[-1]["tokens"] == result.tokens and set(steps[0]) == {"step", "tokens", "loss", "sparsity_loss",
+                                                                       "aux_loss", "l0"}
+    assert np.mean([r["loss"] for r in steps[:25]]) == pytest.approx(rows[0]["loss"], rel=1e-6)
     assert set(rows[0]) == {"step", "tokens", "loss", "sparsity_loss", "aux_loss", "l0", "dead_fraction", "lr",
                             "sparsity_coef"}
     assert result.log[-1]["loss"] < result.log[0]["loss"]

@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -162,10 +162,13 @@ def train_mouse(
     *,
     device: str = "cpu",
     progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> MouseResult:
     """Train a HookedViT on the "train" split, report accuracy on "eval".
 
-    images uint8 (N, H, W, C); labels int (N,); split (N,) of "train"/"eval".
+    images uint8 (N, H, W, C); labels int (N,); split (N,) of "train"/"eval". `on_step` gets
+    {step, epoch, loss, lr} after every step, `on_epoch` each history row (an experiment tracker).
     """
     start = time.perf_counter()
     labels, split = np.asarray(labels, dtype=np.int64), np.asarray(split)
@@ -203,7 +206,10 @@ def train_mouse(
             opt.step()
             sched.step()
             step += 1
-            loss_sum += loss.item()
+            value = loss.item()
+            loss_sum += value
+            if on_step is not None:
+                on_step({"step": step, "epoch": epoch, "loss": value, "lr": sched.get_last_lr()[0]})
             bar.update(1)
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
                 out_of_time = True
@@ -212,6 +218,8 @@ def train_mouse(
         row = dict(epoch=epoch, step=step, train_loss=loss_sum / (b + 1), eval_accuracy=acc,
                    seconds=time.perf_counter() - start)
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", eval_acc=f"{acc:.3f}")
         if out_of_time:
             warnings.warn(

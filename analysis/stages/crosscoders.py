@@ -52,7 +52,8 @@ def _stores(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember) -> list[A
 
 def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, train_idx: np.ndarray, *,
                  checkpoint_dir: Path, checkpoint_every: int, device: str,
-                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TrainResult, dict, dict]:
+                 on_log: Callable[[dict], None] | None, progress: bool,
+                 on_step: Callable[[dict], None] | None = None) -> tuple[TrainResult, dict, dict]:
     """(result, train config as a dict, first store's lineage); resumes from `checkpoint_dir`."""
     stores = _stores(spec, root, member)
     cfg = train_config(spec, member, stores[0].d_model)
@@ -63,8 +64,8 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, trai
     eval_batch = [read_tokens(s, held_out, device) for s in stores]
     loader = make_loader()
     result = train_crosscoder(loader, cfg, mean_norms=loader.mean_norms, init_batch=init_batch, progress=progress,
-                              on_log=on_log, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                              eval_batch=eval_batch)
+                              on_log=on_log, on_step=on_step, checkpoint_dir=checkpoint_dir,
+                              checkpoint_every=checkpoint_every, eval_batch=eval_batch)
     return result, cfg.resolved(), stores[0].lineage
 
 

@@ -74,7 +74,7 @@ def dictionary_id(spec: SuiteSpec, member: Member) -> str:
 
 def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: Member, *, dict_id: str | None = None,
                       device: str = "cpu", on_log: Callable[[dict], None] | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
     """Train the member's dictionary unless it is done; `dict_id` saves recomputing its id.
     A second process training the same member waits for the first, then reuses its checkpoint:
     two never train into one `resume/` directory."""
@@ -84,15 +84,22 @@ def ensure_dictionary(spec: SuiteSpec, root: DataRoot, member: Member, *, dict_i
     with file_lock(root.lock(dict_id)):
         summary = read_done(done)  # None when absent, or damaged (logged): then trained again
         if summary is None:
-            summary = _train(spec, root, member, dict_id, device, on_log, progress)
+            summary = _train(spec, root, member, dict_id, device, on_log, progress, on_step)
         else:
-            lineage = json.loads((directory / CONFIG_FILE).read_text()).get("lineage", {})
+            lineage = dictionary_lineage(root, dict_id)
             summary.update(note_reuse(f"{member.kind} {dict_id}", lineage.get("machine"), device))
     return {**summary, "path": str(directory)}
 
 
+def dictionary_lineage(root: DataRoot, dict_id: str) -> dict:
+    """What a saved dictionary's config records about how it was made: member, store and its
+    lineage, the full training config, code version, machine."""
+    return json.loads((root.dictionary(dict_id) / CONFIG_FILE).read_text()).get("lineage", {})
+
+
 def _train(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str,
-           on_log: Callable[[dict], None] | None, progress: bool) -> dict:
+           on_log: Callable[[dict], None] | None, progress: bool,
+           on_step: Callable[[dict], None] | None = None) -> dict:
     directory = root.dictionary(dict_id)
     _remove_temporaries(root, dict_id, "train_log")
     train_idx, _ = split_indices(root, spec.dataset_id)
@@ -100,7 +107,7 @@ def _train(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device
     try:
         result, train_cfg, store_lineage = _stage(member).train_member(
             spec, root, member, train_idx, checkpoint_dir=directory, checkpoint_every=CHECKPOINT_EVERY,
-            device=device, on_log=on_log, progress=progress)
+            device=device, on_log=on_log, progress=progress, on_step=on_step)
     except RuntimeError as err:  # diverged: say where the last good state is, and keep it
         state = directory / RESUME_DIR / "state.json"
         kept = (f"the last good training state (step {json.loads(state.read_text())['step']}, weights at "

@@ -4,6 +4,7 @@ either)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,10 @@ def vit_config(spec: SuiteSpec) -> ViTConfig:
     return spec.vit_config()
 
 
-def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progress: bool = True) -> dict:
+def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progress: bool = True,
+                 on_step: Callable[[dict], None] | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """The suite's model, made unless it is done: the mouse trained (`on_step` and `on_epoch` get
+    its training rows; see train_mouse), or the timm/open_clip/file model converted."""
     directory = root.model(spec.model_id)
     done = directory / RESULT_FILE
     with file_lock(root.lock(spec.model_id)):  # a second run waits, then reuses
@@ -35,7 +39,7 @@ def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progre
         if summary is None:
             remove_temporaries(directory, root.table("mouse_history") / f"model_id={spec.model_id}")
             summary, tables = _convert(spec, root) if spec.model.kind != "mouse" else \
-                _train_mouse(spec, root, device, progress)
+                _train_mouse(spec, root, device, progress, on_step, on_epoch)
             write_done(done, summary, [directory / name for name in _MODEL_FILES if (directory / name).exists()]
                        + tables)
         elif spec.model.kind == "mouse":  # trained here: its weights depend on the machine
@@ -46,13 +50,15 @@ def ensure_model(spec: SuiteSpec, root: DataRoot, *, device: str = "cpu", progre
 _MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, HEAD_WEIGHTS, HEAD_CONFIG)
 
 
-def _train_mouse(spec: SuiteSpec, root: DataRoot, device: str, progress: bool) -> tuple[dict, list[Path]]:
+def _train_mouse(spec: SuiteSpec, root: DataRoot, device: str, progress: bool,
+                 on_step: Callable[[dict], None] | None = None,
+                 on_epoch: Callable[[dict], None] | None = None) -> tuple[dict, list[Path]]:
     """The mouse trained on the dataset's task and saved; (summary, table files written)."""
     images = open_images(root.images(spec.dataset_id))[...]
     labels = read_labels(root.images(spec.dataset_id))
     result = train_mouse(
         images, labels.column("label").to_numpy(), np.asarray(labels.column("split").to_pylist()),
-        spec.model_config(), device=device, progress=progress,
+        spec.model_config(), device=device, progress=progress, on_step=on_step, on_epoch=on_epoch,
     )
     result.model.save(root.model(spec.model_id))
     history = write_table_partition(root.table("mouse_history"), {"model_id": spec.model_id},

@@ -48,7 +48,8 @@ def _store(spec: SuiteSpec, root: DataRoot, member: SAEMember) -> ActivationStor
 
 def train_member(spec: SuiteSpec, root: DataRoot, member: SAEMember, train_idx: np.ndarray, *,
                  checkpoint_dir: Path, checkpoint_every: int, device: str,
-                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TrainResult, dict, dict]:
+                 on_log: Callable[[dict], None] | None, progress: bool,
+                 on_step: Callable[[dict], None] | None = None) -> tuple[TrainResult, dict, dict]:
     """(result, train config as a dict, store lineage); resumes from `checkpoint_dir`."""
     store = _store(spec, root, member)
     cfg = train_config(spec, member, store.d_model)
@@ -58,7 +59,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: SAEMember, train_idx: 
     # held-out tokens for the eval_fvu column of the training log (never trained on)
     eval_tokens = read_tokens(store, training_monitor_images(spec, root), device)
     result = train_sae(make_loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
-                       init_batch=init_batch, progress=progress, on_log=on_log,
+                       init_batch=init_batch, progress=progress, on_log=on_log, on_step=on_step,
                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        eval_tokens=eval_tokens)
     return result, cfg.resolved(), store.lineage

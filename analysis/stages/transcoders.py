@@ -49,7 +49,8 @@ def _stores(spec: SuiteSpec, root: DataRoot, member: TranscoderMember) -> tuple[
 
 def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, train_idx: np.ndarray, *,
                  checkpoint_dir: Path, checkpoint_every: int, device: str,
-                 on_log: Callable[[dict], None] | None, progress: bool) -> tuple[TrainResult, dict, dict]:
+                 on_log: Callable[[dict], None] | None, progress: bool,
+                 on_step: Callable[[dict], None] | None = None) -> tuple[TrainResult, dict, dict]:
     """(result, train config as a dict, input store lineage); resumes from `checkpoint_dir`."""
     store_in, store_out = _stores(spec, root, member)
     cfg = train_config(spec, member, store_in.d_model)
@@ -62,7 +63,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: TranscoderMember, trai
     result = train_transcoder(
         loader, cfg, mean_norm_in=float(store_in.stats.mean_norm), mean_norm_out=float(store_out.stats.mean_norm),
         init_batch=init_batch, progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-        on_log=on_log, eval_batch=eval_batch)
+        on_log=on_log, on_step=on_step, eval_batch=eval_batch)
     return result, cfg.resolved(), store_in.lineage
 
 

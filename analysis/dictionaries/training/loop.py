@@ -54,6 +54,9 @@ class TrainOptions(TypedDict, total=False):
     """Show a tqdm bar (default True)."""
     on_log: Callable[[dict], None] | None
     """Called with every log row."""
+    on_step: Callable[[dict], None] | None
+    """Called with one row per training step (step, tokens, loss, sparsity_loss, aux_loss, l0 and
+    the family's own columns), in order, at each log row: an experiment tracker's full history."""
     log_every: int
     """Steps between log rows (default 50)."""
     checkpoint_dir: str | Path | None
@@ -157,7 +160,7 @@ def check_resumable(batches, cfg: TrainerConfig, log_every: int, checkpoint_ever
 
 def train(objective: Objective, batches: Iterable, cfg: TrainerConfig, *, device: torch.device,
           eval_batch: Any = None, progress: bool = True, on_log: Callable[[dict], None] | None = None,
-          log_every: int = 50, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None, log_every: int = 50, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0) -> TrainResult:
     """Train `objective.model` on `batches` (anything `objective.flatten` reads) for `cfg`.
 
     With `eval_batch` (raw held-out tokens in the loader's batch form), every log row also
@@ -171,7 +174,7 @@ def train(objective: Objective, batches: Iterable, cfg: TrainerConfig, *, device
     """
     if checkpoint_dir is not None:
         check_resumable(batches, cfg, log_every, checkpoint_every)
-    run = _Run(objective, cfg, device, on_log)
+    run = _Run(objective, cfg, device, on_log, on_step)
     if eval_batch is not None:
         run.eval_pair = objective.scaled(objective.flatten(eval_batch).to(device, torch.float32))
     if checkpoint_dir is not None and run.resume(checkpoint_dir):
@@ -201,8 +204,8 @@ class _Run:
     """The mutable state of one training run: optimiser, counters, log window."""
 
     def __init__(self, objective: Objective, cfg: TrainerConfig, device: torch.device,
-                 on_log: Callable[[dict], None] | None):
-        self.obj, self.cfg, self.on_log = objective, cfg, on_log
+                 on_log: Callable[[dict], None] | None, on_step: Callable[[dict], None] | None = None):
+        self.obj, self.cfg, self.on_log, self.on_step = objective, cfg, on_log, on_step
         self.params = list(objective.model.parameters())
         groups = objective.param_groups()
         # fused: one kernel over all parameters (on CPU ~7x faster than the per-tensor loop at 4.7M params)
@@ -267,6 +270,8 @@ class _Run:
             raise RuntimeError(
                 f"{self.obj.name} training diverged: loss is not finite at step {self.window_start + int(bad[0])}; "
                 "lower lr or check the activations for NaN/inf (keep the last good checkpoint)")
+        if self.on_step is not None:
+            self._report_steps(stats)
         mean = stats.mean(0)
         row = {"step": self.step, "tokens": self.tokens, "loss": float(mean[0]), "sparsity_loss": float(mean[1]),
                "aux_loss": float(mean[2]), "l0": float(mean[3]),
@@ -283,6 +288,16 @@ class _Run:
             self.on_log(row)
         self.window, self.window_start = [], self.step
         return {"loss": f"{row['loss']:.4f}", "l0": f"{row['l0']:.1f}", "dead": f"{row['dead_fraction']:.3f}"}
+
+    def _report_steps(self, stats: Tensor) -> None:
+        """One row per step of the window: (loss, sparsity, aux, l0, extras…) per row of `stats`."""
+        for i, values in enumerate(stats.tolist()):
+            step = self.window_start + i + 1
+            row = {"step": step, "tokens": step * self.cfg.batch_size, "loss": values[0], "sparsity_loss": values[1],
+                   "aux_loss": values[2], "l0": values[3]}
+            for name in self.obj.extra_columns:
+                row[name] = values[4:]
+            self.on_step(row)
 
     @torch.no_grad()
     def held_out(self) -> dict:
