@@ -139,7 +139,11 @@ class _Running:
         self.top_vals = torch.full((width, n_top), -torch.inf, device=device)
         self.top_img = torch.full((width, n_top), _NO_IMAGE, dtype=torch.int64, device=device)
         self.top_tok = torch.zeros((width, n_top), dtype=torch.int64, device=device)
+        # Heatmaps sit in fixed slots: rank r of feature f is heat[f, slot[f, r]]. A merge moves
+        # only the (few) entries that enter the top from the new batch, into the slots of the
+        # entries they push out, instead of rewriting all width · n_top · T values per batch.
         self.heat = torch.zeros((width, n_top, T), dtype=torch.float16, device=device)
+        self.slot = torch.arange(n_top, device=device).expand(width, n_top).contiguous()
         self.fire = torch.zeros(width, dtype=torch.int64, device=device)
         self.act_sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.act_max = torch.zeros(width, dtype=torch.float32, device=device)
@@ -149,16 +153,20 @@ class _Running:
         """Fold in the latents `lat` (c, T, width) of images `ids` (c,); `norm_ratio` (c, T) is
         each token's norm over its image's median token norm."""
         c, T, width, n_top = lat.shape[0], self.T, self.width, self.n_top
-        fired = lat > 0
-        self.fire += fired.sum((0, 1))
-        self.fire_cls += fired[:, self.cls[0]:self.cls[1]].sum((0, 1))
-        self.fire_patch += fired[:, self.patches[0]:self.patches[1]].sum((0, 1))
-        self.act_sum += lat.sum((0, 1), dtype=torch.float64)
-        self.act_max = torch.maximum(self.act_max, lat.amax((0, 1)))
+        # Three passes over the (c, T, width) latents besides the encode: firing counts per token
+        # position, the sum, the max over tokens; everything else works on (T | c, width).
+        per_position = (lat > 0).sum(0)  # (T, width)
+        self.fire += per_position.sum(0)
+        self.fire_cls += per_position[self.cls[0]:self.cls[1]].sum(0)
+        self.fire_patch += per_position[self.patches[0]:self.patches[1]].sum(0)
+        # a chunk's sum in fp32 (a few thousand tokens), the running total in fp64: converting
+        # every latent to fp64 first cost more than the encode
+        self.act_sum += lat.sum((0, 1)).double()
         self.n_tokens += c * T
         self.n_images += c
 
         vmax, argmax = lat.max(dim=1)  # (c, width)
+        self.act_max = torch.maximum(self.act_max, vmax.amax(0))
         if self.codes is not None:
             self._count_labels(vmax > 0, self.codes[ids])
         if norm_ratio is None:
@@ -173,14 +181,27 @@ class _Running:
         by_img = cand_img.argsort(stable=True, dim=1)
         by_val = cand_vals.gather(1, by_img).argsort(stable=True, dim=1, descending=True)
         sel = by_img.gather(1, by_val)[:, :n_top]  # (width, n_top) positions in the candidates
-        from_running = sel < n_top
-        idx_t = sel.unsqueeze(-1).expand(-1, -1, T)
-        old = self.heat.gather(1, idx_t.clamp(max=n_top - 1))
-        new = lat.permute(2, 0, 1).gather(1, (idx_t - n_top).clamp(min=0)).to(torch.float16)
-        self.heat = torch.where(from_running.unsqueeze(-1), old, new)
+        self._move_heatmaps(lat, sel)
         self.top_vals, self.top_img = cand_vals.gather(1, sel), cand_img.gather(1, sel)
         self.top_tok = cand_tok.gather(1, sel)
         self.top_ratio = cand_ratio.gather(1, sel)
+
+    def _move_heatmaps(self, lat: Tensor, sel: Tensor) -> None:
+        """Re-rank the slots for the merged top `sel` (positions among the n_top running entries,
+        then the batch's images) and write the heatmaps of the entries new to the top into the
+        slots of the running entries that left it (as many per feature: the top stays n_top long)."""
+        width, n_top = self.width, self.n_top
+        from_running = sel < n_top
+        kept = torch.zeros((width, n_top + 1), dtype=torch.bool, device=sel.device)
+        kept.scatter_(1, torch.where(from_running, sel, n_top), True)  # column n_top collects the new ones
+        freed = self.slot[~kept[:, :n_top]]  # row-major: per feature in rank order
+        slot = self.slot.gather(1, sel.clamp(max=n_top - 1))
+        entering = ~from_running
+        slot[entering] = freed  # both row-major with equal counts per feature
+        feature, _ = entering.nonzero(as_tuple=True)
+        image = (sel - n_top)[entering]
+        self.heat[feature, freed] = lat[image, :, feature].to(torch.float16)
+        self.slot = slot
 
     def _count_labels(self, fired_images: Tensor, codes: Tensor) -> None:
         """Add each (feature, label of an image it fires on) pair: O(pairs), not O(width · labels)."""
@@ -207,7 +228,8 @@ class _Running:
                 "label_entropy": pa.array(entropy + 0.0, mask=none)}  # + 0.0: no -0.0 for one label
 
     def result(self) -> MiningResult:
-        top_vals, top_img, top_tok, heat, width = self.top_vals, self.top_img, self.top_tok, self.heat, self.width
+        top_vals, top_img, top_tok, width = self.top_vals, self.top_img, self.top_tok, self.width
+        heat = self.heat.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, self.T))  # slots in rank order
         filled = top_vals > 0  # features that never fire (or fire on few images) keep empty slots
         heat[~filled] = 0
         feat, rank = filled.nonzero(as_tuple=True)
