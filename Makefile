@@ -25,7 +25,10 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) -m pipelines.run
 
+# tests/test_browser.py opens the HTML feature browser in headless Chromium and skips without it.
 test: install
+	@command -v chromium >/dev/null || echo "note: no chromium: tests/test_browser.py will skip; install it with" \
+	  "sudo apt-get install -y --no-install-recommends chromium (Debian; .ci/run does)"
 	$(PY) -m pytest -q
 
 # Reread every artifact of the suite against its checksums (add ARGS=--repair to take back damaged ones).

@@ -1,8 +1,10 @@
-"""The catalog (DuckDB views over the tables) and the suite report (plot + summary table)."""
+"""The catalog (DuckDB views over the tables), the suite report (plot + summary table) and the
+static HTML feature browser."""
 
 
 import dagster as dg
 
+from analysis.stages.browser import build_suite_browser
 from analysis.stages.lineage import write_lineage_tables
 from analysis.stages.report import write_report, write_seed_spread, write_stability
 from analysis.stages.suite import SuiteSpec
@@ -38,4 +40,19 @@ def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
             data_version=data_version(summary["table"]),
         )
 
-    return [catalog, report]
+    @dg.asset(name="feature_browser", group_name="catalog", code_version="1", deps=["features", "evaluations"],
+              kinds={"html"}, description="Static HTML feature browser (reports/browser/index.html, opens from "
+                                          "file://): every mined member's features, sortable and filterable, "
+                                          "with top images under their patch heatmaps.")
+    def feature_browser(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        root = storage.data_root()
+        summary = build_suite_browser(spec, root)
+        if summary["unmined"]:  # a partial browser is still useful while the suite runs
+            context.log.warning(f"no mined features yet for {', '.join(summary['unmined'])}: not in the browser")
+        return dg.MaterializeResult(
+            metadata={"path": dg.MetadataValue.path(str(summary["path"])), "url": dg.MetadataValue.url(summary["url"]),
+                      "n_dictionaries": summary["n_dictionaries"], "unmined": dg.MetadataValue.json(summary["unmined"])},
+            data_version=data_version("browser", *summary["dict_ids"]),
+        )
+
+    return [catalog, report, feature_browser]

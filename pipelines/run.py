@@ -19,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 
 from analysis.stages.activations import store_bytes
+from analysis.stages.browser import browser_dir
 from analysis.stages.report import format_summary, missing_members, suite_evaluations
 from analysis.stages.validate import validate_suite
 from analysis.stages.suite import SuiteSpec
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Model: {spec.model.kind} {spec.model.name} ({spec.model.weights} weights)")
     evals = suite_evaluations(spec, data_root)
     print(format_summary(evals))
-    print(f"\nCatalog: {data_root.catalog}\nPlot:    {data_root.reports / f'{spec.name}_fvu_vs_l0.png'}")
+    print(f"\nCatalog: {data_root.catalog}\nPlot:    {data_root.reports / f'{spec.name}_fvu_vs_l0.png'}"
+          f"\nBrowser: {(browser_dir(data_root) / 'index.html').as_uri()}")
     print(f"Stage seconds: {timings}; total {time.perf_counter() - start:.1f} s")
     return report_missing(spec, evals)
 

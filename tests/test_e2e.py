@@ -21,7 +21,7 @@ from analysis.stages.suite import load_suite
 from pipelines.run import run_suite
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"
-UNPARTITIONED = ["images", "model", "activation_layout", "activation_stats", "catalog", "report"]
+UNPARTITIONED = ["images", "model", "activation_layout", "activation_stats", "catalog", "report", "feature_browser"]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,29 @@ def test_catalog_holds_one_evaluation_per_member_with_real_numbers(suite_run):
         # the tiny store keeps every token: the class token, one register and the patches
         assert r["fvu_cls"] > 0 and r["fvu_registers"] > 0 and 0 < r["fvu_patches"] < 1, r
     assert (root.reports / "tiny_fvu_vs_l0.png").stat().st_size > 1000
+
+
+def test_the_feature_browser_shows_every_member_of_every_kind(suite_run):
+    """The feature_browser asset linked a page per member; the SAE's, the transcoder's and the
+    crosscoder's each open in Chromium with a card of top images under heatmaps."""
+    from test_browser import CHROMIUM, NO_CHROMIUM, Rendered
+
+    spec, root, instance, _ = suite_run
+    index = root.reports / "browser" / "index.html"
+    event = instance.get_latest_materialization_event(dg.AssetKey("feature_browser"))
+    assert event.asset_materialization.metadata["path"].path == str(index)
+    ids = {m.kind: dictionary_id(spec, m) for m in spec.members()}
+    assert all(f'href="{dictionary_id(spec, m)}/index.html"' in index.read_text() for m in spec.members())
+    if CHROMIUM is None:
+        pytest.skip(NO_CHROMIUM)
+    for kind, dict_id in ids.items():
+        top = pq.read_table(root.table("top_images") / f"dict_id={dict_id}").to_pylist()
+        feature = max(top, key=lambda r: r["activation"])["feature"]
+        shown = Rendered(index.parent / dict_id / "index.html", f"#feature={feature}")
+        shown.assert_clean()
+        tiles = shown.tiles()
+        assert tiles and all(loaded for loaded, _ in tiles), kind
+        assert shown.dom.count("<canvas") == len(tiles), kind
 
 
 def test_catalog_fvu_equals_fvu_recomputed_from_saved_weights_and_stored_activations(suite_run):

@@ -90,8 +90,10 @@ def test_python_blocks_run_against_a_suites_outputs(suite_root, monkeypatch):
     spec, root = suite_root
     monkeypatch.setenv("SPECTRA_ROOT", str(root.root))
     blocks = _blocks("python")
-    assert len(blocks) == 2
-    notebook, models = (_run_python_block(*block) for block in blocks)
+    assert len(blocks) == 3
+    browser = root.root / "reports" / "browser" / "index.html"
+    assert browser.is_file(), "the feature_browser asset (report_job) builds it"
+    notebook, browse, models = (_run_python_block(*block) for block in blocks)
     try:
         assert notebook["best"][0] in {dictionary_id(spec, m) for m in spec.members()}
         assert notebook["top"], "the best dictionary's top images"
@@ -105,6 +107,8 @@ def test_python_blocks_run_against_a_suites_outputs(suite_root, monkeypatch):
         assert notebook["con"].sql("SELECT count(*) FROM evaluations").fetchall() == [(2,)]
     finally:
         notebook["con"].close()
+    assert browse["index"] == browser and all(p.is_file() for p in browse["pages"]) and len(browse["pages"]) == 2
+    assert all(f'href="{dict_id}/index.html"' in browser.read_text() for dict_id in browse["ids"])
     assert tuple(models["logits"].shape) == (2, 1000)
     assert models["resid_stack"].shape[0] == 13  # the embedding and each of the 12 blocks
 

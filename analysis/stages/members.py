@@ -8,7 +8,7 @@ field added, removed or renamed here changes every id of that kind.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar, Union
 
 from analysis.dictionaries.config import ARCHITECTURES, K_ARCHITECTURES, PENALTY_ARCHITECTURES
@@ -99,6 +99,17 @@ class CrosscoderMember:
 
 
 Member = Union[SAEMember, TranscoderMember, CrosscoderMember]
+MEMBER_CLASSES: dict[str, type] = {"sae": SAEMember, "transcoder": TranscoderMember, "crosscoder": CrosscoderMember}
+
+
+def member_from_lineage(lineage: dict) -> Member:
+    """The member a dictionary was trained as, from the lineage in its config.json (which holds
+    `kind` and the member's fields): how an error about one dictionary names its partition key."""
+    cls = MEMBER_CLASSES[lineage["kind"]]
+    values = {f.name: lineage[f.name] for f in fields(cls)}
+    if "hooks" in values:  # JSON turned the tuple into a list
+        values["hooks"] = tuple(values["hooks"])
+    return cls(**values)
 
 
 def _is_int(value) -> bool:

@@ -17,6 +17,7 @@ import difflib
 import html
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,13 @@ from analysis.data.images import open_images, read_labels
 from analysis.dictionaries import CONFIG_FILE, load_dictionary as load_dictionary_dir
 from analysis.paths import DataRoot
 from analysis.stages.dictionaries import FEATURES_FILE, HEATMAPS_FILE
+from analysis.stages.members import member_from_lineage
 
 TILE = 128
 """Side in pixels of one image in a rendered card (small images are scaled up, nearest-neighbour)."""
+HEAT_ALPHA = 160
+"""Opacity (of 255) of the red heatmap overlay on a patch at the card's largest activation; the
+HTML feature browser (analysis.stages.browser) draws its overlays with the same rule."""
 
 
 def _root(root: str | Path | DataRoot) -> DataRoot:
@@ -107,7 +112,7 @@ class FeatureCard:
                 (tile, tile), Image.NEAREST)
             if scale > 0:
                 heat = np.clip(self.heatmaps[i] / scale, 0, 1).astype(np.float32)
-                alpha = Image.fromarray((heat * 160).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+                alpha = Image.fromarray((heat * HEAT_ALPHA).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
                 rgb = Image.composite(Image.new("RGB", rgb.size, (255, 0, 0)), rgb, alpha)
             canvas.paste(rgb, (i * tile, 0))
             draw.text((i * tile + 2, tile + 1), f"{self.activations[i]:.2f} {self.labels[i]}", fill="black")
@@ -138,14 +143,14 @@ class _MinedDictionary:
 
     def __init__(self, root: DataRoot, dict_id: str):
         self.dict_id, self.directory = dict_id, _dictionary_dir(root, dict_id)
+        lineage = json.loads((self.directory / CONFIG_FILE).read_text()).get("lineage", {})
         if not (self.directory / FEATURES_FILE).exists():
-            raise FileNotFoundError(f"{dict_id} has no mined features ({self.directory / FEATURES_FILE} is "
-                                    "missing): materialize its features partition (make run does) first")
+            raise _no_features(root, dict_id, lineage)
         self.stats = pq.read_table(root.table("feature_stats") / f"dict_id={dict_id}").sort_by("feature").to_pylist()
         self.top = pq.read_table(root.table("top_images") / f"dict_id={dict_id}").sort_by([("feature", "ascending"),
                                                                                           ("rank", "ascending")])
-        lineage = json.loads((self.directory / CONFIG_FILE).read_text()).get("lineage", {})
-        dataset = root.images(lineage["store_lineage"]["dataset_id"])
+        self.dataset_id = lineage["store_lineage"]["dataset_id"]
+        dataset = root.images(self.dataset_id)
         self.images = open_images(dataset)
         self.labels = read_labels(dataset).column("label").to_numpy()
         hook = lineage.get("hook") or lineage["hooks"][0]  # a crosscoder's heatmaps follow its first layer's tokens
@@ -168,15 +173,35 @@ class _MinedDictionary:
         image_idx, ranks = top["image_idx"], top["rank"]
         pixels = (self.images.get_orthogonal_selection((image_idx,)) if len(image_idx)
                   else np.zeros((0, *self.images.shape[1:]), np.uint8))
-        patches = None if self.groups is None else self.groups.positions("patches")
-        heatmaps = None
-        if patches is not None and len(image_idx):
-            per_token = self.heatmaps[feature][ranks].astype(np.float32)
-            heatmaps = per_token[:, patches].reshape(len(ranks), *self.groups.patch_grid)
+        heatmaps = self.patch_heatmaps(self.heatmaps[feature][ranks]) if len(image_idx) else None
         return FeatureCard(dict_id=self.dict_id, feature=int(feature),
                            stats={k: v for k, v in self.stats[feature].items() if k not in ("feature", "dict_id")},
                            image_idx=image_idx, activations=top["activation"], tokens=top["token"],
                            images=np.asarray(pixels), labels=self.labels[image_idx].tolist(), heatmaps=heatmaps)
+
+    def patch_heatmaps(self, per_token: np.ndarray) -> np.ndarray | None:
+        """(..., T) per-token activations (rows of `heatmaps.npy`) as (..., rows, cols) float32 over
+        the patch grid; None when the store keeps no patch tokens, or a per-image sample of them
+        (`patches_sample`: which patch each stored token is differs per image, not placed here yet)."""
+        patches = None if self.groups is None else self.groups.positions("patches")
+        if patches is None or len(range(*self.groups.patches)) != math.prod(self.groups.patch_grid):
+            return None
+        heat = np.asarray(per_token[..., patches], dtype=np.float32)
+        return heat.reshape(*heat.shape[:-1], *self.groups.patch_grid)
+
+
+def _no_features(root: DataRoot, dict_id: str, lineage: dict) -> FileNotFoundError:
+    """The error for a dictionary whose features were never mined, naming the exact partition."""
+    try:
+        key = member_from_lineage(lineage).key
+    except (KeyError, TypeError):  # a checkpoint saved outside a suite has no member fields
+        key = "<member key>"
+    marker = root.dictionary(dict_id) / FEATURES_FILE
+    return FileNotFoundError(
+        f"{dict_id} has no mined features ({marker} is missing): materialize the `features` asset's partition "
+        f"{key!r} (`make run` mines every member of the suite), or that partition alone with "
+        f"`SPECTRA_SUITE=<suite> SPECTRA_ROOT={root.root} DAGSTER_HOME={root.root / 'dagster_home'} "
+        f".venv/bin/dagster asset materialize -m pipelines.definitions --select features --partition {key}`")
 
 
 def feature_card(root: str | Path | DataRoot, dict_id: str, feature: int) -> FeatureCard:
