@@ -152,10 +152,11 @@ class _Running:
     def update(self, lat: Tensor, ids: Tensor, norm_ratio: Tensor | None = None) -> None:
         """Fold in the latents `lat` (c, T, width) of images `ids` (c,); `norm_ratio` (c, T) is
         each token's norm over its image's median token norm."""
-        c, T, width, n_top = lat.shape[0], self.T, self.width, self.n_top
+        c, T, n_top = lat.shape[0], self.T, self.n_top
         # Three passes over the (c, T, width) latents besides the encode: firing counts per token
-        # position, the sum, the max over tokens; everything else works on (T | c, width).
-        per_position = (lat > 0).sum(0)  # (T, width)
+        # position, the sum, the max over tokens; the rest works on (T | c, width) or on the few
+        # entries that enter a top.
+        per_position = _count_positive(lat)  # (T, width)
         self.fire += per_position.sum(0)
         self.fire_cls += per_position[self.cls[0]:self.cls[1]].sum(0)
         self.fire_patch += per_position[self.patches[0]:self.patches[1]].sum(0)
@@ -165,43 +166,50 @@ class _Running:
         self.n_tokens += c * T
         self.n_images += c
 
-        vmax, argmax = lat.max(dim=1)  # (c, width)
+        vmax = lat.amax(dim=1)  # (c, width); which token is the max: only for entries entering a top
         self.act_max = torch.maximum(self.act_max, vmax.amax(0))
         if self.codes is not None:
             self._count_labels(vmax > 0, self.codes[ids])
-        if norm_ratio is None:
-            norm_ratio = torch.ones((c, T), device=lat.device)
-        ratio = norm_ratio.gather(1, argmax)  # (c, width): the norm ratio of each image's top token
-        cand_vals = torch.cat([self.top_vals, vmax.T], 1)
-        cand_img = torch.cat([self.top_img, ids.expand(width, c)], 1)
-        cand_tok = torch.cat([self.top_tok, argmax.T], 1)
-        cand_ratio = torch.cat([self.top_ratio, ratio.T.float()], 1)
+        # Only features where some image of the batch fires at least as high as the n_top-th entry
+        # can change; once the tops fill up that is a few, so the sorts below skip the rest.
+        # (An image that does not fire never enters: empty and zero slots are dropped at the end.)
+        new_vals = vmax.T  # (width, c)
+        rows = ((new_vals > 0) & (new_vals >= self.top_vals[:, -1:])).any(1).nonzero().squeeze(1)
+        if not len(rows):
+            return
+        cand_vals = torch.cat([self.top_vals[rows], new_vals[rows]], 1)
+        cand_img = torch.cat([self.top_img[rows], ids.expand(len(rows), c)], 1)
         # torch.topk does not define an order among equal values; two stable sorts do:
         # by image id, then by activation (descending), so ties keep the lower image first.
         by_img = cand_img.argsort(stable=True, dim=1)
         by_val = cand_vals.gather(1, by_img).argsort(stable=True, dim=1, descending=True)
-        sel = by_img.gather(1, by_val)[:, :n_top]  # (width, n_top) positions in the candidates
-        self._move_heatmaps(lat, sel)
-        self.top_vals, self.top_img = cand_vals.gather(1, sel), cand_img.gather(1, sel)
-        self.top_tok = cand_tok.gather(1, sel)
-        self.top_ratio = cand_ratio.gather(1, sel)
+        sel = by_img.gather(1, by_val)[:, :n_top]  # (rows, n_top) positions in the candidates
+        self._merge(lat, rows, sel, norm_ratio)
+        self.top_vals[rows], self.top_img[rows] = cand_vals.gather(1, sel), cand_img.gather(1, sel)
 
-    def _move_heatmaps(self, lat: Tensor, sel: Tensor) -> None:
-        """Re-rank the slots for the merged top `sel` (positions among the n_top running entries,
-        then the batch's images) and write the heatmaps of the entries new to the top into the
-        slots of the running entries that left it (as many per feature: the top stays n_top long)."""
-        width, n_top = self.width, self.n_top
+    def _merge(self, lat: Tensor, rows: Tensor, sel: Tensor, norm_ratio: Tensor | None) -> None:
+        """Re-rank the running entries of features `rows` for their merged tops `sel` (positions
+        among the n_top running entries, then the batch's images) and fill in the entries new to
+        a top: their top token, its norm ratio, and their heatmap, written into the slots of the
+        running entries that left it (as many per feature: the top stays n_top long)."""
+        n_top = self.n_top
         from_running = sel < n_top
-        kept = torch.zeros((width, n_top + 1), dtype=torch.bool, device=sel.device)
+        old = sel.clamp(max=n_top - 1)
+        kept = torch.zeros((len(rows), n_top + 1), dtype=torch.bool, device=sel.device)
         kept.scatter_(1, torch.where(from_running, sel, n_top), True)  # column n_top collects the new ones
-        freed = self.slot[~kept[:, :n_top]]  # row-major: per feature in rank order
-        slot = self.slot.gather(1, sel.clamp(max=n_top - 1))
+        slot, tok, ratio = self.slot[rows], self.top_tok[rows], self.top_ratio[rows]
+        freed = slot[~kept[:, :n_top]]  # row-major: per feature in rank order
+        slot, tok, ratio = slot.gather(1, old), tok.gather(1, old), ratio.gather(1, old)
         entering = ~from_running
+        local, _ = entering.nonzero(as_tuple=True)
+        feature, image = rows[local], (sel - n_top)[entering]
+        heat = lat[image, :, feature]  # (n entering, T)
+        token = heat.argmax(dim=1)  # the first of equal maxima, as max-over-tokens defines it
         slot[entering] = freed  # both row-major with equal counts per feature
-        feature, _ = entering.nonzero(as_tuple=True)
-        image = (sel - n_top)[entering]
-        self.heat[feature, freed] = lat[image, :, feature].to(torch.float16)
-        self.slot = slot
+        tok[entering] = token
+        ratio[entering] = 1.0 if norm_ratio is None else norm_ratio[image, token].float()
+        self.heat[feature, freed] = heat.to(torch.float16)
+        self.slot[rows], self.top_tok[rows], self.top_ratio[rows] = slot, tok, ratio
 
     def _count_labels(self, fired_images: Tensor, codes: Tensor) -> None:
         """Add each (feature, label of an image it fires on) pair: O(pairs), not O(width · labels)."""
@@ -255,6 +263,17 @@ class _Running:
             **_norm_stats(self.top_ratio, filled),
         })
         return MiningResult(top_images, feature_stats, heat.cpu().numpy())
+
+
+def _count_positive(lat: Tensor) -> Tensor:
+    """(T, width) int32: how many of the c images have lat > 0 at each (token, latent). Summed as
+    uint8 over at most 255 images at a time: a bool summed into int64 (torch's default) converts
+    every element first, 7x the cost of the comparison (measured, 15 x 65 x 16384 on 2 cores)."""
+    fired = (lat > 0).view(torch.uint8)
+    counts = torch.zeros(lat.shape[1:], dtype=torch.int32, device=lat.device)
+    for start in range(0, lat.shape[0], 255):
+        counts += fired[start:start + 255].sum(0, dtype=torch.uint8)
+    return counts
 
 
 def _rate(fires: Tensor, n: int) -> pa.Array:
