@@ -8,7 +8,8 @@ import dagster as dg
 from analysis.stages.dictionaries import (dictionary_id, dictionary_lineage, ensure_dictionary, ensure_evaluation,
                                          ensure_features)
 from analysis.stages.suite import SuiteSpec
-from assets._common import data_version, metadata, per_step
+from analysis.stages.previews import browser_page, features_preview, train_log, training_curve
+from assets._common import data_version, image_markdown, metadata, per_step
 from resources import ComputeResource, StorageResource, TrackerResource
 
 
@@ -30,8 +31,16 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
         with tracker.run(dict_id, {"suite": spec.name, **asdict(member)}, root, job_type=member.kind) as run:
             summary = ensure_dictionary(spec, root, member, dict_id=dict_id, device=compute.apply(), on_log=run,
                                         on_step=lambda row: run(per_step(row)))
-            run.update_config({"lineage": dictionary_lineage(root, dict_id), "summary": summary})
-        return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(summary["dict_id"]))
+            lineage = dictionary_lineage(root, dict_id)
+            run.update_config({"lineage": lineage, "summary": summary})
+        rows = train_log(root, dict_id)
+        last = {f"final_{k}": rows[-1][k] for k in ("loss", "l0", "dead_fraction", "eval_fvu")
+                if rows and rows[-1].get(k) is not None}
+        extra = {"lineage": dg.MetadataValue.json(lineage), **last}
+        if (curve := training_curve(root, dict_id, rows)) is not None:
+            extra["training_curve"] = image_markdown(curve)
+        return dg.MaterializeResult(metadata={**metadata(summary), **extra},
+                                    data_version=data_version(summary["dict_id"]))
 
     @dg.asset(name="evaluations", group_name="dictionaries", code_version="1", deps=["dictionaries"],
               partitions_def=partitions, kinds={"parquet"},
@@ -39,10 +48,13 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     def evaluations(context: dg.AssetExecutionContext, storage: StorageResource,
                     compute: ComputeResource) -> dg.MaterializeResult:
         member = spec.member(context.partition_key)
-        row = ensure_evaluation(spec, storage.data_root(), member, device=compute.apply())
+        root = storage.data_root()
+        row = ensure_evaluation(spec, root, member, device=compute.apply())
         keep = ("dict_id", "l0", "fvu", "dead_fraction", "dense_fraction", "loss_recovered", "ablation_gap",
                 "ce_clean", "ce_spliced", "ce_ablated", "acc_spliced", "n_eval_tokens")
-        return dg.MaterializeResult(metadata=metadata({k: row[k] for k in keep}),
+        # the page the feature_browser asset writes once the features are mined
+        browser = dg.MetadataValue.url(browser_page(root, row["dict_id"]).as_uri())
+        return dg.MaterializeResult(metadata={**metadata({k: row[k] for k in keep}), "feature_browser": browser},
                                     data_version=data_version(row["dict_id"], "eval"))
 
     @dg.asset(name="features", group_name="dictionaries", code_version="1", deps=["dictionaries"],
@@ -51,7 +63,11 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     def features(context: dg.AssetExecutionContext, storage: StorageResource,
                  compute: ComputeResource) -> dg.MaterializeResult:
         member = spec.member(context.partition_key)
-        summary = ensure_features(spec, storage.data_root(), member, device=compute.apply())
-        return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(summary["dict_id"], "feat"))
+        root = storage.data_root()
+        summary = ensure_features(spec, root, member, device=compute.apply())
+        extra = {}
+        if (preview := features_preview(root, summary["dict_id"])) is not None:
+            extra["preview"] = image_markdown(preview)  # a few features' top images under their heatmaps
+        return dg.MaterializeResult(metadata={**metadata(summary), **extra}, data_version=data_version(summary["dict_id"], "feat"))
 
     return [dictionaries, evaluations, features]

@@ -106,7 +106,7 @@ def test_the_page_holds_the_mined_tables_and_needs_no_network(built):
         assert r["max_activation"] == pytest.approx(s["max_activation"], rel=1e-3)
         for name in ("label_entropy", "cls_frequency"):  # mining's own, over every image it fires on
             assert r[name] == (None if s[name] is None else pytest.approx(s[name], rel=1e-3, abs=1e-6))
-        assert r["high_norm"] == s["high_norm"]
+        assert r["high_norm"] == s["high_norm"] and r["head_top_class"] == s["head_top_class"]
         mine = [labels[t["image_idx"]] for t in top if t["feature"] == s["feature"]]
         assert r["n_top"] == len(mine)
         if mine:  # the commonest label of its top images (ties: the lowest), by class name, and its share

@@ -88,6 +88,35 @@ def test_the_feature_browser_shows_every_member_of_every_kind(suite_run):
         assert shown.dom.count("<canvas") == len(tiles), kind
 
 
+def test_the_ui_shows_curves_lineage_previews_links_and_the_summary(suite_run):
+    """What each asset puts in front of a researcher in the Dagster UI, read back from the instance."""
+    spec, root, instance, _ = suite_run
+
+    def metadata(asset, partition=None):
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+            limit=1).records
+        return records[0].asset_materialization.metadata
+
+    member = spec.members()[0]
+    dict_id = dictionary_id(spec, member)
+    trained = metadata("dictionaries", member.key)
+    assert trained["lineage"].data["dict_id"] == dict_id and "train_config" in trained["lineage"].data
+    assert 0 < trained["final_l0"].value and 0 < trained["final_eval_fvu"].value < 1.5
+    assert "data:image/png;base64," in trained["training_curve"].md_str
+    assert (root.reports / "training" / f"{dict_id}.png").stat().st_size > 1000
+    assert "data:image/png;base64," in metadata("features", member.key)["preview"].md_str
+    link = metadata("evaluations", member.key)["feature_browser"].url
+    assert link.startswith("file://") and Path(link.removeprefix("file://")).is_file()
+    # mining read every decoder direction through the mouse's head (the class-embedding view)
+    stats = pq.read_table(root.table("feature_stats") / f"dict_id={dict_id}").to_pylist()
+    assert {r["head_top_class"] for r in stats} <= set(spec.class_names()) and all(len(r["head_top3"]) == 3
+                                                                                   for r in stats)
+    summary = metadata("report")["summary"]
+    assert len(summary.records) == len(spec.members())
+    assert {"kind", "hook", "l0", "fvu"} <= {c.name for c in summary.schema.columns}
+
+
 def test_catalog_fvu_equals_fvu_recomputed_from_saved_weights_and_stored_activations(suite_run):
     spec, root, _, _ = suite_run
     con = connect_catalog(root.catalog)

@@ -130,9 +130,10 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     assert member == ["blocks.1.hook_resid_post", "topk", 8] and n_seeds == 2 and 0 < cosine <= 1
     assert all(rows for s, rows in results.items() if "density_histogram" in s or "feature_stats" in s)
     [selective] = [rows for s, rows in results.items() if "ORDER BY label_entropy" in s]
-    entropies = [entropy for *_, entropy, _, _, _ in selective]
+    entropies = [entropy for *_, entropy, _, _, _, _ in selective]
     assert len(selective) == 10 and entropies == sorted(entropies) and entropies[0] >= 0
-    assert all(0 < share <= 1 and 0 <= patch_freq <= 1 for _, _, _, share, _, _, patch_freq, _ in selective)
+    assert all(0 < share <= 1 and 0 <= patch_freq <= 1 and head_class is not None
+               for _, _, _, share, _, _, patch_freq, _, head_class in selective)
     [agree] = [rows for s, rows in results.items() if "JOIN images" in s]
     assert agree and all(0 < n_top <= 4 for *_, n_top in agree)  # the tiny suite keeps 4 top images
     [spread] = [rows for s, rows in results.items() if "FROM seed_spread" in s]

@@ -52,6 +52,30 @@ def plot_fvu_vs_l0(evaluations: pa.Table, path: str | Path) -> Path:
     return path
 
 
+def plot_training_curve(log_rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """A training log (rows of the train_log table) as a small PNG: the batch loss and, where the
+    run had held-out tokens, the held-out FVU against the step (log y), L0 on the right axis."""
+    steps = [r["step"] for r in log_rows]
+    fig, ax = plt.subplots(figsize=(4.5, 2.6), dpi=100)
+    ax.plot(steps, [r["loss"] for r in log_rows], label="loss (batch FVU + penalties)")
+    if any(r.get("eval_fvu") is not None for r in log_rows):
+        ax.plot(steps, [r.get("eval_fvu") for r in log_rows], label="held-out FVU")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.grid(True, which="both", alpha=0.3)
+    right = ax.twinx()
+    right.plot(steps, [r["l0"] for r in log_rows], color="grey", linestyle=":", label="L0")
+    right.set_ylabel("L0", color="grey")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _over_seeds(members: list[dict]) -> list[dict]:
     """One point per k (or coefficient): mean FVU and L0 over the seeds, with their min and max."""
     by_setting: dict = {}

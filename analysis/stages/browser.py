@@ -63,7 +63,8 @@ IMAGE_BATCH = 256  # images read from the dataset's Zarr array at once while wri
 COLUMNS = {"feature": "feature", "fire_count": "fires", "density": "density", "mean_activation": "mean act",
            "max_activation": "max act", "top_image_label": "top-image label",
            "top_image_label_share": "top-image label share", "label_entropy": "label entropy (bits)",
-           "cls_frequency": "class-token density", "high_norm": "high-norm tokens", "n_top": "top images"}
+           "cls_frequency": "class-token density", "high_norm": "high-norm tokens",
+           "head_top_class": "head's class", "n_top": "top images"}
 FILTERS = ["density", "max_activation", "mean_activation", "top_image_label_share"]
 # The evaluations columns shown as a dictionary's key metrics (page header and index), in order.
 KEY_METRICS = ["kind", "hook", "architecture", "k", "width", "l0", "fvu", "dead_fraction", "loss_recovered"]
@@ -185,7 +186,7 @@ def _feature_rows(mined: _MinedDictionary, bounds: np.ndarray, top_codes: np.nda
                      _number(share[f]) if n_top else None,
                      # mining's own statistics over every image it fires on (None: mined before them)
                      _number(stats.get("label_entropy")), _number(stats.get("cls_frequency")),
-                     stats.get("high_norm"), n_top])
+                     stats.get("high_norm"), stats.get("head_top_class"), n_top])
     return rows
 
 

@@ -28,6 +28,7 @@ from analysis.models.inputs import to_model_input
 from analysis.evaluation.downstream import DownstreamMetrics, spliced_downstream_metrics
 from analysis.evaluation.metrics import ReconstructionMetrics, firing_fractions, log10_density_histogram
 from analysis.evaluation.mining import mine_features
+from analysis.models.class_projection import direction_logits, has_classifier
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
 from analysis.dictionaries.base import CONFIG_FILE, WEIGHTS_FILE
@@ -281,14 +282,55 @@ def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device:
     groups = token_selection(spec).groups
     mined = mine_features(miner, batches, n_top=spec.evaluation.n_top, labels=_labels(spec, root),
                           cls=groups.cls, patches=groups.patches)
+    feature_stats = mined.feature_stats
+    for name, column in _head_classes(spec, root, member, dictionary, device).items():
+        feature_stats = feature_stats.append_column(name, column)
     files = [write_table_partition(root.table("top_images"), {"dict_id": dict_id}, mined.top_images),
-             write_table_partition(root.table("feature_stats"), {"dict_id": dict_id}, mined.feature_stats),
+             write_table_partition(root.table("feature_stats"), {"dict_id": dict_id}, feature_stats),
              atomic_write(directory / HEATMAPS_FILE, lambda tmp: _save_npy(tmp, mined.heatmaps)),
              directory / WEIGHTS_FILE]
     alive = int((np.asarray(mined.feature_stats.column("fire_count")) > 0).sum())
     summary = {"dict_id": dict_id, "n_features": int(dictionary.cfg.width), "n_alive": alive,
                "n_top_rows": mined.top_images.num_rows}
     return write_done(directory / FEATURES_FILE, summary, files)
+
+
+HEAD_TOP = 3
+"""Classes kept per feature in head_top3."""
+
+
+def _head_classes(spec: SuiteSpec, root: DataRoot, member: Member, dictionary, device: str) -> dict[str, pa.Array]:
+    """Per feature, the classes its decoder direction promotes when read through the model's head
+    (`direction_logits`, the class-embedding view of Vilas et al.): head_top_class, its score and
+    head_top3. A crosscoder is read at its last layer. Null where the model has no classifier or the
+    dictionary writes outside the residual stream."""
+    width = int(dictionary.cfg.width)
+    columns = {"head_top_class": pa.nulls(width, pa.string()), "head_top_score": pa.nulls(width, pa.float32()),
+               "head_top3": pa.nulls(width, pa.list_(pa.string()))}
+    model = load_model(spec, root, device)
+    tower = getattr(model, "tower", model)
+    directions = dictionary.W_dec.detach()
+    if member.kind == "crosscoder":
+        directions = directions[:, dictionary.cfg.slices()[-1]]
+    if not has_classifier(model) or directions.shape[-1] != tower.cfg.d_model:
+        return columns
+    logits = direction_logits(model, directions)
+    names = _head_class_names(spec, model, logits.shape[1])
+    scores, top = logits.topk(min(HEAD_TOP, logits.shape[1]), dim=1)
+    top = top.cpu().numpy()
+    return {"head_top_class": pa.array([names[t[0]] for t in top]),
+            "head_top_score": pa.array(scores[:, 0].float().cpu().numpy()),
+            "head_top3": pa.array([[names[i] for i in t] for t in top], pa.list_(pa.string()))}
+
+
+def _head_class_names(spec: SuiteSpec, model, n_classes: int) -> list[str]:
+    """The head's class names: a zero-shot head's own, the dataset's where the head has as many
+    outputs, else the output indices (a pretrained head over classes the dataset does not name)."""
+    head_names = getattr(getattr(model, "head", None), "class_names", None)
+    if head_names is not None:
+        return list(head_names)
+    names = spec.class_names()
+    return list(names) if len(names) == n_classes else [str(i) for i in range(n_classes)]
 
 
 def _labels(spec: SuiteSpec, root: DataRoot) -> np.ndarray | None:

@@ -137,12 +137,17 @@ def write_report(spec: SuiteSpec, root: DataRoot) -> dict:
     evals = suite_evaluations(spec, root)
     plot = plot_fvu_vs_l0(evals, root.reports / f"{spec.name}_fvu_vs_l0.png")
     return {"plot": str(plot), "n_dictionaries": evals.num_rows, "table": format_summary(evals),
-            "missing_members": missing_members(spec, evals)}
+            "missing_members": missing_members(spec, evals), "rows": summary_rows(evals)}
+
+
+def summary_rows(evals: pa.Table) -> list[dict]:
+    """The summary table's rows: the SUMMARY_COLUMNS of every evaluation."""
+    return evals.select([c for c in SUMMARY_COLUMNS if c in evals.column_names]).to_pylist()
 
 
 def format_summary(evals: pa.Table) -> str:
     """A fixed-width text table of the suite's headline metrics."""
-    rows = evals.select([c for c in SUMMARY_COLUMNS if c in evals.column_names]).to_pylist()
+    rows = summary_rows(evals)
     if not rows:
         return "(no evaluations)"
     cells = [[_fmt(v) for v in r.values()] for r in rows]
