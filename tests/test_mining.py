@@ -151,3 +151,61 @@ def test_bad_inputs():
         mine_features(sae, [])
     with pytest.raises(ValueError, match="token count changed"):
         mine_features(sae, [(np.arange(2), torch.randn(2, T, D)), (np.arange(2, 4), torch.randn(2, T + 1, D))])
+
+
+@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 2 * T * WIDTH)])
+def test_class_token_top_images_match_brute_force(setup, sizes, chunk):
+    sae, acts, image_idx = setup
+    res = mine_features(sae, _batches(acts, image_idx, sizes), n_top=4, cls=(0, 1), max_latent_elements=chunk)
+    with torch.no_grad():
+        at_cls = sae.dense_latents(acts[:, 0]).numpy()  # (N, width)
+    expected = []
+    for f in range(WIDTH):
+        order = sorted((i for i in range(N_IMG) if at_cls[i, f] > 0), key=lambda i: (-at_cls[i, f], image_idx[i]))[:4]
+        expected += [(f, rank, int(image_idx[i])) for rank, i in enumerate(order)]
+    t = res.top_images_cls.to_pydict()
+    assert list(zip(t["feature"], t["rank"], t["image_idx"])) == expected
+    np.testing.assert_allclose(t["activation"], [at_cls[image_idx == i][0, f] for f, _, i in expected], rtol=1e-6)
+    assert mine_features(sae, _batches(acts, image_idx, [50]), n_top=4).top_images_cls is None  # no class token
+
+
+def test_samples_are_the_same_whatever_the_batching_and_cover_every_firing_image_when_few(setup):
+    sae, acts, image_idx = setup
+    one = mine_features(sae, _batches(acts, image_idx, [50]), n_samples=8).samples
+    many = mine_features(sae, _batches(acts, image_idx, [7, 13, 30]), n_samples=8,
+                         max_latent_elements=2 * T * WIDTH).samples
+    for name in ("feature", "image_idx", "quantile"):
+        assert one.column(name).equals(many.column(name)), name
+    np.testing.assert_allclose(one.column("activation"), many.column("activation"), rtol=1e-5)  # batch-size rounding
+    with torch.no_grad():
+        per_image = sae.dense_latents(acts.reshape(-1, D)).reshape(N_IMG, T, WIDTH).amax(1).numpy()
+    everything = mine_features(sae, _batches(acts, image_idx, [50]), n_samples=N_IMG).samples.to_pydict()
+    for f in range(WIDTH):
+        fired = {int(image_idx[i]): per_image[i, f] for i in range(N_IMG) if per_image[i, f] > 0}
+        mine = [(i, a, q) for feat, i, a, q in zip(everything["feature"], everything["image_idx"],
+                                                   everything["activation"], everything["quantile"]) if feat == f]
+        assert {i for i, _, _ in mine} == set(fired)  # room for all: every firing image, once
+        assert [a for _, a, _ in mine] == sorted(a for _, a, _ in mine)  # by activation
+        np.testing.assert_allclose([a for _, a, _ in mine], sorted(fired.values()), rtol=1e-6)
+        if len(mine) > 1:
+            assert mine[0][2] == 0 and mine[-1][2] == 1
+    # with room for 8, each feature keeps min(8, images it fires on), drawn from those images
+    s = one.to_pydict()
+    for f in range(WIDTH):
+        n_fired = int((per_image[:, f] > 0).sum())
+        drawn = [i for feat, i in zip(s["feature"], s["image_idx"]) if feat == f]
+        assert len(drawn) == min(8, n_fired) and all(per_image[image_idx == i][0, f] > 0 for i in drawn)
+
+
+def test_the_sample_is_uniform_over_firing_images():
+    """Over many features the sampling keys pick each image about equally often."""
+    from analysis.evaluation.mining_samples import Reservoir
+
+    width, n_images = 2000, 40
+    res = Reservoir(width, 10, torch.device("cpu"))
+    values = torch.ones(n_images, width)
+    res.update(values[:17], torch.arange(17))
+    res.update(values[17:], torch.arange(17, n_images))
+    counts = np.bincount(res.table().column("image_idx").to_numpy(), minlength=n_images)
+    expected = width * 10 / n_images  # 500 per image
+    assert counts.sum() == width * 10 and abs(counts - expected).max() < 5 * np.sqrt(expected)

@@ -120,7 +120,7 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     code = "\n".join(line for _, block in _blocks("sql") for line in block.splitlines()
                      if not line.lstrip().startswith("--"))  # comments hold semicolons too
     statements = [s.strip() for s in code.split(";") if s.strip()]
-    assert len(statements) == 8
+    assert len(statements) == 9
     con = connect_catalog(root.catalog)
     try:
         results = {s: con.execute(s).fetchall() for s in statements}
@@ -134,6 +134,8 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     assert len(selective) == 10 and entropies == sorted(entropies) and entropies[0] >= 0
     assert all(0 < share <= 1 and 0 <= patch_freq <= 1 and head_class is not None
                for _, _, _, share, _, _, patch_freq, _, head_class in selective)
+    [samples] = [rows for s, rows in results.items() if "FROM feature_samples" in s]
+    assert samples and [q for q, _, _ in samples] == sorted(q for q, _, _ in samples) and samples[-1][0] == 1
     [agree] = [rows for s, rows in results.items() if "JOIN images" in s]
     assert agree and all(0 < n_top <= 4 for *_, n_top in agree)  # the tiny suite keeps 4 top images
     [spread] = [rows for s, rows in results.items() if "FROM seed_spread" in s]

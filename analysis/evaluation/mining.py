@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from analysis.evaluation.mining_samples import Reservoir, RunningTop
+
 _NO_IMAGE = torch.iinfo(torch.int64).max  # placeholder id; sorts after every real image
 HIGH_NORM_RATIO = 2.0
 """A feature whose top images fire on tokens above this multiple of their image's median token
@@ -40,6 +42,13 @@ class MiningResult(NamedTuple):
     and high_norm bool (top_norm_ratio > HIGH_NORM_RATIO)."""
     heatmaps: np.ndarray
     """(width, n_top, T) float16 per-token activations of each top image; zeros in empty slots."""
+    top_images_cls: pa.Table | None
+    """The top images by the class token's activation: feature int32, rank int16, image_idx int64,
+    activation float32; None when the tokens hold no class token."""
+    samples: pa.Table
+    """A uniform sample of up to n_samples images each feature fires on (examples from its whole
+    activation range): feature int32, image_idx int64, activation float32 (max over tokens),
+    quantile float32 (rank among the feature's samples, 0 weakest .. 1 strongest)."""
 
 
 def _sae_device(sae) -> torch.device:
@@ -55,6 +64,7 @@ def mine_features(
     image_batches: Iterable[tuple[np.ndarray, Tensor]],
     *,
     n_top: int = 16,
+    n_samples: int = 32,
     labels: np.ndarray | None = None,
     cls: Span = (0, 0),
     patches: Span | None = None,
@@ -67,7 +77,8 @@ def mine_features(
     image i's label (indexed by image_idx; None, NaN or a negative int: unlabelled; labels None:
     no label statistics). `cls` and `patches` are the
     spans of the class token and the patch tokens along the token axis ((0, 0): none; patches None:
-    every token). `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
+    every token). `n_samples` images per feature are sampled uniformly from those it fires on
+    (`MiningResult.samples`). `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
     """
     if n_top <= 0:
         raise ValueError(f"n_top={n_top} must be > 0")
@@ -85,7 +96,8 @@ def mine_features(
         T = acts.shape[1]
         if running is None:
             running = _Running(width, n_top, T, device, cls, (0, T) if patches is None else patches,
-                               None if codes is None else torch.as_tensor(codes, device=device), label_values)
+                               None if codes is None else torch.as_tensor(codes, device=device), label_values,
+                               n_samples)
         elif T != running.T:
             raise ValueError(f"token count changed from {running.T} to {T}: mine one hook/store at a time")
         chunk = max(1, max_latent_elements // (T * width))
@@ -126,8 +138,11 @@ class _Running:
     norm ratio) and the firing statistics."""
 
     def __init__(self, width: int, n_top: int, T: int, device: torch.device, cls: Span = (0, 0),
-                 patches: Span | None = None, codes: Tensor | None = None, label_values: np.ndarray | None = None):
+                 patches: Span | None = None, codes: Tensor | None = None, label_values: np.ndarray | None = None,
+                 n_samples: int = 32):
         self.width, self.n_top, self.T = width, n_top, T
+        self.cls_top = RunningTop(width, n_top, device) if cls[1] > cls[0] else None
+        self.samples = Reservoir(width, n_samples, device)
         self.cls, self.patches = cls, (0, T) if patches is None else patches
         self.codes, self.label_values = codes, label_values
         n_labels = 0 if label_values is None else len(label_values)
@@ -170,6 +185,9 @@ class _Running:
         self.act_max = torch.maximum(self.act_max, vmax.amax(0))
         if self.codes is not None:
             self._count_labels(vmax > 0, self.codes[ids])
+        self.samples.update(vmax, ids)
+        if self.cls_top is not None:
+            self.cls_top.update(lat[:, self.cls[0]], ids)
         # Only features where some image of the batch fires at least as high as the n_top-th entry
         # can change; once the tops fill up that is a few, so the sorts below skip the rest.
         # (An image that does not fire never enters: empty and zero slots are dropped at the end.)
@@ -262,7 +280,8 @@ class _Running:
             **self._label_stats(),
             **_norm_stats(self.top_ratio, filled),
         })
-        return MiningResult(top_images, feature_stats, heat.cpu().numpy())
+        return MiningResult(top_images, feature_stats, heat.cpu().numpy(),
+                            None if self.cls_top is None else self.cls_top.table(), self.samples.table())
 
 
 def _count_positive(lat: Tensor) -> Tensor:

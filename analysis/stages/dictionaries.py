@@ -267,10 +267,15 @@ def _downstream_by_token_kind(spec: SuiteSpec, member: Member, dictionary, model
     return out
 
 
+FEATURE_TABLES = ("top_images", "feature_stats", "top_images_cls", "feature_samples")
+"""The tables the features stage writes a partition of (top_images_cls only where the store keeps
+a class token)."""
+
+
 def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
     """Max-activating held-out images per latent, over the activations its latents read (the
     kind's `mining_input`: a transcoder's input hook, a crosscoder's hooks all at once)."""
-    return _after_training(spec, root, member, FEATURES_FILE, ("top_images", "feature_stats"),
+    return _after_training(spec, root, member, FEATURES_FILE, FEATURE_TABLES,
                            lambda dict_id: _mine(spec, root, member, dict_id, device))
 
 
@@ -285,8 +290,12 @@ def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device:
     feature_stats = mined.feature_stats
     for name, column in _head_classes(spec, root, member, dictionary, device).items():
         feature_stats = feature_stats.append_column(name, column)
-    files = [write_table_partition(root.table("top_images"), {"dict_id": dict_id}, mined.top_images),
-             write_table_partition(root.table("feature_stats"), {"dict_id": dict_id}, feature_stats),
+    partition = {"dict_id": dict_id}
+    files = [write_table_partition(root.table("top_images"), partition, mined.top_images),
+             write_table_partition(root.table("feature_stats"), partition, feature_stats),
+             write_table_partition(root.table("feature_samples"), partition, mined.samples),
+             *([] if mined.top_images_cls is None else
+               [write_table_partition(root.table("top_images_cls"), partition, mined.top_images_cls)]),
              atomic_write(directory / HEATMAPS_FILE, lambda tmp: _save_npy(tmp, mined.heatmaps)),
              directory / WEIGHTS_FILE]
     alive = int((np.asarray(mined.feature_stats.column("fire_count")) > 0).sum())

@@ -1,0 +1,111 @@
+"""Two more per-feature views for mining's one streaming pass, each O(width · n) memory:
+
+- `RunningTop`: the top n images by one value per image (mining uses the class token's
+  activation, beside its max over tokens), ties to the lower image index;
+- `Reservoir`: a uniform sample of the images a feature fires on, with their activation: a
+  bottom-n by a hash of (image, feature), so the sample is the same in any batch order and on any
+  machine. Ranked by activation it gives examples from every part of the distribution, not only
+  the top (each sample's `quantile` is its rank among the feature's samples, in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+_NO_IMAGE = torch.iinfo(torch.int64).max  # placeholder id; sorts after every real image
+_NO_KEY = torch.iinfo(torch.int64).max  # an empty reservoir slot: any real key is smaller
+
+
+def _changing_rows(changes: Tensor) -> Tensor | slice | None:
+    """The rows (features) flagged in `changes` (width,): None when none, every row as a slice when
+    most are (plain views beat gathering and scattering nearly all of them)."""
+    rows = changes.nonzero().squeeze(1)
+    if not len(rows):
+        return None
+    return slice(None) if 2 * len(rows) > len(changes) else rows
+
+
+class RunningTop:
+    """Per feature, the `n` images with the largest positive value (ties: the lower image index)."""
+
+    def __init__(self, width: int, n: int, device: torch.device):
+        self.n = n
+        self.vals = torch.full((width, n), -torch.inf, device=device)
+        self.img = torch.full((width, n), _NO_IMAGE, dtype=torch.int64, device=device)
+
+    def update(self, values: Tensor, ids: Tensor) -> None:
+        """`values` (c, width) of images `ids` (c,)."""
+        new = values.T  # (width, c)
+        rows = _changing_rows(((new > 0) & (new >= self.vals[:, -1:])).any(1))
+        if rows is None:
+            return
+        vals = torch.cat([self.vals[rows], new[rows]], 1)
+        img = torch.cat([self.img[rows], ids.expand(len(vals), -1)], 1)
+        by_img = img.argsort(stable=True, dim=1)
+        by_val = vals.gather(1, by_img).argsort(stable=True, dim=1, descending=True)
+        sel = by_img.gather(1, by_val)[:, :self.n]
+        self.vals[rows], self.img[rows] = vals.gather(1, sel), img.gather(1, sel)
+
+    def table(self) -> pa.Table:
+        """feature int32, rank int16 (0 = strongest), image_idx int64, activation float32."""
+        filled = self.vals > 0
+        feature, rank = filled.nonzero(as_tuple=True)
+        return pa.table({
+            "feature": pa.array(feature.cpu().numpy().astype(np.int32)),
+            "rank": pa.array(rank.cpu().numpy().astype(np.int16)),
+            "image_idx": pa.array(self.img[feature, rank].cpu().numpy()),
+            "activation": pa.array(self.vals[feature, rank].cpu().numpy().astype(np.float32)),
+        })
+
+
+def sample_keys(ids: Tensor, width: int) -> Tensor:
+    """(c, width) int64 pseudo-random keys of each (image, feature): a splitmix64-style mix (int64
+    arithmetic wraps), the same for an image whatever batch or device it comes in."""
+    x = ids.view(-1, 1) * -7046029254386353131 + torch.arange(width, device=ids.device) * -4658895280553007687
+    x = x ^ (x >> 31)
+    x = x * -7723592293110705685
+    return x ^ (x >> 29)
+
+
+class Reservoir:
+    """Per feature, a uniform sample of up to `n` of the images it fires on (value > 0)."""
+
+    def __init__(self, width: int, n: int, device: torch.device):
+        self.n, self.width = n, width
+        self.keys = torch.full((width, n), _NO_KEY, dtype=torch.int64, device=device)
+        self.img = torch.zeros((width, n), dtype=torch.int64, device=device)
+        self.vals = torch.zeros((width, n), device=device)
+
+    def update(self, values: Tensor, ids: Tensor) -> None:
+        """`values` (c, width) of images `ids` (c,)."""
+        keys = torch.where(values > 0, sample_keys(ids, self.width), _NO_KEY).T  # (width, c)
+        rows = _changing_rows((keys < self.keys.amax(1, keepdim=True)).any(1))
+        if rows is None:
+            return
+        cand_keys = torch.cat([self.keys[rows], keys[rows]], 1)
+        cand_img = torch.cat([self.img[rows], ids.expand(len(cand_keys), -1)], 1)
+        cand_vals = torch.cat([self.vals[rows], values.T[rows].float()], 1)
+        sel = cand_keys.topk(self.n, dim=1, largest=False).indices
+        self.keys[rows], self.img[rows], self.vals[rows] = (cand_keys.gather(1, sel), cand_img.gather(1, sel),
+                                                            cand_vals.gather(1, sel))
+
+    def table(self) -> pa.Table:
+        """feature int32, image_idx int64, activation float32, quantile float32 (the sample's rank
+        by activation among its feature's samples, 0 = weakest, 1 = strongest), ordered by
+        feature then activation."""
+        filled = self.keys < _NO_KEY
+        order = torch.where(filled, self.vals, torch.inf).argsort(dim=1, stable=True)  # empty slots last
+        vals, img, filled = self.vals.gather(1, order), self.img.gather(1, order), filled.gather(1, order)
+        count = filled.sum(1, keepdim=True)
+        rank = torch.arange(self.n, device=vals.device).expand_as(vals)
+        quantile = rank / (count - 1).clamp_min(1)
+        feature, slot = filled.nonzero(as_tuple=True)
+        return pa.table({
+            "feature": pa.array(feature.cpu().numpy().astype(np.int32)),
+            "image_idx": pa.array(img[feature, slot].cpu().numpy()),
+            "activation": pa.array(vals[feature, slot].cpu().numpy().astype(np.float32)),
+            "quantile": pa.array(quantile[feature, slot].cpu().numpy().astype(np.float32)),
+        })
