@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -143,6 +144,16 @@ def test_chromium_renders_the_rows_and_a_cards_images(built):
     want = [t["image_idx"] for t in top if t["feature"] == feature]
     assert shown.tiles() == [(' data-loaded="1"', i) for i in want], "every top image shown, loaded, in rank order"
     assert shown.dom.count("<canvas") == len(want)  # a heatmap over each (the store keeps patches)
+    # below them, images from across its range (feature_samples), weakest first, and the head's classes
+    samples = pq.read_table(root.table("feature_samples") / f"dict_id={dict_id}").to_pylist()
+    mine = sorted((r for r in samples if r["feature"] == feature), key=lambda r: r["quantile"])
+    shown_samples = [(flag, int(i)) for flag, i in re.findall(
+        r'<div class="tile sample"( data-loaded="1")?><img [^>]*src="[^"]*/(\d+)\.png"', shown.dom)]
+    assert 0 < len(shown_samples) <= 8 and all(flag for flag, _ in shown_samples)
+    picks = np.unique(np.linspace(0, len(mine) - 1, min(8, len(mine))).round().astype(int))  # evenly spaced
+    assert [i for _, i in shown_samples] == [mine[j]["image_idx"] for j in picks]
+    classes = next(s["head_top3"] for s in stats if s["feature"] == feature)
+    assert "reads its decoder direction as: " + ", ".join(classes) in shown.dom
 
 
 @needs_chromium

@@ -88,10 +88,11 @@ def build_browser(root: str | Path | DataRoot, dict_id: str) -> Path:
     with file_lock(root.lock(f"browser.{dict_id}")):  # a second build of the same page waits, then redoes it
         for leftover in final.parent.glob(f".{dict_id}.*"):  # of a build killed mid-way (we hold its lock)
             shutil.rmtree(leftover, ignore_errors=True)
-        _write_images(mined, np.unique(top["image_idx"]), image_dir)
+        samples = _samples(root, dict_id, len(mined.stats))
+        _write_images(mined, np.unique(np.concatenate([top["image_idx"], samples["image_idx"]])), image_dir)
         work = final.parent / f".{dict_id}.{uuid.uuid4().hex[:12]}.tmp"  # swapped in whole: never half a page
         try:
-            _write_cards(mined, top, bounds, label_codes, label_names, work / "cards")
+            _write_cards(mined, top, bounds, label_codes, label_names, work / "cards", samples)
             rows = _feature_rows(mined, bounds, label_codes[top["image_idx"]], label_names)
             data = _page_data(mined, rows, os.path.relpath(image_dir, final), _histogram(root, dict_id))
             (work / "index.html").write_text(render_page(f"{dict_id} · features", _key_metrics(root, dict_id), data))
@@ -131,11 +132,43 @@ def _write_images(mined: _MinedDictionary, image_idx: np.ndarray, directory: Pat
             os.replace(tmp, directory / f"{idx}.png")  # a reader never sees half a file
 
 
+SAMPLES_SHOWN = 8
+"""Images of a card's row across the activation range: evenly spaced quantiles of the feature's
+sample (`feature_samples`), weakest to strongest."""
+
+
+def _samples(root: DataRoot, dict_id: str, width: int) -> dict:
+    """The dictionary's feature_samples as arrays (feature-major, weakest first) and each
+    feature's row range `bounds`; empty where mining wrote none (mined before the table existed)."""
+    path = root.table("feature_samples") / f"dict_id={dict_id}"
+    if path.exists():
+        table = pq.read_table(path).sort_by([("feature", "ascending"), ("quantile", "ascending")])
+        out = {name: table.column(name).to_numpy() for name in ("feature", "image_idx", "activation", "quantile")}
+    else:
+        out = {"feature": np.zeros(0, np.int32), "image_idx": np.zeros(0, np.int64),
+               "activation": np.zeros(0, np.float32), "quantile": np.zeros(0, np.float32)}
+    out["bounds"] = np.searchsorted(out["feature"], np.arange(width + 1))
+    return out
+
+
+def _sample_row(samples: dict, feature: int, label_names: list[str], label_codes: np.ndarray) -> list | None:
+    """[image_idx, activation, quantile, label] of up to SAMPLES_SHOWN samples evenly spaced in
+    the feature's sample, or None when it has none."""
+    a, b = samples["bounds"][feature], samples["bounds"][feature + 1]
+    if a == b:
+        return None
+    pick = np.unique(np.linspace(a, b - 1, min(SAMPLES_SHOWN, b - a)).round().astype(int))
+    images = samples["image_idx"][pick]
+    return [images.tolist(), [_number(v) for v in samples["activation"][pick]],
+            [_number(v) for v in samples["quantile"][pick]], [label_names[c] for c in label_codes[images]]]
+
+
 def _write_cards(mined: _MinedDictionary, top: dict, bounds: np.ndarray, label_codes: np.ndarray,
-                 label_names: list[str], directory: Path) -> None:
+                 label_names: list[str], directory: Path, samples: dict) -> None:
     """cards/<chunk>.js for every chunk of CHUNK features holding one that fired.
     Each feature: [image_idx, activation, token, label, heatmap (base64 uint8, rows*cols per image,
-    scaled to the feature's largest patch activation) or null, that largest activation]."""
+    scaled to the feature's largest patch activation) or null, that largest activation, samples
+    across its range (`_sample_row`) or null, the head's top classes (head_top3) or null]."""
     directory.mkdir(parents=True)
     width = len(bounds) - 1
     for start in range(0, width, CHUNK):
@@ -152,7 +185,8 @@ def _write_cards(mined: _MinedDictionary, top: dict, bounds: np.ndarray, label_c
             images = top["image_idx"][a:b]
             entries[str(f)] = [images.tolist(), [_number(v) for v in top["activation"][a:b]],
                                top["token"][a:b].tolist(), [label_names[c] for c in label_codes[images]],
-                               heat, _number(scale)]
+                               heat, _number(scale), _sample_row(samples, f, label_names, label_codes),
+                               mined.stats[f].get("head_top3")]
         text = json.dumps(entries, separators=(",", ":"), allow_nan=False)
         (directory / f"{start // CHUNK:04d}.js").write_text(f"spectraCards({start // CHUNK},{text});\n")
 

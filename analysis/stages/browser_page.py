@@ -191,7 +191,32 @@ function renderTiles(entry) {
     box.appendChild(tile);
   });
   $("scale").textContent = bytes ? `red opacity: 0 → ${fmt(scale)} (the largest patch activation ` +
-    "of these images; one scale for the whole card)" : "the store keeps no patch tokens: no heatmaps";
+    "of these images; one scale for the whole card)" : "no patch heatmaps for this store";
+  const [, , , , , , samples, classes] = entry;
+  $("classes").textContent = classes ? `the model's head reads its decoder direction as: ${classes.join(", ")}` : "";
+  renderSamples(samples);
+}
+
+function renderSamples(samples) {
+  const box = $("samples");
+  box.innerHTML = "";
+  $("samples-title").innerHTML = samples ? "<h2>Across its range: a uniform sample of the images it fires on, " +
+    "weakest to strongest (q: quantile in the sample)</h2>" : "";
+  if (!samples) return;
+  const [images, acts, quantiles, labels] = samples;
+  images.forEach((idx, i) => {
+    const tile = document.createElement("div"), img = new Image();
+    tile.className = "tile sample";
+    img.width = img.height = D.tile;
+    img.alt = `image ${idx}`;
+    img.onload = () => { tile.dataset.loaded = "1"; };
+    img.onerror = () => report(`image ${img.src} failed to load: build the browser again`);
+    img.src = `${D.image_dir}/${idx}.png`;
+    const caption = document.createElement("div");
+    caption.textContent = `q ${fmt(quantiles[i])} · ${fmt(acts[i])} · ${labels[i]}`;
+    tile.append(img, caption);
+    box.appendChild(tile);
+  });
 }
 
 function histogramSvg(density) {
@@ -223,7 +248,7 @@ function renderCard(s) {
     .map((c) => `<tr><td>${esc(D.titles[c])}</td><td>${esc(fmt(r[COL[c]]))}</td></tr>`).join("");
   $("histogram").innerHTML = D.histogram ? "<h2>Firing density of every latent (held-out split)</h2>" +
     histogramSvg(r[COL.density]) + "<div>red: the bin of this feature's density</div>" : "";
-  $("tiles").innerHTML = "";
+  for (const id of ["tiles", "samples", "samples-title", "classes"]) $(id).innerHTML = "";
   $("scale").textContent = r[COL.n_top] ? "loading…" : "no top images: this feature never fired";
   if (!r[COL.n_top]) return;
   loadChunk(Math.floor(f / D.chunk)).then((entries) => {
@@ -296,6 +321,9 @@ _PAGE = """<!DOCTYPE html>
   <table class="stats" id="stats"></table>
   <div id="scale"></div>
   <div class="tiles" id="tiles"></div>
+  <div id="classes"></div>
+  <div id="samples-title"></div>
+  <div class="tiles" id="samples"></div>
   <div id="histogram"></div>
 </div>
 </div>
