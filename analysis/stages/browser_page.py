@@ -170,14 +170,7 @@ function renderTiles(entry) {
   const box = $("tiles");
   box.innerHTML = "";
   images.forEach((idx, i) => {
-    const tile = document.createElement("div"), img = new Image();
-    tile.className = "tile";
-    img.width = img.height = D.tile;
-    img.alt = `image ${idx}`;
-    img.onload = () => { tile.dataset.loaded = "1"; };
-    img.onerror = () => report(`image ${img.src} failed to load: build the browser again`);
-    img.src = `${D.image_dir}/${idx}.png`;
-    tile.appendChild(img);
+    const tile = imageTile(idx, "tile");
     if (bytes) {
       const canvas = document.createElement("canvas");
       [canvas.height, canvas.width] = D.patch_grid;
@@ -185,9 +178,7 @@ function renderTiles(entry) {
       drawHeat(canvas, bytes, i * cells, D.heat_alpha / 255);
       tile.appendChild(canvas);
     }
-    const caption = document.createElement("div");
-    caption.textContent = `${fmt(acts[i])} · ${labels[i]}${tokenKind(tokens[i])}`;
-    tile.appendChild(caption);
+    tile.appendChild(caption(`${fmt(acts[i])} · ${labels[i]}${tokenKind(tokens[i])}`));
     box.appendChild(tile);
   });
   $("scale").textContent = bytes ? `red opacity: 0 → ${fmt(scale)} (the largest patch activation ` +
@@ -205,18 +196,28 @@ function renderSamples(samples) {
   if (!samples) return;
   const [images, acts, quantiles, labels] = samples;
   images.forEach((idx, i) => {
-    const tile = document.createElement("div"), img = new Image();
-    tile.className = "tile sample";
-    img.width = img.height = D.tile;
-    img.alt = `image ${idx}`;
-    img.onload = () => { tile.dataset.loaded = "1"; };
-    img.onerror = () => report(`image ${img.src} failed to load: build the browser again`);
-    img.src = `${D.image_dir}/${idx}.png`;
-    const caption = document.createElement("div");
-    caption.textContent = `q ${fmt(quantiles[i])} · ${fmt(acts[i])} · ${labels[i]}`;
-    tile.append(img, caption);
+    const tile = imageTile(idx, "tile sample");
+    tile.appendChild(caption(`q ${fmt(quantiles[i])} · ${fmt(acts[i])} · ${labels[i]}`));
     box.appendChild(tile);
   });
+}
+
+function imageTile(idx, className) {  // one dataset image; data-loaded once it has
+  const tile = document.createElement("div"), img = new Image();
+  tile.className = className;
+  img.width = img.height = D.tile;
+  img.alt = `image ${idx}`;
+  img.onload = () => { tile.dataset.loaded = "1"; };
+  img.onerror = () => report(`image ${img.src} failed to load: build the browser again`);
+  img.src = `${D.image_dir}/${idx}.png`;
+  tile.appendChild(img);
+  return tile;
+}
+
+function caption(text) {
+  const div = document.createElement("div");
+  div.textContent = text;
+  return div;
 }
 
 function histogramSvg(density) {
