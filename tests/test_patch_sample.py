@@ -1,6 +1,8 @@
 """A store that keeps a seeded sample of each image's patches, end to end through Dagster: the
 stored tokens are the model's at the sampled positions, dictionaries train and splice on it."""
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -73,3 +75,25 @@ def test_a_one_seed_suite_still_has_empty_stability_and_seed_spread_views(sample
                             "AND column_name = 'mean'").fetchall()
     assert kind == "DOUBLE"
     con.close()
+
+
+def test_cards_place_each_images_sampled_patches_on_the_grid(sampled_run):
+    """A top image's heatmap holds its stored patch tokens at the grid cells they were sampled
+    from, zeros elsewhere: the card and the browser draw them where they are in the image."""
+    from analysis.stages.dictionaries import HEATMAPS_FILE, dictionary_id
+    from analysis.stages.notebook import feature_card
+
+    spec, root = sampled_run
+    dict_id = dictionary_id(spec, spec.members()[0])
+    top = pq.read_table(root.table("top_images") / f"dict_id={dict_id}").to_pylist()
+    feature = top[0]["feature"]
+    card = feature_card(root, dict_id, feature)
+    heat = np.load(root.dictionary(dict_id) / HEATMAPS_FILE)[feature]  # (n_top, T) per stored token
+    selection = token_selection(spec)
+    rows, cols = selection.groups.patch_grid
+    for rank, image in enumerate(card.image_idx):
+        cells = selection.positions_for([image])[0, 2:].numpy() - selection.patch_start  # CLS, register, 5 patches
+        expected = np.zeros(rows * cols, np.float32)
+        expected[cells] = heat[rank, 2:]
+        np.testing.assert_array_equal(card.heatmaps[rank].reshape(-1), expected)
+        assert (card.heatmaps[rank] != 0).sum() <= 5

@@ -175,7 +175,10 @@ def _write_cards(mined: _MinedDictionary, top: dict, bounds: np.ndarray, label_c
         stop = min(start + CHUNK, width)
         if bounds[stop] == bounds[start]:
             continue  # no feature of this chunk fired
-        grids = mined.patch_heatmaps(mined.heatmaps[start:stop])  # (n, n_top, rows, cols) or None
+        ids = np.zeros(mined.heatmaps[start:stop].shape[:2], np.int64)  # the image of each heatmap row
+        span = slice(bounds[start], bounds[stop])
+        ids[top["feature"][span] - start, top["rank"][span]] = top["image_idx"][span]
+        grids = mined.patch_heatmaps(mined.heatmaps[start:stop], ids)  # (n, n_top, rows, cols) or None
         entries = {}
         for f in range(start, stop):
             a, b = bounds[f], bounds[f + 1]

@@ -28,9 +28,12 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from analysis.activations.reader import ActivationStore
+from analysis.activations.tokens import TokenSelection, select_tokens
 from analysis.catalog import connect_catalog
 from analysis.data.images import open_images, read_labels
 from analysis.dictionaries import CONFIG_FILE, load_dictionary as load_dictionary_dir
+from analysis.models.config import ViTConfig
+from analysis.models.vit import CONFIG_FILE as MODEL_CONFIG_FILE
 from analysis.paths import DataRoot
 from analysis.stages.dictionaries import FEATURES_FILE, HEATMAPS_FILE
 from analysis.stages.members import member_from_lineage
@@ -154,7 +157,9 @@ class _MinedDictionary:
         self.images = open_images(dataset)
         self.labels = read_labels(dataset).column("label").to_numpy()
         hook = lineage.get("hook") or lineage["hooks"][0]  # a crosscoder's heatmaps follow its first layer's tokens
-        self.groups = ActivationStore.open(root.hook_store(lineage["store_id"], hook)).token_groups
+        store = ActivationStore.open(root.hook_store(lineage["store_id"], hook))
+        self.groups = store.token_groups
+        self.sampled = _patch_sample(root, store.lineage)
         self.heatmaps = np.load(self.directory / HEATMAPS_FILE, mmap_mode="r")  # (width, n_top, T)
         if self.groups is not None and self.heatmaps.shape[-1] != self.groups.n_tokens:
             raise ValueError(f"{self.directory / HEATMAPS_FILE} holds {self.heatmaps.shape[-1]} tokens per image but "
@@ -173,21 +178,40 @@ class _MinedDictionary:
         image_idx, ranks = top["image_idx"], top["rank"]
         pixels = (self.images.get_orthogonal_selection((image_idx,)) if len(image_idx)
                   else np.zeros((0, *self.images.shape[1:]), np.uint8))
-        heatmaps = self.patch_heatmaps(self.heatmaps[feature][ranks]) if len(image_idx) else None
+        heatmaps = self.patch_heatmaps(self.heatmaps[feature][ranks], image_idx) if len(image_idx) else None
         return FeatureCard(dict_id=self.dict_id, feature=int(feature),
                            stats={k: v for k, v in self.stats[feature].items() if k not in ("feature", "dict_id")},
                            image_idx=image_idx, activations=top["activation"], tokens=top["token"],
                            images=np.asarray(pixels), labels=self.labels[image_idx].tolist(), heatmaps=heatmaps)
 
-    def patch_heatmaps(self, per_token: np.ndarray) -> np.ndarray | None:
-        """(..., T) per-token activations (rows of `heatmaps.npy`) as (..., rows, cols) float32 over
-        the patch grid; None when the store keeps no patch tokens, or a per-image sample of them
-        (`patches_sample`: which patch each stored token is differs per image, not placed here yet)."""
+    def patch_heatmaps(self, per_token: np.ndarray, image_idx: np.ndarray) -> np.ndarray | None:
+        """(..., T) per-token activations (rows of `heatmaps.npy`) of images `image_idx` (...) as
+        (..., rows, cols) float32 over the patch grid; None when the store keeps no patch tokens.
+        A store keeping a per-image sample of patches places each image's at its own positions
+        (the other cells stay 0: not stored, not zero activation)."""
         patches = None if self.groups is None else self.groups.positions("patches")
-        if patches is None or len(range(*self.groups.patches)) != math.prod(self.groups.patch_grid):
+        if patches is None:
             return None
         heat = np.asarray(per_token[..., patches], dtype=np.float32)
-        return heat.reshape(*heat.shape[:-1], *self.groups.patch_grid)
+        grid = self.groups.patch_grid
+        if self.sampled is None:
+            return heat.reshape(*heat.shape[:-1], *grid)
+        flat = heat.reshape(-1, heat.shape[-1])
+        cells = self.sampled.positions_for(np.asarray(image_idx).reshape(-1))[:, patches].numpy()
+        cells = cells - self.sampled.patch_start
+        placed = np.zeros((len(flat), math.prod(grid)), np.float32)
+        np.put_along_axis(placed, cells, flat, axis=1)
+        return placed.reshape(*heat.shape[:-1], *grid)
+
+
+def _patch_sample(root: DataRoot, store_lineage: dict) -> TokenSelection | None:
+    """The token selection of a store that keeps a per-image sample of patches (which patches each
+    image's stored tokens are), rebuilt from its lineage and its model's config; None otherwise."""
+    sample = store_lineage.get("patches_sample")
+    if not sample:
+        return None
+    config = json.loads((root.model(store_lineage["model_id"]) / MODEL_CONFIG_FILE).read_text())["config"]
+    return select_tokens(ViTConfig.from_dict(config), store_lineage["tokens"], sample["n"])
 
 
 def _no_features(root: DataRoot, dict_id: str, lineage: dict) -> FileNotFoundError:
