@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from analysis.evaluation.mining_samples import Reservoir, RunningTop
 
-_NO_IMAGE = torch.iinfo(torch.int64).max  # placeholder id; sorts after every real image
 HIGH_NORM_RATIO = 2.0
 """A feature whose top images fire on tokens above this multiple of their image's median token
 norm is flagged: ViTs grow a few outlier tokens with several times the typical norm that carry
@@ -75,10 +74,10 @@ def mine_features(
 
     `image_batches` yields (image_idx (n,), acts (n, T, d)) of RAW activations. `labels[i]` is
     image i's label (indexed by image_idx; None, NaN or a negative int: unlabelled; labels None:
-    no label statistics). `cls` and `patches` are the
-    spans of the class token and the patch tokens along the token axis ((0, 0): none; patches None:
-    every token). `n_samples` images per feature are sampled uniformly from those it fires on
-    (`MiningResult.samples`). `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
+    no label statistics). `cls` and `patches` are the spans of the class token and the patch
+    tokens along the token axis ((0, 0): none; patches None: every token). `n_samples` images per
+    feature are sampled uniformly from those it fires on (`MiningResult.samples`).
+    `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
     """
     if n_top <= 0:
         raise ValueError(f"n_top={n_top} must be > 0")
@@ -151,8 +150,7 @@ class _Running:
         self.fire_patch = torch.zeros(width, dtype=torch.int64, device=device)
         self.n_images = 0
         self.top_ratio = torch.zeros((width, n_top), dtype=torch.float32, device=device)
-        self.top_vals = torch.full((width, n_top), -torch.inf, device=device)
-        self.top_img = torch.full((width, n_top), _NO_IMAGE, dtype=torch.int64, device=device)
+        self.top = RunningTop(width, n_top, device)  # by the max over tokens
         self.top_tok = torch.zeros((width, n_top), dtype=torch.int64, device=device)
         # Heatmaps sit in fixed slots: rank r of feature f is heat[f, slot[f, r]]. A merge moves
         # only the (few) entries that enter the top from the new batch, into the slots of the
@@ -167,7 +165,7 @@ class _Running:
     def update(self, lat: Tensor, ids: Tensor, norm_ratio: Tensor | None = None) -> None:
         """Fold in the latents `lat` (c, T, width) of images `ids` (c,); `norm_ratio` (c, T) is
         each token's norm over its image's median token norm."""
-        c, T, n_top = lat.shape[0], self.T, self.n_top
+        c, T = lat.shape[0], self.T
         # Three passes over the (c, T, width) latents besides the encode: firing counts per token
         # position, the sum, the max over tokens; the rest works on (T | c, width) or on the few
         # entries that enter a top.
@@ -188,24 +186,11 @@ class _Running:
         self.samples.update(vmax, ids)
         if self.cls_top is not None:
             self.cls_top.update(lat[:, self.cls[0]], ids)
-        # Only features where some image of the batch fires at least as high as the n_top-th entry
-        # can change; once the tops fill up that is a few, so the sorts below skip the rest.
-        # (An image that does not fire never enters: empty and zero slots are dropped at the end.)
-        new_vals = vmax.T  # (width, c)
-        rows = ((new_vals > 0) & (new_vals >= self.top_vals[:, -1:])).any(1).nonzero().squeeze(1)
-        if not len(rows):
-            return
-        cand_vals = torch.cat([self.top_vals[rows], new_vals[rows]], 1)
-        cand_img = torch.cat([self.top_img[rows], ids.expand(len(rows), c)], 1)
-        # torch.topk does not define an order among equal values; two stable sorts do:
-        # by image id, then by activation (descending), so ties keep the lower image first.
-        by_img = cand_img.argsort(stable=True, dim=1)
-        by_val = cand_vals.gather(1, by_img).argsort(stable=True, dim=1, descending=True)
-        sel = by_img.gather(1, by_val)[:, :n_top]  # (rows, n_top) positions in the candidates
-        self._merge(lat, rows, sel, norm_ratio)
-        self.top_vals[rows], self.top_img[rows] = cand_vals.gather(1, sel), cand_img.gather(1, sel)
+        merged = self.top.update(vmax, ids)
+        if merged is not None:
+            self._merge(lat, *merged, norm_ratio)
 
-    def _merge(self, lat: Tensor, rows: Tensor, sel: Tensor, norm_ratio: Tensor | None) -> None:
+    def _merge(self, lat: Tensor, rows: Tensor | slice, sel: Tensor, norm_ratio: Tensor | None) -> None:
         """Re-rank the running entries of features `rows` for their merged tops `sel` (positions
         among the n_top running entries, then the batch's images) and fill in the entries new to
         a top: their top token, its norm ratio, and their heatmap, written into the slots of the
@@ -213,14 +198,14 @@ class _Running:
         n_top = self.n_top
         from_running = sel < n_top
         old = sel.clamp(max=n_top - 1)
-        kept = torch.zeros((len(rows), n_top + 1), dtype=torch.bool, device=sel.device)
+        kept = torch.zeros((len(sel), n_top + 1), dtype=torch.bool, device=sel.device)
         kept.scatter_(1, torch.where(from_running, sel, n_top), True)  # column n_top collects the new ones
         slot, tok, ratio = self.slot[rows], self.top_tok[rows], self.top_ratio[rows]
         freed = slot[~kept[:, :n_top]]  # row-major: per feature in rank order
         slot, tok, ratio = slot.gather(1, old), tok.gather(1, old), ratio.gather(1, old)
         entering = ~from_running
         local, _ = entering.nonzero(as_tuple=True)
-        feature, image = rows[local], (sel - n_top)[entering]
+        feature, image = (local if isinstance(rows, slice) else rows[local]), (sel - n_top)[entering]
         heat = lat[image, :, feature]  # (n entering, T)
         token = heat.argmax(dim=1)  # the first of equal maxima, as max-over-tokens defines it
         slot[entering] = freed  # both row-major with equal counts per feature
@@ -254,7 +239,7 @@ class _Running:
                 "label_entropy": pa.array(entropy + 0.0, mask=none)}  # + 0.0: no -0.0 for one label
 
     def result(self) -> MiningResult:
-        top_vals, top_img, top_tok, width = self.top_vals, self.top_img, self.top_tok, self.width
+        top_vals, top_img, top_tok, width = self.top.vals, self.top.img, self.top_tok, self.width
         heat = self.heat.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, self.T))  # slots in rank order
         filled = top_vals > 0  # features that never fire (or fire on few images) keep empty slots
         heat[~filled] = 0

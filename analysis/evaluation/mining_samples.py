@@ -1,7 +1,8 @@
-"""Two more per-feature views for mining's one streaming pass, each O(width · n) memory:
+"""Per-feature running selections for mining's one streaming pass, each O(width · n) memory:
 
-- `RunningTop`: the top n images by one value per image (mining uses the class token's
-  activation, beside its max over tokens), ties to the lower image index;
+- `RunningTop`: the top n images by one value per image (mining keeps one by the max over
+  tokens, whose heatmaps it moves along, and one by the class token's activation), ties to the
+  lower image index;
 - `Reservoir`: a uniform sample of the images a feature fires on, with their activation: a
   bottom-n by a hash of (image, feature), so the sample is the same in any batch order and on any
   machine. Ranked by activation it gives examples from every part of the distribution, not only
@@ -36,18 +37,26 @@ class RunningTop:
         self.vals = torch.full((width, n), -torch.inf, device=device)
         self.img = torch.full((width, n), _NO_IMAGE, dtype=torch.int64, device=device)
 
-    def update(self, values: Tensor, ids: Tensor) -> None:
-        """`values` (c, width) of images `ids` (c,)."""
+    def update(self, values: Tensor, ids: Tensor) -> tuple[Tensor | slice, Tensor] | None:
+        """Fold in `values` (c, width) of images `ids` (c,). Returns the features whose top changed
+        (indices, or every one as a slice) and their merged tops: `sel` (rows, n), positions among
+        the n running entries then the c new images; None when no top changed."""
         new = values.T  # (width, c)
+        # Only features where some image fires at least as high as the n-th entry can change; once
+        # the tops fill up that is a few, so the sorts skip the rest. An image that does not fire
+        # never enters: empty slots keep -inf and are dropped at the end.
         rows = _changing_rows(((new > 0) & (new >= self.vals[:, -1:])).any(1))
         if rows is None:
-            return
+            return None
         vals = torch.cat([self.vals[rows], new[rows]], 1)
         img = torch.cat([self.img[rows], ids.expand(len(vals), -1)], 1)
+        # torch.topk does not define an order among equal values; two stable sorts do:
+        # by image id, then by value (descending), so ties keep the lower image first.
         by_img = img.argsort(stable=True, dim=1)
         by_val = vals.gather(1, by_img).argsort(stable=True, dim=1, descending=True)
         sel = by_img.gather(1, by_val)[:, :self.n]
         self.vals[rows], self.img[rows] = vals.gather(1, sel), img.gather(1, sel)
+        return rows, sel
 
     def table(self) -> pa.Table:
         """feature int32, rank int16 (0 = strongest), image_idx int64, activation float32."""
