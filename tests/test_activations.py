@@ -1,5 +1,6 @@
 """Activation extraction: values, dtypes, token selection, resume, failures, stats."""
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -196,6 +197,44 @@ def test_capture_error_mid_shard_leaves_no_marker(tmp_path, image_array):
     # A clean rerun then completes the shard.
     build(tmp_path, image_array, layout(), shards=[0])
     assert missing_shards(tmp_path / "blocks.0.zarr") == [1, 2]
+
+
+class OutOfMemoryAbove(SyntheticCapture):
+    """A device with room for `limit` images a batch: larger batches fail as CUDA's allocator does."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.sizes = limit, []
+
+    def __call__(self, x):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (batch of {x.shape[0]})")
+        return super().__call__(x)
+
+
+def test_a_batch_that_runs_out_of_memory_is_halved_and_the_shard_is_unchanged(tmp_path, image_array, caplog):
+    lay = layout()
+    fitting = OutOfMemoryAbove(limit=7)
+    with caplog.at_level(logging.WARNING, logger="spectra.extract"):
+        stores, reports = build(tmp_path / "a", image_array, lay, capture=fitting)
+    assert [r.batch_size for r in reports] == [5, 5, 5] and max(s for s in fitting.sizes if s <= 7) == 5  # 20, 10, 5
+    assert "ran out of memory" in caplog.text
+    fresh, _ = build(tmp_path / "b", image_array, lay)  # batches of 20, no failure
+    for hook in stores:
+        finalize_stats(stores[hook]), finalize_stats(fresh[hook])
+        a, b = _arrays(stores[hook]), _arrays(fresh[hook])
+        for k in ("acts", "norms", "image_idx"):  # the stored activations: byte-identical
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        for k in ("mean", "var"):  # summed batch by batch: other batches, other roundings
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-7, err_msg=k)
+
+
+def test_one_image_that_does_not_fit_fails_and_marks_nothing(tmp_path, image_array):
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="one image's forward does not fit"):
+        build(tmp_path, image_array, layout(), capture=OutOfMemoryAbove(limit=0), shards=[0])
+    assert missing_shards(tmp_path / "blocks.0.zarr") == [0, 1, 2]
+    assert _no_writer_thread()
 
 
 def test_writer_error_propagates_and_leaves_no_marker(tmp_path, image_array):

@@ -15,7 +15,8 @@ Four threads per shard, so the forward pass is the only work on the critical pat
              thread (its writes wait on the network)
 
 Memory is bounded: two file buffers per hook, three batches of capture outputs (the worker's
-queue holds one) and two image blocks.
+queue holds one) and two image blocks. A batch the accelerator has no memory for is halved and
+run again (the shard's report says the batch size it ended with); the stored values are the same.
 Any error — in the worker, a write or the caller — is re-raised in the caller, and the
 completion markers (the statistics rows) are written by the caller only after every data write
 of every hook has landed without error.
@@ -43,6 +44,7 @@ from analysis.activations.shard_file import ShardFileWriter
 from analysis.activations.threads import CallerExecutor, Worker, spare_core
 
 log = logging.getLogger("spectra.integrity")
+perf_log = logging.getLogger("spectra.extract")
 
 Capture = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 """Model input (B, C, H, W) float32 in [0, 1] -> {hook: (B, T, d) activations}.
@@ -69,6 +71,8 @@ class ShardReport(NamedTuple):
     """True when every store already had this shard, so nothing was computed."""
     nonfinite: int
     """Non-finite values seen (always 0 on return: any non-finite value raises)."""
+    batch_size: int | None = None
+    """The batch size the shard ended with: smaller than asked when the device ran out of memory."""
 
 
 class ShardWriteError(RuntimeError):
@@ -268,7 +272,7 @@ def extract_shard(
     layout, groups = _open_todo(stores, shard, images)
     start, stop = layout.shard_bounds(shard)
     if not groups:
-        return ShardReport(shard, stop - start, time.perf_counter() - t0, True, 0)
+        return ShardReport(shard, stop - start, time.perf_counter() - t0, True, 0, batch_size)
 
     acc_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
     spare = spare_core(torch.device(device))
@@ -299,14 +303,20 @@ def extract_shard(
                 block = pending.result()
                 if j + 1 < len(blocks):  # the next block's read runs while this one computes
                     pending = reader.submit(images.__getitem__, slice(*blocks[j + 1]))
-                for lo in range(b_lo, b_hi, batch_size):
+                lo = b_lo
+                while lo < b_hi:
                     span = (lo, min(lo + batch_size, b_hi))
-                    with torch.inference_mode():
-                        # Converted here, not in the reader: float32 batches made in the reader
-                        # thread (its own malloc arena) grew RSS by ~50 MB over 4 shards (measured).
-                        out = capture(to_model_input(block[lo - b_lo : span[1] - b_lo], device))
+                    try:
+                        with torch.inference_mode():
+                            # Converted here, not in the reader: float32 batches made in the reader
+                            # thread (its own malloc arena) grew RSS by ~50 MB over 4 shards (measured).
+                            out = capture(to_model_input(block[lo - b_lo : span[1] - b_lo], device))
+                    except torch.cuda.OutOfMemoryError:
+                        batch_size = _smaller_batch(span, shard, device)  # the same images again, fewer at once
+                        continue
                     worker.submit(lambda out=out, span=span: process(out, span))
                     bar.update(span[1] - lo)
+                    lo = span[1]
         for part in parts.values():  # the last files, then wait for every write
             worker.submit(lambda part=part: part.write())
         worker.close()
@@ -317,7 +327,21 @@ def extract_shard(
 
     for part in parts.values():
         part.mark_complete()  # last: every write above has landed
-    return ShardReport(shard, stop - start, time.perf_counter() - t0, False, 0)
+    return ShardReport(shard, stop - start, time.perf_counter() - t0, False, 0, batch_size)
+
+
+def _smaller_batch(span: tuple[int, int], shard: int, device) -> int:
+    """Half the batch that did not fit in the accelerator's memory (nothing of it was kept), or
+    the error again when a single image does not fit."""
+    n = span[1] - span[0]
+    if n == 1:
+        raise torch.cuda.OutOfMemoryError(f"shard {shard}: one image's forward does not fit in {device}'s memory: "
+                                           "extract on a larger device, or fewer hooks at once")
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the failed attempt's blocks, so the smaller batch can use them
+    perf_log.warning("shard %d: a batch of %d images ran out of memory on %s; going on with %d", shard, n, device,
+                     n // 2)
+    return n // 2
 
 
 def _checked(out, hooks, layout, keep, span) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

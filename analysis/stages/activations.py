@@ -144,7 +144,7 @@ def _extract(spec: SuiteSpec, root: DataRoot, shard: int, device: str, progress:
         batch_size=spec.activations.batch_size, device=device, tokens=_stored_positions(token_selection(spec)),
         progress=progress,
     )
-    return {"shard": shard, "skipped": report.skipped, "n_images": report.n_images,
+    return {"shard": shard, "skipped": report.skipped, "n_images": report.n_images, "batch_size": report.batch_size,
             "seconds": round(report.seconds, 2), "images_per_second": round(report.n_images / max(report.seconds, 1e-9), 1)}
 
 
