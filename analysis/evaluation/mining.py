@@ -239,19 +239,11 @@ class _Running:
                 "label_entropy": pa.array(entropy + 0.0, mask=none)}  # + 0.0: no -0.0 for one label
 
     def result(self) -> MiningResult:
-        top_vals, top_img, top_tok, width = self.top.vals, self.top.img, self.top_tok, self.width
+        width = self.width
         heat = self.heat.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, self.T))  # slots in rank order
-        filled = top_vals > 0  # features that never fire (or fire on few images) keep empty slots
+        filled = self.top.vals > 0  # features that never fire (or fire on few images) keep empty slots
         heat[~filled] = 0
-        feat, rank = filled.nonzero(as_tuple=True)
-        top_images = pa.table({
-            "feature": pa.array(feat.cpu().numpy().astype(np.int32)),
-            "rank": pa.array(rank.cpu().numpy().astype(np.int16)),
-            "image_idx": pa.array(top_img[feat, rank].cpu().numpy()),
-            "activation": pa.array(top_vals[feat, rank].cpu().numpy().astype(np.float32)),
-            "token": pa.array(top_tok[feat, rank].cpu().numpy().astype(np.int32)),
-            "token_norm_ratio": pa.array(self.top_ratio[feat, rank].cpu().numpy().astype(np.float32)),
-        })
+        top_images = self.top.table(token=(self.top_tok, np.int32), token_norm_ratio=(self.top_ratio, np.float32))
         fire_np = self.fire.cpu().numpy()
         mean_act = np.divide(self.act_sum.cpu().numpy(), fire_np, out=np.zeros(width), where=fire_np > 0)
         feature_stats = pa.table({

@@ -58,15 +58,17 @@ class RunningTop:
         self.vals[rows], self.img[rows] = vals.gather(1, sel), img.gather(1, sel)
         return rows, sel
 
-    def table(self) -> pa.Table:
-        """feature int32, rank int16 (0 = strongest), image_idx int64, activation float32."""
+    def table(self, **columns: tuple[Tensor, type]) -> pa.Table:
+        """feature int32, rank int16 (0 = strongest), image_idx int64, activation float32, then
+        each of `columns`: name=(a (width, n) tensor in rank order, its numpy dtype)."""
         filled = self.vals > 0
         feature, rank = filled.nonzero(as_tuple=True)
+        picked = {"image_idx": (self.img, np.int64), "activation": (self.vals, np.float32), **columns}
         return pa.table({
             "feature": pa.array(feature.cpu().numpy().astype(np.int32)),
             "rank": pa.array(rank.cpu().numpy().astype(np.int16)),
-            "image_idx": pa.array(self.img[feature, rank].cpu().numpy()),
-            "activation": pa.array(self.vals[feature, rank].cpu().numpy().astype(np.float32)),
+            **{name: pa.array(values[feature, rank].cpu().numpy().astype(dtype))
+               for name, (values, dtype) in picked.items()},
         })
 
 

@@ -256,7 +256,7 @@ def _page_data(mined: _MinedDictionary, rows: list[list], image_dir: str, histog
             "other_tokens": other, "heat_alpha": HEAT_ALPHA, "histogram": histogram}
 
 
-def _partition_rows(root: DataRoot, table: str, dict_id: str) -> list[dict]:
+def partition_rows(root: DataRoot, table: str, dict_id: str) -> list[dict]:
     """The dictionary's rows of a per-dictionary table; [] when its stage has not written them."""
     path = root.table(table) / f"dict_id={dict_id}"
     return pq.read_table(path).to_pylist() if path.exists() else []
@@ -264,7 +264,7 @@ def _partition_rows(root: DataRoot, table: str, dict_id: str) -> list[dict]:
 
 def _histogram(root: DataRoot, dict_id: str) -> list | None:
     """[log10_lo (None for the never-fired row), log10_hi, n_latents] per bin, or None."""
-    rows = sorted(_partition_rows(root, "density_histogram", dict_id), key=lambda r: r["log10_lo"])
+    rows = sorted(partition_rows(root, "density_histogram", dict_id), key=lambda r: r["log10_lo"])
     return [[None if math.isinf(r["log10_lo"]) else r["log10_lo"], r["log10_hi"], r["n_latents"]]
             for r in rows] or None
 
@@ -274,7 +274,7 @@ def _key_metrics(root: DataRoot, dict_id: str) -> dict:
     config and lineage say), and how many of its latents fired on the mined images (from the
     features stage's marker)."""
     config = json.loads((root.dictionary(dict_id) / CONFIG_FILE).read_text())
-    [row] = _partition_rows(root, "evaluations", dict_id) or [{}]
+    [row] = partition_rows(root, "evaluations", dict_id) or [{}]
     known = {**config.get("lineage", {}), "width": config.get("width"), **row}
     metrics = {k: _fmt(known[k]) if known.get(k) is not None else "–" for k in KEY_METRICS}
     features = json.loads((root.dictionary(dict_id) / FEATURES_FILE).read_text())

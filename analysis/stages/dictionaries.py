@@ -157,7 +157,7 @@ def _labelled_batches(spec: SuiteSpec, root: DataRoot, eval_idx: np.ndarray,
     label is None where the model's head does not predict the dataset's classes."""
     batch = spec.evaluation.batch_images
     images = open_images(root.images(spec.dataset_id))
-    labels = torch.from_numpy(read_labels(root.images(spec.dataset_id)).column("label").to_numpy().copy())
+    labels = torch.from_numpy(np.array(_labels(spec, root), dtype=np.int64))  # ingested: -1 where unlabelled
     return ((to_model_input(images.get_orthogonal_selection((eval_idx[i:i + batch],)), device),
              labels[eval_idx[i:i + batch]].to(device) if spec.downstream == "labels" else None)
             for i in range(0, len(eval_idx), batch))

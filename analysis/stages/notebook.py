@@ -35,7 +35,7 @@ from analysis.dictionaries import CONFIG_FILE, load_dictionary as load_dictionar
 from analysis.models.config import ViTConfig
 from analysis.models.vit import CONFIG_FILE as MODEL_CONFIG_FILE
 from analysis.paths import DataRoot
-from analysis.stages.dictionaries import FEATURES_FILE, HEATMAPS_FILE
+from analysis.stages.dictionaries import FEATURES_FILE, HEATMAPS_FILE, dictionary_lineage
 from analysis.stages.members import member_from_lineage
 
 TILE = 128
@@ -146,7 +146,7 @@ class _MinedDictionary:
 
     def __init__(self, root: DataRoot, dict_id: str):
         self.dict_id, self.directory = dict_id, _dictionary_dir(root, dict_id)
-        lineage = json.loads((self.directory / CONFIG_FILE).read_text()).get("lineage", {})
+        lineage = dictionary_lineage(root, dict_id)
         if not (self.directory / FEATURES_FILE).exists():
             raise _no_features(root, dict_id, lineage)
         self.stats = pq.read_table(root.table("feature_stats") / f"dict_id={dict_id}").sort_by("feature").to_pylist()

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from analysis.evaluation.plots import plot_training_curve
 from analysis.paths import DataRoot
-from analysis.stages.browser import browser_dir
+from analysis.stages.browser import browser_dir, partition_rows
 from analysis.stages.notebook import top_images_grid
 
 PREVIEW_FEATURES = 4
@@ -25,8 +25,7 @@ UI keeps the picture inside the run's event log."""
 
 def train_log(root: DataRoot, dict_id: str) -> list[dict]:
     """The dictionary's train_log rows by step ([] before it is trained)."""
-    table = root.table("train_log") / f"dict_id={dict_id}"
-    return pq.read_table(table).sort_by("step").to_pylist() if table.exists() else []
+    return sorted(partition_rows(root, "train_log", dict_id), key=lambda r: r["step"])
 
 
 def training_curve(root: DataRoot, dict_id: str, rows: list[dict]) -> Path | None:
