@@ -9,12 +9,13 @@ from assets.dictionaries import dictionary_assets
 from assets.images import images_asset
 from assets.model import model_asset
 from assets.report import report_assets
+from assets.toolkit import toolkit_asset
 from assets.verify import verification_checks
 
 
 def build_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     return [images_asset(spec), model_asset(spec), *activation_assets(spec), *dictionary_assets(spec),
-            *report_assets(spec)]
+            toolkit_asset(spec), *report_assets(spec)]
 
 
 def build_asset_checks(spec: SuiteSpec) -> list[dg.AssetChecksDefinition]:

@@ -25,7 +25,7 @@ def summary_table(rows: list[dict]) -> dg.MetadataValue:
 
 
 def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
-    @dg.asset(name="catalog", group_name="catalog", code_version="2", deps=["evaluations", "features"],
+    @dg.asset(name="catalog", group_name="catalog", code_version="2", deps=["evaluations", "features", "toolkit"],
               kinds={"duckdb"}, description="Lineage tables and cross-seed stability, then DuckDB views over "
                                             "every Parquet table under the data root.")
     def catalog(storage: StorageResource, catalog: CatalogResource) -> dg.MaterializeResult:

@@ -48,7 +48,7 @@ JOB_SELECTIONS = {
     "extract_job": ["activations"],
     "stats_job": ["activation_stats"],
     "dictionary_job": ["dictionaries", "evaluations", "features"],
-    "report_job": ["catalog", "report", "feature_browser"],
+    "report_job": ["toolkit", "catalog", "report", "feature_browser"],
 }
 
 

@@ -11,7 +11,7 @@ def test_definitions_load_with_every_asset_job_and_schedule():
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"images", "model", "activation_layout", "activations", "activation_stats",
-                    "dictionaries", "evaluations", "features", "catalog", "report", "feature_browser"}
+                    "dictionaries", "evaluations", "features", "toolkit", "catalog", "report", "feature_browser"}
     for name in JOB_SELECTIONS:
         assert defs.resolve_job_def(name) is not None
     assert defs.resolve_schedule_def("prepare_job_schedule").cron_schedule == "0 3 * * 1"

@@ -21,7 +21,7 @@ from analysis.stages.suite import load_suite
 from pipelines.run import run_suite
 
 TINY = Path(__file__).parent / "suites" / "tiny.yaml"
-UNPARTITIONED = ["images", "model", "activation_layout", "activation_stats", "catalog", "report", "feature_browser"]
+UNPARTITIONED = ["images", "model", "activation_layout", "activation_stats", "toolkit", "catalog", "report", "feature_browser"]
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def plot_fvu_vs_l0(evaluations: pa.Table, path: str | Path) -> Path:
     ax.set_ylabel("FVU (held-out, mean-centred)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curve(log_rows: list[dict], path: str | Path, title: str = "") -> Path:
@@ -63,10 +63,10 @@ def plot_training_curve(log_rows: list[dict], path: str | Path, title: str = "")
     right.set_ylabel("L0", color="grey")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

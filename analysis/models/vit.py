@@ -117,7 +117,7 @@ class HookedViT(HookedRootModule):
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ValueError(
                 f"expected float input (B, {c}, {s}, {s}), got {tuple(x.shape)}; "
-                "convert uint8 (B, H, W, C) images with analysis.data.images.to_model_input, "
+                "convert uint8 (B, H, W, C) images with analysis.models.inputs.to_model_input, "
                 "or build a model for another size with model.resize(image_size)"
             )
         b = x.shape[0]

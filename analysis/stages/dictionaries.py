@@ -157,7 +157,7 @@ def _labelled_batches(spec: SuiteSpec, root: DataRoot, eval_idx: np.ndarray,
     label is None where the model's head does not predict the dataset's classes."""
     batch = spec.evaluation.batch_images
     images = open_images(root.images(spec.dataset_id))
-    labels = torch.from_numpy(np.array(_labels(spec, root), dtype=np.int64))  # ingested: -1 where unlabelled
+    labels = torch.from_numpy(np.array(dataset_labels(spec, root), dtype=np.int64))  # ingested: -1 where unlabelled
     return ((to_model_input(images.get_orthogonal_selection((eval_idx[i:i + batch],)), device),
              labels[eval_idx[i:i + batch]].to(device) if spec.downstream == "labels" else None)
             for i in range(0, len(eval_idx), batch))
@@ -285,7 +285,7 @@ def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device:
     eval_idx = evaluation_images(spec, root)
     miner, batches = _stage(member).mining_input(spec, root, member, dictionary, eval_idx, device)
     groups = token_selection(spec).groups
-    mined = mine_features(miner, batches, n_top=spec.evaluation.n_top, labels=_labels(spec, root),
+    mined = mine_features(miner, batches, n_top=spec.evaluation.n_top, labels=dataset_labels(spec, root),
                           cls=groups.cls, patches=groups.patches)
     feature_stats = mined.feature_stats
     for name, column in _head_classes(spec, root, member, dictionary, device).items():
@@ -342,7 +342,7 @@ def _head_class_names(spec: SuiteSpec, model, n_classes: int) -> list[str]:
     return list(names) if len(names) == n_classes else [str(i) for i in range(n_classes)]
 
 
-def _labels(spec: SuiteSpec, root: DataRoot) -> np.ndarray | None:
+def dataset_labels(spec: SuiteSpec, root: DataRoot) -> np.ndarray | None:
     """Every image's label, by image index (row i of labels.parquet is image i), or None when
     the dataset has no label column."""
     table = read_labels(root.images(spec.dataset_id))

@@ -102,6 +102,28 @@ def _check_positive(section: str, spec, names: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
+class ToolkitSpec:
+    """The classic analyses of the suite's model (`analysis.stages.toolkit`)."""
+
+    max_images: int = 512
+    """Held-out images read by the lens, attribution, perturbations and memories (the first of
+    the evaluation split), and the probe's held-out set."""
+    probe_images: int = 2048
+    """Training-split images the per-layer linear probe is fitted on."""
+    patch_pair: tuple[int, int] | None = None
+    """(clean, corrupted) dataset image indices of the patching sweep; None: the first held-out
+    image the model classifies right and the first held-out image of another class."""
+    attention_image: int | None = None
+    """Dataset image index drawn in the attention views; None: the clean image of the patching pair."""
+
+    def __post_init__(self):
+        _check_positive("toolkit", self, ("max_images", "probe_images"))
+        if self.patch_pair is not None and (len(self.patch_pair) != 2 or len(set(self.patch_pair)) != 2):
+            raise ValueError(f"toolkit.patch_pair={self.patch_pair!r}: expected two different dataset image "
+                             "indices [clean, corrupted], e.g. patch_pair: [12, 40], or leave it unset")
+
+
+@dataclass(frozen=True)
 class SuiteSpec:
     name: str
     dataset: DatasetSpec = DatasetSpec()
@@ -111,6 +133,7 @@ class SuiteSpec:
     transcoders: TranscoderGrid = TranscoderGrid()
     crosscoders: CrosscoderGrid = CrosscoderGrid()
     evaluation: EvaluationSpec = EvaluationSpec()
+    toolkit: ToolkitSpec = ToolkitSpec()
 
     def __post_init__(self):
         check_suite_name(self.name)
@@ -186,6 +209,7 @@ _SECTIONS = {
     "transcoders": TranscoderGrid,
     "crosscoders": CrosscoderGrid,
     "evaluation": EvaluationSpec,
+    "toolkit": ToolkitSpec,
 }
 
 

@@ -1,0 +1,141 @@
+"""Direct logit attribution: how much each component writes straight into a class's score.
+
+The final residual stream is a sum of components (the embeddings, each attention layer's output
+or each head's, each MLP's output). With the final norm's scale frozen from the clean pass (and,
+for a CLIP zero-shot head, the image embedding's length), the readout is linear, so each
+component maps to a logit contribution and the contributions plus a constant (the norm's bias
+and the head's bias through the head) sum to the clean logit exactly. The frozen scale is the
+usual convention (TransformerLens, Vilas et al.): a component's *direct* effect, not what the
+logit would be without it (that is patching's question).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from analysis.evaluation.toolkit.readout import Readout
+
+
+class Attribution(NamedTuple):
+    components: list[str]
+    """Component names: "embed" (and "pos_embed" without ln_pre), then per layer "L{i}_attn" or
+    per head "L{i}H{h}" plus "L{i}_attn_bias", and "L{i}_mlp"."""
+    contributions: Tensor
+    """(n_components, N): each component's direct contribution to the target score."""
+    constant: Tensor
+    """(N,) the part of the target no component carries."""
+    target: Tensor
+    """(N,) the clean target score: logit[target] (− logit[versus]); = contributions.sum(0) + constant."""
+
+
+@torch.no_grad()
+def direct_logit_attribution(model, images: Tensor, target, versus=None, *, heads: bool = False,
+                             batch_size: int = 64) -> Attribution:
+    """Attribute `target` class logits (N,) of `model` on `images` (N, C, H, W) to the components
+    of the final residual stream; with `versus` (N,), the logit difference target − versus.
+    `heads` splits each attention layer into its heads and its output bias."""
+    readout = Readout(model)
+    n = len(images)
+    target = _classes(target, n, readout.n_classes, "target")
+    versus = None if versus is None else _classes(versus, n, readout.n_classes, "versus")
+    cfg = readout.cfg
+    last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+
+    def wanted(name: str) -> bool:
+        return (name in ("hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", last)
+                or name.endswith(("hook_attn_out", "hook_mlp_out")) or (heads and name.endswith("attn.hook_z")))
+
+    names, chunks, consts, totals = None, [], [], []
+    for lo in range(0, n, batch_size):
+        x = images[lo:lo + batch_size]
+        logits, cache = readout.tower.run_with_cache(x, names_filter=wanted)
+        stack, names = _components(cache, cfg, heads)
+        frozen = readout.freeze(cache[last])
+        parts = readout.linear_logits(stack, frozen)  # (n, B, C)
+        clean = readout.stream_logits(cache[last])
+        chunks.append(_pick(parts, target[lo:lo + batch_size], versus, lo))
+        consts.append(_pick(frozen.constant, target[lo:lo + batch_size], versus, lo))
+        totals.append(_pick(clean, target[lo:lo + batch_size], versus, lo))
+    return Attribution(names, torch.cat(chunks, -1), torch.cat(consts), torch.cat(totals))
+
+
+def _classes(values, n: int, n_classes: int, name: str) -> Tensor:
+    t = torch.as_tensor(np.asarray(values)).long()
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: pass one class index per image ({n},) or one for all")
+    if n and not (0 <= int(t.min()) and int(t.max()) < n_classes):
+        raise ValueError(f"{name} holds classes {int(t.min())}..{int(t.max())}; the head has {n_classes} "
+                         f"classes: use indices in 0..{n_classes - 1}")
+    return t
+
+
+def _pick(scores: Tensor, target: Tensor, versus: Tensor | None, lo: int) -> Tensor:
+    """(…, B, C) -> (…, B): the target class's score, minus the versus class's when given."""
+    idx = target.to(scores.device).expand(*scores.shape[:-1]).unsqueeze(-1)
+    out = scores.gather(-1, idx).squeeze(-1)
+    if versus is not None:
+        v = versus[lo:lo + scores.shape[-2]].to(scores.device).expand(*scores.shape[:-1]).unsqueeze(-1)
+        out = out - scores.gather(-1, v).squeeze(-1)
+    return out
+
+
+def _components(cache, cfg, heads: bool) -> tuple[Tensor, list[str]]:
+    """(n, B, T, d) additive terms of the final stream and their names."""
+    stack, names = cache.decompose_resid(None, mode="all", incl_embeds=True, return_labels=True)
+    if not heads:
+        return stack, [_short(n) for n in names]
+    per_head, head_names = cache.stack_head_results(None, return_labels=True)  # (L*H, B, T, d)
+    out, labels = [], []
+    for term, name in zip(stack, names):
+        if not name.endswith("_attn_out"):
+            out.append(term)
+            labels.append(_short(name))
+            continue
+        layer = int(name.split("_")[0])
+        mine = per_head[layer * cfg.n_heads:(layer + 1) * cfg.n_heads]
+        out += list(mine)
+        labels += head_names[layer * cfg.n_heads:(layer + 1) * cfg.n_heads]
+        out.append(term - mine.sum(0))  # the output projection's bias (times layer scale)
+        labels.append(f"L{layer}_attn_bias")
+    return torch.stack(out), labels
+
+
+def _short(name: str) -> str:
+    """decompose_resid's "3_attn_out" -> "L3_attn"; embeddings keep their names."""
+    if name.endswith(("_attn_out", "_mlp_out")):
+        layer, kind, _ = name.split("_")
+        return f"L{layer}_{kind}"
+    return name
+
+
+def merge_heads(attribution: Attribution) -> Attribution:
+    """Per-head attributions summed back into one "L{i}_attn" term per layer (heads and bias)."""
+    names, rows = [], []
+    for name, row in zip(attribution.components, attribution.contributions):
+        head_of = re.fullmatch(r"L(\d+)(?:H\d+|_attn_bias)", name)
+        merged = f"L{head_of.group(1)}_attn" if head_of else name
+        if head_of and names and names[-1] == merged:
+            rows[-1] = rows[-1] + row
+        else:
+            names.append(merged)
+            rows.append(row.clone())
+    return attribution._replace(components=names, contributions=torch.stack(rows))
+
+
+def mean_by_class(attribution: Attribution, labels, classes) -> dict[int, np.ndarray]:
+    """For each class in `classes`, the mean contribution of every component over its images."""
+    labels = np.asarray(labels)
+    out = {}
+    for c in classes:
+        mask = torch.as_tensor(labels == c)
+        if not bool(mask.any()):
+            raise ValueError(f"no image has label {c}: choose classes present among the {len(labels)} images")
+        out[int(c)] = attribution.contributions[:, mask].mean(1).numpy()
+    return out
