@@ -23,6 +23,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """`one_thread` for a whole test module (`pytestmark = pytest.mark.usefixtures("module_one_thread")`),
+    so that its module-scoped fixtures, such as a trained model, run on one thread as well."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

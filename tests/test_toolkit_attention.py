@@ -26,12 +26,7 @@ NO_CHROMIUM = ("headless Chromium is not installed here (no `chromium` on PATH) 
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 @pytest.fixture(scope="module")

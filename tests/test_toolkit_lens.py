@@ -11,12 +11,7 @@ from analysis.models.inputs import to_model_input
 from toolkit_models import LAYOUTS, random_model, trained_mouse
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -90,7 +85,7 @@ def test_bad_classes_say_what_to_pass():
     model = random_model("cls_final")
     with pytest.raises(ValueError, match="0..4"):
         direct_logit_attribution(model, torch.randn(2, 3, 32, 32), [0, 7])
-    with pytest.raises(ValueError, match="one class per image"):
+    with pytest.raises(ValueError, match="one class id per image"):
         class_embedding_lens(model, torch.randn(2, 3, 32, 32), [0, 1, 2])
 
 

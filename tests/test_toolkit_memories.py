@@ -16,12 +16,7 @@ from analysis.models.vit import HookedViT, ViTConfig
 from toolkit_models import LAYOUTS, SMALL, random_model, trained_mouse
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 def _layer_scaled() -> HookedViT:
@@ -167,7 +162,7 @@ def test_a_bad_layer_names_the_value_the_range_and_the_fix(layer):
 def test_bad_labels_and_top_are_refused():
     model = random_model("cls_final")
     x = torch.zeros(2, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"expected \(2,\)"):
+    with pytest.raises(ValueError, match=r"one class id per image \(2,\)"):
         key_value_agreement(model, x, [0], 0)
     with pytest.raises(ValueError, match="5 classes"):
         key_value_agreement(model, x, [0, 7], 0)

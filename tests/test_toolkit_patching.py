@@ -8,12 +8,7 @@ from analysis.models.vit import HookedViT, ViTConfig
 from toolkit_models import LAYOUTS, SMALL, random_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 def _setup(name):

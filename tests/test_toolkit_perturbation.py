@@ -10,12 +10,7 @@ from analysis.models.mouse import evaluate_accuracy
 from toolkit_models import LAYOUTS, random_model, trained_mouse
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +143,7 @@ def test_bad_inputs_are_refused_with_the_fix():
         Z.run_perturbed(model, x, "self_only", layers=[2])
     with pytest.raises(ValueError, match="needs a class token.*class_token=False"):
         Z.run_perturbed(random_model("mean_fc_norm"), x, "no_cls")
-    with pytest.raises(ValueError, match=r"expected integer \(2,\)"):
+    with pytest.raises(ValueError, match=r"one class id per image \(2,\)"):
         Z.perturbation_table(model, x, [0, 1, 2])
-    with pytest.raises(ValueError, match=r"labels span \[0, 9\]: valid 0\.\.4"):
+    with pytest.raises(ValueError, match=r"labels span 0\.\.9 but the head has 5 classes: pass class ids in 0\.\.4"):
         Z.perturbation_table(model, x, [0, 9])

@@ -10,12 +10,7 @@ from analysis.models.mouse import evaluate_accuracy
 from toolkit_models import LAYOUTS, random_model, trained_mouse
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 def _templated_images(n_per_class: int, n_classes: int = 5, noise: float = 0.05, seed: int = 0):
@@ -94,7 +89,7 @@ def test_bad_inputs_are_refused_with_the_fix():
     model = random_model("cls_final")
     x, y = _templated_images(2)
     split = np.arange(10) < 5
-    with pytest.raises(ValueError, match=r"labels of shape \(9,\): expected \(10,\)"):
+    with pytest.raises(ValueError, match=r"labels has shape \(9,\): pass one class id per image \(10,\)"):
         probe_layers(model, x, y[:9], split)
     with pytest.raises(ValueError, match="needs training images"):
         probe_layers(model, x, y, np.zeros(10, dtype=bool))

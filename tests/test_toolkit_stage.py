@@ -6,7 +6,6 @@ import json
 import dagster as dg
 import numpy as np
 import pytest
-import torch
 
 from analysis.catalog import connect_catalog, refresh_catalog
 from analysis.paths import DataRoot
@@ -27,15 +26,12 @@ SUITE = parse_suite({
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def built(tmp_path_factory, module_one_thread):
     root = DataRoot(tmp_path_factory.mktemp("toolkit"))
     ensure_dataset(SUITE, root, progress=False)
     ensure_model(SUITE, root, progress=False)
     summary = ensure_toolkit(SUITE, root, progress=False)
-    yield root, summary
-    torch.set_num_threads(before)
+    return root, summary
 
 
 def test_every_analysis_writes_a_queryable_table(built):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import html
 import json
 
+from analysis.evaluation.html import ERROR_GUARD
+
 _STYLE = """
 body { font: 13px/1.4 system-ui, sans-serif; margin: 1em; color: #222; }
 h1 { font-size: 18px; margin: 0 0 .3em; } h2 { font-size: 15px; margin: .2em 0; }
@@ -41,13 +43,6 @@ svg .bar { fill: #89a; } svg .bar.here { fill: #d33; }
 
 # The page's script: parse the blob, keep state in the URL hash, render one page of rows and the
 # selected feature's card. Plain ES2017, no libraries.
-# Installed by a script of its own before the main one, so that it also reports the main
-# script's syntax errors and anything thrown before its first line ran.
-_GUARD = r"""
-const report = (message) => { document.getElementById("errors").textContent += message + "\n"; };
-window.addEventListener("error", (e) => report(`${e.message} (${e.filename}:${e.lineno})`));
-window.addEventListener("unhandledrejection", (e) => report(`unhandled rejection: ${e.reason}`));
-"""
 
 _SCRIPT = r"""
 "use strict";
@@ -349,7 +344,7 @@ def render_page(title: str, metrics: dict, data: dict) -> str:
     """A dictionary's page: `metrics` (name -> shown value) above the feature list; `data` is the
     blob the script reads (columns, titles, rows, filters, chunk, page_rows, tile, image_dir,
     patch_grid, other_tokens, heat_alpha, histogram)."""
-    return _PAGE.format(title=html.escape(title), style=_STYLE, guard=_GUARD, metrics=_metric_rows(metrics),
+    return _PAGE.format(title=html.escape(title), style=_STYLE, guard=ERROR_GUARD, metrics=_metric_rows(metrics),
                         data=_json_for_script(data), script=_SCRIPT)
 
 

@@ -18,33 +18,24 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import Tensor
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from analysis.models.clip_zero_shot import ZeroShotClassifier  # noqa: E402
-from analysis.models.config import ViTConfig  # noqa: E402
-from analysis.models.vit import HookedViT  # noqa: E402
+from analysis.evaluation.html import ERROR_GUARD
+from analysis.evaluation.plots import plt
+from analysis.evaluation.toolkit.readout import tower_of
+from analysis.models.config import ViTConfig
 
 __all__ = ["attention_patterns", "attention_to_cls", "attention_distance", "attention_grid_png", "attention_html"]
 
 
-def _tower(model) -> HookedViT:
-    tower = model.tower if isinstance(model, ZeroShotClassifier) else model
-    if not isinstance(tower, HookedViT):
-        raise ValueError(f"expected a HookedViT or a ZeroShotClassifier over one, got {type(model).__name__}")
-    return tower
-
 
 def _cfg(cfg) -> ViTConfig:
     """A ViTConfig, or the config of a model passed in its place."""
-    return cfg if isinstance(cfg, ViTConfig) else _tower(cfg).cfg
+    return cfg if isinstance(cfg, ViTConfig) else tower_of(cfg).cfg
 
 
 @torch.no_grad()
@@ -52,7 +43,7 @@ def attention_patterns(model, images_tensor: Tensor, *, layers: Sequence[int] | 
                        batch_size: int = 64) -> Tensor:
     """Attention patterns (L, B, H, T, T), float32 on the CPU, of blocks `layers` (None: all, in order)
     for float images (B, C, S, S) in [0, 1] (`analysis.models.inputs.to_model_input` makes them)."""
-    tower = _tower(model)
+    tower = tower_of(model)
     cfg = tower.cfg
     want = (cfg.in_chans, cfg.image_size, cfg.image_size)
     x = images_tensor
@@ -205,13 +196,6 @@ def attention_grid_png(image_uint8: np.ndarray, patterns_one_image: Tensor, cfg,
     return path
 
 
-# Installed before the main script so it also reports that script's syntax errors.
-_GUARD = r"""
-const report = (message) => { document.getElementById("errors").textContent += message + "\n"; };
-window.addEventListener("error", (e) => report(`${e.message} (${e.filename}:${e.lineno})`));
-window.addEventListener("unhandledrejection", (e) => report(`unhandled rejection: ${e.reason}`));
-"""
-
 # State lives in the URL hash (#layer=<block>&head=<h|mean>&query=<cls|patch>), so a view can be
 # shared and a headless browser can be driven to one; after drawing, the canvas's data attributes
 # record what it shows (layer, head, query, max, peak patch, image loaded, pixel checksum).
@@ -334,7 +318,7 @@ def attention_html(image_uint8: np.ndarray, patterns_one_image: Tensor, cfg, pat
             "size": cfg.image_size, "prefix": prefix, "cls": cfg.class_token,
             "att": np.round(p.numpy().astype(np.float64), 4).tolist()}
     blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-    parts = {"title": html.escape(title or "attention"), "guard": _GUARD, "script": _SCRIPT, "data": blob}
+    parts = {"title": html.escape(title or "attention"), "guard": ERROR_GUARD, "script": _SCRIPT, "data": blob}
     text = re.sub(r"\{(title|guard|script|data)\}", lambda m: parts[m.group(1)], _PAGE)  # one pass: no re-expansion
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from analysis.evaluation.toolkit.readout import Readout
+from analysis.evaluation.toolkit.readout import Readout, check_classes
 
 
 class Attribution(NamedTuple):
@@ -41,8 +41,8 @@ def direct_logit_attribution(model, images: Tensor, target, versus=None, *, head
     `heads` splits each attention layer into its heads and its output bias."""
     readout = Readout(model)
     n = len(images)
-    target = _classes(target, n, readout.n_classes, "target")
-    versus = None if versus is None else _classes(versus, n, readout.n_classes, "versus")
+    target = check_classes(target, n, readout.n_classes, "target")
+    versus = None if versus is None else check_classes(versus, n, readout.n_classes, "versus")
     cfg = readout.cfg
     last = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
 
@@ -63,17 +63,6 @@ def direct_logit_attribution(model, images: Tensor, target, versus=None, *, head
         totals.append(_pick(clean, target[lo:lo + batch_size], versus, lo))
     return Attribution(names, torch.cat(chunks, -1), torch.cat(consts), torch.cat(totals))
 
-
-def _classes(values, n: int, n_classes: int, name: str) -> Tensor:
-    t = torch.as_tensor(np.asarray(values)).long()
-    if t.ndim == 0:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise ValueError(f"{name} has shape {tuple(t.shape)}: pass one class index per image ({n},) or one for all")
-    if n and not (0 <= int(t.min()) and int(t.max()) < n_classes):
-        raise ValueError(f"{name} holds classes {int(t.min())}..{int(t.max())}; the head has {n_classes} "
-                         f"classes: use indices in 0..{n_classes - 1}")
-    return t
 
 
 def _pick(scores: Tensor, target: Tensor, versus: Tensor | None, lo: int) -> Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from analysis.evaluation.toolkit.readout import Readout, identifiability
+from analysis.evaluation.toolkit.readout import Readout, check_classes, identifiability
 
 
 class Lens(NamedTuple):
@@ -47,12 +47,7 @@ def class_embedding_lens(model, images: Tensor, labels, *, batch_size: int = 64)
     (N, C, H, W) and read every layer's tokens as classes against `labels` (N,)."""
     readout = Readout(model)
     cfg = readout.cfg
-    labels = torch.as_tensor(np.asarray(labels)).long()
-    if labels.shape != (len(images),):
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({len(images)},): one class per image")
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < readout.n_classes:
-        raise ValueError(f"labels span {int(labels.min())}..{int(labels.max())} but the head has "
-                         f"{readout.n_classes} classes: pass class indices in 0..{readout.n_classes - 1}")
+    labels = check_classes(labels, len(images), readout.n_classes)
     hooks = stream_hooks(cfg.n_layers)
     parts: dict[str, list[Tensor]] = {k: [] for k in Lens._fields if k != "grid"}
     for lo in range(0, len(images), batch_size):

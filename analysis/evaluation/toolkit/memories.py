@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from analysis.evaluation.toolkit.readout import Readout, identifiability
+from analysis.evaluation.toolkit.readout import Readout, check_classes, identifiability, tower_of
 from analysis.models.class_projection import direction_logits
 from analysis.models.clip_zero_shot import ZeroShotClassifier
 from analysis.models.inputs import to_model_input
@@ -31,16 +31,13 @@ from analysis.models.vit import HookedViT
 TOKEN_KINDS = ("cls", "patches")
 
 
-def _tower(model: HookedViT | ZeroShotClassifier) -> HookedViT:
-    return model.tower if isinstance(model, ZeroShotClassifier) else model
-
 
 def _block(model, layer):
-    n = _tower(model).cfg.n_layers
+    n = tower_of(model).cfg.n_layers
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < n:
         raise ValueError(f"layer={layer!r}: expected a block index in 0..{n - 1} (this model has {n} blocks); "
                          f"pass e.g. layer={n - 1} for the last block (negative indices are not accepted)")
-    return _tower(model).blocks[int(layer)]
+    return tower_of(model).blocks[int(layer)]
 
 
 def _columns(weight: Tensor, layer_scale) -> Tensor:
@@ -61,7 +58,7 @@ def mlp_value_logits(model: HookedViT | ZeroShotClassifier, layer: int) -> Tenso
 def attention_value_logits(model: HookedViT | ZeroShotClassifier, layer: int) -> Tensor:
     """(n_heads, d_head, C): the class scores of each column of block `layer`'s attention output
     projection (times ls1.gamma), grouped by head as `hook_z` is: [h, e] is column h*d_head + e."""
-    block, cfg = _block(model, layer), _tower(model).cfg
+    block, cfg = _block(model, layer), tower_of(model).cfg
     logits = direction_logits(model, _columns(block.attn.proj.weight, block.ls1))
     return logits.view(cfg.n_heads, cfg.d_head, -1)
 
@@ -83,15 +80,6 @@ def _as_input(images_x) -> Tensor:
                          f"{type(images_x).__name__} {tuple(getattr(images_x, 'shape', ()))}")
     return images_x
 
-
-def _check_labels(labels, n: int, n_classes: int) -> Tensor:
-    labels = torch.as_tensor(np.asarray(labels)).long()
-    if labels.ndim != 1 or len(labels) != n:
-        raise ValueError(f"labels of shape {tuple(labels.shape)}: expected ({n},), one class id per image")
-    if n and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"labels span {int(labels.min())}..{int(labels.max())}: the model has {n_classes} "
-                         f"classes (ids 0..{n_classes - 1}); map labels to the model's class ids first")
-    return labels
 
 
 @torch.no_grad()
@@ -121,11 +109,11 @@ def key_value_agreement(model: HookedViT | ZeroShotClassifier, images_x, labels,
     comparison is with the model's final prediction and the label; patch tokens are pooled into
     one reading per image; and only MLP memories are scored per image.
     """
-    tower = _tower(model)
+    tower = tower_of(model)
     _block(model, layer)
     readout = Readout(model)
     x = _as_input(images_x)
-    labels = _check_labels(labels, len(x), readout.n_classes)
+    labels = check_classes(labels, len(x), readout.n_classes)
     cfg = tower.cfg
     if isinstance(top, bool) or not isinstance(top, numbers.Integral) or not 1 <= top <= cfg.d_mlp:
         raise ValueError(f"top={top!r}: expected the number of memories to sum, 1..{cfg.d_mlp} (d_mlp)")
@@ -171,7 +159,7 @@ def memories_table(model: HookedViT | ZeroShotClassifier) -> list[dict]:
     score: that class's `direction_logits` score; margin: score minus the second class's (NaN with
     one class). Scores are comparable within a row only (values differ in norm)."""
     names = Readout(model).class_names
-    tower = _tower(model)
+    tower = tower_of(model)
     d_head = tower.cfg.d_head
     rows = []
     for layer in range(tower.cfg.n_layers):

@@ -20,9 +20,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from analysis.models.clip_zero_shot import ZeroShotClassifier
+from analysis.evaluation.toolkit.readout import tower_of
 from analysis.models.config import ViTConfig
-from analysis.models.vit import HookedViT
 
 Metric = Callable[[Tensor], Tensor]
 WHERE = ("pre", "mid", "post")
@@ -162,12 +161,6 @@ def normalised(value, clean, corrupted) -> Tensor:
 
 # ---- patching -----------------------------------------------------------------------------------
 
-def _tower(model) -> HookedViT:
-    tower = model.tower if isinstance(model, ZeroShotClassifier) else model
-    if not isinstance(tower, HookedViT):
-        raise TypeError(f"expected a HookedViT or a ZeroShotClassifier over one, got {type(model).__name__}")
-    return tower
-
 
 def _scalar(value) -> Tensor:
     t = torch.as_tensor(value).detach()
@@ -178,7 +171,7 @@ def _scalar(value) -> Tensor:
 
 def _prepare(model, clean_x: Tensor, corrupted_x: Tensor, setters: Sequence[Setter]):
     """Check everything, then cache the clean activations of just the hooks the setters touch."""
-    cfg = _tower(model).cfg
+    cfg = tower_of(model).cfg
     if clean_x.shape != corrupted_x.shape:
         raise ValueError(f"clean_x {tuple(clean_x.shape)} and corrupted_x {tuple(corrupted_x.shape)}: expected "
                          "the same shape, one corrupted image per clean image")
@@ -236,20 +229,20 @@ def _sweep(model, clean_x, corrupted_x, metric, setters: list[Setter], max_batch
 def sweep_resid(model, clean_x: Tensor, corrupted_x: Tensor, metric: Metric, *, where: str = "pre",
                 max_batch: int = 256) -> Tensor:
     """(n_layers, T) normalised metric, each (layer, token) of the residual stream patched alone."""
-    cfg = _tower(model).cfg
+    cfg = tower_of(model).cfg
     setters = [resid(l, [t], where) for l in range(cfg.n_layers) for t in range(cfg.n_tokens)]
     return _sweep(model, clean_x, corrupted_x, metric, setters, max_batch).view(cfg.n_layers, cfg.n_tokens)
 
 
 def sweep_heads(model, clean_x: Tensor, corrupted_x: Tensor, metric: Metric, *, max_batch: int = 256) -> Tensor:
     """(n_layers, n_heads) normalised metric, each head's output patched alone at every position."""
-    cfg = _tower(model).cfg
+    cfg = tower_of(model).cfg
     setters = [attn_head(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
     return _sweep(model, clean_x, corrupted_x, metric, setters, max_batch).view(cfg.n_layers, cfg.n_heads)
 
 
 def sweep_mlp(model, clean_x: Tensor, corrupted_x: Tensor, metric: Metric, *, max_batch: int = 256) -> Tensor:
     """(n_layers, T) normalised metric, each (layer, token) of the MLP output patched alone."""
-    cfg = _tower(model).cfg
+    cfg = tower_of(model).cfg
     setters = [mlp_out(l, [t]) for l in range(cfg.n_layers) for t in range(cfg.n_tokens)]
     return _sweep(model, clean_x, corrupted_x, metric, setters, max_batch).view(cfg.n_layers, cfg.n_tokens)

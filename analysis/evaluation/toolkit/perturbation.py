@@ -26,21 +26,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from analysis.evaluation.toolkit.readout import Readout, identifiability
-from analysis.models.clip_zero_shot import ZeroShotClassifier
+from analysis.evaluation.toolkit.readout import Readout, check_classes, identifiability, tower_of
 from analysis.models.config import ViTConfig
-from analysis.models.vit import HookedViT
 
 ATTENTION = ("no_cls", "self_only")
 CONTEXT = ("object_only", "background_only")
 CONDITIONS = ("none", *ATTENTION, *CONTEXT)
 
-
-def _tower(model) -> HookedViT:
-    tower = model.tower if isinstance(model, ZeroShotClassifier) else model
-    if not isinstance(tower, HookedViT):
-        raise TypeError(f"expected a HookedViT or a ZeroShotClassifier over one, got {type(model).__name__}")
-    return tower
 
 
 def _check_object_mask(cfg: ViTConfig, object_mask, batch: int | None) -> Tensor:
@@ -85,7 +77,7 @@ def attention_mask(cfg: ViTConfig, condition: str, object_mask=None) -> Tensor |
 
 def perturbation_hooks(model, condition: str, *, object_mask=None, layers: Sequence[int] | None = None):
     """fwd_hooks for `condition` at `layers` (None: every layer); [] for "none"."""
-    cfg = _tower(model).cfg
+    cfg = tower_of(model).cfg
     allowed = attention_mask(cfg, condition, object_mask)
     layers = range(cfg.n_layers) if layers is None else list(layers)
     for i in layers:
@@ -109,10 +101,10 @@ def run_perturbed(model, x: Tensor, condition: str, *, object_mask=None, layers=
     """(logits, ActivationCache) of `x` under `condition`; the cache holds `names_filter` (None: every
     hook) as computed under the perturbation (hook_attn_scores shows the -inf of the mask)."""
     if object_mask is not None:
-        _check_object_mask(_tower(model).cfg, object_mask, x.shape[0])
+        _check_object_mask(tower_of(model).cfg, object_mask, x.shape[0])
     hooks = perturbation_hooks(model, condition, object_mask=object_mask, layers=layers)
     # Outer hooks run first at a hook point, so the cache records the masked scores.
-    with _tower(model).hooks(hooks):
+    with tower_of(model).hooks(hooks):
         return model.run_with_cache(x, names_filter=names_filter)
 
 
@@ -126,16 +118,12 @@ def perturbation_table(model, images_x: Tensor, labels, *, object_masks=None, la
     cls_identifiability and patch_identifiability (the last layer's class token, and each patch token,
     read alone through `Readout.token_logits`; patch values averaged over patches, then images;
     cls is None without a class token); n_images."""
-    tower = _tower(model)
+    tower = tower_of(model)
     cfg, readout = tower.cfg, Readout(model)
-    labels = torch.as_tensor(labels)
     n = len(images_x)
-    if labels.ndim != 1 or len(labels) != n or labels.is_floating_point():
-        raise ValueError(f"labels {labels.dtype} {tuple(labels.shape)}: expected integer ({n},), one per image")
     if n == 0:
         raise ValueError("no images given: pass at least one")
-    if len(labels) and (labels.min() < 0 or labels.max() >= readout.n_classes):
-        raise ValueError(f"labels span [{int(labels.min())}, {int(labels.max())}]: valid 0..{readout.n_classes - 1}")
+    labels = check_classes(labels, n, readout.n_classes)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
     conditions = ["none", *(["no_cls"] if cfg.class_token else []), "self_only"]

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from analysis.evaluation.toolkit.readout import Readout
+from analysis.evaluation.toolkit.lens import stream_hooks
+from analysis.evaluation.toolkit.readout import Readout, check_classes, tower_of
 from analysis.models.clip_zero_shot import ZeroShotClassifier
 from analysis.models.inputs import to_model_input
 from analysis.models.vit import HookedViT
@@ -77,10 +78,6 @@ def fit_probe(features: Tensor, labels: Tensor, n_classes: int, *, epochs: int =
     return LinearProbe(mean, std, weight.detach(), bias.detach())
 
 
-def _hook(layer: int) -> str:
-    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
-
-
 def _check_inputs(images_x, labels, split_is_train, n_classes: int) -> tuple[Tensor, Tensor, np.ndarray]:
     if isinstance(images_x, np.ndarray):
         images_x = to_model_input(images_x)  # uint8 (N, H, W, C), checked there
@@ -88,12 +85,7 @@ def _check_inputs(images_x, labels, split_is_train, n_classes: int) -> tuple[Ten
         raise ValueError(f"images_x: expected a float tensor (N, C, H, W) or uint8 images (N, H, W, C), got "
                          f"{type(images_x).__name__} {tuple(getattr(images_x, 'shape', ()))}")
     n = len(images_x)
-    y = torch.as_tensor(np.asarray(labels)).long()
-    if y.ndim != 1 or len(y) != n:
-        raise ValueError(f"labels of shape {tuple(y.shape)}: expected ({n},), one class id per image")
-    if n and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"labels span {int(y.min())}..{int(y.max())}: the model has {n_classes} classes "
-                         f"(ids 0..{n_classes - 1}); map labels to the model's class ids first")
+    y = check_classes(labels, n, n_classes)
     split = np.asarray(split_is_train)
     if split.dtype != bool or split.shape != (n,):
         raise ValueError(f"split_is_train {split.dtype} {split.shape}: expected a bool array of shape ({n},), "
@@ -122,7 +114,7 @@ def probe_layers(model: HookedViT | ZeroShotClassifier, images_x, labels, split_
 
     Rows: layer, hook, token, probe_accuracy, projection_accuracy, chance, n_train, n_eval."""
     readout = Readout(model)
-    tower = model.tower if isinstance(model, ZeroShotClassifier) else model
+    tower = tower_of(model)
     cfg = tower.cfg
     x, y, split = _check_inputs(images_x, labels, split_is_train, readout.n_classes)
     tokens = (tokens,) if isinstance(tokens, str) else tuple(tokens)
@@ -142,7 +134,7 @@ def probe_layers(model: HookedViT | ZeroShotClassifier, images_x, labels, split_
 
     # one forward pass per batch collects every requested layer; the tower's own hooks, stopped
     # after the deepest block needed (block 0 must run for its resid_pre hook to fire)
-    names = sorted({_hook(layer) for layer in layers})
+    names = sorted({stream_hooks(cfg.n_layers)[layer] for layer in layers})
     device = next(tower.parameters()).device
     feats = {(layer, k): [] for layer in layers for k in kinds}
     projected = {(layer, k): [] for layer in layers for k in kinds}
@@ -150,7 +142,7 @@ def probe_layers(model: HookedViT | ZeroShotClassifier, images_x, labels, split_
         _, cache = tower.run_with_cache(x[lo:lo + batch_size].to(device), names_filter=names,
                                         stop_at_layer=max(max(layers), 1))
         for layer in layers:
-            resid = cache[_hook(layer)]
+            resid = cache[stream_hooks(cfg.n_layers)[layer]]
             for k in kinds:
                 if k == "cls":
                     vec, logits = resid[:, 0], readout.token_logits(resid[:, 0])
@@ -170,7 +162,7 @@ def probe_layers(model: HookedViT | ZeroShotClassifier, images_x, labels, split_
             probe = fit_probe(f[train], y[train], readout.n_classes, epochs=epochs, seed=seed, l2=l2)
             probe_acc = float((probe.predict(f[held]) == y_eval).double().mean())
             proj_acc = float((torch.cat(projected[layer, k])[held] == y_eval).double().mean())
-            rows.append({"layer": layer, "hook": _hook(layer), "token": k, "probe_accuracy": probe_acc,
+            rows.append({"layer": layer, "hook": stream_hooks(cfg.n_layers)[layer], "token": k, "probe_accuracy": probe_acc,
                          "projection_accuracy": proj_acc, "chance": chance, "n_train": int(train.sum()),
                          "n_eval": int(held.sum())})
     return rows

@@ -17,12 +17,38 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from analysis.models.clip_zero_shot import ZeroShotClassifier
 from analysis.models.vit import HookedViT
+
+
+def tower_of(model) -> HookedViT:
+    """The HookedViT whose hooks fire: the model itself, or a ZeroShotClassifier's tower."""
+    tower = model.tower if isinstance(model, ZeroShotClassifier) else model
+    if not isinstance(tower, HookedViT):
+        raise TypeError(f"expected a HookedViT or a ZeroShotClassifier over one, got {type(model).__name__}")
+    return tower
+
+
+def check_classes(values, n: int, n_classes: int, name: str = "labels") -> Tensor:
+    """`values` as a (n,) long tensor of class ids in 0..n_classes-1 (a scalar is broadcast), or a
+    ValueError naming the shape or the range and the fix."""
+    t = torch.as_tensor(np.asarray(values))
+    if t.is_floating_point():
+        raise ValueError(f"{name} has dtype {t.dtype}: pass integer class ids")
+    t = t.long()
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: pass one class id per image ({n},), or one for all")
+    if n and not (0 <= int(t.min()) and int(t.max()) < n_classes):
+        raise ValueError(f"{name} span {int(t.min())}..{int(t.max())} but the head has {n_classes} classes: "
+                         f"pass class ids in 0..{n_classes - 1} (map labels to the model's classes first)")
+    return t
 
 
 class Frozen(NamedTuple):
@@ -41,9 +67,7 @@ class Readout:
 
     def __init__(self, model: HookedViT | ZeroShotClassifier):
         zero_shot = isinstance(model, ZeroShotClassifier)
-        tower = model.tower if zero_shot else model
-        if not isinstance(tower, HookedViT):
-            raise TypeError(f"expected a HookedViT or a ZeroShotClassifier over one, got {type(model).__name__}")
+        tower = tower_of(model)
         if not zero_shot and tower.cfg.head != "linear":
             raise ValueError(
                 f"the model's head is {tower.cfg.head!r}, which outputs an embedding, not classes: wrap a CLIP "
