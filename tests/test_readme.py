@@ -90,10 +90,10 @@ def test_python_blocks_run_against_a_suites_outputs(suite_root, monkeypatch):
     spec, root = suite_root
     monkeypatch.setenv("SPECTRA_ROOT", str(root.root))
     blocks = _blocks("python")
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     browser = root.root / "reports" / "browser" / "index.html"
     assert browser.is_file(), "the feature_browser asset (report_job) builds it"
-    notebook, browse, models = (_run_python_block(*block) for block in blocks)
+    notebook, browse, models, toolkit = (_run_python_block(*block) for block in blocks)
     try:
         assert notebook["best"][0] in {dictionary_id(spec, m) for m in spec.members()}
         assert notebook["top"], "the best dictionary's top images"
@@ -111,6 +111,9 @@ def test_python_blocks_run_against_a_suites_outputs(suite_root, monkeypatch):
     assert all(f'href="{dict_id}/index.html"' in browser.read_text() for dict_id in browse["ids"])
     assert tuple(models["logits"].shape) == (2, 1000)
     assert models["resid_stack"].shape[0] == 13  # the embedding and each of the 12 blocks
+    layers = {(r["layer"], r["token"]) for r in toolkit["lens_rows"]}
+    assert layers == {(layer, token) for layer in range(3) for token in ("stream", "cls", "patches")}
+    assert toolkit["attribution"].components[-1] == "L1_mlp"
 
 
 def test_sql_blocks_run_on_the_catalog(suite_root):
@@ -120,7 +123,7 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     code = "\n".join(line for _, block in _blocks("sql") for line in block.splitlines()
                      if not line.lstrip().startswith("--"))  # comments hold semicolons too
     statements = [s.strip() for s in code.split(";") if s.strip()]
-    assert len(statements) == 9
+    assert len(statements) == 10
     con = connect_catalog(root.catalog)
     try:
         results = {s: con.execute(s).fetchall() for s in statements}
@@ -140,6 +143,8 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     assert agree and all(0 < n_top <= 4 for *_, n_top in agree)  # the tiny suite keeps 4 top images
     [spread] = [rows for s, rows in results.items() if "FROM seed_spread" in s]
     assert {(r[1], r[2], r[3], r[4]) for r in spread} >= {("blocks.1.hook_resid_post", 8, "fvu", 2)}
+    [lens] = [rows for s, rows in results.items() if "FROM toolkit_identifiability" in s]
+    assert [(layer, token) for layer, token, *_ in lens] == [(i, t) for t in ("cls", "patches") for i in range(3)]
     [lineage] = [rows for s, rows in results.items() if "JOIN datasets" in s]
     # every link found, up to code_version (code_modified is NULL where git is absent)
     assert len(lineage) == 1 and None not in lineage[0][:12]
