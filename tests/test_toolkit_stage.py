@@ -52,6 +52,8 @@ def test_every_analysis_writes_a_queryable_table(built):
     assert all(0 <= r[2] <= 1 and 0 <= r[3] <= 1 for r in rows)
     assert {r[4] for r in rows if r[1] == "patches"} == {48 * 16}
     assert len(total) >= 2
+    assert set(summary["plots"]) == {"identifiability", "patch_classes", "attribution", "attention", "patching",
+                                     "perturbation"}
     for name, path in summary["plots"].items():
         assert path.endswith(".png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
 

@@ -261,6 +261,7 @@ class _Toolkit:
         # only generated shapes say where the object is: a sprite drawn on a black background
         masks = object_patch_mask(self.x, self.readout.cfg.patch_size) if self.spec.dataset.source == "shapes" else None
         rows = perturbation_table(self.model, self.x, self.target, object_masks=masks, batch_size=BATCH)
+        self._png(plots.plot_perturbation(rows, self.dir / "perturbation.png"))
         return self._write("toolkit_perturbation", rows)
 
     def memories(self) -> int:

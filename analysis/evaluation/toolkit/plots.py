@@ -84,3 +84,23 @@ def plot_patch_class_maps(images: np.ndarray, top: np.ndarray, class_names: list
     fig.suptitle(title or "Top class of each patch", fontsize=9)
     fig.subplots_adjust(bottom=0.15)
     return save_figure(fig, path)
+
+
+def plot_perturbation(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Rows of `perturbation.perturbation_table`: accuracy and the true class's identifiability
+    (output, class token, patches) under each condition."""
+    measures = [("accuracy", "accuracy"), ("identifiability", "identifiability (output)"),
+                ("cls_identifiability", "class token"), ("patch_identifiability", "patch tokens")]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(rows) + 1), 3.2), dpi=110)
+    x = np.arange(len(rows))
+    width = 0.8 / len(measures)
+    for i, (key, label) in enumerate(measures):
+        values = [np.nan if r.get(key) is None else r[key] for r in rows]
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label)
+    ax.set_xticks(x, [r["condition"] for r in rows], fontsize=8)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title or "Perturbations (Vilas et al. 2023); dashed: identifiability at chance", fontsize=9)
+    return save_figure(fig, path)
