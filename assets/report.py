@@ -64,7 +64,8 @@ def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
             context.log.warning(f"no mined features yet for {', '.join(summary['unmined'])}: not in the browser")
         return dg.MaterializeResult(
             metadata={"path": dg.MetadataValue.path(str(summary["path"])), "url": dg.MetadataValue.url(summary["url"]),
-                      "n_dictionaries": summary["n_dictionaries"], "unmined": dg.MetadataValue.json(summary["unmined"])},
+                      "n_dictionaries": summary["n_dictionaries"], "n_reused": len(summary["reused"]),
+                      "unmined": dg.MetadataValue.json(summary["unmined"])},
             data_version=data_version("browser", *summary["dict_ids"]),
         )
 

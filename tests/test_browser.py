@@ -20,7 +20,8 @@ import pytest
 
 from analysis.data.images import open_images, read_labels
 from analysis.paths import DataRoot
-from analysis.stages.browser import COLUMNS, build_browser, build_browser_index, browser_dir
+from analysis.stages.browser import (COLUMNS, PAGE_MARKER, build_browser, build_browser_index, build_suite_browser,
+                                     browser_dir)
 from analysis.stages.dictionaries import FEATURES_FILE, dictionary_id
 from analysis.stages.report import member_dict_ids
 from test_damage import MEMBER, SUITE, run_all
@@ -154,6 +155,11 @@ def test_chromium_renders_the_rows_and_a_cards_images(built):
     assert [i for _, i in shown_samples] == [mine[j]["image_idx"] for j in picks]
     classes = next(s["head_top3"] for s in stats if s["feature"] == feature)
     assert "reads its decoder direction as: " + ", ".join(classes) in shown.dom
+    # and its activation histogram: every image it fires on, from its first to its last non-empty bin
+    histogram = next(s["activation_histogram"] for s in stats if s["feature"] == feature)
+    nonzero = [i for i, n in enumerate(histogram) if n]
+    assert f'id="activations" data-bins="{nonzero[-1] - nonzero[0] + 1}"' in shown.dom
+    assert f"{sum(histogram)} images</div>" in shown.dom
 
 
 @needs_chromium
@@ -271,3 +277,19 @@ def test_the_feature_browser_asset_builds_every_mined_member(built, tmp_path):
     assert event.metadata["path"].path == str(index) and event.metadata["url"].url == index.as_uri()
     assert event.metadata["n_dictionaries"].value == len(member_dict_ids(SUITE)) == 1
     assert (browser_dir(copy) / dict_id / "index.html").is_file() and dict_id in index.read_text()
+
+
+def test_the_suite_browser_rebuilds_only_pages_whose_inputs_changed_or_are_damaged(built):
+    root, dict_id, _ = built
+    first = build_suite_browser(SUITE, root)
+    assert first["dict_ids"] == [dict_id]
+    page_dir = browser_dir(root) / dict_id
+    assert build_suite_browser(SUITE, root)["reused"] == [dict_id]  # same inputs, intact files
+    card = next((page_dir / "cards").glob("*.js"))
+    card.write_text(card.read_text()[:50])  # a truncated card file is damage: rebuilt, not reused
+    assert build_suite_browser(SUITE, root)["reused"] == []
+    assert card.stat().st_size > 50 and build_suite_browser(SUITE, root)["reused"] == [dict_id]
+    marker = root.dictionary(dict_id) / "evaluation.json"
+    marker.write_text(marker.read_text().replace("{", '{"note": "re-evaluated", ', 1))  # new inputs: rebuilt
+    assert build_suite_browser(SUITE, root)["reused"] == []
+    assert (page_dir / PAGE_MARKER).is_file()

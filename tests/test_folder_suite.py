@@ -201,6 +201,23 @@ def test_a_timm_suite_scores_against_the_clean_output_distribution(timm_run):
                                                         "interpolation": "bicubic"}
 
 
+def test_the_toolkit_scores_a_timm_head_on_its_own_predictions(timm_run):
+    """A timm head's 1000 classes are not the folder's: the toolkit's target is the prediction, so
+    the model's head on the final stream ranks it first on every image."""
+    _, root = timm_run
+    con = connect_catalog(root.catalog)
+    try:
+        rows = con.execute("SELECT layer, token, identifiability, top1, target FROM toolkit_identifiability "
+                           "ORDER BY layer, token").fetchall()
+        perturbed = con.execute("SELECT condition FROM toolkit_perturbation ORDER BY condition").fetchall()
+    finally:
+        con.close()
+    assert {r[4] for r in rows} == {"prediction"} and max(r[0] for r in rows) == 2  # depth 2
+    [(_, _, identifiability, top1, _)] = [r for r in rows if r[0] == 2 and r[1] == "stream"]
+    assert identifiability == 1.0 and top1 == 1.0
+    assert perturbed == [("no_cls",), ("none",), ("self_only",)]  # no object masks outside generated shapes
+
+
 def test_timm_weights_are_checked_before_any_work_and_hashed_into_the_id(photo_folder, tmp_path):
     import timm
     from safetensors.torch import save_file

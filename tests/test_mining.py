@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from analysis.evaluation.mining import mine_features
+from analysis.evaluation.mining import histogram_edges, mine_features
 from analysis.dictionaries import SAEConfig, TopKSAE
 
 N_IMG, T, D, WIDTH, K = 50, 5, 8, 24, 3
@@ -67,9 +67,16 @@ def test_top_images_match_brute_force(setup, sizes, chunk):
 
     stats = res.feature_stats.to_pydict()
     fired = lat > 0
+    per_image_max = lat.max(1)
     np.testing.assert_array_equal(stats["fire_count"], fired.sum((0, 1)))
     np.testing.assert_allclose(stats["frequency"], fired.mean((0, 1)))
     np.testing.assert_allclose(stats["max_activation"], lat.max((0, 1)), rtol=1e-6)
+    # the histogram counts each firing image's max activation in its log2 bin
+    edges = histogram_edges()
+    for f in range(WIDTH):
+        maxima = per_image_max[:, f][per_image_max[:, f] > 0]
+        bins = np.clip(np.searchsorted(edges, maxima, side="right") - 1, 0, len(edges) - 2)
+        assert stats["activation_histogram"][f] == np.bincount(bins, minlength=len(edges) - 1).tolist()
     expected_mean = [lat[..., f][fired[..., f]].mean() if fired[..., f].any() else None for f in range(WIDTH)]
     assert stats["mean_activation"][-1] is None
     np.testing.assert_allclose(

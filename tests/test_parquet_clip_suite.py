@@ -106,6 +106,20 @@ def test_a_clip_suite_is_scored_on_the_labels_through_the_zero_shot_head(clip_ru
     assert labels[0]["source"] == "train-00000.parquet#0"
 
 
+def test_the_toolkit_reads_a_clip_tower_through_its_zero_shot_head(clip_run):
+    spec, root = clip_run
+    con = connect_catalog(root.catalog)
+    try:
+        lens = con.execute("SELECT layer, token, target FROM toolkit_identifiability WHERE token = 'cls' "
+                           "ORDER BY layer").fetchall()
+        components = [c for (c,) in con.execute("SELECT DISTINCT component FROM toolkit_attribution").fetchall()]
+    finally:
+        con.close()
+    n_layers = spec.vit_config().n_layers
+    assert [(layer, target) for layer, _, target in lens] == [(i, "label") for i in range(n_layers + 1)]
+    assert "embed" in components and "pos_embed" not in components  # ln_pre: the embeddings are one term
+
+
 def test_open_clip_weights_files_are_checked_before_any_work(parquet_file, tmp_path):
     from safetensors.torch import save_file
 

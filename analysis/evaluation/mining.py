@@ -24,7 +24,26 @@ norm is flagged: ViTs grow a few outlier tokens with several times the typical n
 global information instead of their patch (Darcet et al. 2024, "Vision Transformers Need
 Registers"), and a feature of those tokens says little about the patch it sits on."""
 
+HISTOGRAM_LOG2 = (-12.0, 12.0, 0.5)
+"""(first edge, last edge, bin width) in log2 units of the per-feature activation histogram:
+48 bins from 2^-12 (2.4e-4) to 2^12 (4096), so one fixed set of edges holds any model's scale;
+values outside fall into the first or last bin. Fixed edges let a streaming pass count without
+knowing a feature's range first, and make histograms of two dictionaries comparable."""
+
 Span = tuple[int, int]
+
+
+def histogram_edges() -> np.ndarray:
+    """The activation values at the edges of the HISTOGRAM_LOG2 bins (n_bins + 1)."""
+    lo, hi, step = HISTOGRAM_LOG2
+    return 2.0 ** np.arange(lo, hi + step / 2, step)
+
+
+def _histogram_bins(values: Tensor) -> Tensor:
+    """The HISTOGRAM_LOG2 bin of each positive value (clamped into the first and last bins)."""
+    lo, hi, step = HISTOGRAM_LOG2
+    n_bins = round((hi - lo) / step)
+    return ((values.float().log2() - lo) / step).floor().clamp_(0, n_bins - 1).long()
 
 
 class MiningResult(NamedTuple):
@@ -38,7 +57,8 @@ class MiningResult(NamedTuple):
     null where the tokens hold none of that kind), top_label (the label type; null without labels
     or firings), top_label_share float64 and label_entropy float64 (bits) over the images it fires
     on, top_norm_ratio float32 (median token_norm_ratio of its top images; null if never fired)
-    and high_norm bool (top_norm_ratio > HIGH_NORM_RATIO)."""
+    and high_norm bool (top_norm_ratio > HIGH_NORM_RATIO), activation_histogram list<int32> (per
+    image it fires on, its max activation counted in the HISTOGRAM_LOG2 bins; `histogram_edges`)."""
     heatmaps: np.ndarray
     """(width, n_top, T) float16 per-token activations of each top image; zeros in empty slots."""
     top_images_cls: pa.Table | None
@@ -149,6 +169,8 @@ class _Running:
         self.fire_cls = torch.zeros(width, dtype=torch.int64, device=device)
         self.fire_patch = torch.zeros(width, dtype=torch.int64, device=device)
         self.n_images = 0
+        lo, hi, step = HISTOGRAM_LOG2
+        self.histogram = torch.zeros((width, round((hi - lo) / step)), dtype=torch.int64, device=device)
         self.top_ratio = torch.zeros((width, n_top), dtype=torch.float32, device=device)
         self.top = RunningTop(width, n_top, device)  # by the max over tokens
         self.top_tok = torch.zeros((width, n_top), dtype=torch.int64, device=device)
@@ -181,8 +203,10 @@ class _Running:
 
         vmax = lat.amax(dim=1)  # (c, width); which token is the max: only for entries entering a top
         self.act_max = torch.maximum(self.act_max, vmax.amax(0))
+        image, feature = (vmax > 0).nonzero(as_tuple=True)  # the (image, feature) pairs that fired
+        self._count_histogram(vmax[image, feature], feature)
         if self.codes is not None:
-            self._count_labels(vmax > 0, self.codes[ids])
+            self._count_labels(image, feature, self.codes[ids])
         self.samples.update(vmax, ids)
         if self.cls_top is not None:
             self.cls_top.update(lat[:, self.cls[0]], ids)
@@ -214,9 +238,13 @@ class _Running:
         self.heat[feature, freed] = heat.to(torch.float16)
         self.slot[rows], self.top_tok[rows], self.top_ratio[rows] = slot, tok, ratio
 
-    def _count_labels(self, fired_images: Tensor, codes: Tensor) -> None:
+    def _count_histogram(self, values: Tensor, feature: Tensor) -> None:
+        """Each firing image's max activation into its feature's histogram bin."""
+        flat = feature * self.histogram.shape[1] + _histogram_bins(values)
+        self.histogram.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def _count_labels(self, image: Tensor, feature: Tensor, codes: Tensor) -> None:
         """Add each (feature, label of an image it fires on) pair: O(pairs), not O(width · labels)."""
-        image, feature = fired_images.nonzero(as_tuple=True)
         label = codes[image]
         keep = label >= 0
         flat = feature[keep] * self.label_fires.shape[1] + label[keep]
@@ -256,9 +284,17 @@ class _Running:
             "patch_frequency": _rate(self.fire_patch, self.n_images * (self.patches[1] - self.patches[0])),
             **self._label_stats(),
             **_norm_stats(self.top_ratio, filled),
+            "activation_histogram": _list_column(self.histogram),
         })
         return MiningResult(top_images, feature_stats, heat.cpu().numpy(),
                             None if self.cls_top is None else self.cls_top.table(), self.samples.table())
+
+
+def _list_column(rows: Tensor) -> pa.Array:
+    """A (width, n) tensor as a list<int32> column, one list per feature."""
+    width, n = rows.shape
+    offsets = pa.array(np.arange(0, (width + 1) * n, n, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(rows.cpu().numpy().astype(np.int32).reshape(-1)))
 
 
 def _count_positive(lat: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ is 0.8 MB and its cards 68 MB in 64 files (one 1 MB file loads when a card opens
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -43,10 +44,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from analysis.dictionaries import CONFIG_FILE
-from analysis.integrity import atomic_write, file_lock
+from analysis.integrity import atomic_write, file_lock, read_done, write_done
+from analysis.evaluation.mining import HISTOGRAM_LOG2
 from analysis.paths import DataRoot
-from analysis.stages.browser_page import render_index, render_page
-from analysis.stages.dictionaries import FEATURES_FILE
+from analysis.stages.browser_page import page_template, render_index, render_page
+from analysis.stages.dictionaries import EVALUATION_FILE, FEATURES_FILE
 from analysis.stages.notebook import HEAT_ALPHA, TILE, _MinedDictionary, _dictionary_dir, _fmt, _root
 from analysis.stages.report import member_dict_ids
 from analysis.stages.suite import SuiteSpec
@@ -57,6 +59,9 @@ PAGE_ROWS = 100
 """Rows of the feature table rendered at once (the rest are a page away), so a 16k-latent table
 renders as fast as a small one."""
 IMAGE_BATCH = 256  # images read from the dataset's Zarr array at once while writing PNGs
+PAGE_MARKER = "browser.done.json"
+"""In a page's folder: what the page was built from (`page_inputs`) and the files it vouches for
+(the page, its card data, its images), so `build_suite_browser` rebuilds only what changed."""
 
 # The feature table's columns (feature_stats' own, renamed for the page, and the top-label pair
 # computed from the top images' labels), their titles, and the ones with min/max filters.
@@ -99,7 +104,21 @@ def build_browser(root: str | Path | DataRoot, dict_id: str) -> Path:
             _swap_in(work, final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        shown = np.unique(np.concatenate([top["image_idx"], samples["image_idx"]]))
+        write_done(final / PAGE_MARKER, {"inputs": page_inputs(root, dict_id)},
+                   [final / "index.html", final / "cards", *(image_dir / f"{i}.png" for i in shown)])
     return final / "index.html"
+
+
+def page_inputs(root: DataRoot, dict_id: str) -> str:
+    """A digest of everything a page is built from: the done-markers of the dictionary's features
+    and evaluation stages (each records the sha256 of every file it wrote) and the page's own
+    template and script, so new mining, a new evaluation or a changed page all rebuild it."""
+    h = hashlib.sha256(page_template().encode())
+    for name in (FEATURES_FILE, EVALUATION_FILE):
+        marker = root.dictionary(dict_id) / name
+        h.update(name.encode() + b"\0" + (marker.read_bytes() if marker.exists() else b"absent") + b"\0")
+    return h.hexdigest()
 
 
 def _label_codes(mined: _MinedDictionary) -> tuple[np.ndarray, list[str]]:
@@ -168,7 +187,8 @@ def _write_cards(mined: _MinedDictionary, top: dict, bounds: np.ndarray, label_c
     """cards/<chunk>.js for every chunk of CHUNK features holding one that fired.
     Each feature: [image_idx, activation, token, label, heatmap (base64 uint8, rows*cols per image,
     scaled to the feature's largest patch activation) or null, that largest activation, samples
-    across its range (`_sample_row`) or null, the head's top classes (head_top3) or null]."""
+    across its range (`_sample_row`) or null, the head's top classes (head_top3) or null, its
+    activation histogram (`_trimmed`) or null]."""
     directory.mkdir(parents=True)
     width = len(bounds) - 1
     for start in range(0, width, CHUNK):
@@ -189,9 +209,18 @@ def _write_cards(mined: _MinedDictionary, top: dict, bounds: np.ndarray, label_c
             entries[str(f)] = [images.tolist(), [_number(v) for v in top["activation"][a:b]],
                                top["token"][a:b].tolist(), [label_names[c] for c in label_codes[images]],
                                heat, _number(scale), _sample_row(samples, f, label_names, label_codes),
-                               mined.stats[f].get("head_top3")]
+                               mined.stats[f].get("head_top3"), _trimmed(mined.stats[f].get("activation_histogram"))]
         text = json.dumps(entries, separators=(",", ":"), allow_nan=False)
         (directory / f"{start // CHUNK:04d}.js").write_text(f"spectraCards({start // CHUNK},{text});\n")
+
+
+def _trimmed(histogram: list[int] | None) -> list[int] | None:
+    """[first non-empty bin, its count, …, the last non-empty bin's count] of a HISTOGRAM_LOG2
+    histogram, or None (no histogram mined, or no firing)."""
+    if not histogram or not any(histogram):
+        return None
+    nonzero = [i for i, n in enumerate(histogram) if n]
+    return [nonzero[0], *histogram[nonzero[0]:nonzero[-1] + 1]]
 
 
 def _quantised(grid: np.ndarray | None) -> tuple[str | None, float | None]:
@@ -253,7 +282,8 @@ def _page_data(mined: _MinedDictionary, rows: list[list], image_dir: str, histog
                                       if groups.positions(kind) is not None}
     return {"columns": list(COLUMNS), "titles": COLUMNS, "filters": FILTERS, "rows": rows, "chunk": CHUNK,
             "page_rows": PAGE_ROWS, "tile": TILE, "image_dir": Path(image_dir).as_posix(), "patch_grid": grid,
-            "other_tokens": other, "heat_alpha": HEAT_ALPHA, "histogram": histogram}
+            "other_tokens": other, "heat_alpha": HEAT_ALPHA, "histogram": histogram,
+            "activation_bins": list(HISTOGRAM_LOG2)}
 
 
 def partition_rows(root: DataRoot, table: str, dict_id: str) -> list[dict]:
@@ -312,8 +342,14 @@ def build_suite_browser(spec: SuiteSpec, root: DataRoot) -> dict:
     members without (`unmined`) are named, not fatal: the browser shows what there is so far."""
     ids = member_dict_ids(spec)
     mined = {key: d for key, d in ids.items() if (root.dictionary(d) / FEATURES_FILE).exists()}
+    reused = []
     for dict_id in mined.values():
+        # a page built from the same inputs whose files are intact is current; damage is logged and rebuilt
+        done = read_done(browser_dir(root) / dict_id / PAGE_MARKER)
+        if done is not None and done.get("inputs") == page_inputs(root, dict_id):
+            reused.append(dict_id)
+            continue
         build_browser(root, dict_id)
     index = build_browser_index(root, list(mined.values()))
     return {"path": index, "url": index.as_uri(), "n_dictionaries": len(mined), "dict_ids": list(mined.values()),
-            "unmined": [key for key in ids if key not in mined]}
+            "unmined": [key for key in ids if key not in mined], "reused": reused}

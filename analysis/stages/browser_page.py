@@ -178,9 +178,30 @@ function renderTiles(entry) {
   });
   $("scale").textContent = bytes ? `red opacity: 0 → ${fmt(scale)} (the largest patch activation ` +
     "of these images; one scale for the whole card)" : "no patch heatmaps for this store";
-  const [, , , , , , samples, classes] = entry;
+  const [, , , , , , samples, classes, activations] = entry;
   $("classes").textContent = classes ? `the model's head reads its decoder direction as: ${classes.join(", ")}` : "";
   renderSamples(samples);
+  renderActivations(activations);
+}
+
+// [first bin, counts…] of the images it fires on, each counted at its max activation, on the
+// fixed log2 bins D.activation_bins = [first edge, last edge, width]
+function renderActivations(hist) {
+  const box = $("activations");
+  box.innerHTML = "";
+  delete box.dataset.bins;
+  if (!hist) return;
+  const [first, ...counts] = hist, [lo, , step] = D.activation_bins, w = 10, h = 50;
+  const top = Math.max(...counts, 1), edge = (i) => fmt(2 ** (lo + i * step));
+  const bars = counts.map((n, i) => {
+    const bh = Math.max(n ? 1 : 0, (n / top) * h);
+    return `<rect class="bar" x="${i * w}" y="${h - bh}" width="${w - 1}" height="${bh}">` +
+      `<title>${edge(first + i)} – ${edge(first + i + 1)}: ${n} images</title></rect>`;
+  }).join("");
+  box.dataset.bins = String(counts.length);
+  box.innerHTML = "<h2>Its activations: the images it fires on, by their max activation (log scale)</h2>" +
+    `<svg width="${Math.max(counts.length * w, 40)}" height="${h + 2}">${bars}</svg>` +
+    `<div>${edge(first)} … ${edge(first + counts.length)}, ${counts.reduce((a, b) => a + b, 0)} images</div>`;
 }
 
 function renderSamples(samples) {
@@ -244,7 +265,7 @@ function renderCard(s) {
     .map((c) => `<tr><td>${esc(D.titles[c])}</td><td>${esc(fmt(r[COL[c]]))}</td></tr>`).join("");
   $("histogram").innerHTML = D.histogram ? "<h2>Firing density of every latent (held-out split)</h2>" +
     histogramSvg(r[COL.density]) + "<div>red: the bin of this feature's density</div>" : "";
-  for (const id of ["tiles", "samples", "samples-title", "classes"]) $(id).innerHTML = "";
+  for (const id of ["tiles", "samples", "samples-title", "classes", "activations"]) $(id).innerHTML = "";
   $("scale").textContent = r[COL.n_top] ? "loading…" : "no top images: this feature never fired";
   if (!r[COL.n_top]) return;
   loadChunk(Math.floor(f / D.chunk)).then((entries) => {
@@ -320,6 +341,7 @@ _PAGE = """<!DOCTYPE html>
   <div id="classes"></div>
   <div id="samples-title"></div>
   <div class="tiles" id="samples"></div>
+  <div id="activations"></div>
   <div id="histogram"></div>
 </div>
 </div>
@@ -338,6 +360,11 @@ def _metric_rows(metrics: dict) -> str:
     """One header row of names over one row of values."""
     return ("<tr>" + "".join(f"<th>{html.escape(str(k))}</th>" for k in metrics) + "</tr><tr>"
             + "".join(f"<td>{html.escape(str(v))}</td>" for v in metrics.values()) + "</tr>")
+
+
+def page_template() -> str:
+    """Everything of a dictionary page that is code, not data (a change rebuilds every page)."""
+    return _PAGE + _STYLE + ERROR_GUARD + _SCRIPT
 
 
 def render_page(title: str, metrics: dict, data: dict) -> str:
