@@ -1,4 +1,5 @@
-"""Dagster definitions for one suite: assets, resources, jobs and a schedule.
+"""Dagster definitions for one suite: assets, resources, jobs, and the schedules and automation
+sensor of `pipelines.automation`.
 
 `workspace.yaml` loads `pipelines.definitions:defs`. Which suite and data root come from the
 environment: SPECTRA_SUITE (a name in pipelines/suites/ or a YAML path; default `default`) and
@@ -16,6 +17,7 @@ import dagster as dg
 from analysis.stages.validate import validate_suite
 from analysis.stages.suite import SuiteSpec, load_suite
 from assets import build_asset_checks, build_assets
+from pipelines.automation import automation_sensor, schedules, with_automation
 from resources import CatalogResource, ComputeResource, StorageResource, TrackerResource
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -48,19 +50,17 @@ JOB_SELECTIONS = {
     "extract_job": ["activations"],
     "stats_job": ["activation_stats"],
     "dictionary_job": ["dictionaries", "evaluations", "features"],
+    "evaluation_job": ["evaluations", "features"],
     "report_job": ["toolkit", "catalog", "report", "feature_browser"],
 }
 
 
 def build_definitions(spec: SuiteSpec, resources: dict | None = None) -> dg.Definitions:
     validate_suite(spec)  # bad names fail here, before any asset runs
-    jobs = [dg.define_asset_job(name, selection=sel, description=f"{spec.name}: {', '.join(sel)}")
-            for name, sel in JOB_SELECTIONS.items()]
-    # Weekly rerun of the unpartitioned head: with nothing changed it reuses every artifact.
-    schedule = dg.ScheduleDefinition(job=jobs[0], cron_schedule="0 3 * * 1",
-                                     default_status=dg.DefaultScheduleStatus.STOPPED)
-    return dg.Definitions(assets=build_assets(spec), asset_checks=build_asset_checks(spec), jobs=jobs,
-                          schedules=[schedule],
+    jobs = {name: dg.define_asset_job(name, selection=sel, description=f"{spec.name}: {', '.join(sel)}")
+            for name, sel in JOB_SELECTIONS.items()}
+    return dg.Definitions(assets=with_automation(build_assets(spec)), asset_checks=build_asset_checks(spec),
+                          jobs=list(jobs.values()), schedules=schedules(spec, jobs), sensors=[automation_sensor()],
                           resources=resources or default_resources())
 
 

@@ -14,7 +14,8 @@ def test_definitions_load_with_every_asset_job_and_schedule():
                     "dictionaries", "evaluations", "features", "toolkit", "catalog", "report", "feature_browser"}
     for name in JOB_SELECTIONS:
         assert defs.resolve_job_def(name) is not None
-    assert defs.resolve_schedule_def("prepare_job_schedule").cron_schedule == "0 3 * * 1"
+    assert {s.name for s in defs.schedules} == {"nightly_evaluation", "weekly_full"}  # tests/test_automation.py
+    assert [s.name for s in defs.sensors] == ["spectra_automation"]
     parts = defs.resolve_assets_def("dictionaries").partitions_def.get_partition_keys()
     assert len(parts) == 16 and "b1_resid_post-topk-x4-k32-s2" in parts  # 4 SAEs x 3 seeds, 3 transcoder seeds, 1 crosscoder
     assert "cc-b0_resid_post+b1_resid_post-topk-x4-k32-s0" in parts
