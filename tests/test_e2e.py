@@ -50,7 +50,7 @@ def test_catalog_holds_one_evaluation_per_member_with_real_numbers(suite_run):
     views = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     con.close()
     assert {"evaluations", "top_images", "feature_stats", "train_log", "mouse_history", "stability",
-            "density_histogram"} <= views
+            "density_histogram", "feature_factors"} <= views
     expected = sorted((m.hook, m.architecture, m.k, m.sparsity_coef or 0.0) for m in spec.members())
     assert sorted((r["hook"], r["architecture"], r["k"], r["sparsity_coef"] or 0.0) for r in rows) == expected
     assert {"topk", "jumprelu"} <= {r["architecture"] for r in rows}
@@ -365,6 +365,29 @@ def test_the_images_table_joins_top_images_to_their_labels(suite_run):
     con.close()
     label = labels.column("label").to_pylist()
     assert joined and all(label[idx] == lab and split == "eval" for idx, lab, split in joined)
+
+
+def test_feature_factors_count_the_shapes_latents_over_the_images_a_feature_fires_on(suite_run):
+    spec, root, _, _ = suite_run
+    member = spec.members()[0]
+    dict_id = dictionary_id(spec, member)
+    con = connect_catalog(root.catalog)
+    rows = con.execute("SELECT feature, factor, top_value, top_share, n_images FROM feature_factors "
+                       "WHERE dict_id = ? ORDER BY feature, factor", [dict_id]).fetchall()
+    con.close()
+    assert {r[1] for r in rows} == {"shape", "scale", "orientation", "pos_x", "pos_y"}
+    # recomputed from the top images' own labels: a feature whose top images all share a shape
+    # reports at least as many images of it as it has top images
+    labels = pq.read_table(root.images(spec.dataset_id) / "labels.parquet").column("shape").to_pylist()
+    top = pq.read_table(root.table("top_images") / f"dict_id={dict_id}").to_pylist()
+    by_feature = {}
+    for t in top:
+        by_feature.setdefault(t["feature"], []).append(labels[t["image_idx"]])
+    shape = {f: (value, share, n) for f, factor, value, share, n in rows if factor == "shape"}
+    for f, shapes in by_feature.items():
+        assert shape[f][2] >= len(shapes)  # every top image is an image it fires on
+        if len(set(shapes)) == 1 and shape[f][1] == 1.0:
+            assert shape[f][0] == str(shapes[0])
 
 
 def test_a_second_suite_on_the_same_store_keeps_the_first_suites_spread_and_stability(suite_run):

@@ -130,6 +130,36 @@ def test_label_token_kind_and_norm_statistics_match_brute_force(setup, sizes, ch
     assert any(stats["high_norm"][f] for f in range(WIDTH) if stats["high_norm"][f] is not None)
 
 
+@pytest.mark.parametrize("sizes", [[50], [7, 13, 30]])
+def test_factor_statistics_match_brute_force(setup, sizes):
+    """Each latent factor counted over the images a feature fires on, like the labels."""
+    sae, acts, image_idx = setup
+    size = np.full(1000 + N_IMG, -1)  # indexed by image_idx; -1: no value
+    size[image_idx] = [i % 3 for i in range(N_IMG)]
+    colour = np.full(1000 + N_IMG, None, dtype=object)
+    colour[image_idx] = [["red", "blue", None][i % 3] if i % 5 else "red" for i in range(N_IMG)]
+    res = mine_features(sae, _batches(acts, image_idx, sizes), n_top=2, factors={"size": size, "colour": colour})
+    with torch.no_grad():
+        lat = sae.dense_latents(acts.reshape(-1, D)).reshape(N_IMG, T, WIDTH).numpy()
+    fires_on = lat.max(1) > 0  # (image, feature)
+    rows = {(r["feature"], r["factor"]): r for r in res.factor_stats.to_pylist()}
+    for f in range(WIDTH):
+        for name, values in (("size", size), ("colour", colour)):
+            on = [v for v, hit in zip(values[image_idx], fires_on[:, f]) if hit and v is not None and v != -1]
+            if not on:
+                assert (f, name) not in rows
+                continue
+            kinds, counts = np.unique(np.asarray(on, dtype=object if name == "colour" else np.int64),
+                                      return_counts=True)
+            p = counts / counts.sum()
+            r = rows[(f, name)]
+            assert r["top_value"] == str(kinds[counts.argmax()]) and r["n_images"] == len(on)
+            assert r["top_share"] == pytest.approx(p.max()) and r["entropy"] == pytest.approx(-(p * np.log2(p)).sum())
+    assert mine_features(sae, _batches(acts, image_idx, [50]), n_top=2).factor_stats.num_rows == 0
+    with pytest.raises(ValueError, match="bin a continuous column"):
+        mine_features(sae, _batches(acts, image_idx, [50]), factors={"x": np.arange(5000.0)})
+
+
 def test_without_labels_or_a_class_token_those_columns_are_null(setup):
     sae, acts, image_idx = setup
     stats = mine_features(sae, _batches(acts, image_idx, [50]), n_top=2).feature_stats

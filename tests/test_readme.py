@@ -123,7 +123,7 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     code = "\n".join(line for _, block in _blocks("sql") for line in block.splitlines()
                      if not line.lstrip().startswith("--"))  # comments hold semicolons too
     statements = [s.strip() for s in code.split(";") if s.strip()]
-    assert len(statements) == 10
+    assert len(statements) == 11
     con = connect_catalog(root.catalog)
     try:
         results = {s: con.execute(s).fetchall() for s in statements}
@@ -143,6 +143,9 @@ def test_sql_blocks_run_on_the_catalog(suite_root):
     assert agree and all(0 < n_top <= 4 for *_, n_top in agree)  # the tiny suite keeps 4 top images
     [spread] = [rows for s, rows in results.items() if "FROM seed_spread" in s]
     assert {(r[1], r[2], r[3], r[4]) for r in spread} >= {("blocks.1.hook_resid_post", 8, "fvu", 2)}
+    [factors] = [rows for s, rows in results.items() if "FROM feature_factors" in s]
+    assert factors and {r[2] for r in factors} <= {"shape", "scale", "orientation", "pos_x", "pos_y"}
+    assert all(0 < r[4] <= 1 and r[5] >= 5 for r in factors)
     [lens] = [rows for s, rows in results.items() if "FROM toolkit_identifiability" in s]
     assert [(layer, token) for layer, token, *_ in lens] == [(i, t) for t in ("cls", "patches") for i in range(3)]
     [lineage] = [rows for s, rows in results.items() if "JOIN datasets" in s]

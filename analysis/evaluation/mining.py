@@ -68,6 +68,10 @@ class MiningResult(NamedTuple):
     """A uniform sample of up to n_samples images each feature fires on (examples from its whole
     activation range): feature int32, image_idx int64, activation float32 (max over tokens),
     quantile float32 (rank among the feature's samples, 0 weakest .. 1 strongest)."""
+    factor_stats: pa.Table
+    """Per feature and factor (`mine_features(factors=)`), over the images it fires on that carry a
+    value of it: feature int32, factor, top_value (as text), top_share float64, entropy float64
+    (bits), n_images int64; no rows for a feature that fired on none, or without factors."""
 
 
 def _sae_device(sae) -> torch.device:
@@ -85,6 +89,7 @@ def mine_features(
     n_top: int = 16,
     n_samples: int = 32,
     labels: np.ndarray | None = None,
+    factors: dict[str, np.ndarray] | None = None,
     cls: Span = (0, 0),
     patches: Span | None = None,
     max_latent_elements: int = 1 << 24,
@@ -94,14 +99,20 @@ def mine_features(
 
     `image_batches` yields (image_idx (n,), acts (n, T, d)) of RAW activations. `labels[i]` is
     image i's label (indexed by image_idx; None, NaN or a negative int: unlabelled; labels None:
-    no label statistics). `cls` and `patches` are the spans of the class token and the patch
+    no label statistics). `factors` maps a name to per-image values indexed the same way (the latent
+    factors of generated data, any categorical column), each counted like the labels into
+    `MiningResult.factor_stats`. `cls` and `patches` are the spans of the class token and the patch
     tokens along the token axis ((0, 0): none; patches None: every token). `n_samples` images per
     feature are sampled uniformly from those it fires on (`MiningResult.samples`).
     `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
     """
     if n_top <= 0:
         raise ValueError(f"n_top={n_top} must be > 0")
-    codes, label_values = (None, None) if labels is None else _label_codes(labels)
+    for name, values in (factors or {}).items():
+        n_values = len(np.unique(values[~_is_null(values)]))
+        if n_values > MAX_FACTOR_VALUES:
+            raise ValueError(f"factor {name!r} has {n_values} distinct values, more than MAX_FACTOR_VALUES="
+                             f"{MAX_FACTOR_VALUES}: a factor is categorical; bin a continuous column first")
     width = sae.cfg.width
     device = _sae_device(sae)
     running: _Running | None = None
@@ -115,7 +126,8 @@ def mine_features(
         T = acts.shape[1]
         if running is None:
             running = _Running(width, n_top, T, device, cls, (0, T) if patches is None else patches,
-                               None if codes is None else torch.as_tensor(codes, device=device), label_values,
+                               None if labels is None else _Attribute(labels, width, device),
+                               {name: _Attribute(v, width, device) for name, v in (factors or {}).items()},
                                n_samples)
         elif T != running.T:
             raise ValueError(f"token count changed from {running.T} to {T}: mine one hook/store at a time")
@@ -152,20 +164,52 @@ def _is_null(labels: np.ndarray) -> np.ndarray:
     return np.zeros(len(labels), dtype=bool)
 
 
+MAX_FACTOR_VALUES = 4096
+"""More distinct values than this make a factor's counts (width x values) too large to keep: a
+continuous column is not a factor; bin it first."""
+
+
+class _Attribute:
+    """Per feature, how many of the images it fires on carry each value of one per-image attribute
+    (the label, or a latent factor of generated data); O(firing pairs) per batch."""
+
+    def __init__(self, values_by_image: np.ndarray, width: int, device: torch.device):
+        codes, self.values = _label_codes(values_by_image)
+        self.codes = torch.as_tensor(codes, device=device)
+        self.counts = torch.zeros((width, max(len(self.values), 1)), dtype=torch.int64, device=device)
+
+    def count(self, image_ids: Tensor, feature: Tensor) -> None:
+        """Add each (feature, value of an image it fires on) pair; `image_ids` are dataset indices."""
+        code = self.codes[image_ids]
+        keep = code >= 0
+        flat = feature[keep] * self.counts.shape[1] + code[keep]
+        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def distribution(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per feature: the most common value's index (ties: the first in sorted order), its share,
+        the entropy in bits of the values, and whether the feature fired on no valued image."""
+        counts = self.counts.cpu().numpy().astype(np.float64)
+        total = counts.sum(1)
+        none = total == 0
+        p = counts / np.where(none, 1, total)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            entropy = -np.where(p > 0, p * np.log2(p), 0).sum(1) + 0.0  # + 0.0: no -0.0 for one value
+        top = counts.argmax(1)
+        return top, p[np.arange(len(p)), top], entropy, none
+
+
 class _Running:
     """Per feature: the running top `n_top` images (value, image, token, per-token heatmap, token
     norm ratio) and the firing statistics."""
 
     def __init__(self, width: int, n_top: int, T: int, device: torch.device, cls: Span = (0, 0),
-                 patches: Span | None = None, codes: Tensor | None = None, label_values: np.ndarray | None = None,
-                 n_samples: int = 32):
+                 patches: Span | None = None, labels: _Attribute | None = None,
+                 factors: dict[str, _Attribute] | None = None, n_samples: int = 32):
         self.width, self.n_top, self.T = width, n_top, T
         self.cls_top = RunningTop(width, n_top, device) if cls[1] > cls[0] else None
         self.samples = Reservoir(width, n_samples, device)
         self.cls, self.patches = cls, (0, T) if patches is None else patches
-        self.codes, self.label_values = codes, label_values
-        n_labels = 0 if label_values is None else len(label_values)
-        self.label_fires = torch.zeros((width, max(n_labels, 1)), dtype=torch.int64, device=device)
+        self.labels, self.factors = labels, factors or {}
         self.fire_cls = torch.zeros(width, dtype=torch.int64, device=device)
         self.fire_patch = torch.zeros(width, dtype=torch.int64, device=device)
         self.n_images = 0
@@ -205,8 +249,8 @@ class _Running:
         self.act_max = torch.maximum(self.act_max, vmax.amax(0))
         image, feature = (vmax > 0).nonzero(as_tuple=True)  # the (image, feature) pairs that fired
         self._count_histogram(vmax[image, feature], feature)
-        if self.codes is not None:
-            self._count_labels(image, feature, self.codes[ids])
+        for attribute in ([self.labels] if self.labels is not None else []) + list(self.factors.values()):
+            attribute.count(ids[image], feature)
         self.samples.update(vmax, ids)
         if self.cls_top is not None:
             self.cls_top.update(lat[:, self.cls[0]], ids)
@@ -243,28 +287,31 @@ class _Running:
         flat = feature * self.histogram.shape[1] + _histogram_bins(values)
         self.histogram.view(-1).index_add_(0, flat, torch.ones_like(flat))
 
-    def _count_labels(self, image: Tensor, feature: Tensor, codes: Tensor) -> None:
-        """Add each (feature, label of an image it fires on) pair: O(pairs), not O(width · labels)."""
-        label = codes[image]
-        keep = label >= 0
-        flat = feature[keep] * self.label_fires.shape[1] + label[keep]
-        self.label_fires.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
     def _label_stats(self) -> dict[str, pa.Array]:
         width = self.width
-        if self.label_values is None:
+        if self.labels is None:
             nulls = pa.nulls(width, pa.float64())
             return {"top_label": pa.nulls(width, pa.int64()), "top_label_share": nulls, "label_entropy": nulls}
-        counts = self.label_fires.cpu().numpy().astype(np.float64)
-        total = counts.sum(1)
-        none = total == 0
-        p = counts / np.where(none, 1, total)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            entropy = -np.where(p > 0, p * np.log2(p), 0).sum(1)
-        top = counts.argmax(1)
-        return {"top_label": pa.array(self.label_values[top], mask=none),
-                "top_label_share": pa.array(p[np.arange(width), top], mask=none),
-                "label_entropy": pa.array(entropy + 0.0, mask=none)}  # + 0.0: no -0.0 for one label
+        top, share, entropy, none = self.labels.distribution()
+        return {"top_label": pa.array(self.labels.values[top], mask=none),
+                "top_label_share": pa.array(share, mask=none), "label_entropy": pa.array(entropy, mask=none)}
+
+    def _factor_stats(self) -> pa.Table:
+        """One row per (feature, factor) where the feature fired on an image with a value of it."""
+        parts = []
+        for name, attribute in self.factors.items():
+            top, share, entropy, none = attribute.distribution()
+            fired = np.flatnonzero(~none)
+            parts.append(pa.table({
+                "feature": pa.array(fired.astype(np.int32)), "factor": pa.array([name] * len(fired), pa.string()),
+                "top_value": pa.array([str(v) for v in attribute.values[top[fired]]], pa.string()),
+                "top_share": pa.array(share[fired]), "entropy": pa.array(entropy[fired]),
+                "n_images": pa.array(attribute.counts.sum(1).cpu().numpy()[fired])}))
+        if not parts:
+            return pa.table({"feature": pa.array([], pa.int32()), "factor": pa.array([], pa.string()),
+                             "top_value": pa.array([], pa.string()), "top_share": pa.array([], pa.float64()),
+                             "entropy": pa.array([], pa.float64()), "n_images": pa.array([], pa.int64())})
+        return pa.concat_tables(parts).sort_by([("feature", "ascending"), ("factor", "ascending")])
 
     def result(self) -> MiningResult:
         width = self.width
@@ -287,7 +334,8 @@ class _Running:
             "activation_histogram": _list_column(self.histogram),
         })
         return MiningResult(top_images, feature_stats, heat.cpu().numpy(),
-                            None if self.cls_top is None else self.cls_top.table(), self.samples.table())
+                            None if self.cls_top is None else self.cls_top.table(), self.samples.table(),
+                            self._factor_stats())
 
 
 def _list_column(rows: Tensor) -> pa.Array:

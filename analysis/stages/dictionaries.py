@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
@@ -27,7 +28,7 @@ from analysis.data.images import open_images, read_labels
 from analysis.models.inputs import to_model_input
 from analysis.evaluation.downstream import DownstreamMetrics, spliced_downstream_metrics
 from analysis.evaluation.metrics import ReconstructionMetrics, firing_fractions, log10_density_histogram
-from analysis.evaluation.mining import mine_features
+from analysis.evaluation.mining import MAX_FACTOR_VALUES, mine_features
 from analysis.models.class_projection import direction_logits, has_classifier
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary
@@ -267,9 +268,11 @@ def _downstream_by_token_kind(spec: SuiteSpec, member: Member, dictionary, model
     return out
 
 
-FEATURE_TABLES = ("top_images", "feature_stats", "top_images_cls", "feature_samples")
+FEATURE_TABLES = ("top_images", "feature_stats", "top_images_cls", "feature_samples", "feature_factors")
 """The tables the features stage writes a partition of (top_images_cls only where the store keeps
 a class token)."""
+NOT_FACTORS = {"image_idx", "label", "split", "sha256", "source", "duplicate_of"}
+"""labels.parquet columns that are bookkeeping, not attributes of an image's content."""
 
 
 def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
@@ -286,7 +289,7 @@ def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device:
     miner, batches = _stage(member).mining_input(spec, root, member, dictionary, eval_idx, device)
     groups = token_selection(spec).groups
     mined = mine_features(miner, batches, n_top=spec.evaluation.n_top, labels=dataset_labels(spec, root),
-                          cls=groups.cls, patches=groups.patches)
+                          factors=dataset_factors(spec, root), cls=groups.cls, patches=groups.patches)
     feature_stats = mined.feature_stats
     for name, column in _head_classes(spec, root, member, dictionary, device).items():
         feature_stats = feature_stats.append_column(name, column)
@@ -294,6 +297,8 @@ def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device:
     files = [write_table_partition(root.table("top_images"), partition, mined.top_images),
              write_table_partition(root.table("feature_stats"), partition, feature_stats),
              write_table_partition(root.table("feature_samples"), partition, mined.samples),
+             # written even when empty, so the view (and a query over it) exists for every dataset
+             write_table_partition(root.table("feature_factors"), partition, mined.factor_stats),
              *([] if mined.top_images_cls is None else
                [write_table_partition(root.table("top_images_cls"), partition, mined.top_images_cls)]),
              atomic_write(directory / HEATMAPS_FILE, lambda tmp: _save_npy(tmp, mined.heatmaps)),
@@ -352,6 +357,22 @@ def dataset_labels(spec: SuiteSpec, root: DataRoot) -> np.ndarray | None:
     if not np.array_equal(order, np.arange(len(order))):
         raise ValueError(f"{root.images(spec.dataset_id)}/labels.parquet is not in image order: ingest it again")
     return table.column("label").to_numpy(zero_copy_only=False)
+
+
+def dataset_factors(spec: SuiteSpec, root: DataRoot) -> dict[str, np.ndarray]:
+    """The categorical per-image columns of labels.parquet beyond the label (the latent factors of
+    generated shapes; extra columns of a label file), by image index: integer or text columns with at
+    most MAX_FACTOR_VALUES distinct values."""
+    table = read_labels(root.images(spec.dataset_id))
+    factors = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name in NOT_FACTORS or not (pa.types.is_integer(column.type) or pa.types.is_string(column.type)):
+            continue
+        values = column.to_numpy(zero_copy_only=False)
+        if len(pc.unique(column)) <= MAX_FACTOR_VALUES:
+            factors[name] = values
+    return factors
 
 
 def _save_npy(path, array: np.ndarray) -> None:
