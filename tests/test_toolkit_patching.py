@@ -163,3 +163,34 @@ def test_bad_setters_are_refused_with_the_range_and_fix():
         P.patch(model, clean, corrupted[:2], P.resid(0), metric)
     with pytest.raises(ValueError, match="cannot tell"):  # identical inputs: no gap to normalise
         P.sweep_heads(model, clean, clean, metric)
+
+
+def test_token_blocks_cover_every_token_once_within_the_budget():
+    from analysis.evaluation.toolkit.patching import token_blocks
+    from analysis.models.vit import ViTConfig
+
+    vit_b = ViTConfig(image_size=224, patch_size=16, d_model=64, n_layers=1, n_heads=1, d_mlp=64, n_registers=2)
+    groups, labels = token_blocks(vit_b, 64)
+    assert len(groups) == len(labels) == 3 + 49 and labels[:4] == ["cls", "reg0", "reg1", "p0+"]
+    assert sorted(t for g in groups for t in g) == list(range(vit_b.n_tokens))
+    assert {len(g) for g in groups[3:]} == {4}  # 2 x 2 blocks of the 14 x 14 grid
+    small, small_labels = token_blocks(random_model("cls_final").cfg, 64)  # 17 tokens: each alone
+    assert small == [[t] for t in range(17)] and small_labels[1] == "p0"
+
+
+def test_a_sweep_over_groups_patches_each_group_together():
+    from analysis.evaluation.toolkit.patching import logit_diff_metric, patch, resid, sweep_resid, token_blocks
+
+    model = random_model("cls_final")
+    torch.manual_seed(1)
+    clean, corrupt = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    metric = logit_diff_metric(torch.tensor([0]), torch.tensor([1]))
+    groups, _ = token_blocks(model.cfg, 5)  # 1 + 4 blocks of 2 x 2 patches
+    swept = sweep_resid(model, clean, corrupt, metric, positions=groups)
+    assert swept.shape == (2, 5)
+    with torch.no_grad():
+        clean_v, corrupt_v = metric(model(clean)), metric(model(corrupt))
+    for layer in range(2):
+        for j, group in enumerate(groups):
+            value = patch(model, clean, corrupt, resid(layer, group), metric)
+            torch.testing.assert_close(swept[layer, j], (value - corrupt_v) / (clean_v - corrupt_v))

@@ -117,22 +117,10 @@ def stack_head_results(
     output projection. incl_remainder adds "remainder" = residual stream - sum of heads.
     """
     model, layer = _model(cache), _layer(cache, layer)
-    cfg = model.cfg
     stack, labels = [], []
     for i in range(layer):
-        blk = model.blocks[i]
-        name = f"blocks.{i}.attn.hook_result"
-        if name in cache:
-            result = cache[name]
-        else:
-            z = _get(cache, f"blocks.{i}.attn.hook_z")
-            w = blk.attn.proj.weight.detach().view(cfg.d_model, cfg.n_heads, cfg.d_head).to(z)
-            result = torch.einsum("bthe,dhe->bthd", z, w)
-        if blk.ls1 is not None:
-            result = result * blk.ls1.gamma.to(result)
-        for h in range(cfg.n_heads):
-            stack.append(result[:, :, h])
-            labels.append(f"L{i}H{h}")
+        stack += list(head_results(cache, i))
+        labels += [f"L{i}H{h}" for h in range(model.cfg.n_heads)]
     if incl_remainder:
         resid = accumulated_resid(cache, layer)[-1]
         heads = torch.stack(stack).sum(0) if stack else torch.zeros_like(resid)
@@ -144,6 +132,28 @@ def stack_head_results(
     if apply_ln:
         out = apply_ln_to_stack(cache, out, layer)
     return (out, labels) if return_labels else out
+
+
+def head_results(cache: "ActivationCache", layer: int) -> Stack:
+    """Each head of block `layer`'s write into the residual stream, layer scale applied: (H, B, T, d).
+
+    Uses cached `attn.hook_result` when present, else computes it from `attn.hook_z` and the
+    output projection (without its bias, which no head owns)."""
+    model = _model(cache)
+    cfg = model.cfg
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.n_layers:
+        raise ValueError(f"layer={layer!r} out of range: blocks are 0..{cfg.n_layers - 1}")
+    blk = model.blocks[layer]
+    name = f"blocks.{layer}.attn.hook_result"
+    if name in cache:
+        result = cache[name]
+    else:
+        z = _get(cache, f"blocks.{layer}.attn.hook_z")
+        w = blk.attn.proj.weight.detach().view(cfg.d_model, cfg.n_heads, cfg.d_head).to(z)
+        result = torch.einsum("bthe,dhe->bthd", z, w)
+    if blk.ls1 is not None:
+        result = result * blk.ls1.gamma.to(result)
+    return result.permute(2, 0, 1, 3).detach()
 
 
 def apply_ln_to_stack(

@@ -115,9 +115,13 @@ class ToolkitSpec:
     image the model classifies right and the first held-out image of another class."""
     attention_image: int | None = None
     """Dataset image index drawn in the attention views; None: the clean image of the patching pair."""
+    patch_positions: int = 64
+    """Cells per layer of the patching sweeps: every token alone when the model has at most this
+    many, else the prefix tokens alone and the patches in square blocks (`token_blocks`): each cell
+    costs a forward pass per layer (a ViT-B/16's 197 single tokens: ~8 min on 2 CPU cores)."""
 
     def __post_init__(self):
-        _check_positive("toolkit", self, ("max_images", "probe_images"))
+        _check_positive("toolkit", self, ("max_images", "probe_images", "patch_positions"))
         if self.patch_pair is not None and (len(self.patch_pair) != 2 or len(set(self.patch_pair)) != 2):
             raise ValueError(f"toolkit.patch_pair={self.patch_pair!r}: expected two different dataset image "
                              "indices [clean, corrupted], e.g. patch_pair: [12, 40], or leave it unset")

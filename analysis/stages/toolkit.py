@@ -11,7 +11,8 @@ dataset ids as columns) and, where a picture says more, a PNG under `reports/too
     toolkit_attention        per layer and head: attention to the class token, mean attention distance
                              (also attention.png, one image's patterns, and attention.html to explore them)
     toolkit_patching         activation patching of one (clean, corrupted) pair: the residual stream per
-                             layer x token, the MLP output per layer x token, each head; 1 = clean restored
+                             layer x token (or block of patches: `toolkit.patch_positions`), the MLP
+                             output likewise, each head; 1 = clean restored
     toolkit_perturbation     Vilas et al.'s attention perturbations (and, on generated shapes, context
                              perturbations with the sprite's patches as the object): accuracy, identifiability
     toolkit_memories         every MLP and attention-output column read as a class (top class, margin)
@@ -43,7 +44,7 @@ from analysis.evaluation.toolkit.attention import (attention_distance, attention
 from analysis.evaluation.toolkit.attribution import direct_logit_attribution, mean_by_class, merge_heads
 from analysis.evaluation.toolkit.lens import class_embedding_lens, identifiability_table, patch_class_maps
 from analysis.evaluation.toolkit.memories import key_value_agreement, memories_table
-from analysis.evaluation.toolkit.patching import logit_diff_metric, sweep_heads, sweep_mlp, sweep_resid
+from analysis.evaluation.toolkit.patching import logit_diff_metric, sweep_heads, sweep_mlp, sweep_resid, token_blocks
 from analysis.evaluation.toolkit.perturbation import object_patch_mask, perturbation_table
 from analysis.evaluation.toolkit.probe import probe_layers
 from analysis.evaluation.toolkit.readout import Readout
@@ -59,8 +60,9 @@ from analysis.stages.suite import SuiteSpec
 MARKER = "toolkit.done.json"
 VERSION = 1
 """Part of the toolkit id: raise it when an analysis changes what it writes."""
-BATCH = 64
-ATTENTION_BATCH = 16
+BATCH = 16
+"""Images per forward: a ViT-B/16's lens keeps (layers, images, tokens, classes) logits and its
+attribution a block's per-head writes, ~0.2 GB at 16 images (1000 classes)."""
 MAP_IMAGES = 6
 """Images drawn beside their per-patch top-class maps."""
 
@@ -185,8 +187,8 @@ class _Toolkit:
         cfg = self.readout.cfg
         # patterns are (L, B, H, T, T): 1.4 GB per 64 images for ViT-B/16, so summarise a few images at a time
         sums, n = None, 0
-        for lo in range(0, len(self.x), ATTENTION_BATCH):
-            patterns = attention_patterns(self.model, self.x[lo:lo + ATTENTION_BATCH])
+        for lo in range(0, len(self.x), BATCH):
+            patterns = attention_patterns(self.model, self.x[lo:lo + BATCH])
             b = patterns.shape[1]
             parts = [attention_distance(patterns, cfg), attention_distance(patterns, cfg, pixels=False)]
             if cfg.class_token:
@@ -238,20 +240,19 @@ class _Toolkit:
                              f"{self.class_names[good[0]]!r}: the logit difference between them is 0; pick images "
                              "of two classes")
         metric = logit_diff_metric(torch.as_tensor(good), torch.as_tensor(bad))
-        cfg = self.readout.cfg
-        tokens = [*(["cls"] if cfg.class_token else []), *(f"reg{i}" for i in range(cfg.n_registers)),
-                  *(f"p{i}" for i in range(cfg.grid_size ** 2))]
+        groups, tokens = token_blocks(self.readout.cfg, self.spec.toolkit.patch_positions)
         base = {"clean_image": clean_i, "corrupted_image": corrupt_i, "clean_class": self.class_names[good[0]],
                 "corrupted_class": self.class_names[bad[0]]}
         rows = []
-        resid = sweep_resid(self.model, clean, corrupt, metric, where="pre").numpy()
-        for sweep, values in (("resid_pre", resid), ("mlp_out", sweep_mlp(self.model, clean, corrupt, metric).numpy())):
-            rows += [{**base, "sweep": sweep, "layer": layer, "position": pos, "token": tokens[pos], "head": None,
-                      "restored": float(values[layer, pos])}
+        resid = sweep_resid(self.model, clean, corrupt, metric, where="pre", positions=groups).numpy()
+        mlp = sweep_mlp(self.model, clean, corrupt, metric, positions=groups).numpy()
+        for sweep, values in (("resid_pre", resid), ("mlp_out", mlp)):
+            rows += [{**base, "sweep": sweep, "layer": layer, "position": groups[pos][0], "token": tokens[pos],
+                      "n_tokens": len(groups[pos]), "head": None, "restored": float(values[layer, pos])}
                      for layer in range(values.shape[0]) for pos in range(values.shape[1])]
         heads = sweep_heads(self.model, clean, corrupt, metric).numpy()
-        rows += [{**base, "sweep": "heads", "layer": layer, "position": None, "token": None, "head": h,
-                  "restored": float(heads[layer, h])} for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
+        rows += [{**base, "sweep": "heads", "layer": layer, "position": None, "token": None, "n_tokens": None,
+                  "head": h, "restored": float(heads[layer, h])} for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
         self._png(plots.plot_patching(resid, [f"L{i}" for i in range(len(resid))], tokens, self.dir / "patching.png",
                                       f"Patching the residual stream (block input) of image {clean_i} "
                                       f"({base['clean_class']}) into {corrupt_i} ({base['corrupted_class']})"))

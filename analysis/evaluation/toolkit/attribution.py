@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from analysis.models.cache import head_results
 from analysis.evaluation.toolkit.readout import Readout, check_classes
 
 
@@ -41,6 +42,8 @@ def direct_logit_attribution(model, images: Tensor, target, versus=None, *, head
     `heads` splits each attention layer into its heads and its output bias."""
     readout = Readout(model)
     n = len(images)
+    if n == 0:
+        raise ValueError("no images given: pass at least one")
     target = check_classes(target, n, readout.n_classes, "target")
     versus = None if versus is None else check_classes(versus, n, readout.n_classes, "versus")
     cfg = readout.cfg
@@ -52,15 +55,16 @@ def direct_logit_attribution(model, images: Tensor, target, versus=None, *, head
 
     names, chunks, consts, totals = None, [], [], []
     for lo in range(0, n, batch_size):
-        x = images[lo:lo + batch_size]
-        logits, cache = readout.tower.run_with_cache(x, names_filter=wanted)
-        stack, names = _components(cache, cfg, heads)
+        x, t = images[lo:lo + batch_size], target[lo:lo + batch_size]
+        _, cache = readout.tower.run_with_cache(x, names_filter=wanted)
         frozen = readout.freeze(cache[last])
-        parts = readout.linear_logits(stack, frozen)  # (n, B, C)
-        clean = readout.stream_logits(cache[last])
-        chunks.append(_pick(parts, target[lo:lo + batch_size], versus, lo))
-        consts.append(_pick(frozen.constant, target[lo:lo + batch_size], versus, lo))
-        totals.append(_pick(clean, target[lo:lo + batch_size], versus, lo))
+        names, parts = [], []
+        for group, stack in _component_groups(cache, cfg, heads):  # one layer at a time: (n, B, T, d) stays small
+            names += group
+            parts.append(_pick(readout.linear_logits(stack, frozen), t, versus, lo))
+        chunks.append(torch.cat(parts))
+        consts.append(_pick(frozen.constant, t, versus, lo))
+        totals.append(_pick(readout.stream_logits(cache[last]), t, versus, lo))
     return Attribution(names, torch.cat(chunks, -1), torch.cat(consts), torch.cat(totals))
 
 
@@ -75,33 +79,24 @@ def _pick(scores: Tensor, target: Tensor, versus: Tensor | None, lo: int) -> Ten
     return out
 
 
-def _components(cache, cfg, heads: bool) -> tuple[Tensor, list[str]]:
-    """(n, B, T, d) additive terms of the final stream and their names."""
-    stack, names = cache.decompose_resid(None, mode="all", incl_embeds=True, return_labels=True)
-    if not heads:
-        return stack, [_short(n) for n in names]
-    per_head, head_names = cache.stack_head_results(None, return_labels=True)  # (L*H, B, T, d)
-    out, labels = [], []
-    for term, name in zip(stack, names):
-        if not name.endswith("_attn_out"):
-            out.append(term)
-            labels.append(_short(name))
-            continue
-        layer = int(name.split("_")[0])
-        mine = per_head[layer * cfg.n_heads:(layer + 1) * cfg.n_heads]
-        out += list(mine)
-        labels += head_names[layer * cfg.n_heads:(layer + 1) * cfg.n_heads]
-        out.append(term - mine.sum(0))  # the output projection's bias (times layer scale)
-        labels.append(f"L{layer}_attn_bias")
-    return torch.stack(out), labels
-
-
-def _short(name: str) -> str:
-    """decompose_resid's "3_attn_out" -> "L3_attn"; embeddings keep their names."""
-    if name.endswith(("_attn_out", "_mlp_out")):
-        layer, kind, _ = name.split("_")
-        return f"L{layer}_{kind}"
-    return name
+def _component_groups(cache, cfg, heads: bool):
+    """(names, (n, B, T, d) stack) of the final stream's additive terms, group by group: the
+    embeddings, then per block its attention (each head and the output bias, or the whole output)
+    and its MLP, so a ViT-B's 170 per-head terms are never held at once."""
+    if cfg.ln_pre:
+        yield ["embed"], cache["blocks.0.hook_resid_pre"][None]
+    else:
+        yield ["embed", "pos_embed"], torch.stack([cache["hook_embed"], cache["hook_pos_embed"]])
+    for layer in range(cfg.n_layers):
+        attn = cache[f"blocks.{layer}.hook_attn_out"]
+        if heads:
+            per_head = head_results(cache, layer)
+            # the output projection's bias (times layer scale): what no head owns
+            yield ([f"L{layer}H{h}" for h in range(cfg.n_heads)] + [f"L{layer}_attn_bias"],
+                   torch.cat([per_head, (attn - per_head.sum(0))[None]]))
+        else:
+            yield [f"L{layer}_attn"], attn[None]
+        yield [f"L{layer}_mlp"], cache[f"blocks.{layer}.hook_mlp_out"][None]
 
 
 def merge_heads(attribution: Attribution) -> Attribution:

@@ -155,12 +155,15 @@ def probe_layers(model: HookedViT | ZeroShotClassifier, images_x, labels, split_
     train, held = torch.from_numpy(split), torch.from_numpy(~split)
     y_eval = y[held]
     chance = float(torch.bincount(y_eval, minlength=readout.n_classes).max()) / len(y_eval)
+    # the probe's classes are those its training images carry (it could never predict another): a
+    # 1000-class head scored on its predictions over a few hundred images fits far fewer weights
+    seen, train_codes = torch.unique(y[train], return_inverse=True)
     rows = []
     for layer in layers:
         for k in kinds:
             f = torch.cat(feats[layer, k])
-            probe = fit_probe(f[train], y[train], readout.n_classes, epochs=epochs, seed=seed, l2=l2)
-            probe_acc = float((probe.predict(f[held]) == y_eval).double().mean())
+            probe = fit_probe(f[train], train_codes, len(seen), epochs=epochs, seed=seed, l2=l2)
+            probe_acc = float((seen[probe.predict(f[held])] == y_eval).double().mean())
             proj_acc = float((torch.cat(projected[layer, k])[held] == y_eval).double().mean())
             rows.append({"layer": layer, "hook": stream_hooks(cfg.n_layers)[layer], "token": k, "probe_accuracy": probe_acc,
                          "projection_accuracy": proj_acc, "chance": chance, "n_train": int(train.sum()),
