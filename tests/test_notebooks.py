@@ -5,8 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -29,15 +27,7 @@ def test_every_notebook_is_listed_here():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == ["toolkit_tour.ipynb"]
 
 
-@pytest.fixture
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_the_toolkit_tour_runs_and_its_answers_hold(tmp_path, single_thread):
+def test_the_toolkit_tour_runs_and_its_answers_hold(tmp_path, one_thread):
     ns = run_notebook(NOTEBOOKS / "toolkit_tour.ipynb", tmp_path)
     out = tmp_path / "toolkit_tour"
     for name in ("identifiability.png", "patch_classes.png", "attribution.png", "attention.png", "patching.png"):

@@ -13,22 +13,15 @@ from analysis.models.class_projection import direction_logits
 from analysis.models.clip_zero_shot import ZeroShotClassifier
 from analysis.models.inputs import to_model_input
 from analysis.models.vit import HookedViT, ViTConfig
-from toolkit_models import LAYOUTS, SMALL, random_model, trained_mouse
+from toolkit_models import LAYOUTS, SMALL, layer_scale_model, random_model, trained_mouse
 
 
 pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
-def _layer_scaled() -> HookedViT:
-    torch.manual_seed(1)
-    model = HookedViT(ViTConfig(**SMALL, n_classes=5, layer_scale=True)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
-MODELS = {**{name: (lambda name=name: random_model(name)) for name in LAYOUTS}, "layer_scale": _layer_scaled}
+MODELS = {**{name: (lambda name=name: random_model(name)) for name in LAYOUTS}, "layer_scale": lambda: layer_scale_model(1)}
 
 
 def _naive(model, columns: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from analysis.evaluation.toolkit import patching as P
-from analysis.models.vit import HookedViT, ViTConfig
-from toolkit_models import LAYOUTS, SMALL, random_model
+from analysis.models.vit import ViTConfig
+from toolkit_models import LAYOUTS, layer_scale_model, random_model
 
 
 pytestmark = pytest.mark.usefixtures("module_one_thread")
@@ -52,13 +52,6 @@ def test_patching_no_position_leaves_the_corrupted_metric(name):
         torch.testing.assert_close(P.patch(model, clean, corrupted, setter, metric), corrupted_v)
 
 
-def _layer_scale_model():
-    torch.manual_seed(0)
-    model = HookedViT(ViTConfig(**SMALL, n_classes=5, layer_scale=True)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 @pytest.mark.parametrize("name", ["cls_final", "layer_scale", "clip"])
@@ -66,7 +59,7 @@ def test_every_head_of_a_layer_together_is_the_attention_output(name):
     # z -> attention output is a fixed per-token map (projection, then any layer scale), so patching
     # every head's z at some tokens must equal patching hook_attn_out at those tokens.
     if name == "layer_scale":
-        model = _layer_scale_model()
+        model = layer_scale_model(0)
         _, clean, corrupted, _ = _setup("cls_final")
         metric = P.logit_diff_metric(torch.tensor([0, 1, 2]), torch.tensor([3, 4, 0]))
     else:
@@ -167,7 +160,6 @@ def test_bad_setters_are_refused_with_the_range_and_fix():
 
 def test_token_blocks_cover_every_token_once_within_the_budget():
     from analysis.evaluation.toolkit.patching import token_blocks
-    from analysis.models.vit import ViTConfig
 
     vit_b = ViTConfig(image_size=224, patch_size=16, d_model=64, n_layers=1, n_heads=1, d_mlp=64, n_registers=2)
     groups, labels = token_blocks(vit_b, 64)

@@ -39,6 +39,16 @@ def random_model(name: str) -> HookedViT | ZeroShotClassifier:
     return model
 
 
+def layer_scale_model(seed: int = 0) -> HookedViT:
+    """A seeded random classifier whose blocks scale their writes (LayerScale), perturbed like `random_model`."""
+    torch.manual_seed(seed)
+    model = HookedViT(ViTConfig(**SMALL, n_classes=5, layer_scale=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 MOUSE_VIT = ViTConfig(image_size=64, patch_size=16, in_chans=1, d_model=32, n_layers=2, n_heads=2, d_mlp=64,
                       n_classes=3)
 
