@@ -11,8 +11,19 @@ from analysis.dictionaries import SAEConfig, TopKSAE
 N_IMG, T, D, WIDTH, K = 50, 5, 8, 24, 3
 
 
-@pytest.fixture(scope="module")
-def setup():
+class DenseOnly(torch.nn.Module):
+    """The same TopK code offered only as dense latents: the path threshold architectures take."""
+
+    def __init__(self, sae):
+        super().__init__()
+        self.sae, self.cfg = sae, sae.cfg
+
+    def dense_latents(self, x):
+        return self.sae.dense_latents(x)
+
+
+@pytest.fixture(scope="module", params=["topk codes", "dense latents"])
+def setup(request):
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=D, width=WIDTH, k=K))
     with torch.no_grad():
@@ -21,7 +32,7 @@ def setup():
     g = torch.Generator().manual_seed(1)
     acts = torch.randn(N_IMG, T, D, generator=g)
     image_idx = np.arange(1000, 1000 + N_IMG, dtype=np.int64)
-    return sae, acts, image_idx
+    return (sae if request.param == "topk codes" else DenseOnly(sae)), acts, image_idx
 
 
 def _batches(acts, image_idx, sizes):

@@ -136,11 +136,27 @@ def mine_features(
             a = acts[s : s + chunk]
             norms = torch.linalg.vector_norm(a, dim=-1)
             norm_ratio = norms / norms.median(dim=1, keepdim=True).values.clamp_min(1e-12)
-            running.update(sae.dense_latents(a.reshape(-1, a.shape[-1])).reshape(a.shape[0], T, width),
-                           image_idx[s : s + chunk], norm_ratio)
+            codes = _topk_codes(sae, a.reshape(-1, a.shape[-1]))
+            if codes is None:
+                running.update(sae.dense_latents(a.reshape(-1, a.shape[-1])).reshape(a.shape[0], T, width),
+                               image_idx[s : s + chunk], norm_ratio)
+            else:
+                vals, idx = (t.reshape(a.shape[0], T, -1) for t in codes)
+                running.update_sparse(vals, idx, image_idx[s : s + chunk], norm_ratio)
     if running is None:
         raise ValueError("mine_features got no batches: pass at least one (image_idx, acts) batch")
     return running.result()
+
+
+def _topk_codes(miner, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(values, latent ids), (B, k) each, of a miner whose code is k latents per token by
+    construction (a TopK SAE, transcoder or crosscoder: `cfg.k` and no other architecture); None for
+    the others, whose inference codes are a dense threshold (mined from `dense_latents`)."""
+    cfg = getattr(miner, "cfg", None)
+    if getattr(cfg, "k", None) is None or getattr(cfg, "architecture", "topk") != "topk" or not hasattr(miner, "encode"):
+        return None
+    vals, idx = miner.encode(x)
+    return vals, idx
 
 
 def _label_codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,21 +247,45 @@ class _Running:
     def update(self, lat: Tensor, ids: Tensor, norm_ratio: Tensor | None = None) -> None:
         """Fold in the latents `lat` (c, T, width) of images `ids` (c,); `norm_ratio` (c, T) is
         each token's norm over its image's median token norm."""
-        c, T = lat.shape[0], self.T
         # Three passes over the (c, T, width) latents besides the encode: firing counts per token
         # position, the sum, the max over tokens; the rest works on (T | c, width) or on the few
         # entries that enter a top.
         per_position = _count_positive(lat)  # (T, width)
-        self.fire += per_position.sum(0)
-        self.fire_cls += per_position[self.cls[0]:self.cls[1]].sum(0)
-        self.fire_patch += per_position[self.patches[0]:self.patches[1]].sum(0)
         # a chunk's sum in fp32 (a few thousand tokens), the running total in fp64: converting
         # every latent to fp64 first cost more than the encode
-        self.act_sum += lat.sum((0, 1)).double()
-        self.n_tokens += c * T
-        self.n_images += c
+        self._fold(lat.shape[0], per_position.sum(0), per_position[self.cls[0]:self.cls[1]].sum(0),
+                   per_position[self.patches[0]:self.patches[1]].sum(0), lat.sum((0, 1)), lat.amax(dim=1),
+                   lat[:, self.cls[0]] if self.cls_top is not None else None, ids, norm_ratio,
+                   lambda image, feature: lat[image, :, feature])
 
-        vmax = lat.amax(dim=1)  # (c, width); which token is the max: only for entries entering a top
+    def update_sparse(self, vals: Tensor, idx: Tensor, ids: Tensor, norm_ratio: Tensor | None = None) -> None:
+        """`update` for a TopK code given as its k values and latent ids per token, (c, T, k) each
+        (ids unique per token): every statistic from the c·T·k pairs, no (c, T, width) pass."""
+        c, width = vals.shape[0], self.width
+
+        def fires(span: Span) -> Tensor:
+            v, i = vals[:, span[0]:span[1]], idx[:, span[0]:span[1]]
+            return torch.bincount(i[v > 0], minlength=width)
+
+        vmax = vals.new_zeros(c, width).scatter_reduce_(1, idx.reshape(c, -1), vals.reshape(c, -1), "amax")
+        cls = None
+        if self.cls_top is not None:
+            cls = vals.new_zeros(c, width).scatter_(1, idx[:, self.cls[0]], vals[:, self.cls[0]])
+        self._fold(c, fires((0, self.T)), fires(self.cls), fires(self.patches),
+                   vals.new_zeros(width).index_add_(0, idx.reshape(-1), vals.reshape(-1)), vmax, cls, ids, norm_ratio,
+                   lambda image, feature: _sparse_heat(vals, idx, image, feature, width))
+
+    def _fold(self, c: int, fire: Tensor, fire_cls: Tensor, fire_patch: Tensor, act_sum: Tensor, vmax: Tensor,
+              cls_lat: Tensor | None, ids: Tensor, norm_ratio: Tensor | None, heat_of) -> None:
+        """What both updates share, from a chunk's per-feature firing counts (all tokens, class
+        tokens, patches), activation sum, per-image max (c, width), the class token's code (c, width)
+        and `heat_of(image, feature)`: the (n, T) per-token activations of given pairs."""
+        self.fire += fire
+        self.fire_cls += fire_cls
+        self.fire_patch += fire_patch
+        self.act_sum += act_sum.double()
+        self.n_tokens += c * self.T
+        self.n_images += c
         self.act_max = torch.maximum(self.act_max, vmax.amax(0))
         image, feature = (vmax > 0).nonzero(as_tuple=True)  # the (image, feature) pairs that fired
         self._count_histogram(vmax[image, feature], feature)
@@ -253,12 +293,12 @@ class _Running:
             attribute.count(ids[image], feature)
         self.samples.update(vmax, ids)
         if self.cls_top is not None:
-            self.cls_top.update(lat[:, self.cls[0]], ids)
-        merged = self.top.update(vmax, ids)
+            self.cls_top.update(cls_lat, ids)
+        merged = self.top.update(vmax, ids)  # which token is the max: only for entries entering a top
         if merged is not None:
-            self._merge(lat, *merged, norm_ratio)
+            self._merge(heat_of, *merged, norm_ratio)
 
-    def _merge(self, lat: Tensor, rows: Tensor | slice, sel: Tensor, norm_ratio: Tensor | None) -> None:
+    def _merge(self, heat_of, rows: Tensor | slice, sel: Tensor, norm_ratio: Tensor | None) -> None:
         """Re-rank the running entries of features `rows` for their merged tops `sel` (positions
         among the n_top running entries, then the batch's images) and fill in the entries new to
         a top: their top token, its norm ratio, and their heatmap, written into the slots of the
@@ -274,7 +314,7 @@ class _Running:
         entering = ~from_running
         local, _ = entering.nonzero(as_tuple=True)
         feature, image = (local if isinstance(rows, slice) else rows[local]), (sel - n_top)[entering]
-        heat = lat[image, :, feature]  # (n entering, T)
+        heat = heat_of(image, feature)  # (n entering, T)
         token = heat.argmax(dim=1)  # the first of equal maxima, as max-over-tokens defines it
         slot[entering] = freed  # both row-major with equal counts per feature
         tok[entering] = token
@@ -336,6 +376,25 @@ class _Running:
         return MiningResult(top_images, feature_stats, heat.cpu().numpy(),
                             None if self.cls_top is None else self.cls_top.table(), self.samples.table(),
                             self._factor_stats())
+
+
+def _sparse_heat(vals: Tensor, idx: Tensor, image: Tensor, feature: Tensor, width: int) -> Tensor:
+    """(n, T) activations of latent feature[j] at every token of chunk image image[j] (pairs unique),
+    from the chunk's TopK code (c, T, k): each of the c·T·k (image, latent) codes is looked up
+    among the sorted pairs, so the cost is that of the code, not of a dense (c, T, width) block."""
+    c, T, k = vals.shape
+    heat = vals.new_zeros(len(image), T)
+    if not len(image):
+        return heat
+    keys = image * width + feature
+    order = keys.argsort()
+    sorted_keys = keys[order]
+    codes = (torch.arange(c, device=idx.device).view(c, 1, 1) * width + idx).reshape(-1)
+    pos = torch.searchsorted(sorted_keys, codes).clamp_(max=len(keys) - 1)
+    hit = sorted_keys[pos] == codes
+    token = torch.arange(T, device=idx.device).view(1, T, 1).expand(c, T, k).reshape(-1)
+    heat[order[pos[hit]], token[hit]] = vals.reshape(-1)[hit]
+    return heat
 
 
 def _list_column(rows: Tensor) -> pa.Array:

@@ -72,7 +72,7 @@ def train_member(spec: SuiteSpec, root: DataRoot, member: CrosscoderMember, trai
 class ConcatenatedView(nn.Module):
     """A crosscoder seen as an SAE over the concatenated layers (tokens, Σ d_l): what the shared
     metrics and mining code take (`cfg.width`, `__call__ -> (x_hat, top_acts, top_indices)`,
-    `dense_latents`)."""
+    `encode`, `dense_latents`)."""
 
     def __init__(self, crosscoder: Crosscoder):
         super().__init__()
@@ -82,6 +82,9 @@ class ConcatenatedView(nn.Module):
         enc = self.crosscoder.encode_concat(x_cat)
         x_hat = self.crosscoder.decode_concat(enc.top_acts, enc.top_indices)
         return SAEOutput(x_hat, enc.top_acts, enc.top_indices)
+
+    def encode(self, x_cat: Tensor):
+        return self.crosscoder.encode_concat(x_cat)
 
     def dense_latents(self, x_cat: Tensor) -> Tensor:
         enc = self.crosscoder.encode_concat(x_cat)
