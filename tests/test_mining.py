@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from analysis.evaluation.mining import histogram_edges, mine_features
+from analysis.evaluation.mining import mine_features
+from analysis.evaluation.mining_counts import histogram_edges
 from analysis.dictionaries import SAEConfig, TopKSAE
 
 N_IMG, T, D, WIDTH, K = 50, 5, 8, 24, 3

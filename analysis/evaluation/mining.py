@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from analysis.evaluation.mining_counts import ActivationHistogram, Attribute, factor_table
 from analysis.evaluation.mining_samples import Reservoir, RunningTop
 
 HIGH_NORM_RATIO = 2.0
@@ -24,26 +25,7 @@ norm is flagged: ViTs grow a few outlier tokens with several times the typical n
 global information instead of their patch (Darcet et al. 2024, "Vision Transformers Need
 Registers"), and a feature of those tokens says little about the patch it sits on."""
 
-HISTOGRAM_LOG2 = (-12.0, 12.0, 0.5)
-"""(first edge, last edge, bin width) in log2 units of the per-feature activation histogram:
-48 bins from 2^-12 (2.4e-4) to 2^12 (4096), so one fixed set of edges holds any model's scale;
-values outside fall into the first or last bin. Fixed edges let a streaming pass count without
-knowing a feature's range first, and make histograms of two dictionaries comparable."""
-
 Span = tuple[int, int]
-
-
-def histogram_edges() -> np.ndarray:
-    """The activation values at the edges of the HISTOGRAM_LOG2 bins (n_bins + 1)."""
-    lo, hi, step = HISTOGRAM_LOG2
-    return 2.0 ** np.arange(lo, hi + step / 2, step)
-
-
-def _histogram_bins(values: Tensor) -> Tensor:
-    """The HISTOGRAM_LOG2 bin of each positive value (clamped into the first and last bins)."""
-    lo, hi, step = HISTOGRAM_LOG2
-    n_bins = round((hi - lo) / step)
-    return ((values.float().log2() - lo) / step).floor().clamp_(0, n_bins - 1).long()
 
 
 class MiningResult(NamedTuple):
@@ -57,8 +39,8 @@ class MiningResult(NamedTuple):
     null where the tokens hold none of that kind), top_label (the label type; null without labels
     or firings), top_label_share float64 and label_entropy float64 (bits) over the images it fires
     on, top_norm_ratio float32 (median token_norm_ratio of its top images; null if never fired)
-    and high_norm bool (top_norm_ratio > HIGH_NORM_RATIO), activation_histogram list<int32> (per
-    image it fires on, its max activation counted in the HISTOGRAM_LOG2 bins; `histogram_edges`)."""
+    and high_norm bool (top_norm_ratio > HIGH_NORM_RATIO), activation_histogram list<int32>
+    (`mining_counts.ActivationHistogram`)."""
     heatmaps: np.ndarray
     """(width, n_top, T) float16 per-token activations of each top image; zeros in empty slots."""
     top_images_cls: pa.Table | None
@@ -69,9 +51,7 @@ class MiningResult(NamedTuple):
     activation range): feature int32, image_idx int64, activation float32 (max over tokens),
     quantile float32 (rank among the feature's samples, 0 weakest .. 1 strongest)."""
     factor_stats: pa.Table
-    """Per feature and factor (`mine_features(factors=)`), over the images it fires on that carry a
-    value of it: feature int32, factor, top_value (as text), top_share float64, entropy float64
-    (bits), n_images int64; no rows for a feature that fired on none, or without factors."""
+    """Per feature and factor (`mine_features(factors=)`; `mining_counts.factor_table`)."""
 
 
 def _sae_device(sae) -> torch.device:
@@ -108,11 +88,6 @@ def mine_features(
     """
     if n_top <= 0:
         raise ValueError(f"n_top={n_top} must be > 0")
-    for name, values in (factors or {}).items():
-        n_values = len(np.unique(values[~_is_null(values)]))
-        if n_values > MAX_FACTOR_VALUES:
-            raise ValueError(f"factor {name!r} has {n_values} distinct values, more than MAX_FACTOR_VALUES="
-                             f"{MAX_FACTOR_VALUES}: a factor is categorical; bin a continuous column first")
     width = sae.cfg.width
     device = _sae_device(sae)
     running: _Running | None = None
@@ -126,8 +101,8 @@ def mine_features(
         T = acts.shape[1]
         if running is None:
             running = _Running(width, n_top, T, device, cls, (0, T) if patches is None else patches,
-                               None if labels is None else _Attribute(labels, width, device),
-                               {name: _Attribute(v, width, device) for name, v in (factors or {}).items()},
+                               None if labels is None else Attribute(labels, width, device),
+                               {name: Attribute(v, width, device, factor=name) for name, v in (factors or {}).items()},
                                n_samples)
         elif T != running.T:
             raise ValueError(f"token count changed from {running.T} to {T}: mine one hook/store at a time")
@@ -159,68 +134,13 @@ def _topk_codes(miner, x: Tensor) -> tuple[Tensor, Tensor] | None:
     return vals, idx
 
 
-def _label_codes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes 0..k-1 per image and the k label values, sorted; -1 for an image without one."""
-    labels = np.asarray(labels)
-    valid = ~_is_null(labels)
-    values, inverse = np.unique(labels[valid], return_inverse=True)
-    codes = np.full(len(labels), -1, dtype=np.int64)
-    codes[valid] = inverse
-    return codes, values
-
-
-def _is_null(labels: np.ndarray) -> np.ndarray:
-    """None, NaN, and negative integers (ingestion writes -1 for an image without a label)."""
-    if labels.dtype.kind == "f":
-        return np.isnan(labels)
-    if labels.dtype.kind == "i":
-        return labels < 0
-    if labels.dtype.kind == "O":
-        return np.array([v is None for v in labels], dtype=bool)
-    return np.zeros(len(labels), dtype=bool)
-
-
-MAX_FACTOR_VALUES = 4096
-"""More distinct values than this make a factor's counts (width x values) too large to keep: a
-continuous column is not a factor; bin it first."""
-
-
-class _Attribute:
-    """Per feature, how many of the images it fires on carry each value of one per-image attribute
-    (the label, or a latent factor of generated data); O(firing pairs) per batch."""
-
-    def __init__(self, values_by_image: np.ndarray, width: int, device: torch.device):
-        codes, self.values = _label_codes(values_by_image)
-        self.codes = torch.as_tensor(codes, device=device)
-        self.counts = torch.zeros((width, max(len(self.values), 1)), dtype=torch.int64, device=device)
-
-    def count(self, image_ids: Tensor, feature: Tensor) -> None:
-        """Add each (feature, value of an image it fires on) pair; `image_ids` are dataset indices."""
-        code = self.codes[image_ids]
-        keep = code >= 0
-        flat = feature[keep] * self.counts.shape[1] + code[keep]
-        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
-    def distribution(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per feature: the most common value's index (ties: the first in sorted order), its share,
-        the entropy in bits of the values, and whether the feature fired on no valued image."""
-        counts = self.counts.cpu().numpy().astype(np.float64)
-        total = counts.sum(1)
-        none = total == 0
-        p = counts / np.where(none, 1, total)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            entropy = -np.where(p > 0, p * np.log2(p), 0).sum(1) + 0.0  # + 0.0: no -0.0 for one value
-        top = counts.argmax(1)
-        return top, p[np.arange(len(p)), top], entropy, none
-
-
 class _Running:
     """Per feature: the running top `n_top` images (value, image, token, per-token heatmap, token
     norm ratio) and the firing statistics."""
 
     def __init__(self, width: int, n_top: int, T: int, device: torch.device, cls: Span = (0, 0),
-                 patches: Span | None = None, labels: _Attribute | None = None,
-                 factors: dict[str, _Attribute] | None = None, n_samples: int = 32):
+                 patches: Span | None = None, labels: Attribute | None = None,
+                 factors: dict[str, Attribute] | None = None, n_samples: int = 32):
         self.width, self.n_top, self.T = width, n_top, T
         self.cls_top = RunningTop(width, n_top, device) if cls[1] > cls[0] else None
         self.samples = Reservoir(width, n_samples, device)
@@ -229,8 +149,7 @@ class _Running:
         self.fire_cls = torch.zeros(width, dtype=torch.int64, device=device)
         self.fire_patch = torch.zeros(width, dtype=torch.int64, device=device)
         self.n_images = 0
-        lo, hi, step = HISTOGRAM_LOG2
-        self.histogram = torch.zeros((width, round((hi - lo) / step)), dtype=torch.int64, device=device)
+        self.histogram = ActivationHistogram(width, device)
         self.top_ratio = torch.zeros((width, n_top), dtype=torch.float32, device=device)
         self.top = RunningTop(width, n_top, device)  # by the max over tokens
         self.top_tok = torch.zeros((width, n_top), dtype=torch.int64, device=device)
@@ -288,7 +207,7 @@ class _Running:
         self.n_images += c
         self.act_max = torch.maximum(self.act_max, vmax.amax(0))
         image, feature = (vmax > 0).nonzero(as_tuple=True)  # the (image, feature) pairs that fired
-        self._count_histogram(vmax[image, feature], feature)
+        self.histogram.count(vmax[image, feature], feature)
         for attribute in ([self.labels] if self.labels is not None else []) + list(self.factors.values()):
             attribute.count(ids[image], feature)
         self.samples.update(vmax, ids)
@@ -322,11 +241,6 @@ class _Running:
         self.heat[feature, freed] = heat.to(torch.float16)
         self.slot[rows], self.top_tok[rows], self.top_ratio[rows] = slot, tok, ratio
 
-    def _count_histogram(self, values: Tensor, feature: Tensor) -> None:
-        """Each firing image's max activation into its feature's histogram bin."""
-        flat = feature * self.histogram.shape[1] + _histogram_bins(values)
-        self.histogram.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
     def _label_stats(self) -> dict[str, pa.Array]:
         width = self.width
         if self.labels is None:
@@ -335,23 +249,6 @@ class _Running:
         top, share, entropy, none = self.labels.distribution()
         return {"top_label": pa.array(self.labels.values[top], mask=none),
                 "top_label_share": pa.array(share, mask=none), "label_entropy": pa.array(entropy, mask=none)}
-
-    def _factor_stats(self) -> pa.Table:
-        """One row per (feature, factor) where the feature fired on an image with a value of it."""
-        parts = []
-        for name, attribute in self.factors.items():
-            top, share, entropy, none = attribute.distribution()
-            fired = np.flatnonzero(~none)
-            parts.append(pa.table({
-                "feature": pa.array(fired.astype(np.int32)), "factor": pa.array([name] * len(fired), pa.string()),
-                "top_value": pa.array([str(v) for v in attribute.values[top[fired]]], pa.string()),
-                "top_share": pa.array(share[fired]), "entropy": pa.array(entropy[fired]),
-                "n_images": pa.array(attribute.counts.sum(1).cpu().numpy()[fired])}))
-        if not parts:
-            return pa.table({"feature": pa.array([], pa.int32()), "factor": pa.array([], pa.string()),
-                             "top_value": pa.array([], pa.string()), "top_share": pa.array([], pa.float64()),
-                             "entropy": pa.array([], pa.float64()), "n_images": pa.array([], pa.int64())})
-        return pa.concat_tables(parts).sort_by([("feature", "ascending"), ("factor", "ascending")])
 
     def result(self) -> MiningResult:
         width = self.width
@@ -371,11 +268,11 @@ class _Running:
             "patch_frequency": _rate(self.fire_patch, self.n_images * (self.patches[1] - self.patches[0])),
             **self._label_stats(),
             **_norm_stats(self.top_ratio, filled),
-            "activation_histogram": _list_column(self.histogram),
+            "activation_histogram": self.histogram.column(),
         })
         return MiningResult(top_images, feature_stats, heat.cpu().numpy(),
                             None if self.cls_top is None else self.cls_top.table(), self.samples.table(),
-                            self._factor_stats())
+                            factor_table(self.factors))
 
 
 def _sparse_heat(vals: Tensor, idx: Tensor, image: Tensor, feature: Tensor, width: int) -> Tensor:
@@ -395,13 +292,6 @@ def _sparse_heat(vals: Tensor, idx: Tensor, image: Tensor, feature: Tensor, widt
     token = torch.arange(T, device=idx.device).view(1, T, 1).expand(c, T, k).reshape(-1)
     heat[order[pos[hit]], token[hit]] = vals.reshape(-1)[hit]
     return heat
-
-
-def _list_column(rows: Tensor) -> pa.Array:
-    """A (width, n) tensor as a list<int32> column, one list per feature."""
-    width, n = rows.shape
-    offsets = pa.array(np.arange(0, (width + 1) * n, n, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(rows.cpu().numpy().astype(np.int32).reshape(-1)))
 
 
 def _count_positive(lat: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ from PIL import Image
 
 from analysis.dictionaries import CONFIG_FILE
 from analysis.integrity import atomic_write, file_lock, read_done, write_done
-from analysis.evaluation.mining import HISTOGRAM_LOG2
+from analysis.evaluation.mining_counts import HISTOGRAM_LOG2
 from analysis.paths import DataRoot
 from analysis.stages.browser_page import page_template, render_index, render_page
 from analysis.stages.dictionaries import EVALUATION_FILE, FEATURES_FILE

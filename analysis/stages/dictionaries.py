@@ -28,7 +28,8 @@ from analysis.data.images import open_images, read_labels
 from analysis.models.inputs import to_model_input
 from analysis.evaluation.downstream import DownstreamMetrics, spliced_downstream_metrics
 from analysis.evaluation.metrics import ReconstructionMetrics, firing_fractions, log10_density_histogram
-from analysis.evaluation.mining import MAX_FACTOR_VALUES, mine_features
+from analysis.evaluation.mining import mine_features
+from analysis.evaluation.mining_counts import MAX_FACTOR_VALUES
 from analysis.models.class_projection import direction_logits, has_classifier
 from analysis.paths import DataRoot
 from analysis.dictionaries import load_dictionary

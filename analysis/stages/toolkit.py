@@ -112,13 +112,13 @@ class _Toolkit:
         self.train_idx, eval_idx = split_indices(self.root, spec.dataset_id)
         self.eval_idx = eval_idx[: spec.toolkit.max_images]
         self.x = self._inputs(self.eval_idx)
-        with torch.no_grad():
-            logits = torch.cat([self.model(self.x[i:i + BATCH]) for i in range(0, len(self.x), BATCH)])
-        self.predicted = logits.argmax(-1).cpu().numpy()
+        self.predicted = self._predict(self.x)
         self.target_kind = "label" if spec.downstream == "labels" else "prediction"
-        self.target = self._targets(self.eval_idx, self.x)
-        analyses = [("lens", self.lens), ("attribution", self.attribution), ("attention", self.attention), ("patching", self.patching),
-                    ("perturbation", self.perturbation), ("memories", self.memories), ("probe", self.probe)]
+        self.labels = dataset_labels(spec, self.root) if self.target_kind == "label" else None
+        self.target = self.predicted if self.labels is None else self._targets(self.eval_idx, self.x)
+        analyses = [("lens", self.lens), ("attribution", self.attribution), ("attention", self.attention),
+                    ("patching", self.patching), ("perturbation", self.perturbation), ("memories", self.memories),
+                    ("probe", self.probe)]
         counts = {}
         for name, fn in tqdm(analyses, desc="toolkit", disable=not self.progress):
             t0 = time.perf_counter()
@@ -133,8 +133,9 @@ class _Toolkit:
 
     def _targets(self, idx: np.ndarray, x: torch.Tensor) -> np.ndarray:
         """The classes images are scored on: labels, or the model's predictions (see the module docstring)."""
-        if self.target_kind == "label":
-            return dataset_labels(self.spec, self.root)[idx].astype(np.int64)
+        return self._predict(x) if self.labels is None else self.labels[idx].astype(np.int64)
+
+    def _predict(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return torch.cat([self.model(x[i:i + BATCH]).argmax(-1) for i in range(0, len(x), BATCH)]).cpu().numpy()
 
