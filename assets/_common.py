@@ -8,6 +8,13 @@ import dagster as dg
 
 from analysis.ids import content_id
 
+DEVICE_POOL = "gpu"
+"""Dagster concurrency pool of every asset that runs a model or trains on the compute device
+(model, activations, dictionaries, evaluations, features, toolkit). Its limit (1 unless set with
+`dagster instance concurrency set gpu N`) makes those steps take the device one at a time across
+all runs, while the CPU-only steps (ingest, layout, statistics, catalog, report, browser) run beside
+them."""
+
 
 def metadata(summary: dict) -> dict:
     """Turn a stage summary into UI metadata: paths as paths, numbers as numbers."""

@@ -5,7 +5,7 @@ import dagster as dg
 
 from analysis.stages.activations import ensure_layout, ensure_stats, extract, nonfinite_counts, store_layout
 from analysis.stages.suite import SuiteSpec
-from assets._common import data_version, metadata
+from assets._common import DEVICE_POOL, data_version, metadata
 from resources import ComputeResource, StorageResource
 
 
@@ -22,7 +22,7 @@ def activation_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
         summary = ensure_layout(spec, storage.data_root())
         return dg.MaterializeResult(metadata=metadata(summary), data_version=data_version(spec.store_id))
 
-    @dg.asset(name="activations", group_name="activations", code_version="3", deps=["activation_layout"],
+    @dg.asset(pool=DEVICE_POOL, name="activations", group_name="activations", code_version="3", deps=["activation_layout"],
               partitions_def=shard_partitions(spec), kinds={"zarr"},
               description=f"Activations of {', '.join(spec.activations.hooks)}, one partition per image shard.")
     def activations(context: dg.AssetExecutionContext, storage: StorageResource,

@@ -9,7 +9,7 @@ from analysis.stages.dictionaries import (dictionary_id, dictionary_lineage, ens
                                          ensure_features)
 from analysis.stages.suite import SuiteSpec
 from analysis.stages.previews import browser_page, features_preview, train_log, training_curve
-from assets._common import data_version, image_markdown, metadata, per_step
+from assets._common import DEVICE_POOL, data_version, image_markdown, metadata, per_step
 from resources import ComputeResource, StorageResource, TrackerResource
 
 
@@ -20,7 +20,7 @@ def member_partitions(spec: SuiteSpec) -> dg.StaticPartitionsDefinition:
 def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
     partitions = member_partitions(spec)
 
-    @dg.asset(name="dictionaries", group_name="dictionaries", code_version="1", deps=["activation_stats"],
+    @dg.asset(pool=DEVICE_POOL, name="dictionaries", group_name="dictionaries", code_version="1", deps=["activation_stats"],
               partitions_def=partitions, kinds={"pytorch", "safetensors"},
               description="One dictionary checkpoint (SAE, transcoder or crosscoder) per suite member, with full lineage.")
     def dictionaries(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
@@ -42,7 +42,7 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(metadata={**metadata(summary), **extra},
                                     data_version=data_version(summary["dict_id"]))
 
-    @dg.asset(name="evaluations", group_name="dictionaries", code_version="1", deps=["dictionaries"],
+    @dg.asset(pool=DEVICE_POOL, name="evaluations", group_name="dictionaries", code_version="1", deps=["dictionaries"],
               partitions_def=partitions, kinds={"parquet"},
               description="L0, FVU, dead/dense fractions and loss recovered when spliced (DESIGN.md §4).")
     def evaluations(context: dg.AssetExecutionContext, storage: StorageResource,
@@ -57,7 +57,7 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(metadata={**metadata({k: row[k] for k in keep}), "feature_browser": browser},
                                     data_version=data_version(row["dict_id"], "eval"))
 
-    @dg.asset(name="features", group_name="dictionaries", code_version="1", deps=["dictionaries"],
+    @dg.asset(pool=DEVICE_POOL, name="features", group_name="dictionaries", code_version="1", deps=["dictionaries"],
               partitions_def=partitions, kinds={"parquet"},
               description="Top max-activating held-out images per feature, with token heatmaps and statistics.")
     def features(context: dg.AssetExecutionContext, storage: StorageResource,

@@ -7,12 +7,12 @@ import dagster as dg
 
 from analysis.stages.model import ensure_model
 from analysis.stages.suite import SuiteSpec
-from assets._common import data_version, metadata, per_step
+from assets._common import DEVICE_POOL, data_version, metadata, per_step
 from resources import ComputeResource, StorageResource, TrackerResource
 
 
 def model_asset(spec: SuiteSpec) -> dg.AssetsDefinition:
-    @dg.asset(name="model", group_name="model", code_version="1", deps=["images"], kinds={"pytorch"},
+    @dg.asset(pool=DEVICE_POOL, name="model", group_name="model", code_version="1", deps=["images"], kinds={"pytorch"},
               description=f"The suite's HookedViT: a {spec.model.kind} model ({spec.model_id}).")
     def model(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource,
               tracker: TrackerResource) -> dg.MaterializeResult:

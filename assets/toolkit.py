@@ -6,12 +6,12 @@ import dagster as dg
 
 from analysis.stages.suite import SuiteSpec
 from analysis.stages.toolkit import ensure_toolkit
-from assets._common import data_version, image_markdown
+from assets._common import DEVICE_POOL, data_version, image_markdown
 from resources import ComputeResource, StorageResource
 
 
 def toolkit_asset(spec: SuiteSpec) -> dg.AssetsDefinition:
-    @dg.asset(name="toolkit", group_name="toolkit", code_version="1", deps=["model", "images"], kinds={"pytorch"},
+    @dg.asset(pool=DEVICE_POOL, name="toolkit", group_name="toolkit", code_version="1", deps=["model", "images"], kinds={"pytorch"},
               description="Class-embedding lens, direct logit attribution, attention views, activation patching, "
                           "Vilas et al.'s perturbations, memories and linear probes of the suite's model on its "
                           "held-out images (tables toolkit_*, PNGs under reports/toolkit/).")

@@ -1,10 +1,23 @@
 """Materialize a whole suite headless, in order, recording every run in the persistent Dagster
 instance under the data root (so the UI later shows the same history and staleness).
 
-    python -m pipelines.run [--suite default] [--root data]
+    python -m pipelines.run [--suite default] [--root data] [--executor multiprocess] [--runs 2]
 
-Partitioned stages run one Dagster run per partition; finished partitions are detected from
-their content-derived paths and reused, so a second run with nothing changed only checks.
+Stages run in dependency order (prepare, extract, stats, dictionaries, report); a partitioned
+stage runs one Dagster run per partition. Finished partitions are detected from their
+content-derived paths and reused, so a second run with nothing changed only checks.
+
+Two ways to execute, both Dagster's own:
+- `multiprocess` (the default of `make run`): every run goes through `dagster.execute_job` with
+  the multiprocess executor, so each step is its own process and steps of one run that do not
+  depend on each other (a member's evaluation and its mining) run together; `--runs` partition
+  runs of a stage are in flight at once. Steps that use the compute device sit in the concurrency
+  pool `gpu` (`assets._common.DEVICE_POOL`), limited to 1 unless the instance says otherwise
+  (`dagster instance concurrency set gpu N`): they take the device one at a time across every run
+  while CPU-only steps run beside them. The step processes rebuild the suite's definitions from
+  SPECTRA_SUITE and SPECTRA_ROOT, which this sets.
+- `in_process`: one run at a time in this process (`execute_in_process`); what the tests use.
+Both write the same bytes (tests/test_parallel_run.py).
 """
 
 from __future__ import annotations
@@ -14,6 +27,9 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import dagster as dg
@@ -24,8 +40,9 @@ from analysis.stages.report import format_summary, missing_members, suite_evalua
 from analysis.stages.validate import validate_suite
 from analysis.stages.suite import SuiteSpec
 from analysis.catalog import check_sql_path
+from assets._common import DEVICE_POOL
 from pipelines.stale_runs import owner_tags, sweep_dead_runs
-from resources.storage import check_writable
+from resources.storage import check_url, check_writable
 
 # Telemetry off; Spectra's own warnings (a damaged artifact being redone) shown in the runs' logs.
 DAGSTER_YAML = "telemetry:\n  enabled: false\npython_logs:\n  managed_python_loggers:\n    - spectra\n"
@@ -47,22 +64,48 @@ def prepare_dagster_home(root: Path, log=print) -> Path:
     return home
 
 
+@dataclass(frozen=True)
+class Multiprocess:
+    """Run through Dagster's multiprocess executor (see the module docstring)."""
+
+    suite: str
+    """The suite's name or YAML path: what the step processes rebuild the definitions from."""
+    runs: int = 2
+    """Partition runs of one stage in flight at once."""
+    max_concurrent: int = 0
+    """Step processes per run at once; 0: Dagster's default (the CPU count)."""
+
+
 def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | None = None,
-              log=print) -> dict[str, float]:
-    """Execute every job of the suite in dependency order; returns seconds per stage."""
+              log=print, multiprocess: Multiprocess | None = None) -> dict[str, float]:
+    """Execute every job of the suite in dependency order; returns seconds per stage.
+    Without `multiprocess`, every run executes in this process, one after the other."""
     from pipelines.definitions import build_definitions, default_resources
 
     defs = build_definitions(spec, default_resources(str(root)))
     instance = instance or dg.DagsterInstance.get()
     timings: dict[str, float] = {}
+    if multiprocess is not None:
+        execute_step_processes(multiprocess, spec, root, instance, log)
 
-    def execute(job_name: str, partition_key: str | None = None) -> None:
-        job = defs.resolve_job_def(job_name)
-        # the owner tags let a later sweep fail this run if this process is killed mid-run
-        result = job.execute_in_process(instance=instance, partition_key=partition_key, raise_on_error=True,
-                                        run_config=QUIET_CONSOLE, tags=owner_tags())
-        if not result.success:
-            raise RuntimeError(f"{job_name} {partition_key or ''} failed: see the Dagster run {result.run_id}")
+    def execute(job_name: str, partition_key: str | None = None, pool: ProcessPoolExecutor | None = None):
+        if pool is None:
+            log(f"[spectra] {job_name}{'' if partition_key is None else f' [{partition_key}]'}")
+        # the owner tags let a later sweep fail this run if its orchestrating process is killed mid-run
+        if multiprocess is None:
+            result = defs.resolve_job_def(job_name).execute_in_process(
+                instance=instance, partition_key=partition_key, raise_on_error=True, run_config=QUIET_CONSOLE,
+                tags=owner_tags())
+            return check(job_name, partition_key, result.success, result.run_id)
+        if pool is None:
+            result = execute_multiprocess(job_name, partition_key, instance, multiprocess)
+            return check(job_name, partition_key, result.success, result.run_id)
+        return pool.submit(execute_in_own_process, job_name, partition_key, instance.get_ref(), multiprocess)
+
+    def check(job_name: str, partition_key: str | None, success: bool, run_id: str) -> None:
+        if not success:
+            raise RuntimeError(f"{job_name} {partition_key or ''} failed: see the Dagster run {run_id}"
+                               f"{failure_messages(instance, run_id)}")
 
     stages = [
         ("prepare", "prepare_job", [None]),
@@ -73,11 +116,76 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
     ]
     for stage, job_name, keys in stages:
         start = time.perf_counter()
-        for key in keys:
-            log(f"[spectra] {stage}{'' if key is None else f' [{key}]'}")
-            execute(job_name, key)
+        if multiprocess is None or len(keys) == 1:
+            for key in keys:
+                execute(job_name, key)
+        else:
+            # Each partition run is orchestrated by its own process: Dagster's run setup reconfigures
+            # Python logging (dictConfig) and deadlocks against another run's logging in the same process.
+            log(f"[spectra] {job_name}: {len(keys)} partition runs, {multiprocess.runs} at a time")
+            with ProcessPoolExecutor(max_workers=multiprocess.runs, mp_context=get_context("spawn")) as pool:
+                futures = {execute(job_name, key, pool): key for key in keys}
+                try:
+                    for done, future in enumerate(as_completed(futures), 1):
+                        check(job_name, futures[future], *future.result())
+                        log(f"[spectra] {job_name} [{futures[future]}] done ({done}/{len(keys)})")
+                except BaseException:  # a failed run (or ^C): start no more; the running ones finish
+                    for future in futures:
+                        future.cancel()
+                    raise
         timings[stage] = round(time.perf_counter() - start, 1)
     return timings
+
+
+def execute_step_processes(multiprocess: Multiprocess, spec: SuiteSpec, root: Path,
+                           instance: dg.DagsterInstance, log) -> None:
+    """Point the step processes at this suite and root, and give the device pool its limit."""
+    from pipelines.definitions import resolve_suite
+
+    if resolve_suite(multiprocess.suite) != spec:
+        raise ValueError(f"suite {multiprocess.suite!r} does not resolve to the suite being run ({spec.name!r}): "
+                         "the step processes would build other definitions; pass the suite's own name or path")
+    os.environ["SPECTRA_SUITE"] = str(multiprocess.suite)
+    os.environ["SPECTRA_ROOT"] = str(root)
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        raise ValueError(f"the Dagster instance at {instance.root_directory} has no concurrency tables, so the "
+                         f"'{DEVICE_POOL}' pool cannot hold device steps to one at a time: run "
+                         "`dagster instance migrate` with DAGSTER_HOME pointing there")
+    info = storage.get_concurrency_info(DEVICE_POOL)
+    if info.limit is None and instance.get_concurrency_config().pool_config.default_pool_limit is None:
+        storage.set_concurrency_slots(DEVICE_POOL, 1)
+        log(f"[spectra] concurrency pool '{DEVICE_POOL}' limited to 1 (change: dagster instance concurrency set "
+            f"{DEVICE_POOL} N)")
+
+
+def execute_multiprocess(job_name: str, partition_key: str | None, instance: dg.DagsterInstance,
+                         multiprocess: Multiprocess) -> dg.JobExecutionResult:
+    job = dg.build_reconstructable_job("pipelines.definitions", "job_named", reconstructable_args=(job_name,))
+    executor = {"multiprocess": {"max_concurrent": multiprocess.max_concurrent}}
+    tags = {**owner_tags(), **({"dagster/partition": partition_key} if partition_key is not None else {})}
+    return dg.execute_job(job, instance, run_config={**QUIET_CONSOLE, "execution": {"config": executor}},
+                          tags=tags)
+
+
+def execute_in_own_process(job_name: str, partition_key: str | None, instance_ref,
+                           multiprocess: Multiprocess) -> tuple[bool, str]:
+    """One run, orchestrated by a worker process of `run_suite`'s pool: (success, run id)."""
+    with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        result = execute_multiprocess(job_name, partition_key, instance, multiprocess)
+        return result.success, result.run_id
+
+
+def failure_messages(instance: dg.DagsterInstance, run_id: str) -> str:
+    """The failed steps' errors, so a failure in a step process reads here and not only in the UI."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    lines = []
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        error = event.step_failure_data.error if event and event.step_failure_data else None
+        if error is not None:
+            lines.append(f"\n  {event.step_key}: {error.message.strip()}")
+    return "".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default=os.environ.get("SPECTRA_SUITE", "default"),
                         help="suite name in pipelines/suites/ or a YAML path")
     parser.add_argument("--root", default=os.environ.get("SPECTRA_ROOT", "data"), help="data root")
+    parser.add_argument("--executor", choices=["multiprocess", "in_process"],
+                        default=os.environ.get("SPECTRA_EXECUTOR", "multiprocess"),
+                        help="Dagster's multiprocess executor (steps as processes, the device pool) or one "
+                             "process")
+    parser.add_argument("--runs", type=int, default=int(os.environ.get("SPECTRA_PARALLEL_RUNS", "2")),
+                        help="multiprocess: partition runs of one stage in flight at once")
     args = parser.parse_args(argv)
 
     try:  # everything that can be wrong with the input fails here, before any work, in one line
@@ -93,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         root = check_sql_path(Path(args.root))  # before anything is written under it
         spec = resolve_suite(args.suite)
         validate_suite(spec)
+        if "://" in os.environ.get("SPECTRA_ACTIVATIONS_URL", ""):
+            check_url(os.environ["SPECTRA_ACTIVATIONS_URL"])  # an unreachable store: named before any work
         check_writable(root)  # last: it creates the root, which a bad suite must not leave behind
+        if args.runs < 1:
+            raise ValueError(f"--runs {args.runs}: at least one run must be in flight; pass --runs 1 or more")
     except (ValueError, PermissionError, FileNotFoundError) as err:
         print(f"spectra: {err}", file=sys.stderr)
         return 2
@@ -102,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(limit activations.max_store_gb={spec.activations.max_store_gb:g})")
     os.environ.setdefault("WANDB_MODE", "offline")
     start = time.perf_counter()
-    timings = run_suite(spec, root)
+    multiprocess = Multiprocess(args.suite, runs=args.runs) if args.executor == "multiprocess" else None
+    timings = run_suite(spec, root.resolve(), multiprocess=multiprocess)
     from analysis.paths import DataRoot
 
     data_root = DataRoot(root)

@@ -1,8 +1,9 @@
 """Runs left unfinished by a process that died: found and marked failed before the next run starts.
 
-`pipelines.run` executes every job with `execute_in_process` against the persistent instance under
-the data root, so the run's worker is the calling process itself: killed (SIGKILL, out of memory,
-a lost terminal) it leaves the run STARTED forever. Dagster's run monitoring cannot see this: it
+`pipelines.run` orchestrates every run from a process of its own (itself, or a worker of its pool
+for partition runs in flight together) against the persistent instance under the data root, with
+`execute_in_process` or `execute_job`: killed (SIGKILL, out of memory, a lost terminal), that
+process leaves the run STARTED forever. Dagster's run monitoring cannot see this: it
 asks the run launcher for the worker's health, and the default launcher cannot answer (nor did it
 launch these runs). So each run carries its owner as tags (host, pid and, on Linux, the pid's
 boot and start time), and the sweep fails only runs whose owner is verifiably gone: on this host,

@@ -39,9 +39,13 @@ def catalog_contents(root: DataRoot) -> dict[str, list]:
     con = connect_catalog(root.catalog)
     try:
         views = [v for (v,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
-        # the mouse's history holds wall times (compared as columns, not values)
-        return {v: con.execute(f'SELECT * EXCLUDE (seconds) FROM "{v}" ORDER BY ALL' if v == "mouse_history"
-                               else f'SELECT * FROM "{v}" ORDER BY ALL').fetchall() for v in sorted(views)}
+        # wall times (`seconds`, `train_seconds`, `tokens_per_second`) are compared as columns, not values
+        timed = con.execute("SELECT table_name, list(column_name) FROM duckdb_columns() WHERE NOT internal AND "
+                            "(column_name LIKE '%seconds' OR column_name LIKE '%per_second') "
+                            "GROUP BY table_name").fetchall()
+        exclude = {view: ", ".join(f'"{c}"' for c in columns) for view, columns in timed}
+        return {v: con.execute(f'SELECT * {f"EXCLUDE ({exclude[v]}) " if v in exclude else ""}FROM "{v}" '
+                               "ORDER BY ALL").fetchall() for v in sorted(views)}
     finally:
         con.close()
 
