@@ -55,13 +55,16 @@ JOB_SELECTIONS = {
 }
 
 
-def build_definitions(spec: SuiteSpec, resources: dict | None = None) -> dg.Definitions:
+def build_definitions(spec: SuiteSpec, resources: dict | None = None,
+                      executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
+    """`executor`: None keeps Dagster's default (multiprocess, or in-process by run config);
+    `pipelines.cluster` passes Kubernetes'."""
     validate_suite(spec)  # bad names fail here, before any asset runs
     jobs = {name: dg.define_asset_job(name, selection=sel, description=f"{spec.name}: {', '.join(sel)}")
             for name, sel in JOB_SELECTIONS.items()}
     return dg.Definitions(assets=with_automation(build_assets(spec)), asset_checks=build_asset_checks(spec),
                           jobs=list(jobs.values()), schedules=schedules(spec, jobs), sensors=[automation_sensor()],
-                          resources=resources or default_resources())
+                          resources=resources or default_resources(), executor=executor)
 
 
 defs = build_definitions(resolve_suite(os.environ.get("SPECTRA_SUITE", "default")))
