@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -32,7 +33,9 @@ class StorageResource(dg.ConfigurableResource):
 
 
 def check_url(url: str) -> None:
-    """Fail early when no fsspec filesystem serves the URL's scheme (e.g. s3fs not installed)."""
+    """Fail early, naming the URL, when no fsspec filesystem serves its scheme (e.g. s3fs not
+    installed) or when a test object cannot be written and removed there (no server, no bucket,
+    no permission): before any work, not deep inside an asset."""
     import fsspec
 
     protocol = url.split("://", 1)[0]
@@ -44,6 +47,17 @@ def check_url(url: str) -> None:
             "backend (s3:// needs `pip install s3fs`, gs:// `pip install gcsfs`) or unset "
             "SPECTRA_ACTIVATIONS_URL to keep stores under <root>/activations"
         ) from err
+    probe = f"{url.rstrip('/')}/.write-check-{uuid.uuid4().hex}"
+    try:
+        fs, path = fsspec.url_to_fs(probe)
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+    except Exception as err:  # each backend raises its own (OSError, botocore's, PermissionError, …)
+        raise ValueError(
+            f"activations_url={url!r} is not writable: writing {probe} failed ({type(err).__name__}: {err}); "
+            "check that the server is reachable, the bucket exists and the credentials in the environment "
+            "(e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) may write there"
+        ) from None
 
 
 def check_writable(root: Path) -> None:

@@ -30,12 +30,16 @@ NOT_RUN = {
                      "test suite itself; CI runs `make test`",
     "make ui": "starts a long-running web server; tests/test_ui.py starts the same dagster webserver and "
                "queries it",
-    "pip install s3fs": "needs s3fs (not a dependency), AWS credentials and the network",
+    "SPECTRA_ACTIVATIONS_URL=s3://": "needs AWS credentials and the network; tests/test_object_storage.py runs "
+                                     "the same suite with its stores at s3:// on moto's S3 server",
+    "concurrency set gpu": "changes the pool limit of the instance under ./data; "
+                           "tests/test_parallel_run.py runs the same command on a test instance and checks that "
+                           "`make run` keeps the limit it set",
     "make verify": "verifies the default suite's outputs under ./data (`make run`); tests/test_damage.py runs "
                    "the same command on a small suite, with damage and repair",
 }
 # Calendar-versioned (YYYY.MM) dependencies have no majors to stay below (see pyproject.toml).
-CALENDAR_VERSIONED = {"fsspec", "dask"}
+CALENDAR_VERSIONED = {"fsspec", "dask", "distributed", "s3fs"}
 
 
 def _blocks(language: str) -> list[tuple[int, str]]:
@@ -90,10 +94,16 @@ def test_python_blocks_run_against_a_suites_outputs(suite_root, monkeypatch):
     spec, root = suite_root
     monkeypatch.setenv("SPECTRA_ROOT", str(root.root))
     blocks = _blocks("python")
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     browser = root.root / "reports" / "browser" / "index.html"
     assert browser.is_file(), "the feature_browser asset (report_job) builds it"
-    notebook, browse, models, toolkit = (_run_python_block(*block) for block in blocks)
+    on_dask, notebook, browse, models, toolkit = (_run_python_block(*block) for block in blocks)
+    assert on_dask["result"].firing_fractions()[0] == on_dask["dead"]  # the catalog's, from the same split
+    from analysis.activations.reader import ActivationStore
+
+    streamed = ActivationStore.open(on_dask["store"]).stats  # the extraction's own statistics
+    assert on_dask["stats"].mean_norm == pytest.approx(streamed.mean_norm, rel=1e-9)
+    assert on_dask["stats"].n_tokens == streamed.n_tokens
     try:
         assert notebook["best"][0] in {dictionary_id(spec, m) for m in spec.members()}
         assert notebook["top"], "the best dictionary's top images"
