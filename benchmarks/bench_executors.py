@@ -9,7 +9,7 @@ hold the same artifacts (every file's checksum, wall-time records aside).
 
 Writes benchmarks/results/executors.json.
 
-    .venv/bin/python benchmarks/bench_executors.py [--suite default] [--runs 2] [--repeats 1]
+    .venv/bin/python benchmarks/bench_executors.py [--suite default] [--runs 1] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def checksums(root: Path) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="default")
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "executors.json"))
     args = parser.parse_args()

@@ -70,8 +70,29 @@ def build_definitions(spec: SuiteSpec, resources: dict | None = None,
 defs = build_definitions(resolve_suite(os.environ.get("SPECTRA_SUITE", "default")))
 
 
-def job_named(name: str) -> dg.JobDefinition:
-    """A job of the suite the environment names, rebuilt from this module: what step processes of
-    Dagster's multiprocess executor import (`dg.build_reconstructable_job("pipelines.definitions",
-    "job_named", reconstructable_args=(name,))`)."""
-    return defs.resolve_job_def(name)
+STEP_SETTINGS = ("SPECTRA_SUITE", "SPECTRA_ROOT", "SPECTRA_ACTIVATIONS_URL", "SPECTRA_DEVICE", "SPECTRA_THREADS",
+                 "SPECTRA_TRACKER", "WANDB_MODE", "HF_HUB_OFFLINE")
+"""The environment a step process must share with the run that launched it. Never a secret: these
+travel inside the run's record (its reconstructable job); credentials stay in the environment."""
+_jobs_by_settings: dict[tuple, dg.Definitions] = {}
+
+
+def step_settings() -> tuple[tuple[str, str], ...]:
+    """This process's STEP_SETTINGS, as `job_named` takes them."""
+    return tuple((name, os.environ[name]) for name in STEP_SETTINGS if name in os.environ)
+
+
+def job_named(name: str, settings: tuple[tuple[str, str], ...] = ()) -> dg.JobDefinition:
+    """A job of the suite `settings` name (SPECTRA_SUITE, SPECTRA_ROOT, …), rebuilt here: what the
+    step processes of Dagster's multiprocess executor call (`dg.build_reconstructable_job(
+    "pipelines.definitions", "job_named", reconstructable_args=(name, step_settings()))`). The
+    settings are passed, not inherited: a forkserver's children carry the environment the server
+    started with, which a long-lived process (a test session) may since have changed."""
+    if not settings:
+        return defs.resolve_job_def(name)
+    for key, value in settings:
+        os.environ[key] = value  # what default_resources() and the stages read in this step process
+    if settings not in _jobs_by_settings:
+        env = dict(settings)
+        _jobs_by_settings[settings] = build_definitions(resolve_suite(env.get("SPECTRA_SUITE", "default")))
+    return _jobs_by_settings[settings].resolve_job_def(name)

@@ -9,13 +9,18 @@ content-derived paths and reused, so a second run with nothing changed only chec
 
 Two ways to execute, both Dagster's own:
 - `multiprocess` (the default of `make run`): every run goes through `dagster.execute_job` with
-  the multiprocess executor, so each step is its own process and steps of one run that do not
-  depend on each other (a member's evaluation and its mining) run together; `--runs` partition
-  runs of a stage are in flight at once. Steps that use the compute device sit in the concurrency
+  the multiprocess executor, so each step is its own process (forked from a forkserver that
+  imported `pipelines.definitions` once) and steps of one run that do not depend on each other
+  run together. Steps that use the compute device sit in the concurrency
   pool `gpu` (`assets._common.DEVICE_POOL`), limited to 1 unless the instance says otherwise
   (`dagster instance concurrency set gpu N`): they take the device one at a time across every run
-  while CPU-only steps run beside them. The step processes rebuild the suite's definitions from
-  SPECTRA_SUITE and SPECTRA_ROOT, which this sets.
+  while CPU-only steps run beside them. `--runs N` puts N partition runs of a stage in flight at
+  once, each orchestrated by a process of its own. The default is 1: a run whose only ready steps
+  wait for a pool slot spins in Dagster's executor loop (no sleep between checks; measured at a
+  third of a core per waiting run), so more runs in flight pay only where the pool's limit is
+  above 1. The step processes rebuild the suite's definitions from the run's settings
+  (`pipelines.definitions.job_named`: SPECTRA_SUITE and SPECTRA_ROOT, which this sets, and the
+  other SPECTRA_* knobs), passed with the job rather than inherited.
 - `in_process`: one run at a time in this process (`execute_in_process`); what the tests use.
 Both write the same bytes (tests/test_parallel_run.py).
 """
@@ -70,8 +75,8 @@ class Multiprocess:
 
     suite: str
     """The suite's name or YAML path: what the step processes rebuild the definitions from."""
-    runs: int = 2
-    """Partition runs of one stage in flight at once."""
+    runs: int = 1
+    """Partition runs of one stage in flight at once (see the module docstring for why 1)."""
     max_concurrent: int = 0
     """Step processes per run at once; 0: Dagster's default (the CPU count)."""
 
@@ -86,7 +91,7 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
     instance = instance or dg.DagsterInstance.get()
     timings: dict[str, float] = {}
     if multiprocess is not None:
-        execute_step_processes(multiprocess, spec, root, instance, log)
+        prepare_step_processes(multiprocess, spec, root, instance, log)
 
     def execute(job_name: str, partition_key: str | None = None, pool: ProcessPoolExecutor | None = None):
         if pool is None:
@@ -137,7 +142,7 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
     return timings
 
 
-def execute_step_processes(multiprocess: Multiprocess, spec: SuiteSpec, root: Path,
+def prepare_step_processes(multiprocess: Multiprocess, spec: SuiteSpec, root: Path,
                            instance: dg.DagsterInstance, log) -> None:
     """Point the step processes at this suite and root, and give the device pool its limit."""
     from pipelines.definitions import resolve_suite
@@ -161,8 +166,15 @@ def execute_step_processes(multiprocess: Multiprocess, spec: SuiteSpec, root: Pa
 
 def execute_multiprocess(job_name: str, partition_key: str | None, instance: dg.DagsterInstance,
                          multiprocess: Multiprocess) -> dg.JobExecutionResult:
-    job = dg.build_reconstructable_job("pipelines.definitions", "job_named", reconstructable_args=(job_name,))
-    executor = {"multiprocess": {"max_concurrent": multiprocess.max_concurrent}}
+    from pipelines.definitions import step_settings
+
+    job = dg.build_reconstructable_job("pipelines.definitions", "job_named",
+                                       reconstructable_args=(job_name, step_settings()))
+    # forkserver: each step forks from a server that imported pipelines.definitions (torch, dagster,
+    # the suite's code) once. Spawned steps paid ~2.5 s of imports each (the default suite took
+    # 2.15x the in-process time); Dagster preloads only itself unless told the module.
+    executor = {"multiprocess": {"max_concurrent": multiprocess.max_concurrent,
+                                 "start_method": {"forkserver": {"preload_modules": ["pipelines.definitions"]}}}}
     tags = {**owner_tags(), **({"dagster/partition": partition_key} if partition_key is not None else {})}
     return dg.execute_job(job, instance, run_config={**QUIET_CONSOLE, "execution": {"config": executor}},
                           tags=tags)
@@ -183,6 +195,8 @@ def failure_messages(instance: dg.DagsterInstance, run_id: str) -> str:
     for record in records:
         event = record.event_log_entry.dagster_event
         error = event.step_failure_data.error if event and event.step_failure_data else None
+        while error is not None and error.cause is not None:  # Dagster's wrapper, then what the stage raised
+            error = error.cause
         if error is not None:
             lines.append(f"\n  {event.step_key}: {error.message.strip()}")
     return "".join(lines)
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("SPECTRA_EXECUTOR", "multiprocess"),
                         help="Dagster's multiprocess executor (steps as processes, the device pool) or one "
                              "process")
-    parser.add_argument("--runs", type=int, default=int(os.environ.get("SPECTRA_PARALLEL_RUNS", "2")),
+    parser.add_argument("--runs", type=int, default=int(os.environ.get("SPECTRA_PARALLEL_RUNS", "1")),
                         help="multiprocess: partition runs of one stage in flight at once")
     args = parser.parse_args(argv)
 

@@ -25,7 +25,7 @@ from analysis.dictionaries import load_dictionary
 from analysis.evaluation.metrics import reconstruction_metrics
 from analysis.integrity import DamagedArtifact
 from analysis.paths import DataRoot
-from analysis.published import connect_published_catalog, load_published_dictionary, publish
+from analysis.stages.published import connect_published_catalog, load_published_dictionary, publish
 from analysis.stages.dataset import split_indices
 from analysis.stages.dictionaries import dictionary_id
 from analysis.stages.suite import parse_suite

@@ -12,7 +12,7 @@ import pytest
 
 from analysis.paths import DataRoot
 from analysis.stages.suite import parse_suite
-from pipelines.run import Multiprocess, execute_step_processes, prepare_dagster_home, run_suite
+from pipelines.run import Multiprocess, prepare_step_processes, prepare_dagster_home, run_suite
 from test_damage import SUITE_RAW, snapshot
 from test_faults import catalog_contents
 
@@ -96,7 +96,7 @@ def test_a_pool_limit_set_with_dagsters_cli_is_kept(tmp_path, suite_file, monkey
                    env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True)
     messages = []
     with dg.DagsterInstance.get() as instance:
-        execute_step_processes(Multiprocess(str(suite_file)), parse_suite(RAW), tmp_path, instance, messages.append)
+        prepare_step_processes(Multiprocess(str(suite_file)), parse_suite(RAW), tmp_path, instance, messages.append)
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 2
     assert messages == []
 
@@ -105,7 +105,7 @@ def test_an_unlimited_pool_is_limited_to_one_and_says_so(tmp_path, suite_file, m
     monkeypatch.setenv("DAGSTER_HOME", str(prepare_dagster_home(tmp_path)))
     messages = []
     with dg.DagsterInstance.get() as instance:
-        execute_step_processes(Multiprocess(str(suite_file)), parse_suite(RAW), tmp_path, instance, messages.append)
+        prepare_step_processes(Multiprocess(str(suite_file)), parse_suite(RAW), tmp_path, instance, messages.append)
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
     assert len(messages) == 1 and "limited to 1" in messages[0]
 
@@ -114,6 +114,7 @@ def test_a_step_that_fails_in_its_process_is_reported_here_with_its_error(tmp_pa
     (tmp_path / "failing").mkdir()
     blocker = tmp_path / "failing" / "images"
     blocker.write_text("a file where the images directory goes")  # the images step cannot write
-    with pytest.raises(RuntimeError, match=r"prepare_job\s+failed: see the Dagster run [0-9a-f-]+\n  images: "):
+    with pytest.raises(RuntimeError, match=r"prepare_job\s+failed: see the Dagster run [0-9a-f-]+\n  images: "
+                                           r"(FileExistsError|NotADirectoryError)"):
         _run(tmp_path, "failing", Multiprocess(str(suite_file)))
     assert blocker.read_text() == "a file where the images directory goes"  # nothing written over it

@@ -24,8 +24,10 @@ import duckdb
 import fsspec
 
 from analysis.catalog import ROOT_VARIABLE, connect_catalog
+from analysis.dictionaries import CONFIG_FILE, WEIGHTS_FILE, load_dictionary
 from analysis.integrity import DamagedArtifact
 from analysis.paths import DataRoot
+from analysis.stages.dictionaries import SUMMARY_FILE
 
 PUBLISHED = ("tables", "dictionaries", "models", "catalog.duckdb")
 """What `publish` copies from a data root (images, activations and the Dagster instance stay)."""
@@ -58,7 +60,7 @@ def _download(url: str, cache: Path) -> Path:
     fs, path = fsspec.url_to_fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"nothing at {url}: publish the data root there first "
-                                "(analysis.published.publish(DataRoot(...), url))")
+                                "(analysis.stages.published.publish(DataRoot(...), url))")
     local = cache / path.rsplit("/", 1)[-1]
     fs.get_file(path, str(local))
     return local
@@ -81,9 +83,6 @@ def load_published_dictionary(url: str, dict_id: str, cache_dir: str | Path | No
                               device: str = "cpu"):
     """One checkpoint published at `url`, fetched and checked against the sha256 its training
     recorded (a damaged or replaced file is named, never loaded)."""
-    from analysis.dictionaries import CONFIG_FILE, WEIGHTS_FILE, load_dictionary
-    from analysis.stages.dictionaries import SUMMARY_FILE
-
     cache = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="spectra-dictionary-"))
     local_dir = cache / dict_id
     local_dir.mkdir(parents=True, exist_ok=True)
