@@ -39,9 +39,7 @@ from analysis.dictionaries.training.sae import SAETrainConfig  # noqa: E402
 from analysis.evaluation.dask_passes import dictionary_pass, store_statistics  # noqa: E402
 from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
 from analysis.paths import DataRoot  # noqa: E402
-from analysis.stages.activations import ensure_layout, ensure_stats, extract, store_layout  # noqa: E402
-from analysis.stages.dataset import ensure_dataset  # noqa: E402
-from analysis.stages.model import ensure_model  # noqa: E402
+from analysis.stages.activations import materialize_store  # noqa: E402
 from analysis.stages.suite import parse_suite  # noqa: E402
 
 HOOK = "blocks.1.hook_resid_post"
@@ -51,12 +49,7 @@ def build_store(root: DataRoot, n_images: int):
     spec = parse_suite({"name": f"dask{n_images}", "dataset": {"params": {"n_images": n_images, "seed": 0}},
                         "model": {"train": {"epochs": 1}},
                         "activations": {"hooks": [HOOK], "images_per_shard": 4096, "images_per_chunk": 256}})
-    ensure_dataset(spec, root)
-    ensure_model(spec, root, progress=False)
-    ensure_layout(spec, root)
-    for shard in range(store_layout(spec).n_shards):
-        extract(spec, root, shard, progress=False)
-    ensure_stats(spec, root)
+    materialize_store(spec, root)
     return root.hook_store(spec.store_id, HOOK)
 
 

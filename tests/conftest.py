@@ -11,6 +11,8 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from analysis.stages.activations import materialize_store  # noqa: E402,F401  (tests import it from here)
+
 torch.set_num_threads(2)
 
 
@@ -36,20 +38,6 @@ def module_one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def materialize_store(spec, root) -> None:
-    """Stages 1–3 of `spec` without Dagster: dataset, mouse model, every shard, statistics."""
-    from analysis.stages.activations import ensure_layout, ensure_stats, extract, store_layout
-    from analysis.stages.dataset import ensure_dataset
-    from analysis.stages.model import ensure_model
-
-    ensure_dataset(spec, root)
-    ensure_model(spec, root, progress=False)
-    ensure_layout(spec, root)
-    for shard in range(store_layout(spec).n_shards):
-        extract(spec, root, shard, progress=False)
-    ensure_stats(spec, root)
 
 
 @contextmanager

@@ -180,3 +180,17 @@ def nonfinite_counts(spec: SuiteSpec, root: DataRoot) -> dict[str, int]:
         bad += int((~np.isfinite(stats.mean)).sum() + (~np.isfinite(stats.var)).sum())
         counts[hook] = bad
     return counts
+
+
+def materialize_store(spec: SuiteSpec, root: DataRoot, *, progress: bool = False) -> None:
+    """Stages 1-3 of `spec` without Dagster, in order: the dataset, the model, every shard of the
+    store and its statistics (each reused where done). For notebooks, tests and benchmarks."""
+    from analysis.stages.dataset import ensure_dataset
+    from analysis.stages.model import ensure_model
+
+    ensure_dataset(spec, root)
+    ensure_model(spec, root, progress=progress)
+    ensure_layout(spec, root)
+    for shard in range(store_layout(spec).n_shards):
+        extract(spec, root, shard, progress=progress)
+    ensure_stats(spec, root)
