@@ -54,16 +54,26 @@ def store_arrays(location: StoreLocation) -> tuple[ActivationStore, da.Array, da
 
 
 def store_statistics(location: StoreLocation) -> StoreStats:
-    """Per-dimension mean and population variance over every token, and the mean token norm."""
+    """Per-dimension mean and population variance over every token, and the mean token norm: one
+    read of the store, a (count, mean, M2) partial per chunk merged in chunk order (Chan et al.)."""
     store, acts, norms = store_arrays(location)
-    x = acts.map_blocks(_as_float64, store.dtype, dtype=np.float64)
-    mean, var, norm_sum = dask.compute(x.mean(axis=(0, 1)), x.var(axis=(0, 1)), norms.astype(np.float64).sum())
-    n = store.n_images * store.n_tokens
-    return StoreStats(np.asarray(mean), np.asarray(var), float(norm_sum) / n, n)
+    d = store.d_model
+    rows = acts.rechunk({1: -1, 2: -1}).map_blocks(
+        _moments_block, store.dtype, dtype=np.float64, chunks=((1,) * acts.numblocks[0], (1 + 2 * d,)),
+        drop_axis=2).compute()
+    n, mean, m2 = 0, np.zeros(d), np.zeros(d)
+    for row in rows:
+        n, mean, m2 = chan_merge(n, mean, m2, int(row[0]), row[1:1 + d], row[1 + d:])
+    norm_sum = float(norms.astype(np.float64).sum().compute())
+    return StoreStats(mean, m2 / n, norm_sum / n, n)
 
 
-def _as_float64(block: np.ndarray, logical_dtype: str) -> np.ndarray:
-    return decode(block, logical_dtype).numpy().astype(np.float64)
+def _moments_block(block: np.ndarray, logical_dtype: str) -> np.ndarray:
+    """One chunk → [count, mean (d), M2 (d)] in float64."""
+    x = decode(block, logical_dtype).reshape(-1, block.shape[-1]).double()
+    mean = x.mean(0)
+    m2 = (x - mean).pow(2).sum(0)
+    return torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), mean, m2]).numpy()[None, :]
 
 
 class DictionaryPass(NamedTuple):
