@@ -90,9 +90,12 @@ def job_named(name: str, settings: tuple[tuple[str, str], ...] = ()) -> dg.JobDe
     started with, which a long-lived process (a test session) may since have changed."""
     if not settings:
         return defs.resolve_job_def(name)
-    for key, value in settings:
-        os.environ[key] = value  # what default_resources() and the stages read in this step process
+    env = dict(settings)
+    for key in STEP_SETTINGS:  # what default_resources() and the stages read in this step process
+        if key in env:
+            os.environ[key] = env[key]
+        else:
+            os.environ.pop(key, None)  # unset for the run, even if the forkserver started with it
     if settings not in _jobs_by_settings:
-        env = dict(settings)
         _jobs_by_settings[settings] = build_definitions(resolve_suite(env.get("SPECTRA_SUITE", "default")))
     return _jobs_by_settings[settings].resolve_job_def(name)
