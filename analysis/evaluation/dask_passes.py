@@ -57,23 +57,37 @@ def store_statistics(location: StoreLocation) -> StoreStats:
     """Per-dimension mean and population variance over every token, and the mean token norm: one
     read of the store, a (count, mean, M2) partial per chunk merged in chunk order (Chan et al.)."""
     store, acts, norms = store_arrays(location)
-    d = store.d_model
-    rows = acts.rechunk({1: -1, 2: -1}).map_blocks(
-        _moments_block, store.dtype, dtype=np.float64, chunks=((1,) * acts.numblocks[0], (1 + 2 * d,)),
-        drop_axis=2).compute()
-    n, mean, m2 = 0, np.zeros(d), np.zeros(d)
-    for row in rows:
-        n, mean, m2 = chan_merge(n, mean, m2, int(row[0]), row[1:1 + d], row[1 + d:])
+    rows = _per_chunk(acts, _moments_block, 1 + 2 * store.d_model, store.dtype)
+    n, mean, m2 = _merge_moments(rows, store.d_model)
     norm_sum = float(norms.astype(np.float64).sum().compute())
     return StoreStats(mean, m2 / n, norm_sum / n, n)
 
 
+def _per_chunk(acts: da.Array, fn, width: int, *args) -> np.ndarray:
+    """(chunks, width) float64: `fn(chunk, *args)` on every chunk of images (all tokens, all dims),
+    in chunk order."""
+    return acts.rechunk({1: -1, 2: -1}).map_blocks(
+        fn, *args, dtype=np.float64, chunks=((1,) * acts.numblocks[0], (width,)), drop_axis=2).compute()
+
+
+def _moments(x: torch.Tensor) -> torch.Tensor:
+    """[count, mean (d), M2 (d)] of the rows of `x`, in float64."""
+    x64 = x.double()
+    mean = x64.mean(0)
+    return torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), mean, (x64 - mean).pow(2).sum(0)])
+
+
+def _merge_moments(rows: np.ndarray, d: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Chan's merge of the rows' leading [count, mean, M2] blocks, in row order."""
+    n, mean, m2 = 0, np.zeros(d), np.zeros(d)
+    for row in rows:
+        if row[0] > 0:
+            n, mean, m2 = chan_merge(n, mean, m2, int(row[0]), row[1:1 + d], row[1 + d:1 + 2 * d])
+    return n, mean, m2
+
+
 def _moments_block(block: np.ndarray, logical_dtype: str) -> np.ndarray:
-    """One chunk → [count, mean (d), M2 (d)] in float64."""
-    x = decode(block, logical_dtype).reshape(-1, block.shape[-1]).double()
-    mean = x.mean(0)
-    m2 = (x - mean).pow(2).sum(0)
-    return torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), mean, m2]).numpy()[None, :]
+    return _moments(decode(block, logical_dtype).reshape(-1, block.shape[-1])).numpy()[None, :]
 
 
 class DictionaryPass(NamedTuple):
@@ -96,42 +110,29 @@ def dictionary_pass(location: StoreLocation, sae, image_indices=None) -> Diction
     if image_indices is not None:
         acts = acts[np.sort(check_image_indices(image_indices, store.n_images))]
     d, width = store.d_model, sae.cfg.width
-    packed_width = 2 + 2 * d + 1 + 2 * width
-    blocks = acts.rechunk({1: -1, 2: -1}).map_blocks(
-        _encode_block, dask.delayed(sae.cpu().eval()), store.dtype, dtype=np.float64,
-        chunks=((1,) * acts.numblocks[0], (packed_width,)), drop_axis=2)
-    rows = blocks.compute()
-    n, mean, m2, sq_err, nnz = 0, np.zeros(d), np.zeros(d), 0.0, 0.0
-    fire, max_acts = np.zeros(width, dtype=np.int64), np.zeros(width, dtype=np.float32)
-    for row in rows:  # in chunk order, so the merge is the same whatever the scheduler did
-        count = int(row[0])
-        if count == 0:
-            continue
-        n, mean, m2 = chan_merge(n, mean, m2, count, row[2:2 + d], row[2 + d:2 + 2 * d])
-        sq_err += row[1]
-        nnz += row[2 + 2 * d]
-        fire += row[3 + 2 * d:3 + 2 * d + width].astype(np.int64)
-        np.maximum(max_acts, row[3 + 2 * d + width:].astype(np.float32), out=max_acts)
+    rows = _per_chunk(acts, _encode_block, 1 + 2 * d + 2 + 2 * width, dask.delayed(sae.cpu().eval()), store.dtype)
+    n, _, m2 = _merge_moments(rows, d)
     if n == 0:
         raise ValueError("dictionary_pass got no tokens: pass at least one image index")
+    rest = rows[:, 1 + 2 * d:]  # [squared error, nonzeros, fire counts (width), max activations (width)]
     total_var = float(m2.sum())
-    return DictionaryPass(n, sq_err / total_var if total_var > 0 else math.nan, nnz / n, fire, max_acts)
+    fire = rest[:, 2:2 + width].sum(0).astype(np.int64)
+    max_acts = rest[:, 2 + width:].max(0).astype(np.float32)
+    return DictionaryPass(n, float(rest[:, 0].sum()) / total_var if total_var > 0 else math.nan,
+                          float(rest[:, 1].sum()) / n, fire, max_acts)
 
 
 def _encode_block(block: np.ndarray, sae, logical_dtype: str) -> np.ndarray:
-    """One chunk → [count, squared error, mean (d), M2 (d), nonzeros, fire counts, max activations]."""
+    """One chunk → [count, mean (d), M2 (d), squared error, nonzeros, fire counts, max activations]."""
     x = decode(block, logical_dtype).reshape(-1, block.shape[-1])
     with torch.no_grad():
         out = sae(x)
-    x64, xh64 = x.double(), out.x_hat.double()
-    count = x.shape[0]
-    mean = x64.mean(0)
-    m2 = (x64 - mean).pow(2).sum(0)
     active = out.top_acts != 0
     idx, acts = out.top_indices[active], out.top_acts[active]
     width = sae.cfg.width
     fire = torch.bincount(idx, minlength=width).double()
     max_acts = torch.zeros(width, dtype=acts.dtype).scatter_reduce_(0, idx, acts, "amax", include_self=True)
-    row = torch.cat([torch.tensor([count, float((x64 - xh64).pow(2).sum())], dtype=torch.float64), mean, m2,
-                     torch.tensor([float(active.sum())], dtype=torch.float64), fire, max_acts.double()])
+    sq_err = float((x.double() - out.x_hat.double()).pow(2).sum())
+    row = torch.cat([_moments(x), torch.tensor([sq_err, float(active.sum())], dtype=torch.float64), fire,
+                     max_acts.double()])
     return row.numpy()[None, :]
