@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from analysis.evaluation.mining import mine_features
+from analysis.evaluation.mining import SPARSE_FOLD_DENSE_ARRAYS, mine_features
 from analysis.evaluation.mining_counts import histogram_edges
 from analysis.dictionaries import SAEConfig, TopKSAE
 
@@ -57,7 +57,12 @@ def _brute_force(sae, acts, image_idx, n_top):
     return lat, rows
 
 
-@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 1 << 24), ([20, 30], 2 * T * WIDTH)])
+# chunk FOLD_15: TopK codes are folded 15 images at a time, so a fold spans two batches (7 + 13)
+FOLD_15 = 15 * SPARSE_FOLD_DENSE_ARRAYS * WIDTH
+
+
+@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 1 << 24), ([20, 30], 2 * T * WIDTH),
+                                          ([7, 13, 30], FOLD_15)])
 def test_top_images_match_brute_force(setup, sizes, chunk):
     sae, acts, image_idx = setup
     n_top = 4
@@ -96,7 +101,7 @@ def test_top_images_match_brute_force(setup, sizes, chunk):
     )
 
 
-@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 2 * T * WIDTH)])
+@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 2 * T * WIDTH), ([7, 13, 30], FOLD_15)])
 def test_label_token_kind_and_norm_statistics_match_brute_force(setup, sizes, chunk):
     """The per-feature statistics added to the streaming pass, against dense numpy over the whole set."""
     sae, acts, image_idx = setup
@@ -200,9 +205,11 @@ def test_bad_inputs():
         mine_features(sae, [])
     with pytest.raises(ValueError, match="token count changed"):
         mine_features(sae, [(np.arange(2), torch.randn(2, T, D)), (np.arange(2, 4), torch.randn(2, T + 1, D))])
+    with pytest.raises(ValueError, match="image id 4294967295 is past"):  # the tops order ids in 32 bits
+        mine_features(sae, [(np.array([0, (1 << 32) - 1]), torch.randn(2, T, D))])
 
 
-@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 2 * T * WIDTH)])
+@pytest.mark.parametrize("sizes, chunk", [([50], 1 << 24), ([7, 13, 30], 2 * T * WIDTH), ([7, 13, 30], FOLD_15)])
 def test_class_token_top_images_match_brute_force(setup, sizes, chunk):
     sae, acts, image_idx = setup
     res = mine_features(sae, _batches(acts, image_idx, sizes), n_top=4, cls=(0, 1), max_latent_elements=chunk)

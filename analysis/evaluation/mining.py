@@ -91,6 +91,7 @@ def mine_features(
     width = sae.cfg.width
     device = _sae_device(sae)
     running: _Running | None = None
+    pending = _PendingCodes(max(1, max_latent_elements // (SPARSE_FOLD_DENSE_ARRAYS * width)))
     for image_idx, acts in tqdm(image_batches, desc="mine features", unit="batch", disable=not progress):
         acts = torch.as_tensor(acts).to(device=device, dtype=torch.float32)
         image_idx = torch.as_tensor(np.asarray(image_idx), dtype=torch.int64, device=device)
@@ -117,10 +118,38 @@ def mine_features(
                                image_idx[s : s + chunk], norm_ratio)
             else:
                 vals, idx = (t.reshape(a.shape[0], T, -1) for t in codes)
-                running.update_sparse(vals, idx, image_idx[s : s + chunk], norm_ratio)
+                if pending.add(vals, idx, image_idx[s : s + chunk], norm_ratio):
+                    running.update_sparse(*pending.take())
     if running is None:
         raise ValueError("mine_features got no batches: pass at least one (image_idx, acts) batch")
+    if pending.n_images:
+        running.update_sparse(*pending.take())
     return running.result()
+
+
+SPARSE_FOLD_DENSE_ARRAYS = 16
+"""A fold of TopK codes builds a few (images, width) arrays (per-image maxima, the class token's
+code, sample keys and their temporaries): it takes max_latent_elements // (this x width) images
+at once, T times more than one dense latent block. Folding many images at once is what makes the
+running tops cheap: their per-fold work on (width, n_top) is shared by more images."""
+
+
+class _PendingCodes:
+    """TopK codes of encoded chunks waiting to be folded together, up to `n_max` images."""
+
+    def __init__(self, n_max: int):
+        self.n_max, self.n_images, self.parts = n_max, 0, []
+
+    def add(self, vals: Tensor, idx: Tensor, ids: Tensor, norm_ratio: Tensor) -> bool:
+        """Keep one chunk's codes; True when the next chunk would not fit (time to fold)."""
+        self.parts.append((vals, idx, ids, norm_ratio))
+        self.n_images += len(ids)
+        return self.n_images >= self.n_max
+
+    def take(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The kept codes concatenated in arrival order (vals, idx, ids, norm_ratio), and empty."""
+        parts, self.parts, self.n_images = self.parts, [], 0
+        return tuple(torch.cat(column) if len(column) > 1 else column[0] for column in zip(*parts))
 
 
 def _topk_codes(miner, x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -252,7 +281,7 @@ class _Running:
 
     def result(self) -> MiningResult:
         width = self.width
-        heat = self.heat.gather(1, self.slot.unsqueeze(-1).expand(-1, -1, self.T))  # slots in rank order
+        heat = self.heat[torch.arange(width, device=self.slot.device).unsqueeze(1), self.slot]  # rank order
         filled = self.top.vals > 0  # features that never fire (or fire on few images) keep empty slots
         heat[~filled] = 0
         top_images = self.top.table(token=(self.top_tok, np.int32), token_norm_ratio=(self.top_ratio, np.float32))

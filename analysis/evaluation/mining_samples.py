@@ -29,6 +29,19 @@ def _changing_rows(changes: Tensor) -> Tensor | slice | None:
     return slice(None) if 2 * len(rows) > len(changes) else rows
 
 
+_MAX_IMAGE = (1 << 32) - 1  # image ids RunningTop can order: the low 32 bits of a rank key
+
+
+def _rank_keys(vals: Tensor, img: Tensor) -> Tensor:
+    """Distinct int64 keys whose descending order is (value descending, image ascending) over the
+    positive float32 `vals` (their images below _MAX_IMAGE), then the other entries in column
+    order, so those never displace a kept one. A positive float32's bits, read as an integer, order
+    like the float: one topk over the keys replaces two stable sorts (by image, then by value),
+    which cost more than twice as much. (torch.topk alone leaves equal values in no set order.)"""
+    rank = (vals.view(torch.int32).to(torch.int64) << 32) | (_MAX_IMAGE - img)  # garbage where not positive
+    return torch.where(vals > 0, rank, -1 - torch.arange(vals.shape[1], device=vals.device))
+
+
 class RunningTop:
     """Per feature, the `n` images with the largest positive value (ties: the lower image index)."""
 
@@ -41,20 +54,18 @@ class RunningTop:
         """Fold in `values` (c, width) of images `ids` (c,). Returns the features whose top changed
         (indices, or every one as a slice) and their merged tops: `sel` (rows, n), positions among
         the n running entries then the c new images; None when no top changed."""
+        if len(ids) and int(ids.max()) >= _MAX_IMAGE:
+            raise ValueError(f"image id {int(ids.max())} is past the {_MAX_IMAGE} that mining's tops can order")
         new = values.T  # (width, c)
         # Only features where some image fires at least as high as the n-th entry can change; once
-        # the tops fill up that is a few, so the sorts skip the rest. An image that does not fire
+        # the tops fill up that is a few, so the ranking skips the rest. An image that does not fire
         # never enters: empty slots keep -inf and are dropped at the end.
         rows = _changing_rows(((new > 0) & (new >= self.vals[:, -1:])).any(1))
         if rows is None:
             return None
         vals = torch.cat([self.vals[rows], new[rows]], 1)
         img = torch.cat([self.img[rows], ids.expand(len(vals), -1)], 1)
-        # torch.topk does not define an order among equal values; two stable sorts do:
-        # by image id, then by value (descending), so ties keep the lower image first.
-        by_img = img.argsort(stable=True, dim=1)
-        by_val = vals.gather(1, by_img).argsort(stable=True, dim=1, descending=True)
-        sel = by_img.gather(1, by_val)[:, :self.n]
+        sel = _rank_keys(vals, img).topk(self.n, dim=1).indices
         self.vals[rows], self.img[rows] = vals.gather(1, sel), img.gather(1, sel)
         return rows, sel
 
