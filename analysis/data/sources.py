@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -239,25 +239,48 @@ class ParquetSource:
 
 @dataclass(frozen=True)
 class HFSource:
-    """A dataset written by `datasets.save_to_disk` (a folder; a DatasetDict's folder with `split`),
-    read with pyarrow from its Arrow files, memory-mapped, batch by batch: the `datasets` package
-    is not needed. Images are the `{bytes, path}` struct of the datasets Image feature; integer
-    labels are named by its ClassLabel."""
+    """A Hugging Face dataset: a folder written by `datasets.save_to_disk` (`path`; a DatasetDict's
+    folder with `split`), read with pyarrow from its Arrow files, memory-mapped, batch by batch
+    (the `datasets` package is not needed); or a hub dataset (`name`), one split's Parquet files
+    (`analysis.data.hub`). Images are the `{bytes, path}` struct of the datasets Image feature;
+    integer labels are named by its ClassLabel."""
 
-    path: str
-    """The save_to_disk folder."""
+    path: str | None = None
+    """The save_to_disk folder (or `name`)."""
     split: str | None = None
-    """A DatasetDict's split (its sub-folder); None for a single saved Dataset."""
+    """A DatasetDict's split (its sub-folder), or the hub split; None for a single saved Dataset, or a
+    hub dataset with one split."""
     image_column: str = "image"
     label_column: str | None = "label"
+    name: str | None = None
+    """A hub dataset, `owner/name` (or `path`)."""
+    subset: str | None = None
+    """A hub dataset's subset (configuration): the first-level folder of its Parquet files."""
+    revision: str | None = None
+    """A hub branch, tag or commit; None: main. `refs/convert/parquet`: the hub's Parquet export."""
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.name is None):
+            raise ValueError(f"dataset.params: set exactly one of path (a save_to_disk folder, got {self.path!r}) and "
+                             f"name (a hub dataset, got {self.name!r})")
+        if self.path is not None and (self.subset, self.revision) != (None, None):
+            raise ValueError("dataset.params: subset and revision choose files of a hub dataset: set name, not path")
+
+    def _hub(self) -> tuple[ParquetSource, str]:
+        """The hub split as a ParquetSource over its cached files, and the digest of what they are
+        (name, commit and files: the same on every machine, wherever the cache is)."""
+        from analysis.data.hub import hub_split
+
+        folder, commit, files = hub_split(self.name, self.split, self.subset, self.revision)
+        source = ParquetSource(tuple(str(folder / f) for f in files), self.image_column, self.label_column)
+        return source, _digest([self.name, commit, [(f, (folder / f).stat().st_size) for f in files]])
 
     def _folder(self) -> Path:
         folder = Path(self.path).expanduser()
         if not folder.is_dir():
             raise ValueError(
-                f"{self.path!r} is not a dataset folder: a hub dataset is read from a local copy, so save it "
-                "where there is network with `datasets.load_dataset(name, split=...).save_to_disk(folder)` and "
-                "set dataset.params.path to that folder")
+                f"{self.path!r} is not a dataset folder: set dataset.params.path to a folder written by "
+                "`save_to_disk`, or dataset.params.name to a hub dataset's name")
         if (folder / "dataset_dict.json").exists():
             splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
             if self.split not in splits:
@@ -282,6 +305,9 @@ class HFSource:
         return features.get(self.label_column, {}).get("names") if self.label_column else None
 
     def listing(self) -> Listing:
+        if self.name is not None:
+            source, digest = self._hub()
+            return replace(source.listing(), digest=digest)
         files, features = self._files()
         n, unlabelled, labels = 0, 0, set()
         for path in files:
@@ -298,6 +324,9 @@ class HFSource:
         return Listing(n, tuple(sorted(names if names else labels)), unlabelled, _digest(stats))
 
     def entries(self) -> Iterator[Entry]:
+        if self.name is not None:
+            yield from self._hub()[0].entries()
+            return
         files, features = self._files()
         names = self._names(features)
         row = 0

@@ -34,7 +34,7 @@ class DatasetSpec:
     source: str = "shapes"
     """Where the images come from; see DATASET_SOURCES: `shapes` (generated here), `folder` (a
     directory of images, analysis.data.sources.FolderSource), `parquet` (ParquetSource), `hf` (a
-    Hugging Face dataset saved to disk, HFSource)."""
+    Hugging Face dataset saved to disk, or on the hub by name: HFSource)."""
     params: dict = field(default_factory=dict)
     """Overrides of the source's config (ShapesConfig fields; the source class's fields plus
     IngestConfig's eval_fraction, seed and workers)."""
