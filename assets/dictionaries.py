@@ -49,7 +49,7 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
                     compute: ComputeResource) -> dg.MaterializeResult:
         member = spec.member(context.partition_key)
         root = storage.data_root()
-        row = ensure_evaluation(spec, root, member, device=compute.apply())
+        row = ensure_evaluation(spec, root, member, device=compute.apply(), dask_scheduler=compute.dask_scheduler)
         keep = ("dict_id", "l0", "fvu", "dead_fraction", "dense_fraction", "loss_recovered", "ablation_gap",
                 "ce_clean", "ce_spliced", "ce_ablated", "acc_spliced", "n_eval_tokens")
         # the page the feature_browser asset writes once the features are mined

@@ -5,6 +5,7 @@ sensor of `pipelines.automation`.
 environment: SPECTRA_SUITE (a name in pipelines/suites/ or a YAML path; default `default`) and
 SPECTRA_ROOT (default `./data`); SPECTRA_ACTIVATIONS_URL moves activation stores to an fsspec URL
 (e.g. s3://bucket/activations; default <root>/activations). SPECTRA_TRACKER picks wandb's mode (offline, online, disabled).
+SPECTRA_DASK_SCHEDULER (an address) runs the store-wide passes that need no model on that dask cluster.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def default_resources(root: str | None = None) -> dict:
         "storage": StorageResource(root=root or os.environ.get("SPECTRA_ROOT", "data"),
                                    activations_url=os.environ.get("SPECTRA_ACTIVATIONS_URL") or None),
         "compute": ComputeResource(device=os.environ.get("SPECTRA_DEVICE", "auto"),
-                                   threads=int(os.environ.get("SPECTRA_THREADS", "0"))),
+                                   threads=int(os.environ.get("SPECTRA_THREADS", "0")),
+                                   dask_scheduler=os.environ.get("SPECTRA_DASK_SCHEDULER") or None),
         "tracker": TrackerResource(mode=os.environ.get("SPECTRA_TRACKER", "offline")),
         "catalog": CatalogResource(),
     }
@@ -71,7 +73,7 @@ defs = build_definitions(resolve_suite(os.environ.get("SPECTRA_SUITE", "default"
 
 
 STEP_SETTINGS = ("SPECTRA_SUITE", "SPECTRA_ROOT", "SPECTRA_ACTIVATIONS_URL", "SPECTRA_DEVICE", "SPECTRA_THREADS",
-                 "SPECTRA_TRACKER", "WANDB_MODE", "HF_HUB_OFFLINE")
+                 "SPECTRA_DASK_SCHEDULER", "SPECTRA_TRACKER", "WANDB_MODE", "HF_HUB_OFFLINE")
 """The environment a step process must share with the run that launched it. Never a secret: these
 travel inside the run's record (its reconstructable job); credentials stay in the environment."""
 _jobs_by_settings: dict[tuple, dg.Definitions] = {}

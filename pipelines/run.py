@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         validate_suite(spec)
         if "://" in os.environ.get("SPECTRA_ACTIVATIONS_URL", ""):
             check_url(os.environ["SPECTRA_ACTIVATIONS_URL"])  # an unreachable store: named before any work
+        if os.environ.get("SPECTRA_DASK_SCHEDULER"):
+            from analysis.evaluation.dask_passes import check_scheduler
+
+            check_scheduler(os.environ["SPECTRA_DASK_SCHEDULER"])  # likewise an unreachable dask scheduler
         check_writable(root)  # last: it creates the root, which a bad suite must not leave behind
         if args.runs < 1:
             raise ValueError(f"--runs {args.runs}: at least one run must be in flight; pass --runs 1 or more")

@@ -1,4 +1,4 @@
-"""Where tensors run: device, threads, dtype."""
+"""Where tensors run: device, threads, and the dask cluster of the store-wide passes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ class ComputeResource(dg.ConfigurableResource):
 
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = 0
+    dask_scheduler: str | None = None
+    """Address of a dask scheduler (tcp://host:8786) for the store-wide passes that need no model
+    (an SAE's dead-latent window in `evaluations`); None: they run in the step's own process."""
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -73,3 +73,51 @@ def test_an_unreachable_scheduler_is_named_before_any_work():
     with pytest.raises(ValueError, match=r"dask scheduler 'tcp://127.0.0.1:9' is unreachable"):
         connect("tcp://127.0.0.1:9", timeout=2)
     assert time.perf_counter() - start < 30
+
+
+def test_the_evaluation_stage_counts_its_dead_window_on_the_cluster_to_the_same_row(finished, client, tmp_path,
+                                                                                   monkeypatch):
+    """`ensure_evaluation(dask_scheduler=...)`: the SAE's dead-latent window (more images than the
+    other metrics read) is counted by `dictionary_pass` on the cluster, and the evaluations row
+    and density histogram equal the in-process ones."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    import analysis.evaluation.dask_passes as dask_passes
+    from analysis.stages.dataset import dead_window_images, evaluation_images
+    from analysis.stages.dictionaries import ensure_evaluation
+    from analysis.stages.activations import token_selection
+    from analysis.stages.suite import parse_suite
+    from test_damage import SUITE_RAW
+
+    spec = parse_suite({**SUITE_RAW, "evaluation": {**SUITE_RAW["evaluation"], "max_images": 16}})
+    member = spec.members()[0]
+    assert dictionary_id(spec, member) == dictionary_id(SUITE, MEMBER)  # the same dictionary, fewer images scored
+    tokens = token_selection(spec).groups.n_tokens
+    window = dead_window_images(spec, finished, tokens)
+    assert len(window) > len(evaluation_images(spec, finished))  # so the window is a pass of its own
+    passes = []
+    monkeypatch.setattr(dask_passes, "dictionary_pass",
+                        lambda *a, **kw: passes.append(a[2]) or dictionary_pass(*a, **kw))
+    rows, histograms = {}, {}
+    for way, scheduler in (("in process", None), ("dask", client.scheduler.address)):
+        root = DataRoot(tmp_path / way.replace(" ", "_"))
+        shutil.copytree(finished.root, root.root)
+        rows[way] = ensure_evaluation(spec, root, member, dask_scheduler=scheduler)
+        histograms[way] = pq.read_table(root.table("density_histogram")).to_pylist()
+    assert len(passes) == 1 and np.array_equal(passes[0], window)  # only the dask way asked the cluster
+    wall = {"seconds", "written_at"}
+    assert {k: v for k, v in rows["dask"].items() if k not in wall} == \
+        {k: v for k, v in rows["in process"].items() if k not in wall}
+    assert histograms["dask"] == histograms["in process"]
+    assert rows["dask"]["n_dead_tokens"] == len(window) * tokens
+
+
+def test_make_run_names_an_unreachable_scheduler_before_any_work(tmp_path, monkeypatch, capsys):
+    from pipelines.run import main
+
+    monkeypatch.setenv("SPECTRA_DASK_SCHEDULER", "tcp://127.0.0.1:9")
+    assert main(["--suite", "tests/suites/tiny.yaml", "--root", str(tmp_path / "root")]) == 2
+    assert "dask scheduler 'tcp://127.0.0.1:9' is unreachable" in capsys.readouterr().err
+    assert not (tmp_path / "root").exists()  # nothing written

@@ -18,6 +18,7 @@ Every worker must reach the store: a local path on a shared file system, or an f
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -43,6 +44,11 @@ def connect(address: str, *, timeout: float = 10.0):
         raise ValueError(f"dask scheduler {address!r} is unreachable ({type(err).__name__}: {err}); start one "
                          "(`dask scheduler`, or dask.distributed.LocalCluster) and pass its address, e.g. "
                          "tcp://127.0.0.1:8786") from None
+
+
+def check_scheduler(address: str, *, timeout: float = 10.0) -> None:
+    """Connect to the scheduler at `address` and leave: `connect`'s error when it is unreachable."""
+    connect(address, timeout=timeout).close()
 
 
 def store_arrays(location: StoreLocation) -> tuple[ActivationStore, da.Array, da.Array]:
@@ -110,7 +116,8 @@ def dictionary_pass(location: StoreLocation, sae, image_indices=None) -> Diction
     if image_indices is not None:
         acts = acts[np.sort(check_image_indices(image_indices, store.n_images))]
     d, width = store.d_model, sae.cfg.width
-    rows = _per_chunk(acts, _encode_block, 1 + 2 * d + 2 + 2 * width, dask.delayed(sae.cpu().eval()), store.dtype)
+    on_cpu = copy.deepcopy(sae).cpu().eval()  # the workers' copy; the caller's stays on its device and mode
+    rows = _per_chunk(acts, _encode_block, 1 + 2 * d + 2 + 2 * width, dask.delayed(on_cpu), store.dtype)
     n, _, m2 = _merge_moments(rows, d)
     if n == 0:
         raise ValueError("dictionary_pass got no tokens: pass at least one image index")

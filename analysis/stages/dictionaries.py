@@ -181,12 +181,18 @@ def _after_training(spec: SuiteSpec, root: DataRoot, member: Member, marker: str
     return summary
 
 
-def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
+def ensure_evaluation(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu",
+                      dask_scheduler: str | None = None) -> dict:
+    """The evaluations row and density histogram of `member`'s dictionary. `dask_scheduler` (an
+    address): an SAE's dead-latent window, the one pass over more of the store than the other
+    metrics read, runs on that dask cluster (`dask_passes.dictionary_pass`); its counts are exact,
+    so the row is the same either way."""
     return _after_training(spec, root, member, EVALUATION_FILE, ("evaluations", "density_histogram"),
-                           lambda dict_id: _evaluate(spec, root, member, dict_id, device))
+                           lambda dict_id: _evaluate(spec, root, member, dict_id, device, dask_scheduler))
 
 
-def _evaluate(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str) -> dict:
+def _evaluate(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str,
+              dask_scheduler: str | None = None) -> dict:
     directory = root.dictionary(dict_id)
     dictionary = load_member(spec, root, member, device, dict_id=dict_id)
     eval_idx = evaluation_images(spec, root)
@@ -207,7 +213,8 @@ def _evaluate(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, dev
               if k not in ("fire_counts", "n_tokens", "fvu_per_slice")},
            "n_eval_tokens": int(rec.n_tokens), **{k: table_number(v) for k, v in down._asdict().items()}, **extra}
     row["n_images"] = int(row["n_images"])
-    fire_counts, n_fire_tokens = _firing_over_split(spec, root, member, dictionary, eval_idx, rec, device)
+    fire_counts, n_fire_tokens = _firing_over_split(spec, root, member, dictionary, eval_idx, rec, device,
+                                                    dask_scheduler)
     row["dead_fraction"], row["dense_fraction"] = firing_fractions(fire_counts, n_fire_tokens)
     row["n_dead_tokens"] = int(n_fire_tokens)
     table = write_table_partition(root.table("evaluations"), {"dict_id": dict_id}, typed_table([row], MEMBER_NULL_TYPES))
@@ -219,12 +226,20 @@ def _evaluate(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, dev
 
 
 def _firing_over_split(spec: SuiteSpec, root: DataRoot, member: Member, dictionary, eval_idx: np.ndarray,
-                       rec, device: str) -> tuple[np.ndarray, int]:
+                       rec, device: str, dask_scheduler: str | None = None) -> tuple[np.ndarray, int]:
     """(tokens each latent fired on, tokens counted) over the dead-latent window of the eval split
-    (DESIGN.md §4), which is usually more than the `max_images` the other metrics use."""
+    (DESIGN.md §4), which is usually more than the `max_images` the other metrics use. An SAE's
+    runs on the dask cluster at `dask_scheduler` when one is given (the other kinds read several
+    hooks or a second one, which `dask_passes` does not)."""
     window = dead_window_images(spec, root, token_selection(spec).groups.n_tokens)
     if np.array_equal(window, eval_idx):
         return rec.fire_counts, rec.n_tokens
+    if dask_scheduler and member.kind == "sae":
+        from analysis.evaluation.dask_passes import connect, dictionary_pass  # dask only where it is asked for
+
+        with connect(dask_scheduler):
+            counted = dictionary_pass(root.hook_store(spec.store_id, member.hook), dictionary, window)
+        return counted.fire_counts, counted.n_tokens
     whole = _stage(member).reconstruction(spec, root, member, dictionary, window, device=device)
     return whole.fire_counts, whole.n_tokens
 
