@@ -64,7 +64,7 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
                  compute: ComputeResource) -> dg.MaterializeResult:
         member = spec.member(context.partition_key)
         root = storage.data_root()
-        summary = ensure_features(spec, root, member, device=compute.apply())
+        summary = ensure_features(spec, root, member, device=compute.apply(), dask_scheduler=compute.dask_scheduler)
         extra = {}
         if (preview := features_preview(root, summary["dict_id"])) is not None:
             extra["preview"] = image_markdown(preview)  # a few features' top images under their heatmaps

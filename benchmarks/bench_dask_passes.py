@@ -1,11 +1,14 @@
-"""A store-wide pass (statistics + one dictionary's encode/decode over every token) in-process
-against the same pass on a dask.distributed LocalCluster, at two store sizes (1x and 4x images).
+"""A store-wide pass (statistics + one dictionary's encode/decode over every token), and mining
+every image, in-process against the same passes on a dask.distributed LocalCluster, at two store
+sizes (1x and 4x images).
 
 In-process: one process with `--threads` torch threads reads every chunk, folds the statistics
 (`Moments`) and scores the dictionary (`reconstruction_metrics`). dask: `store_statistics` and
 `dictionary_pass` (analysis/evaluation/dask_passes.py) on `--workers` worker processes with one
-thread each, after one warm-up pass (workers import torch once). Each is timed `--repeats` times;
-the result holds the medians and the median of the per-repeat ratios dask / in-process.
+thread each, after one warm-up pass (workers import torch once). Mining: `mine_features` in
+process against `mining_pass` (tasks of `--images-per-task` images, states merged here), the
+same 64-image batches and the same tables (checked). Each is timed `--repeats` times; the result
+holds the medians and the median of the per-repeat ratios dask / in-process.
 
 The store is a mouse's residual stream over generated shapes, built here under --root (reused
 when present); the dictionary is a freshly initialised TopK SAE (the pass costs the same whatever
@@ -36,7 +39,8 @@ from analysis.activations.reader import ActivationStore, iter_images  # noqa: E4
 from analysis.activations.stats import Moments  # noqa: E402
 from analysis.dictionaries import build_sae  # noqa: E402
 from analysis.dictionaries.training.sae import SAETrainConfig  # noqa: E402
-from analysis.evaluation.dask_passes import dictionary_pass, store_statistics  # noqa: E402
+from analysis.evaluation.dask_passes import dictionary_pass, mining_pass, store_statistics  # noqa: E402
+from analysis.evaluation.mining import mine_features  # noqa: E402
 from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
 from analysis.paths import DataRoot  # noqa: E402
 from analysis.stages.activations import materialize_store  # noqa: E402
@@ -73,6 +77,16 @@ def on_dask(location, sae) -> dict:
     return {"n_tokens": result.n_tokens, "fvu": result.fvu, "dead": result.firing_fractions()[0]}
 
 
+def mine_in_process(location, sae):
+    store = ActivationStore.open(location)
+    return mine_features(sae, iter_images(store, range(store.n_images), images_per_batch=64), n_top=16)
+
+
+def mine_on_dask(location, sae, images_per_task: int):
+    n = ActivationStore.open(location).n_images
+    return mining_pass(location, sae, range(n), images_per_batch=64, images_per_task=images_per_task, n_top=16)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
@@ -80,6 +94,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process pass")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images-per-task", type=int, default=2048, help="mining_pass's task size")
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "spectra-bench-dask"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dask_passes.json"))
     args = parser.parse_args()
@@ -104,9 +119,21 @@ def main() -> None:
                 b = on_dask(location, sae)
                 remote.append(time.perf_counter() - t0)
                 assert a["n_tokens"] == b["n_tokens"] and abs(a["fvu"] - b["fvu"]) < 1e-9 * abs(a["fvu"])
+            mine_on_dask(location, sae, args.images_per_task)  # warm-up
+            mine_local, mine_remote = [], []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                a_mined = mine_in_process(location, sae)
+                mine_local.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                b_mined = mine_on_dask(location, sae, args.images_per_task)
+                mine_remote.append(time.perf_counter() - t0)
+                assert a_mined.top_images.equals(b_mined.top_images)
             row = {"scale": scale, "images": args.images * scale, "tokens": a["n_tokens"], "d": d,
                    "width": 8 * d, "in_process_s": statistics.median(local), "dask_s": statistics.median(remote),
-                   "dask_over_in_process": median_ratio(remote, local)}
+                   "dask_over_in_process": median_ratio(remote, local),
+                   "mining_in_process_s": statistics.median(mine_local), "mining_dask_s": statistics.median(mine_remote),
+                   "mining_dask_over_in_process": median_ratio(mine_remote, mine_local)}
             rows.append(row)
             print(row, flush=True)
     write(args.out, {"machine": machine(dask_workers=args.workers, in_process_threads=args.threads),

@@ -19,7 +19,8 @@ class ComputeResource(dg.ConfigurableResource):
     threads: int = 0
     dask_scheduler: str | None = None
     """Address of a dask scheduler (tcp://host:8786) for the store-wide passes that need no model
-    (an SAE's dead-latent window in `evaluations`); None: they run in the step's own process."""
+    (an SAE's dead-latent window in `evaluations`, its mining in `features`); None: they run in the
+    step's own process."""
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -1,6 +1,8 @@
 """The store-wide passes on a dask.distributed LocalCluster (2 worker processes) equal the
-in-process results: a hook's statistics, and a dictionary's FVU, L0, firing counts and largest
-activations over the held-out split. An unreachable scheduler is one clear error."""
+in-process results: a hook's statistics, a dictionary's FVU, L0, firing counts and largest
+activations over the held-out split, and mining in several tasks; the evaluation and features
+stages given the scheduler write what they write in process. An unreachable scheduler is one clear
+error, before any work."""
 
 import time
 
@@ -11,7 +13,7 @@ from dask.distributed import Client, LocalCluster
 
 from analysis.activations.reader import ActivationStore, iter_images
 from analysis.dictionaries import load_dictionary
-from analysis.evaluation.dask_passes import connect, dictionary_pass, store_statistics
+from analysis.evaluation.dask_passes import connect, dictionary_pass, mining_pass, store_statistics
 from analysis.evaluation.metrics import reconstruction_metrics
 from analysis.paths import DataRoot
 from analysis.stages.dataset import split_indices
@@ -75,18 +77,17 @@ def test_an_unreachable_scheduler_is_named_before_any_work():
     assert time.perf_counter() - start < 30
 
 
-def test_the_evaluation_stage_counts_its_dead_window_on_the_cluster_to_the_same_row(finished, client, tmp_path,
-                                                                                   monkeypatch):
-    """`ensure_evaluation(dask_scheduler=...)`: the SAE's dead-latent window (more images than the
-    other metrics read) is counted by `dictionary_pass` on the cluster, and the evaluations row
-    and density histogram equal the in-process ones."""
+def test_the_stages_on_the_cluster_write_what_they_write_in_process(finished, client, tmp_path, monkeypatch):
+    """`dask_scheduler=...`: the SAE's dead-latent window (more images than the other metrics read)
+    is counted by `dictionary_pass` and its features mined by `mining_pass` on the cluster; the
+    evaluations row, density histogram, feature tables and heatmaps equal the in-process ones."""
     import shutil
 
     import pyarrow.parquet as pq
 
     import analysis.evaluation.dask_passes as dask_passes
     from analysis.stages.dataset import dead_window_images, evaluation_images
-    from analysis.stages.dictionaries import ensure_evaluation
+    from analysis.stages.dictionaries import FEATURE_TABLES, HEATMAPS_FILE, ensure_evaluation, ensure_features
     from analysis.stages.activations import token_selection
     from analysis.stages.suite import parse_suite
     from test_damage import SUITE_RAW
@@ -100,17 +101,26 @@ def test_the_evaluation_stage_counts_its_dead_window_on_the_cluster_to_the_same_
     passes = []
     monkeypatch.setattr(dask_passes, "dictionary_pass",
                         lambda *a, **kw: passes.append(a[2]) or dictionary_pass(*a, **kw))
-    rows, histograms = {}, {}
+    rows, histograms, features = {}, {}, {}
+    mined = []
+    monkeypatch.setattr(dask_passes, "mining_pass", lambda *a, **kw: mined.append(a[2]) or mining_pass(*a, **kw))
     for way, scheduler in (("in process", None), ("dask", client.scheduler.address)):
         root = DataRoot(tmp_path / way.replace(" ", "_"))
         shutil.copytree(finished.root, root.root)
         rows[way] = ensure_evaluation(spec, root, member, dask_scheduler=scheduler)
         histograms[way] = pq.read_table(root.table("density_histogram")).to_pylist()
+        ensure_features(spec, root, member, dask_scheduler=scheduler)
+        features[way] = {name: pq.read_table(root.table(name)) for name in FEATURE_TABLES}
+        features[way]["heatmaps"] = np.load(root.dictionary(dictionary_id(spec, member)) / HEATMAPS_FILE)
     assert len(passes) == 1 and np.array_equal(passes[0], window)  # only the dask way asked the cluster
     wall = {"seconds", "written_at"}
     assert {k: v for k, v in rows["dask"].items() if k not in wall} == \
         {k: v for k, v in rows["in process"].items() if k not in wall}
     assert histograms["dask"] == histograms["in process"]
+    assert len(mined) == 1 and np.array_equal(mined[0], evaluation_images(spec, finished))
+    np.testing.assert_array_equal(features["dask"].pop("heatmaps"), features["in process"].pop("heatmaps"))
+    for name, table in features["in process"].items():
+        assert features["dask"][name].equals(table), name
     assert rows["dask"]["n_dead_tokens"] == len(window) * tokens
 
 
@@ -121,3 +131,24 @@ def test_make_run_names_an_unreachable_scheduler_before_any_work(tmp_path, monke
     assert main(["--suite", "tests/suites/tiny.yaml", "--root", str(tmp_path / "root")]) == 2
     assert "dask scheduler 'tcp://127.0.0.1:9' is unreachable" in capsys.readouterr().err
     assert not (tmp_path / "root").exists()  # nothing written
+
+
+def test_mining_on_the_cluster_in_several_tasks_equals_one_pass(finished, client):
+    from analysis.evaluation.mining import mine_features
+
+    location = finished.hook_store(SUITE.store_id, HOOK)
+    store = ActivationStore.open(location)
+    sae = load_dictionary(finished.dictionary(dictionary_id(SUITE, MEMBER)))
+    _, held_out = split_indices(finished, SUITE.dataset_id)
+    labels = np.arange(store.n_images) % 5
+    kw = dict(n_top=4, n_samples=8, labels=labels, cls=(0, 1), patches=(1, store.n_tokens))
+    whole = mine_features(sae, iter_images(store, held_out, images_per_batch=8), **kw)
+    parts = mining_pass(location, sae, held_out[::-1], images_per_batch=8, images_per_task=20, **kw)  # 3 batches a task
+    assert len(held_out) > 2 * 24  # several tasks
+    for name in ("top_images", "top_images_cls", "samples", "factor_stats"):
+        assert getattr(parts, name).equals(getattr(whole, name)), name
+    np.testing.assert_array_equal(parts.heatmaps, whole.heatmaps)
+    exact = [c for c in whole.feature_stats.column_names if c != "mean_activation"]
+    assert parts.feature_stats.select(exact).equals(whole.feature_stats.select(exact))
+    np.testing.assert_allclose(parts.feature_stats["mean_activation"].to_numpy(zero_copy_only=False),
+                               whole.feature_stats["mean_activation"].to_numpy(zero_copy_only=False), rtol=1e-6)

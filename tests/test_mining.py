@@ -265,3 +265,28 @@ def test_the_sample_is_uniform_over_firing_images():
     counts = np.bincount(res.table().column("image_idx").to_numpy(), minlength=n_images)
     expected = width * 10 / n_images  # 500 per image
     assert counts.sum() == width * 10 and abs(counts - expected).max() < 5 * np.sqrt(expected)
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_states_of_disjoint_images_merge_into_the_state_of_one_pass(setup, cut):
+    """Mining parts apart (dask tasks) and merging the states gives one pass's tables."""
+    from analysis.evaluation.mining import mining_state
+
+    sae, acts, image_idx = setup
+    sizes = [7, 13, 30]
+    labels = np.full(1000 + N_IMG, -1)
+    labels[image_idx] = np.arange(N_IMG) % 3
+    factors = {"size": np.arange(1000 + N_IMG) % 4}
+    kw = dict(n_top=4, n_samples=6, labels=labels, factors=factors, cls=(0, 1), patches=(1, T))
+    whole = mine_features(sae, _batches(acts, image_idx, sizes), **kw)
+    batches = _batches(acts, image_idx, sizes)
+    merged = mining_state(sae, batches[:cut], **kw).merge(mining_state(sae, batches[cut:], **kw)).result()
+    for name in ("top_images", "top_images_cls", "samples", "factor_stats"):
+        assert getattr(merged, name).equals(getattr(whole, name)), name
+    np.testing.assert_array_equal(merged.heatmaps, whole.heatmaps)
+    exact = [c for c in whole.feature_stats.column_names if c != "mean_activation"]
+    assert merged.feature_stats.select(exact).equals(whole.feature_stats.select(exact))
+    np.testing.assert_allclose(merged.feature_stats["mean_activation"].to_numpy(zero_copy_only=False),
+                               whole.feature_stats["mean_activation"].to_numpy(zero_copy_only=False), rtol=1e-6)
+    with pytest.raises(ValueError, match="different dictionaries"):
+        mining_state(sae, batches, **kw).merge(mining_state(sae, batches, **{**kw, "n_top": 3}))

@@ -1,7 +1,8 @@
-"""Store-wide passes that need no model, as dask.array computations over the Zarr store, for when
-one process is not enough: statistics of a hook's activations, and one pass of a dictionary over a
-split (FVU, L0, firing counts for dead/dense fractions and the density histogram, each latent's
-largest activation for mining's thresholds).
+"""Store-wide passes that need no model, as dask computations over the Zarr store, for when one
+process is not enough: statistics of a hook's activations, one pass of a dictionary over a split
+(FVU, L0, firing counts for dead/dense fractions and the density histogram, each latent's largest
+activation), and mining (`mining_pass`: parts of the split mined on the workers, their states
+merged).
 
 The results equal the in-process ones (`ActivationStore.stats`, `reconstruction_metrics`): counts
 exactly, sums to float64 rounding. The in-process path stays the default; these run on whatever
@@ -27,10 +28,11 @@ import dask.array as da
 import numpy as np
 import torch
 
-from analysis.activations.reader import ActivationStore, check_image_indices, decode
+from analysis.activations.reader import ActivationStore, check_image_indices, decode, iter_images
 from analysis.activations.stats import StoreStats, chan_merge
 from analysis.activations.store import StoreLocation, is_url
 from analysis.evaluation.metrics import firing_fractions
+from analysis.evaluation.mining import MiningResult, mining_state
 
 
 def connect(address: str, *, timeout: float = 10.0):
@@ -143,3 +145,32 @@ def _encode_block(block: np.ndarray, sae, logical_dtype: str) -> np.ndarray:
     row = torch.cat([_moments(x), torch.tensor([sq_err, float(active.sum())], dtype=torch.float64), fire,
                      max_acts.double()])
     return row.numpy()[None, :]
+
+
+def mining_pass(location: StoreLocation, sae, image_indices, *, images_per_batch: int = 64,
+                images_per_task: int = 512, labels: np.ndarray | None = None,
+                factors: dict[str, np.ndarray] | None = None, **mine_options) -> MiningResult:
+    """`mine_features` over the chosen images, one dask task per `images_per_task` of them (in
+    ascending order), each read in batches of `images_per_batch` as the in-process pass reads them,
+    the tasks' states merged in order (`MiningState.merge`). The dictionary, labels and factors
+    travel to the workers once; `mine_options` are mine_features' (n_top, cls, patches, ...)."""
+    store = ActivationStore.open(location)
+    idx = np.sort(check_image_indices(image_indices, store.n_images))
+    if not len(idx):
+        raise ValueError("mining_pass got no images: pass at least one image index")
+    step = max(1, images_per_task // images_per_batch) * images_per_batch  # whole batches, as in process
+    on_cpu = dask.delayed(copy.deepcopy(sae).cpu().eval())
+    shared = dask.delayed(labels), dask.delayed(factors)
+    states = dask.compute(*[dask.delayed(_mine_part)(location, on_cpu, idx[s:s + step], images_per_batch, *shared,
+                                                     mine_options) for s in range(0, len(idx), step)])
+    merged = states[0]
+    for state in states[1:]:
+        merged.merge(state)
+    return merged.result()
+
+
+def _mine_part(location: StoreLocation, sae, images: np.ndarray, images_per_batch: int, labels, factors,
+               mine_options: dict):
+    store = ActivationStore.open(location)
+    return mining_state(sae, iter_images(store, images, images_per_batch=images_per_batch), labels=labels,
+                        factors=factors, **mine_options)

@@ -86,11 +86,32 @@ def mine_features(
     feature are sampled uniformly from those it fires on (`MiningResult.samples`).
     `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
     """
+    return mining_state(sae, image_batches, n_top=n_top, n_samples=n_samples, labels=labels, factors=factors,
+                        cls=cls, patches=patches, max_latent_elements=max_latent_elements,
+                        progress=progress).result()
+
+
+@torch.no_grad()
+def mining_state(
+    sae,
+    image_batches: Iterable[tuple[np.ndarray, Tensor]],
+    *,
+    n_top: int = 16,
+    n_samples: int = 32,
+    labels: np.ndarray | None = None,
+    factors: dict[str, np.ndarray] | None = None,
+    cls: Span = (0, 0),
+    patches: Span | None = None,
+    max_latent_elements: int = 1 << 24,
+    progress: bool = False,
+) -> "MiningState":
+    """`mine_features`' streaming pass, stopped before its tables: the state, which `merge`s with
+    the state of other images (mined apart, e.g. on dask workers) into the state of them all."""
     if n_top <= 0:
         raise ValueError(f"n_top={n_top} must be > 0")
     width = sae.cfg.width
     device = _sae_device(sae)
-    running: _Running | None = None
+    running: MiningState | None = None
     pending = _PendingCodes(max(1, max_latent_elements // (SPARSE_FOLD_DENSE_ARRAYS * width)))
     for image_idx, acts in tqdm(image_batches, desc="mine features", unit="batch", disable=not progress):
         acts = torch.as_tensor(acts).to(device=device, dtype=torch.float32)
@@ -101,7 +122,7 @@ def mine_features(
             )
         T = acts.shape[1]
         if running is None:
-            running = _Running(width, n_top, T, device, cls, (0, T) if patches is None else patches,
+            running = MiningState(width, n_top, T, device, cls, (0, T) if patches is None else patches,
                                None if labels is None else Attribute(labels, width, device),
                                {name: Attribute(v, width, device, factor=name) for name, v in (factors or {}).items()},
                                n_samples)
@@ -124,7 +145,7 @@ def mine_features(
         raise ValueError("mine_features got no batches: pass at least one (image_idx, acts) batch")
     if pending.n_images:
         running.update_sparse(*pending.take())
-    return running.result()
+    return running
 
 
 SPARSE_FOLD_DENSE_ARRAYS = 16
@@ -163,7 +184,7 @@ def _topk_codes(miner, x: Tensor) -> tuple[Tensor, Tensor] | None:
     return vals, idx
 
 
-class _Running:
+class MiningState:
     """Per feature: the running top `n_top` images (value, image, token, per-token heatmap, token
     norm ratio) and the firing statistics."""
 
@@ -270,6 +291,39 @@ class _Running:
         self.heat[feature, freed] = heat.to(torch.float16)
         self.slot[rows], self.top_tok[rows], self.top_ratio[rows] = slot, tok, ratio
 
+    def merge(self, other: "MiningState") -> "MiningState":
+        """Fold in the state of other images (disjoint from these; the same dictionary, T, spans,
+        labels and factors): afterwards this is the state of both, as if one pass had seen them."""
+        if (other.width, other.n_top, other.T, other.cls, other.patches) != \
+                (self.width, self.n_top, self.T, self.cls, self.patches):
+            raise ValueError("merge: the states were mined with different dictionaries, token counts or spans")
+        for name in ("fire", "fire_cls", "fire_patch", "act_sum"):
+            getattr(self, name).add_(getattr(other, name))
+        self.act_max = torch.maximum(self.act_max, other.act_max)
+        self.n_tokens += other.n_tokens
+        self.n_images += other.n_images
+        self.histogram.counts += other.histogram.counts
+        mine = ([self.labels] if self.labels is not None else []) + list(self.factors.values())
+        theirs = ([other.labels] if other.labels is not None else []) + list(other.factors.values())
+        for a, b in zip(mine, theirs, strict=True):
+            a.counts += b.counts
+        self.samples.merge(other.samples)
+        if self.cls_top is not None:
+            self.cls_top.merge(other.cls_top)
+        # the tops with what moves along with them: heatmaps (laid out in rank order again), top
+        # tokens and their norm ratios
+        heat = torch.cat([self._heat_by_rank(), other._heat_by_rank()], 1)
+        tok, ratio = torch.cat([self.top_tok, other.top_tok], 1), torch.cat([self.top_ratio, other.top_ratio], 1)
+        sel = self.top.merge(other.top)
+        self.heat = heat.gather(1, sel.unsqueeze(-1).expand(-1, -1, self.T)).contiguous()
+        self.slot = torch.arange(self.n_top, device=sel.device).expand(self.width, self.n_top).contiguous()
+        self.top_tok, self.top_ratio = tok.gather(1, sel), ratio.gather(1, sel)
+        return self
+
+    def _heat_by_rank(self) -> Tensor:
+        """(width, n_top, T) heatmaps in rank order (the slots resolved)."""
+        return self.heat[torch.arange(self.width, device=self.slot.device).unsqueeze(1), self.slot]
+
     def _label_stats(self) -> dict[str, pa.Array]:
         width = self.width
         if self.labels is None:
@@ -281,7 +335,7 @@ class _Running:
 
     def result(self) -> MiningResult:
         width = self.width
-        heat = self.heat[torch.arange(width, device=self.slot.device).unsqueeze(1), self.slot]  # rank order
+        heat = self._heat_by_rank()
         filled = self.top.vals > 0  # features that never fire (or fire on few images) keep empty slots
         heat[~filled] = 0
         top_images = self.top.table(token=(self.top_tok, np.int32), token_norm_ratio=(self.top_ratio, np.float32))

@@ -69,6 +69,14 @@ class RunningTop:
         self.vals[rows], self.img[rows] = vals.gather(1, sel), img.gather(1, sel)
         return rows, sel
 
+    def merge(self, other: "RunningTop") -> Tensor:
+        """Fold in another top of other images; returns `sel` (width, n): positions among this
+        top's n entries then the other's n."""
+        vals, img = torch.cat([self.vals, other.vals], 1), torch.cat([self.img, other.img], 1)
+        sel = _rank_keys(vals, img).topk(self.n, dim=1).indices
+        self.vals, self.img = vals.gather(1, sel), img.gather(1, sel)
+        return sel
+
     def table(self, **columns: tuple[Tensor, type]) -> pa.Table:
         """feature int32, rank int16 (0 = strongest), image_idx int64, activation float32, then
         each of `columns`: name=(a (width, n) tensor in rank order, its numpy dtype)."""
@@ -113,6 +121,13 @@ class Reservoir:
         sel = cand_keys.topk(self.n, dim=1, largest=False).indices
         self.keys[rows], self.img[rows], self.vals[rows] = (cand_keys.gather(1, sel), cand_img.gather(1, sel),
                                                             cand_vals.gather(1, sel))
+
+    def merge(self, other: "Reservoir") -> None:
+        """Fold in the sample of other images: the n smallest keys of both, as one pass would keep."""
+        keys, img = torch.cat([self.keys, other.keys], 1), torch.cat([self.img, other.img], 1)
+        vals = torch.cat([self.vals, other.vals], 1)
+        sel = keys.topk(self.n, dim=1, largest=False).indices
+        self.keys, self.img, self.vals = keys.gather(1, sel), img.gather(1, sel), vals.gather(1, sel)
 
     def table(self) -> pa.Table:
         """feature int32, image_idx int64, activation float32, quantile float32 (the sample's rank

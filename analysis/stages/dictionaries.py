@@ -291,21 +291,33 @@ NOT_FACTORS = {"image_idx", "label", "split", "sha256", "source", "duplicate_of"
 """labels.parquet columns that are bookkeeping, not attributes of an image's content."""
 
 
-def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu") -> dict:
+def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: str = "cpu",
+                    dask_scheduler: str | None = None) -> dict:
     """Max-activating held-out images per latent, over the activations its latents read (the
-    kind's `mining_input`: a transcoder's input hook, a crosscoder's hooks all at once)."""
+    kind's `mining_input`: a transcoder's input hook, a crosscoder's hooks all at once). An SAE's
+    is mined on the dask cluster at `dask_scheduler` when one is given (`dask_passes.mining_pass`,
+    the same batches as in process)."""
     return _after_training(spec, root, member, FEATURES_FILE, FEATURE_TABLES,
-                           lambda dict_id: _mine(spec, root, member, dict_id, device))
+                           lambda dict_id: _mine(spec, root, member, dict_id, device, dask_scheduler))
 
 
-def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str) -> dict:
+def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str,
+          dask_scheduler: str | None = None) -> dict:
     directory = root.dictionary(dict_id)
     dictionary = load_member(spec, root, member, device, dict_id=dict_id)
     eval_idx = evaluation_images(spec, root)
-    miner, batches = _stage(member).mining_input(spec, root, member, dictionary, eval_idx, device)
     groups = token_selection(spec).groups
-    mined = mine_features(miner, batches, n_top=spec.evaluation.n_top, labels=dataset_labels(spec, root),
-                          factors=dataset_factors(spec, root), cls=groups.cls, patches=groups.patches)
+    options = dict(n_top=spec.evaluation.n_top, labels=dataset_labels(spec, root), factors=dataset_factors(spec, root),
+                   cls=groups.cls, patches=groups.patches)
+    if dask_scheduler and member.kind == "sae":
+        from analysis.evaluation.dask_passes import connect, mining_pass  # dask only where it is asked for
+
+        with connect(dask_scheduler):
+            mined = mining_pass(root.hook_store(spec.store_id, member.hook), dictionary, eval_idx,
+                                images_per_batch=spec.evaluation.batch_images, **options)
+    else:
+        miner, batches = _stage(member).mining_input(spec, root, member, dictionary, eval_idx, device)
+        mined = mine_features(miner, batches, **options)
     feature_stats = mined.feature_stats
     for name, column in _head_classes(spec, root, member, dictionary, device).items():
         feature_stats = feature_stats.append_column(name, column)
