@@ -12,7 +12,8 @@ from analysis.evaluation.metrics import reconstruction_metrics
 from analysis.dictionaries.training.schedule import remove_parallel_grad
 from analysis.dictionaries import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig, TopKSAE
 from analysis.dictionaries.objectives import SelectedPre, sparse_decode
-from analysis.dictionaries.training.sae import THRESHOLD_TRAVEL, SAETrainConfig, geometric_median, train_sae
+from analysis.dictionaries.training.sae import (THRESHOLD_TRAVEL, SAETrainConfig, SAEObjective, geometric_median,
+                                                scale_encoder_to_fit, train_sae)
 
 D, WIDTH, N_ATOMS, K_TRUE = 32, 128, 64, 2
 
@@ -276,6 +277,8 @@ def test_jumprelu_thresholds_can_travel_over_a_short_run(data):
     (dict(width=64, threshold_lr=0.01), "threshold_lr=0.01 has no meaning for architecture='topk'"),
     (dict(width=64, architecture="jumprelu", threshold_lr=0.0), "threshold_lr=0.0 must be > 0"),
     (dict(width=64, autocast="float16"), "autocast='float16'"),
+    (dict(width=64, encoder_init="orthogonal"), "encoder_init='orthogonal'"),
+    (dict(width=64, architecture="jumprelu", encoder_init="least_squares"), "changes which latents pass"),
 ])
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -294,3 +297,41 @@ def test_held_out_fvu_is_logged_and_equals_the_formula_at_the_end(data, arch):
         assert rows[-1]["eval_fvu"] == pytest.approx(final, rel=1e-3)
     with pytest.raises(ValueError, match="eval_tokens"):
         _train(data, _cfg(architecture=arch), eval_tokens=held_out[:, :3])
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_a_least_squares_encoder_init_fits_the_first_reconstruction_with_the_same_latents(data, arch):
+    """`encoder_init='least_squares'`: the first code keeps its latents, and its reconstruction of
+    the init batch gets the scale least squares gives it (the residual is orthogonal to the code's
+    part, so the first FVU can only fall), where W_enc = W_dec.T overshoots."""
+    from analysis.dictionaries.objectives import train_forward
+
+    mean_norm = float(data.norm(dim=1).mean())
+    knob = {"k": 4} if arch != "relu" else {"k": None}
+    made = {init: SAEObjective(D, _cfg(architecture=arch, encoder_init=init, **knob), mean_norm=mean_norm,
+                               init_batch=data[:2048]) for init in ("transpose", "least_squares")}
+    x = data[:2048] * made["transpose"].scale
+    with torch.no_grad():
+        first = {init: train_forward(o.model, x) for init, o in made.items()}
+        fitted = made["least_squares"].model
+        code_part = first["least_squares"].x_hat - fitted.b_dec
+        assert float((code_part * (x - first["least_squares"].x_hat)).sum()) == pytest.approx(
+            0, abs=1e-4 * float((code_part * code_part).sum()))
+        fvu = {init: float(((f.x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()) for init, f in first.items()}
+        assert fvu["least_squares"] < fvu["transpose"]
+        chosen = {init: _training_code_latents(o.model, x) for init, o in made.items()}
+    assert torch.equal(chosen["least_squares"], chosen["transpose"])
+    # an already fitted encoder is left as it is, and the default leaves the ids of every
+    # dictionary trained before the option existed unchanged
+    assert scale_encoder_to_fit(fitted, x) == pytest.approx(1.0, rel=1e-4)
+    assert "encoder_init" not in _cfg(architecture=arch, **knob).resolved()
+    assert _cfg(architecture=arch, encoder_init="least_squares", **knob).resolved()["encoder_init"] == "least_squares"
+
+
+def _training_code_latents(sae, x: torch.Tensor) -> torch.Tensor:
+    """Which latents the training-time code of each row uses (a boolean (B, width) mask)."""
+    if sae.cfg.architecture == "relu":
+        return sae.dense_latents(x) > 0
+    out = sae.encode_batch(x) if sae.cfg.architecture == "batchtopk" else sae.encode(x)
+    mask = torch.zeros(x.shape[0], sae.cfg.width, dtype=torch.bool)
+    return mask.scatter_(1, out.top_indices, out.top_acts > 0)

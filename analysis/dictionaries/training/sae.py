@@ -33,7 +33,9 @@ the shared rate a log-threshold can travel only ~lr x steps: 0.17 over the 256 s
 benchmarks/bench_frontiers.py's ground truth (width 6144), where every threshold stayed near its
 initial 0.5 and L0 sat at 114-125 for every λ from 0.1 to 3, the penalty doing nothing. With
 the default `threshold_learning_rate` (12x the weights' there) λ = 0.3 / 1 / 3 / 10 give L0 46.5 /
-35.9 / 26.8 / 20.4. Runs long enough that lr x steps exceeds it keep the shared rate."""
+35.9 / 26.8 / 20.4 (measured while that ground truth still started a seed-0 dictionary at the true
+directions; the fixed one's figures are in benchmarks/README.md). Runs long enough that
+lr x steps exceeds it keep the shared rate."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +63,11 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
     threshold_decay: float | None = None
     """batchtopk: decay of the running mean of the smallest kept activation (the inference
     threshold); None: a time constant of 5 % of the steps (`threshold_ema_decay`)."""
+    encoder_init: Literal["transpose", "least_squares"] = "transpose"
+    """W_enc at the start: W_dec.T (`transpose`, Gao et al. 2024), or that times the factor that
+    gives the first code's reconstruction of the init batch its least-squares scale
+    (`least_squares`: `scale_encoder_to_fit`). topk, batchtopk and relu only, whose choice of latents a
+    scale does not change."""
 
     def __post_init__(self) -> None:
         if self.k is None and self.architecture in K_ARCHITECTURES:
@@ -74,6 +81,12 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
         if self.threshold_lr is not None and not self.threshold_lr > 0:
             raise ValueError(f"threshold_lr={self.threshold_lr} must be > 0, or None to let a threshold "
                              f"move by e^{THRESHOLD_TRAVEL:g} over the run")
+        if self.encoder_init not in ("transpose", "least_squares"):
+            raise ValueError(f"encoder_init={self.encoder_init!r}: expected 'transpose' or 'least_squares'")
+        if self.encoder_init == "least_squares" and self.architecture == "jumprelu":
+            raise ValueError("encoder_init='least_squares' with architecture='jumprelu': a scaled encoder changes "
+                             "which latents pass the thresholds (measured: with the thresholds scaled too, L0 "
+                             "stops following the penalty); use encoder_init='transpose'")
         if self.threshold_decay is not None and not 0 <= self.threshold_decay < 1:
             raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1), e.g. 0.99, "
                              "or None for a time constant of 5 % of the steps")
@@ -102,9 +115,12 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
     def resolved(self) -> dict:
         fields = super().resolved()
         if self.architecture == "jumprelu":  # learns its thresholds at their own learning rate
+            del fields["encoder_init"]  # always transpose (refused otherwise)
             return {**fields, "threshold_lr": self.threshold_learning_rate()}
         # absent, not None, elsewhere: the ids of dictionaries trained before the field existed stay valid
         del fields["threshold_lr"]
+        if self.encoder_init == "transpose":  # likewise: the one init there was before the field
+            del fields["encoder_init"]
         if self.architecture == "batchtopk":  # estimates its threshold with a running mean
             fields["threshold_decay"] = self.threshold_ema_decay()
         return fields
@@ -113,6 +129,27 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
         return SAEConfig(d_in=d_in, width=self.width, k=self.k, architecture=self.architecture,
                          sparsity_coef=self.sparsity_coef, threshold_init=self.threshold_init,
                          bandwidth=self.bandwidth)
+
+
+@torch.no_grad()
+def scale_encoder_to_fit(sae: SparseAutoencoder, sample: Tensor) -> float:
+    """Multiply W_enc and b_enc by the least-squares scale of the reconstruction of `sample` (scaled
+    inputs) by the current code, α = <x̂ - b, x - b> / <x̂ - b, x̂ - b>; returns α (1, and nothing
+    changed, when it is not a positive number). `encoder_init='least_squares'`.
+
+    With W_enc = W_dec.T and unit decoder rows the first code overshoots: each selected latent
+    carries x's whole projection on its row, and the rows overlap. On the ground truth of
+    benchmarks/bench_sae_peers.py (d=128) the first reconstruction's FVU is 2.8 for TopK k=32 and
+    4.9 for BatchTopK (which gives high-norm tokens more latents), and the first tens of steps go
+    to shrinking it. For TopK, BatchTopK and ReLU a scale leaves the chosen latents as they are."""
+    fwd = train_forward(sae, sample)
+    code_part, target = fwd.x_hat - sae.b_dec, sample - sae.b_dec
+    alpha = float((code_part * target).sum() / (code_part * code_part).sum().clamp_min(1e-30))
+    if not math.isfinite(alpha) or alpha <= 0:
+        return 1.0
+    sae.W_enc.mul_(alpha)
+    sae.b_enc.mul_(alpha)
+    return alpha
 
 
 class SAEObjective(Objective):
@@ -134,6 +171,8 @@ class SAEObjective(Objective):
         with torch.no_grad():
             sample = init_batch.float().reshape(-1, d_in) * self.scale
             self.model.b_dec.copy_(geometric_median(sample).to(init_batch.device))
+            if cfg.encoder_init == "least_squares":
+                scale_encoder_to_fit(self.model, sample)
         self.sparsity_coef = sae_cfg.sparsity_coef
         if cfg.architecture in K_ARCHITECTURES:
             self.aux_k = cfg.aux_k if cfg.aux_k is not None else max(1, d_in // 2)

@@ -1,0 +1,27 @@
+"""The ground truth of benchmarks/bench_sae_peers.py (and bench_frontiers.py, bench_encoder_init.py)
+must not hand a trainer its answer: its directions once came from the same random stream as the
+initial decoder of a dictionary with the same seed, so at seed 0 every true direction was a
+decoder row before the first step."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_sae_peers import make_activations  # noqa: E402
+
+from analysis.dictionaries.training.sae import SAEObjective, SAETrainConfig  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_true_direction_is_an_initial_decoder_row(seed):
+    x, directions = make_activations(2048, 32, 256, seed)
+    x, directions = torch.from_numpy(x), torch.from_numpy(directions)
+    cfg = SAETrainConfig(width=512, k=8, seed=seed, batch_size=1024, n_train_tokens=4096)
+    sae = SAEObjective(32, cfg, mean_norm=float(x.norm(dim=1).mean()), init_batch=x[:1024]).model
+    rows = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+    best = (directions @ rows.T).max(dim=1).values
+    assert float(best.max()) < 0.9  # random 32-d directions: the best of 512 rows is near 0.6
