@@ -53,6 +53,11 @@ GROUND_TRUTH_GRID = {
 }
 
 
+GROUND_TRUTH_VERSION = 2
+"""2: the data's generator seed is hashed (`bench_sae_peers.data_seed`); rows of version 1 (no
+such key) started a seed-0 dictionary at the true directions and are never kept."""
+
+
 def ground_truth(args, on_row) -> list[dict]:
     x, directions = make_activations(args.pool_tokens + args.eval_tokens, args.d, args.n_features, args.seed)
     x, directions = torch.from_numpy(x), torch.from_numpy(directions)
@@ -138,6 +143,7 @@ def kept_rows(args) -> list[dict]:
     old = json.loads(Path(args.out).read_text())
     now = {k: v for k, v in vars(args).items() if k not in ("out", "architectures", "keep_others", "suite",
                                                              "suite_root", "skip_ground_truth")}
+    now["ground_truth_version"] = GROUND_TRUTH_VERSION
     then = {k: old["config"].get(k) for k in now}
     if then != now:
         raise SystemExit(f"--keep-others: {args.out} was measured with {then}, not {now}; rerun every architecture")
@@ -171,7 +177,8 @@ def main() -> None:
         raise SystemExit(f"unknown --architectures {sorted(unknown)}: choose from {list(GROUND_TRUTH_GRID)}")
     torch.set_num_threads(args.threads)
 
-    result = {"machine": machine(), "config": {k: v for k, v in vars(args).items() if k != "out"},
+    result = {"machine": machine(), "config": {**{k: v for k, v in vars(args).items() if k != "out"},
+                                               "ground_truth_version": GROUND_TRUTH_VERSION},
               "grid": {a: GROUND_TRUTH_GRID[a] for a in args.architectures}}
 
     def partial(rows):  # rewritten after every run, so an interrupted sweep keeps its rows
