@@ -20,6 +20,7 @@ from analysis.stages.dataset import split_indices
 from analysis.stages.dictionaries import dictionary_id, ensure_dictionary
 from conftest import materialize_store
 from test_damage import HOOK, MEMBER, SUITE
+from test_mining import assert_same_mining
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +146,4 @@ def test_mining_on_the_cluster_in_several_tasks_equals_one_pass(finished, client
     whole = mine_features(sae, iter_images(store, held_out, images_per_batch=8), **kw)
     parts = mining_pass(location, sae, held_out[::-1], images_per_batch=8, images_per_task=20, **kw)  # 3 batches a task
     assert len(held_out) > 2 * 24  # several tasks
-    for name in ("top_images", "top_images_cls", "samples", "factor_stats"):
-        assert getattr(parts, name).equals(getattr(whole, name)), name
-    np.testing.assert_array_equal(parts.heatmaps, whole.heatmaps)
-    exact = [c for c in whole.feature_stats.column_names if c != "mean_activation"]
-    assert parts.feature_stats.select(exact).equals(whole.feature_stats.select(exact))
-    np.testing.assert_allclose(parts.feature_stats["mean_activation"].to_numpy(zero_copy_only=False),
-                               whole.feature_stats["mean_activation"].to_numpy(zero_copy_only=False), rtol=1e-6)
+    assert_same_mining(parts, whole)

@@ -61,34 +61,11 @@ def _sae_device(sae) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.no_grad()
-def mine_features(
-    sae,
-    image_batches: Iterable[tuple[np.ndarray, Tensor]],
-    *,
-    n_top: int = 16,
-    n_samples: int = 32,
-    labels: np.ndarray | None = None,
-    factors: dict[str, np.ndarray] | None = None,
-    cls: Span = (0, 0),
-    patches: Span | None = None,
-    max_latent_elements: int = 1 << 24,
-    progress: bool = False,
-) -> MiningResult:
-    """Top `n_top` images per feature by max-over-tokens activation (ties: lower image_idx first).
-
-    `image_batches` yields (image_idx (n,), acts (n, T, d)) of RAW activations. `labels[i]` is
-    image i's label (indexed by image_idx; None, NaN or a negative int: unlabelled; labels None:
-    no label statistics). `factors` maps a name to per-image values indexed the same way (the latent
-    factors of generated data, any categorical column), each counted like the labels into
-    `MiningResult.factor_stats`. `cls` and `patches` are the spans of the class token and the patch
-    tokens along the token axis ((0, 0): none; patches None: every token). `n_samples` images per
-    feature are sampled uniformly from those it fires on (`MiningResult.samples`).
-    `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
-    """
-    return mining_state(sae, image_batches, n_top=n_top, n_samples=n_samples, labels=labels, factors=factors,
-                        cls=cls, patches=patches, max_latent_elements=max_latent_elements,
-                        progress=progress).result()
+def mine_features(sae, image_batches: Iterable[tuple[np.ndarray, Tensor]], **options) -> MiningResult:
+    """Top `n_top` images per feature by max-over-tokens activation (ties: lower image_idx first),
+    with every per-feature statistic: `mining_state`'s pass over `image_batches` (its options),
+    made into tables."""
+    return mining_state(sae, image_batches, **options).result()
 
 
 @torch.no_grad()
@@ -105,8 +82,18 @@ def mining_state(
     max_latent_elements: int = 1 << 24,
     progress: bool = False,
 ) -> "MiningState":
-    """`mine_features`' streaming pass, stopped before its tables: the state, which `merge`s with
-    the state of other images (mined apart, e.g. on dask workers) into the state of them all."""
+    """The streaming pass of `mine_features`, stopped before its tables: the state, which `merge`s
+    with the state of other images (mined apart, e.g. on dask workers) into the state of them all.
+
+    `image_batches` yields (image_idx (n,), acts (n, T, d)) of RAW activations. `labels[i]` is
+    image i's label (indexed by image_idx; None, NaN or a negative int: unlabelled; labels None:
+    no label statistics). `factors` maps a name to per-image values indexed the same way (the latent
+    factors of generated data, any categorical column), each counted like the labels into
+    `MiningResult.factor_stats`. `cls` and `patches` are the spans of the class token and the patch
+    tokens along the token axis ((0, 0): none; patches None: every token). `n_samples` images per
+    feature are sampled uniformly from those it fires on (`MiningResult.samples`).
+    `max_latent_elements` caps the dense (images, T, width) latent block computed at once.
+    """
     if n_top <= 0:
         raise ValueError(f"n_top={n_top} must be > 0")
     width = sae.cfg.width
