@@ -7,9 +7,15 @@ FVU, L0 and dead fraction (`reconstruction_metrics`), the fraction of true direc
 cosine > 0.9, and the first logged training loss (8 steps). The summary gives, per (d,
 architecture, k, init), the mean and the range over seeds.
 
-Writes benchmarks/results/encoder_init.json.
+`--suite`: the default suite's SAEs instead (its store, built under --root or reused; both
+hooks, k = 8 and 32, its training settings), each init at 1x, 2x and 4x the default learning
+rate: held-out FVU over the evaluation images and the dead fraction over the dead-latent window,
+as the evaluation stage counts them.
+
+Writes benchmarks/results/encoder_init.json (encoder_init_suite.json with --suite).
 
     .venv/bin/python benchmarks/bench_encoder_init.py [--dims 128,384] [--seeds 0,1,2] [--threads 2]
+    .venv/bin/python benchmarks/bench_encoder_init.py --suite --out benchmarks/results/encoder_init_suite.json
 """
 
 from __future__ import annotations
@@ -64,14 +70,61 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def suite_runs(args) -> list[dict]:
+    """The default suite's SAEs with each init and learning-rate factor (see the module docstring)."""
+    from dataclasses import replace
+
+    from analysis.activations.loader import ShuffledLoader
+    from analysis.activations.reader import ActivationStore, iter_images
+    from analysis.paths import DataRoot
+    from analysis.stages.activations import materialize_store, token_selection
+    from analysis.stages.dataset import dead_window_images, evaluation_images, split_indices
+    from analysis.stages.saes import train_config
+    from analysis.stages.suite import load_suite
+
+    spec = load_suite(ROOT / "pipelines" / "suites" / "default.yaml")
+    root = DataRoot(Path(args.root))
+    materialize_store(spec, root)
+    train_idx, _ = split_indices(root, spec.dataset_id)
+    eval_idx = evaluation_images(spec, root)
+    window = dead_window_images(spec, root, token_selection(spec).groups.n_tokens)
+    members = [m for m in spec.members() if m.kind == "sae" and m.seed in {int(v) for v in args.seeds.split(",")}]
+    rows = []
+    for member in members:
+        store = ActivationStore.open(root.hook_store(spec.store_id, member.hook))
+        base = train_config(spec, member, store.d_model)
+        for init in ("transpose", "least_squares"):
+            for factor in (1, 2, 4):
+                cfg = replace(base, encoder_init=init, lr=factor * base.base_lr())
+                loader = lambda: ShuffledLoader(store, train_idx, batch_size=cfg.batch_size, seed=member.seed)  # noqa: E731
+                sae = train_sae(loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
+                                init_batch=next(iter(loader())), progress=False).dictionary.eval()
+                with torch.no_grad():
+                    fvu = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
+                                                       iter_images(store, eval_idx))).fvu
+                    dead = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
+                                                        iter_images(store, window))).dead_fraction
+                row = {"hook": member.hook, "k": member.k, "seed": member.seed, "init": init, "lr_factor": factor,
+                       "fvu": fvu, "dead_fraction": dead}
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="128,384")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--suite", action="store_true", help="the default suite's SAEs (module docstring)")
+    ap.add_argument("--root", default="/tmp/spectra-bench-encoder-init", help="--suite: data root of its store")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "encoder_init.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.suite:
+        rows = suite_runs(args)
+        write(args.out, {"machine": machine(), "args": vars(args), "runs": rows}, runs_key="runs")
+        return
     rows = []
     for d in [int(v) for v in args.dims.split(",")]:
         pool, held = (2**17, 2**14) if d <= 128 else (2**18, 2**15)
