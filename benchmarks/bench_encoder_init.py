@@ -1,6 +1,9 @@
-"""`encoder_init='least_squares'` against the default `transpose`, on the ground truth of
-bench_sae_peers.py (a sparse feature model with known directions: 8·d true directions, 16·d
-latents, 256 steps of 4096 tokens), for TopK and BatchTopK over seeds.
+"""`encoder_init='least_squares'` against `transpose`, on the ground truth of bench_sae_peers.py
+(a sparse feature model with known directions: 8·d true directions, 16·d latents, 256 steps of
+4096 tokens), for TopK and BatchTopK over seeds, at the families' shared rate `default_lr`.
+
+`--lrs`: TopK k = 32 with the least-squares init at each of these learning rates instead (how
+TopK's default rate, 4x the shared one, was chosen).
 
 Each (d, architecture, k, seed) trains twice, once per init, on the same activations; held-out
 FVU, L0 and dead fraction (`reconstruction_metrics`), the fraction of true directions recovered at
@@ -8,19 +11,24 @@ cosine > 0.9, and the first logged training loss (8 steps). The summary gives, p
 architecture, k, init), the mean and the range over seeds.
 
 `--suite`: the default suite's SAEs instead (its store, built under --root or reused; both
-hooks, k = 8 and 32, its training settings), each init at 1x, 2x and 4x the default learning
-rate: held-out FVU over the evaluation images and the dead fraction over the dead-latent window,
-as the evaluation stage counts them.
+hooks, k = 8 and 32, its training settings), each init at 1x, 2x and 4x the suite's learning
+rate, or the training overrides of `--variants`: held-out FVU over the evaluation images and the
+dead fraction over the dead-latent window, as the evaluation stage counts them.
 
 Writes benchmarks/results/encoder_init.json (encoder_init_suite.json with --suite).
 
     .venv/bin/python benchmarks/bench_encoder_init.py [--dims 128,384] [--seeds 0,1,2] [--threads 2]
+    .venv/bin/python benchmarks/bench_encoder_init.py --lrs 0.0015,0.003,0.006 --seeds 0 \
+        --out benchmarks/results/topk_lr.json
     .venv/bin/python benchmarks/bench_encoder_init.py --suite --out benchmarks/results/encoder_init_suite.json
+    .venv/bin/python benchmarks/bench_encoder_init.py --suite --variants benchmarks/auxk_variants.json \
+        --out benchmarks/results/auxk_variants_suite.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -36,15 +44,17 @@ from _results import machine, write  # noqa: E402
 from bench_sae_peers import _batches, _eval_batches, make_activations, recovery  # noqa: E402
 
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae  # noqa: E402
+from analysis.dictionaries.training.schedule import default_lr  # noqa: E402
 from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
 
 STEPS, BATCH = 256, 4096
 RUNS = {128: [("topk", 16), ("topk", 32), ("batchtopk", 32)], 384: [("topk", 32), ("batchtopk", 32)]}
 
 
-def one_run(train, held_out, directions, d: int, arch: str, k: int, seed: int, init: str) -> dict:
+def one_run(train, held_out, directions, d: int, arch: str, k: int, seed: int, init: str,
+            lr: float | None = None) -> dict:
     cfg = SAETrainConfig(width=16 * d, architecture=arch, k=k, batch_size=BATCH, n_train_tokens=BATCH * STEPS,
-                         seed=seed, encoder_init=init)
+                         seed=seed, encoder_init=init, lr=lr)
     logs: list[dict] = []
     t0 = time.perf_counter()
     result = train_sae(_batches(train, BATCH, BATCH * STEPS), d, cfg, mean_norm=float(train[:65536].norm(dim=1).mean()),
@@ -54,20 +64,30 @@ def one_run(train, held_out, directions, d: int, arch: str, k: int, seed: int, i
     with torch.no_grad():
         m = reconstruction_metrics(sae, _eval_batches(held_out))
         rec = recovery(directions, sae.W_dec)
-    return {"d": d, "architecture": arch, "k": k, "seed": seed, "init": init, "fvu": m.fvu, "l0": m.l0,
+    return {"d": d, "architecture": arch, "k": k, "seed": seed, "init": init, "lr": cfg.base_lr(), "fvu": m.fvu, "l0": m.l0,
             "dead_fraction": m.dead_fraction, **rec, "first_loss": logs[0]["loss"], "seconds": seconds}
 
 
 def summary(rows: list[dict]) -> list[dict]:
     out = []
-    for key in sorted({(r["d"], r["architecture"], r["k"], r["init"]) for r in rows}):
-        same = [r for r in rows if (r["d"], r["architecture"], r["k"], r["init"]) == key]
-        entry = dict(zip(("d", "architecture", "k", "init"), key), seeds=len(same))
+    fields = ("d", "architecture", "k", "init", "lr")
+    for key in sorted({tuple(r.get(f) for f in fields) for r in rows}):
+        same = [r for r in rows if tuple(r.get(f) for f in fields) == key]
+        entry = dict(zip(fields, key), seeds=len(same))
         for metric in ("fvu", "dead_fraction", "recovered_fraction", "first_loss"):
             values = [r[metric] for r in same]
             entry[metric] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
         out.append(entry)
     return out
+
+
+def suite_variants(path: str | None) -> dict[str, dict]:
+    """--variants: a JSON file of name -> SAETrainConfig overrides of the suite's training settings
+    ("lr_factor" multiplies its rate); without one, each init at 1x, 2x and 4x the rate."""
+    if path:
+        return json.loads(Path(path).read_text())
+    return {f"{init} {factor}x": {"encoder_init": init, "lr_factor": factor}
+            for init in ("transpose", "least_squares") for factor in (1, 2, 4)}
 
 
 def suite_runs(args) -> list[dict]:
@@ -93,21 +113,23 @@ def suite_runs(args) -> list[dict]:
     for member in members:
         store = ActivationStore.open(root.hook_store(spec.store_id, member.hook))
         base = train_config(spec, member, store.d_model)
-        for init in ("transpose", "least_squares"):
-            for factor in (1, 2, 4):
-                cfg = replace(base, encoder_init=init, lr=factor * base.base_lr())
-                loader = lambda: ShuffledLoader(store, train_idx, batch_size=cfg.batch_size, seed=member.seed)  # noqa: E731
-                sae = train_sae(loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
-                                init_batch=next(iter(loader())), progress=False).dictionary.eval()
-                with torch.no_grad():
-                    fvu = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
-                                                       iter_images(store, eval_idx))).fvu
-                    dead = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
-                                                        iter_images(store, window))).dead_fraction
-                row = {"hook": member.hook, "k": member.k, "seed": member.seed, "init": init, "lr_factor": factor,
-                       "fvu": fvu, "dead_fraction": dead}
-                rows.append(row)
-                print(row, flush=True)
+        for name, over in suite_variants(args.variants).items():
+            over = dict(over)
+            factor = over.pop("lr_factor", 1)
+            cfg = replace(base, **over, lr=factor * base.base_lr())
+            loader = lambda: ShuffledLoader(store, train_idx, batch_size=cfg.batch_size, seed=member.seed)  # noqa: E731
+            sae = train_sae(loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
+                            init_batch=next(iter(loader())), progress=False).dictionary.eval()
+            with torch.no_grad():
+                fvu = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
+                                                   iter_images(store, eval_idx))).fvu
+                dead = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
+                                                    iter_images(store, window))).dead_fraction
+            row = {"hook": member.hook, "k": member.k, "seed": member.seed, "variant": name,
+                   "init": cfg.encoder_init, "lr_factor": factor, "aux_coef": cfg.aux_coef,
+                   "dead_tokens": cfg.dead_tokens, "fvu": fvu, "dead_fraction": dead}
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -118,6 +140,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--suite", action="store_true", help="the default suite's SAEs (module docstring)")
     ap.add_argument("--root", default="/tmp/spectra-bench-encoder-init", help="--suite: data root of its store")
+    ap.add_argument("--lrs", help="comma-separated learning rates: TopK k=32 (least_squares) at each instead")
+    ap.add_argument("--variants", help="--suite: JSON file of name -> training overrides (suite_variants)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "encoder_init.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,16 +155,20 @@ def main() -> None:
         x, directions = make_activations(pool + held, d, 8 * d, 0)
         x, directions = torch.from_numpy(x), torch.from_numpy(directions)
         train, held_out = x[:pool], x[pool:]
-        for arch, k in RUNS[d]:
+        # at the families' shared rate (`default_lr`), where results/encoder_init.json was
+        # measured, not TopK's default since (4x that)
+        runs = [(arch, k, init, default_lr(16 * d)) for arch, k in RUNS[d] for init in ("transpose", "least_squares")]
+        if args.lrs:  # TopK k = 32 with the least-squares init, at each rate
+            runs = [("topk", 32, "least_squares", float(lr)) for lr in args.lrs.split(",")]
+        for arch, k, init, lr in runs:
             for seed in [int(v) for v in args.seeds.split(",")]:
-                for init in ("transpose", "least_squares"):
-                    row = one_run(train, held_out, directions, d, arch, k, seed, init)
-                    rows.append(row)
-                    print(f"d={d} {arch} k={k} seed {seed} {init:13s} FVU {row['fvu']:.4f} dead "
-                          f"{row['dead_fraction']:.3f} recovered {row['recovered_fraction']:.3f} first loss "
-                          f"{row['first_loss']:.2f} ({row['seconds']:.0f} s)", flush=True)
-                    write(args.out, {"machine": machine(), "args": vars(args), "summary": summary(rows),
-                                     "runs": rows}, runs_key="runs")
+                row = one_run(train, held_out, directions, d, arch, k, seed, init, lr)
+                rows.append(row)
+                print(f"d={d} {arch} k={k} seed {seed} {init:13s} FVU {row['fvu']:.4f} dead "
+                      f"{row['dead_fraction']:.3f} recovered {row['recovered_fraction']:.3f} first loss "
+                      f"{row['first_loss']:.2f} ({row['seconds']:.0f} s)", flush=True)
+                write(args.out, {"machine": machine(), "args": vars(args), "summary": summary(rows),
+                                 "runs": rows}, runs_key="runs")
 
 
 if __name__ == "__main__":

@@ -177,12 +177,13 @@ def test_the_frontiers_suite_reuses_the_default_store_and_sweeps_every_architect
 def test_a_changed_default_learning_rate_or_warm_up_makes_new_dictionary_ids(monkeypatch):
     """Ids hash the learning rate and warm-up training uses, not the `None` a suite leaves them
     at: a changed default must retrain, never reuse weights trained under the old one."""
-    from analysis.dictionaries.training import schedule
+    from analysis.dictionaries.training import sae, schedule
     from analysis.stages.dictionaries import dictionary_id
 
     spec = load_suite(TINY)
     before = [dictionary_id(spec, m) for m in spec.members()]
-    monkeypatch.setattr(schedule, "default_lr", lambda width: 1e-3)
+    for module in (schedule, sae):  # TopK SAEs' default is a multiple of it (sae.topk_default_lr)
+        monkeypatch.setattr(module, "default_lr", lambda width: 1e-3)
     after_lr = [dictionary_id(spec, m) for m in spec.members()]
     assert all(a != b for a, b in zip(before, after_lr))
     monkeypatch.undo()
@@ -194,3 +195,24 @@ def test_a_changed_default_learning_rate_or_warm_up_makes_new_dictionary_ids(mon
     raw["dictionaries"]["train"]["warmup_steps"] = 2  # what unset means here: 5 % of 40 steps
     explicit = parse_suite(raw)
     assert {m.key: dictionary_id(explicit, m) for m in explicit.members() if m.kind == "sae"} == warmup
+
+
+def test_the_default_suites_saes_keep_their_measured_rate_and_init_not_topks_defaults():
+    """TopK's defaults (4x rate, least-squares init) leave 28-40 % of the default suite's k = 8
+    latents dead, so its suite files set the rate and init measured there: the shared default
+    rate at width 256 and W_dec.T, which leaves their ids as they were before TopK's changed."""
+    from analysis.dictionaries.training.sae import topk_default_lr
+    from analysis.dictionaries.training.schedule import default_lr
+    from analysis.stages.saes import train_config
+
+    for name in ("default", "frontiers"):
+        spec = load_suite(SUITES_DIR / f"{name}.yaml")
+        for member in (m for m in spec.members() if m.kind == "sae"):
+            cfg = train_config(spec, member, spec.vit_config().d_model)
+            assert cfg.width == 256 and cfg.base_lr() == default_lr(256) == 0.0032
+            assert cfg.encoder_init == "transpose" and "encoder_init" not in cfg.resolved()
+            unset = type(cfg)(**{**spec.dictionaries.train, "lr": None, "encoder_init": None, "width": 256,
+                                 "architecture": member.architecture, "k": member.k,
+                                 "sparsity_coef": member.sparsity_coef})
+            if member.architecture == "topk":  # what the suite would get without its settings
+                assert unset.base_lr() == topk_default_lr(256) and unset.encoder_init == "least_squares"

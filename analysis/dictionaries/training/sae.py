@@ -22,7 +22,29 @@ from analysis.dictionaries import SAEConfig, SparseAutoencoder, build_sae
 from analysis.dictionaries.config import K_ARCHITECTURES
 from analysis.dictionaries.objectives import TrainForward, auxk_loss, sae_weights, train_forward
 from analysis.dictionaries.training.loop import Objective, TrainOptions, TrainResult, geometric_median, train
-from analysis.dictionaries.training.schedule import PenaltySchedule, TrainerConfig
+from analysis.dictionaries.training.schedule import PenaltySchedule, TrainerConfig, default_lr
+
+
+DEFAULT_ENCODER_INIT = {"topk": "least_squares"}
+"""`encoder_init` when None; architectures not named here start from W_dec.T. Measured for TopK
+only (benchmarks/README.md, "TopK defaults"): with `topk_default_lr`, on the ground truth of
+benchmarks/bench_sae_peers.py, FVU 0.470 -> 0.185 and true directions recovered 1.3 % -> 73.6 %."""
+
+TOPK_LR_FACTOR = 4.0
+"""TopK's default learning rate over the other families' `default_lr` (both scale as 1/sqrt(width)).
+
+On the ground truth of benchmarks/bench_sae_peers.py (256 steps, k = 32, least-squares init) the
+held-out FVU at 1x / 4x is 0.256 / 0.174 at width 2048 and 0.412 / 0.185 at width 6144, where
+sparsify's defaults reach 0.183 and 0.220. Not the other families' default: BatchTopK at 4x
+(least-squares init, width 2048) reached FVU 0.202 with 24 % of its latents dead, and ReLU,
+JumpReLU, transcoders and crosscoders were not measured at it. The default suite's width-256
+SAEs set their own rate and init: there 4x with this init leaves 28-40 % of a k = 8 SAE's
+latents dead (1x with W_dec.T: 3-5 %)."""
+
+
+def topk_default_lr(width: int) -> float:
+    """TOPK_LR_FACTOR x `default_lr(width)`: 1.6e-3 / sqrt(width / 2**14)."""
+    return TOPK_LR_FACTOR * default_lr(width)
 
 
 THRESHOLD_TRAVEL = 2.0
@@ -63,15 +85,18 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
     threshold_decay: float | None = None
     """batchtopk: decay of the running mean of the smallest kept activation (the inference
     threshold); None: a time constant of 5 % of the steps (`threshold_ema_decay`)."""
-    encoder_init: Literal["transpose", "least_squares"] = "transpose"
+    encoder_init: Literal["transpose", "least_squares"] | None = None
     """W_enc at the start: W_dec.T (`transpose`, Gao et al. 2024), or that times the factor that
     gives the first code's reconstruction of the init batch its least-squares scale
-    (`least_squares`: `scale_encoder_to_fit`). topk, batchtopk and relu only, whose choice of latents a
-    scale does not change."""
+    (`least_squares`: `scale_encoder_to_fit`; topk, batchtopk and relu only, whose choice of
+    latents a scale does not change). None: `least_squares` for topk, `transpose` for the others
+    (`DEFAULT_ENCODER_INIT`)."""
 
     def __post_init__(self) -> None:
         if self.k is None and self.architecture in K_ARCHITECTURES:
             object.__setattr__(self, "k", 32)  # frozen: resolve once so ids hash the real value
+        if self.encoder_init is None:
+            object.__setattr__(self, "encoder_init", DEFAULT_ENCODER_INIT.get(self.architecture, "transpose"))
         self.sae_config(d_in=1)  # validates architecture, k and the sparsity fields
         self.check_schedule()
         self.check_sparsity_warmup()
@@ -90,6 +115,12 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
         if self.threshold_decay is not None and not 0 <= self.threshold_decay < 1:
             raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1), e.g. 0.99, "
                              "or None for a time constant of 5 % of the steps")
+
+    def base_lr(self) -> float:
+        """`lr`, or the default: `topk_default_lr(width)` for topk, `default_lr(width)` otherwise."""
+        if self.lr is None and self.architecture == "topk":
+            return topk_default_lr(self.width)
+        return super().base_lr()
 
     def threshold_ema_decay(self) -> float:
         """`threshold_decay`, or 1 - 1/τ with τ = 5 % of the steps (at least one step).
