@@ -2,8 +2,8 @@
 (a sparse feature model with known directions: 8·d true directions, 16·d latents, 256 steps of
 4096 tokens), for TopK and BatchTopK over seeds, at the families' shared rate `default_lr`.
 
-`--lrs`: TopK k = 32 with the least-squares init at each of these learning rates instead (how
-TopK's default rate, 4x the shared one, was chosen).
+`--lr-factors`: TopK k = 32 with the least-squares init at each of these multiples of the shared
+rate instead (how TopK's default rate, 4x the shared one, was chosen).
 
 Each (d, architecture, k, seed) trains twice, once per init, on the same activations; held-out
 FVU, L0 and dead fraction (`reconstruction_metrics`), the fraction of true directions recovered at
@@ -18,7 +18,7 @@ dead fraction over the dead-latent window, as the evaluation stage counts them.
 Writes benchmarks/results/encoder_init.json (encoder_init_suite.json with --suite).
 
     .venv/bin/python benchmarks/bench_encoder_init.py [--dims 128,384] [--seeds 0,1,2] [--threads 2]
-    .venv/bin/python benchmarks/bench_encoder_init.py --lrs 0.0015,0.003,0.006 --seeds 0 \
+    .venv/bin/python benchmarks/bench_encoder_init.py --lr-factors 1,2,4,8 --seeds 0,1 \
         --out benchmarks/results/topk_lr.json
     .venv/bin/python benchmarks/bench_encoder_init.py --suite --out benchmarks/results/encoder_init_suite.json
     .venv/bin/python benchmarks/bench_encoder_init.py --suite --variants benchmarks/auxk_variants.json \
@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--suite", action="store_true", help="the default suite's SAEs (module docstring)")
     ap.add_argument("--root", default="/tmp/spectra-bench-encoder-init", help="--suite: data root of its store")
-    ap.add_argument("--lrs", help="comma-separated learning rates: TopK k=32 (least_squares) at each instead")
+    ap.add_argument("--lr-factors", help="comma-separated multiples of default_lr: TopK k=32 (least_squares) at each")
     ap.add_argument("--variants", help="--suite: JSON file of name -> training overrides (suite_variants)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "encoder_init.json"))
     args = ap.parse_args()
@@ -158,8 +158,8 @@ def main() -> None:
         # at the families' shared rate (`default_lr`), where results/encoder_init.json was
         # measured, not TopK's default since (4x that)
         runs = [(arch, k, init, default_lr(16 * d)) for arch, k in RUNS[d] for init in ("transpose", "least_squares")]
-        if args.lrs:  # TopK k = 32 with the least-squares init, at each rate
-            runs = [("topk", 32, "least_squares", float(lr)) for lr in args.lrs.split(",")]
+        if args.lr_factors:  # TopK k = 32 with the least-squares init, at each multiple of the shared rate
+            runs = [("topk", 32, "least_squares", float(f) * default_lr(16 * d)) for f in args.lr_factors.split(",")]
         for arch, k, init, lr in runs:
             for seed in [int(v) for v in args.seeds.split(",")]:
                 row = one_run(train, held_out, directions, d, arch, k, seed, init, lr)
