@@ -149,7 +149,7 @@ class _PendingCodes:
         self.n_max, self.n_images, self.parts = n_max, 0, []
 
     def add(self, vals: Tensor, idx: Tensor, ids: Tensor, norm_ratio: Tensor) -> bool:
-        """Keep one chunk's codes; True when the next chunk would not fit (time to fold)."""
+        """Keep one chunk's codes; True once `n_max` images are kept (time to fold)."""
         self.parts.append((vals, idx, ids, norm_ratio))
         self.n_images += len(ids)
         return self.n_images >= self.n_max
