@@ -28,15 +28,16 @@ from analysis.dictionaries.training.schedule import PenaltySchedule, TrainerConf
 DEFAULT_ENCODER_INIT = {"topk": "least_squares"}
 """`encoder_init` when None; architectures not named here start from W_dec.T. Measured for TopK
 only (benchmarks/README.md, "TopK defaults"): with `topk_default_lr`, on the ground truth of
-benchmarks/bench_sae_peers.py, FVU 0.470 -> 0.185 and true directions recovered 1.3 % -> 73.6 %."""
+benchmarks/bench_sae_peers.py, FVU 0.470 -> 0.185 and true directions recovered 1.3 % -> 73.9 % (results/sae_peers.json)."""
 
 TOPK_LR_FACTOR = 4.0
 """TopK's default learning rate over the other families' `default_lr` (both scale as 1/sqrt(width)).
 
 On the ground truth of benchmarks/bench_sae_peers.py (256 steps, k = 32, least-squares init) the
-held-out FVU at 1x / 4x is 0.256 / 0.174 at width 2048 and 0.412 / 0.185 at width 6144, where
-sparsify's defaults reach 0.183 and 0.220. Not the other families' default: BatchTopK at 4x
-(least-squares init, width 2048) reached FVU 0.202 with 24 % of its latents dead, and ReLU,
+held-out FVU at 1x / 4x is 0.256 / 0.173 at width 2048 and 0.412 / 0.185 at width 6144 over two
+seeds (results/topk_lr.json), where sparsify's defaults reach 0.183 and 0.220. Not the other families' default: BatchTopK at 4x
+(least-squares init, width 2048; one exploratory run, not in results/) reached FVU 0.202 with
+24 % of its latents dead, and ReLU,
 JumpReLU, transcoders and crosscoders were not measured at it. The default suite's width-256
 SAEs set their own rate and init: there 4x with this init leaves 28-40 % of a k = 8 SAE's
 latents dead (1x with W_dec.T: 3-5 %)."""
