@@ -20,7 +20,7 @@ def store(tmp_path_factory):
 
 
 def _run(store, arch, checkpoint_dir=None, stop_at=None, rows=None):
-    kw = dict(k=2) if arch in ("topk", "batchtopk") else dict(k=None, threshold_init=0.3)
+    kw = dict(k=2) if arch in ("topk", "batchtopk") else dict(k=None)
     # 10 batches per epoch, 34 steps: the interruption and the resume cross epoch boundaries
     cfg = SAETrainConfig(width=24, architecture=arch, batch_size=50, n_train_tokens=50 * 34, lr=3e-3,
                          warmup_steps=3, dead_tokens=150, aux_k=3, **kw)

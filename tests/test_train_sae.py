@@ -78,8 +78,7 @@ def test_training_recovers_sparse_structure(data):
 ARCH_RUNS = {
     "batchtopk": (dict(architecture="batchtopk", k=4), BatchTopKSAE),
     "relu": (dict(architecture="relu", k=None, sparsity_coef=1.0, n_train_tokens=300_000), ReLUSAE),
-    "jumprelu": (dict(architecture="jumprelu", k=None, sparsity_coef=0.3, threshold_init=1.0,
-                      n_train_tokens=300_000), JumpReLUSAE),
+    "jumprelu": (dict(architecture="jumprelu", k=None, sparsity_coef=0.3, n_train_tokens=300_000), JumpReLUSAE),
 }
 
 
@@ -225,11 +224,11 @@ def test_geometric_median_resists_outliers():
 
 def test_lr_schedule():
     cfg = SAETrainConfig(width=2**16, batch_size=10, n_train_tokens=1000, warmup_steps=10)
-    # 4e-4 / sqrt(width / 2**14) for every family, 4x that for TopK SAEs (`topk_default_lr`)
+    # 4e-4 / sqrt(width / 2**14) for every family, 4x that for TopK and JumpReLU SAEs (LR_FACTOR)
     assert cfg.base_lr() == pytest.approx(1.6e-3 / 2)
-    for arch, knob in (("batchtopk", {"k": 8}), ("relu", {}), ("jumprelu", {})):
+    for arch, knob, factor in (("batchtopk", {"k": 8}, 1), ("relu", {}, 1), ("jumprelu", {}, 4)):
         other = SAETrainConfig(width=2**16, architecture=arch, batch_size=10, n_train_tokens=1000, **knob)
-        assert other.base_lr() == pytest.approx(4e-4 / 2) and other.resolved()["lr"] == other.base_lr()
+        assert other.base_lr() == pytest.approx(factor * 4e-4 / 2) and other.resolved()["lr"] == other.base_lr()
     assert cfg.lr_at(0) == pytest.approx(cfg.base_lr() / 10)
     assert cfg.lr_at(50) == pytest.approx(cfg.base_lr())
     assert cfg.lr_at(90) == pytest.approx(cfg.base_lr() * 0.5)
@@ -250,7 +249,8 @@ def test_jumprelu_thresholds_can_travel_over_a_short_run(data):
     """Adam moves a log-threshold by about its learning rate per step, so at the shared rate a
     short run cannot take it far from its initial value; by default its rate is at least
     THRESHOLD_TRAVEL / steps."""
-    kw = dict(architecture="jumprelu", k=None, sparsity_coef=0.3, n_train_tokens=25_600)  # 50 steps
+    # 50 steps from the fixed initial threshold (the least-squares init starts them from the data)
+    kw = dict(architecture="jumprelu", k=None, sparsity_coef=0.3, n_train_tokens=25_600, encoder_init="transpose")
     cfg = _cfg(**kw)
     assert cfg.threshold_learning_rate() == pytest.approx(THRESHOLD_TRAVEL / 50) and cfg.base_lr() == 3e-3
     assert cfg.resolved()["threshold_lr"] == cfg.threshold_learning_rate()
@@ -284,7 +284,11 @@ def test_jumprelu_thresholds_can_travel_over_a_short_run(data):
     (dict(width=64, architecture="jumprelu", threshold_lr=0.0), "threshold_lr=0.0 must be > 0"),
     (dict(width=64, autocast="float16"), "autocast='float16'"),
     (dict(width=64, encoder_init="orthogonal"), "encoder_init='orthogonal'"),
-    (dict(width=64, architecture="jumprelu", encoder_init="least_squares"), "changes which latents pass"),
+    (dict(width=64, architecture="jumprelu", threshold_init=1.0), "thresholds start from the init batch"),
+    (dict(width=64, architecture="jumprelu", initial_l0=64), r"initial_l0=64 must be in \(0, width=64\)"),
+    (dict(width=64, architecture="jumprelu", initial_l0=0), r"initial_l0=0 must be in"),
+    (dict(width=64, initial_l0=8), "initial_l0=8 has no meaning for architecture='topk'"),
+    (dict(width=64, architecture="jumprelu", encoder_init="transpose", initial_l0=8), "initial_l0=8 has no meaning"),
 ])
 def test_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -335,6 +339,40 @@ def test_a_least_squares_encoder_init_fits_the_first_reconstruction_with_the_sam
     default = _cfg(architecture=arch, **knob)
     assert default.encoder_init == ("least_squares" if arch == "topk" else "transpose")
     assert ("encoder_init" in default.resolved()) == (arch == "topk")
+    assert "initial_l0" not in default.resolved()
+
+
+def test_a_least_squares_jumprelu_starts_every_latent_on_the_same_number_of_tokens(data):
+    """JumpReLU's least-squares init: each threshold is set so that every latent fires on
+    round(n x initial_l0 / width) of the init batch's n tokens (none starts dead, the first code
+    has initial_l0 latents per token), then encoder and thresholds are scaled together, which
+    keeps those latents and gives the first reconstruction its least-squares scale."""
+    from analysis.dictionaries.objectives import train_forward
+    from analysis.dictionaries.training.sae import JUMPRELU_INITIAL_L0, start_thresholds_at_l0
+
+    mean_norm = float(data.norm(dim=1).mean())
+    kw = dict(architecture="jumprelu", k=None, initial_l0=8)
+    cfg = _cfg(**kw)
+    assert cfg.encoder_init == "least_squares" and cfg.resolved()["initial_l0"] == 8
+    assert _cfg(architecture="jumprelu", k=None).resolved()["initial_l0"] == JUMPRELU_INITIAL_L0
+    assert "initial_l0" not in _cfg(architecture="jumprelu", k=None, encoder_init="transpose").resolved()
+    fitted = SAEObjective(D, cfg, mean_norm=mean_norm, init_batch=data[:2048])
+    plain = SAEObjective(D, _cfg(architecture="jumprelu", k=None, encoder_init="transpose"), mean_norm=mean_norm,
+                         init_batch=data[:2048])
+    x = data[:2048] * fitted.scale
+    with torch.no_grad():
+        fires = fitted.model.pre_acts(x) > fitted.model.threshold
+        assert (fires.sum(0) == round(2048 * 8 / WIDTH)).all()  # 128 tokens per latent
+        assert float(fires.sum(1).float().mean()) == pytest.approx(8, rel=0.01)
+        # the same thresholds on the unscaled (W_dec.T) encoder choose the same latents
+        start_thresholds_at_l0(plain.model, x, 8)
+        assert torch.equal(plain.model.pre_acts(x) > plain.model.threshold, fires)
+        assert not torch.equal(plain.model.W_enc, fitted.model.W_enc)
+        first = train_forward(fitted.model, x)
+        code_part = first.x_hat - fitted.model.b_dec
+        assert float((code_part * (x - first.x_hat)).sum()) == pytest.approx(
+            0, abs=1e-4 * float((code_part * code_part).sum()))
+        assert scale_encoder_to_fit(fitted.model, x) == pytest.approx(1.0, rel=1e-4)
 
 
 def _training_code_latents(sae, x: torch.Tensor) -> torch.Tensor:

@@ -19,33 +19,42 @@ import torch
 from torch import Tensor
 
 from analysis.dictionaries import SAEConfig, SparseAutoencoder, build_sae
+from analysis.dictionaries.models import JumpReLUSAE
 from analysis.dictionaries.config import K_ARCHITECTURES
 from analysis.dictionaries.objectives import TrainForward, auxk_loss, sae_weights, train_forward
 from analysis.dictionaries.training.loop import Objective, TrainOptions, TrainResult, geometric_median, train
 from analysis.dictionaries.training.schedule import PenaltySchedule, TrainerConfig, default_lr
 
 
-DEFAULT_ENCODER_INIT = {"topk": "least_squares"}
-"""`encoder_init` when None; architectures not named here start from W_dec.T. Measured for TopK
-only (benchmarks/README.md, "TopK defaults"): with `topk_default_lr`, on the ground truth of
-benchmarks/bench_sae_peers.py, FVU 0.470 -> 0.185 and true directions recovered 1.3 % -> 73.9 % (results/sae_peers.json)."""
+DEFAULT_ENCODER_INIT = {"topk": "least_squares", "jumprelu": "least_squares"}
+"""`encoder_init` when None; architectures not named here start from W_dec.T. Measured on the
+ground truth of benchmarks/bench_sae_peers.py (benchmarks/README.md): TopK with its default rate,
+FVU 0.470 -> 0.185 and true directions recovered 1.3 % -> 73.9 % at width 6144
+(results/sae_peers.json); JumpReLU, with its thresholds started at `initial_l0` and its default
+rate, see `LR_FACTOR`."""
 
-TOPK_LR_FACTOR = 4.0
-"""TopK's default learning rate over the other families' `default_lr` (both scale as 1/sqrt(width)).
+LR_FACTOR = {"topk": 4.0, "jumprelu": 4.0}
+"""Default learning rate over the shared law `default_lr` (which scales as 1/sqrt(width)), for
+the SAE families measured at a larger one; the others use the shared law.
 
-On the ground truth of benchmarks/bench_sae_peers.py (256 steps, k = 32, least-squares init) the
+TopK (256 steps, k = 32, least-squares init, ground truth of benchmarks/bench_sae_peers.py):
 held-out FVU at 1x / 4x is 0.256 / 0.173 at width 2048 and 0.412 / 0.185 at width 6144 over two
-seeds (results/topk_lr.json), where sparsify's defaults reach 0.183 and 0.220. Not the other families' default: BatchTopK at 4x
-(least-squares init, width 2048; one exploratory run, not in results/) reached FVU 0.202 with
-24 % of its latents dead, and ReLU,
-JumpReLU, transcoders and crosscoders were not measured at it. The default suite's width-256
-SAEs set their own rate and init: there 4x with this init leaves 28-40 % of a k = 8 SAE's
-latents dead (1x with W_dec.T: 3-5 %)."""
+seeds (results/topk_lr.json), where sparsify's defaults reach 0.183 and 0.220. JumpReLU (width
+2048, least-squares init, λ = 1, one seed): FVU 0.377 at L0 18.8 at 1x, 0.297 at L0 15.6 at 4x,
+where TopK interpolates to 0.217 and 0.234 (benchmarks/README.md, "JumpReLU's start"). Not the
+other families' default: BatchTopK at 4x (least-squares init, width 2048; one exploratory run,
+not in results/) reached FVU 0.202 with 24 % of its latents dead, and ReLU, transcoders and
+crosscoders were not measured at it. The default suite's width-256 SAEs set their own rate and
+init: there TopK's 4x with this init leaves 28-40 % of a k = 8 SAE's latents dead (1x with
+W_dec.T: 3-5 %)."""
+
+JUMPRELU_INITIAL_L0 = 32
+"""`initial_l0` when None: the L0 a least-squares JumpReLU starts at (TopK's default k)."""
 
 
 def topk_default_lr(width: int) -> float:
-    """TOPK_LR_FACTOR x `default_lr(width)`: 1.6e-3 / sqrt(width / 2**14)."""
-    return TOPK_LR_FACTOR * default_lr(width)
+    """TopK's default rate, LR_FACTOR["topk"] x `default_lr(width)`: 1.6e-3 / sqrt(width / 2**14)."""
+    return LR_FACTOR["topk"] * default_lr(width)
 
 
 THRESHOLD_TRAVEL = 2.0
@@ -89,9 +98,16 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
     encoder_init: Literal["transpose", "least_squares"] | None = None
     """W_enc at the start: W_dec.T (`transpose`, Gao et al. 2024), or that times the factor that
     gives the first code's reconstruction of the init batch its least-squares scale
-    (`least_squares`: `scale_encoder_to_fit`; topk, batchtopk and relu only, whose choice of
-    latents a scale does not change). None: `least_squares` for topk, `transpose` for the others
+    (`least_squares`: `scale_encoder_to_fit`, which leaves the chosen latents as they are; for
+    jumprelu each threshold is first set from the init batch, see `initial_l0`, and scaled with
+    the encoder). None: `least_squares` for topk and jumprelu, `transpose` for the others
     (`DEFAULT_ENCODER_INIT`)."""
+    initial_l0: int | None = None
+    """jumprelu with `least_squares`: each latent's threshold starts where it fires on
+    initial_l0 / width of the init batch's tokens, so the first code has about initial_l0 latents
+    per token; None = JUMPRELU_INITIAL_L0. From the fixed `threshold_init` (0.5) of the transpose
+    init the first code had ~500 latents per token on the ground truth and training spent its
+    first 100 of 256 steps collapsing to L0 7 and climbing back (`start_thresholds_at_l0`)."""
 
     def __post_init__(self) -> None:
         if self.k is None and self.architecture in K_ARCHITECTURES:
@@ -109,18 +125,39 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
                              f"move by e^{THRESHOLD_TRAVEL:g} over the run")
         if self.encoder_init not in ("transpose", "least_squares"):
             raise ValueError(f"encoder_init={self.encoder_init!r}: expected 'transpose' or 'least_squares'")
-        if self.encoder_init == "least_squares" and self.architecture == "jumprelu":
-            raise ValueError("encoder_init='least_squares' with architecture='jumprelu': a scaled encoder changes "
-                             "which latents pass the thresholds (measured: with the thresholds scaled too, L0 "
-                             "stops following the penalty); use encoder_init='transpose'")
+        self._check_initial_l0()
         if self.threshold_decay is not None and not 0 <= self.threshold_decay < 1:
             raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1), e.g. 0.99, "
                              "or None for a time constant of 5 % of the steps")
 
+    def _check_initial_l0(self) -> None:
+        data_thresholds = self.architecture == "jumprelu" and self.encoder_init == "least_squares"
+        if not data_thresholds:
+            if self.initial_l0 is not None:
+                raise ValueError(f"initial_l0={self.initial_l0} has no meaning for architecture="
+                                 f"{self.architecture!r}, encoder_init={self.encoder_init!r}: only a jumprelu "
+                                 "with encoder_init='least_squares' starts its thresholds from the data; pass None")
+            return
+        if self.threshold_init is not None:
+            raise ValueError(f"threshold_init={self.threshold_init} with architecture='jumprelu' and "
+                             "encoder_init='least_squares': the thresholds start from the init batch "
+                             "(initial_l0); pass threshold_init=None, or encoder_init='transpose' to start "
+                             "every threshold at threshold_init")
+        if self.initial_l0 is not None and not 0 < self.initial_l0 < self.width:
+            raise ValueError(f"initial_l0={self.initial_l0} must be in (0, width={self.width}), "
+                             f"or None for {JUMPRELU_INITIAL_L0}")
+
+    @property
+    def initial_l0_value(self) -> int:
+        """`initial_l0`, or JUMPRELU_INITIAL_L0 (at most half the width)."""
+        if self.initial_l0 is not None:
+            return self.initial_l0
+        return min(JUMPRELU_INITIAL_L0, max(1, self.width // 2))
+
     def base_lr(self) -> float:
-        """`lr`, or the default: `topk_default_lr(width)` for topk, `default_lr(width)` otherwise."""
-        if self.lr is None and self.architecture == "topk":
-            return topk_default_lr(self.width)
+        """`lr`, or the default: LR_FACTOR (1 for families not in it) x `default_lr(width)`."""
+        if self.lr is None:
+            return LR_FACTOR.get(self.architecture, 1.0) * default_lr(self.width)
         return super().base_lr()
 
     def threshold_ema_decay(self) -> float:
@@ -146,13 +183,16 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
 
     def resolved(self) -> dict:
         fields = super().resolved()
-        if self.architecture == "jumprelu":  # learns its thresholds at their own learning rate
-            del fields["encoder_init"]  # always transpose (refused otherwise)
-            return {**fields, "threshold_lr": self.threshold_learning_rate()}
-        # absent, not None, elsewhere: the ids of dictionaries trained before the field existed stay valid
-        del fields["threshold_lr"]
-        if self.encoder_init == "transpose":  # likewise: the one init there was before the field
+        # absent, not None, where unused: ids of dictionaries trained before a field existed stay valid
+        if self.encoder_init == "transpose":  # the one init there was before the field
             del fields["encoder_init"]
+        if self.architecture == "jumprelu" and self.encoder_init == "least_squares":
+            fields["initial_l0"] = self.initial_l0_value
+        else:
+            del fields["initial_l0"]
+        if self.architecture == "jumprelu":  # learns its thresholds at their own learning rate
+            return {**fields, "threshold_lr": self.threshold_learning_rate()}
+        del fields["threshold_lr"]
         if self.architecture == "batchtopk":  # estimates its threshold with a running mean
             fields["threshold_decay"] = self.threshold_ema_decay()
         return fields
@@ -181,7 +221,23 @@ def scale_encoder_to_fit(sae: SparseAutoencoder, sample: Tensor) -> float:
         return 1.0
     sae.W_enc.mul_(alpha)
     sae.b_enc.mul_(alpha)
+    if isinstance(sae, JumpReLUSAE):  # thresholds scale with the pre-activations: same latents pass
+        sae.log_threshold.add_(math.log(alpha))
     return alpha
+
+
+@torch.no_grad()
+def start_thresholds_at_l0(sae: JumpReLUSAE, sample: Tensor, l0: int) -> None:
+    """Set each latent's threshold between its m-th and (m+1)-th largest pre-activation on
+    `sample` (scaled inputs), m = round(len(sample) x l0 / width) (at least 1): every latent fires
+    on m tokens, so the first code has about `l0` latents per token and no latent starts dead. A
+    threshold is kept above 1e-6 (log θ must be finite) for a latent whose m+1 largest
+    pre-activations are not positive."""
+    n = len(sample)
+    m = min(n - 1, max(1, round(n * l0 / sae.cfg.width)))
+    top = sae.pre_acts(sample).topk(m + 1, dim=0).values
+    theta = ((top[m - 1] + top[m]) / 2).clamp_min(1e-6)
+    sae.log_threshold.copy_(theta.log())
 
 
 class SAEObjective(Objective):
@@ -204,6 +260,8 @@ class SAEObjective(Objective):
             sample = init_batch.float().reshape(-1, d_in) * self.scale
             self.model.b_dec.copy_(geometric_median(sample).to(init_batch.device))
             if cfg.encoder_init == "least_squares":
+                if isinstance(self.model, JumpReLUSAE):
+                    start_thresholds_at_l0(self.model, sample, cfg.initial_l0_value)
                 scale_encoder_to_fit(self.model, sample)
         self.sparsity_coef = sae_cfg.sparsity_coef
         if cfg.architecture in K_ARCHITECTURES:
