@@ -23,6 +23,11 @@ Writes benchmarks/results/encoder_init.json (encoder_init_suite.json with --suit
     .venv/bin/python benchmarks/bench_encoder_init.py --suite --out benchmarks/results/encoder_init_suite.json
     .venv/bin/python benchmarks/bench_encoder_init.py --suite --variants benchmarks/auxk_variants.json \
         --out benchmarks/results/auxk_variants_suite.json
+    .venv/bin/python benchmarks/bench_encoder_init.py --suite --seeds 0,1 \
+        --variants benchmarks/jumprelu_variants.json --out benchmarks/results/jumprelu_suite.json
+
+A variant may set another architecture and its sparsity (`jumprelu_variants.json`): it then
+trains once per hook and seed, not once per k of the suite's members.
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ def suite_runs(args) -> list[dict]:
     eval_idx = evaluation_images(spec, root)
     window = dead_window_images(spec, root, token_selection(spec).groups.n_tokens)
     members = [m for m in spec.members() if m.kind == "sae" and m.seed in {int(v) for v in args.seeds.split(",")}]
-    rows = []
+    rows, done = [], set()
     for member in members:
         store = ActivationStore.open(root.hook_store(spec.store_id, member.hook))
         base = train_config(spec, member, store.d_model)
@@ -117,17 +122,22 @@ def suite_runs(args) -> list[dict]:
             over = dict(over)
             factor = over.pop("lr_factor", 1)
             cfg = replace(base, **over, lr=factor * base.base_lr())
+            key = (member.hook, member.seed, json.dumps(cfg.resolved(), sort_keys=True))
+            if key in done:  # a variant that sets its own sparsity (another architecture) once per hook and seed
+                continue
+            done.add(key)
             loader = lambda: ShuffledLoader(store, train_idx, batch_size=cfg.batch_size, seed=member.seed)  # noqa: E731
             sae = train_sae(loader(), store.d_model, cfg, mean_norm=float(store.stats.mean_norm),
                             init_batch=next(iter(loader())), progress=False).dictionary.eval()
             with torch.no_grad():
-                fvu = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
-                                                   iter_images(store, eval_idx))).fvu
+                held_out = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
+                                                        iter_images(store, eval_idx)))
                 dead = reconstruction_metrics(sae, (x.reshape(-1, store.d_model) for _, x in
                                                     iter_images(store, window))).dead_fraction
-            row = {"hook": member.hook, "k": member.k, "seed": member.seed, "variant": name,
+            row = {"hook": member.hook, "architecture": cfg.architecture, "k": cfg.k,
+                   "sparsity_coef": cfg.sparsity_coef, "seed": member.seed, "variant": name,
                    "init": cfg.encoder_init, "lr_factor": factor, "aux_coef": cfg.aux_coef,
-                   "dead_tokens": cfg.dead_tokens, "fvu": fvu, "dead_fraction": dead}
+                   "dead_tokens": cfg.dead_tokens, "l0": held_out.l0, "fvu": held_out.fvu, "dead_fraction": dead}
             rows.append(row)
             print(row, flush=True)
     return rows
