@@ -373,6 +373,8 @@ def test_a_least_squares_jumprelu_starts_every_latent_on_the_same_number_of_toke
         assert float((code_part * (x - first.x_hat)).sum()) == pytest.approx(
             0, abs=1e-4 * float((code_part * code_part).sum()))
         assert scale_encoder_to_fit(fitted.model, x) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="init_batch has 1 token"):
+        SAEObjective(D, cfg, mean_norm=mean_norm, init_batch=data[:1])
 
 
 def _training_code_latents(sae, x: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,9 @@ def start_thresholds_at_l0(sae: JumpReLUSAE, sample: Tensor, l0: int) -> None:
     threshold is kept above 1e-6 (log θ must be finite) for a latent whose m+1 largest
     pre-activations are not positive."""
     n = len(sample)
+    if n < 2:
+        raise ValueError(f"init_batch has {n} token(s): a JumpReLU's starting thresholds are set from its "
+                         "pre-activations, which needs at least 2 (pass a batch of the activations)")
     m = min(n - 1, max(1, round(n * l0 / sae.cfg.width)))
     top = sae.pre_acts(sample).topk(m + 1, dim=0).values
     theta = ((top[m - 1] + top[m]) / 2).clamp_min(1e-6)
