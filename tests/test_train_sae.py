@@ -337,8 +337,8 @@ def test_a_least_squares_encoder_init_fits_the_first_reconstruction_with_the_sam
     assert "encoder_init" not in _cfg(architecture=arch, encoder_init="transpose", **knob).resolved()
     assert _cfg(architecture=arch, encoder_init="least_squares", **knob).resolved()["encoder_init"] == "least_squares"
     default = _cfg(architecture=arch, **knob)
-    assert default.encoder_init == ("least_squares" if arch == "topk" else "transpose")
-    assert ("encoder_init" in default.resolved()) == (arch == "topk")
+    assert default.encoder_init == ("transpose" if arch == "relu" else "least_squares")
+    assert ("encoder_init" in default.resolved()) == (arch != "relu")
     assert "initial_l0" not in default.resolved()
 
 
