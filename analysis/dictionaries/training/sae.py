@@ -1,7 +1,9 @@
 """SAE training: the config and the objective every SAE architecture gives the one loop.
 
 - inputs scaled by s = sqrt(d_in) / mean_norm, folded back into the returned weights;
-- b_dec starts at the geometric median of a sample, W_enc at W_dec.T;
+- b_dec starts at the geometric median of a sample, W_enc at W_dec.T, scaled to the first code's
+  least-squares fit by default for topk, batchtopk and jumprelu (jumprelu's thresholds set from the
+  sample first: `encoder_init`, `initial_l0`);
 - relu/jumprelu: penalty λ·(L1 or L0), divided by the batch variance like the reconstruction term;
 - batchtopk: the inference threshold is the running mean of the smallest kept activation.
 
