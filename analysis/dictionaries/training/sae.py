@@ -133,9 +133,13 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
             raise ValueError(f"threshold_decay={self.threshold_decay} must be in [0, 1), e.g. 0.99, "
                              "or None for a time constant of 5 % of the steps")
 
+    @property
+    def thresholds_from_data(self) -> bool:
+        """A jumprelu with the least-squares start: its thresholds are set from the init batch."""
+        return self.architecture == "jumprelu" and self.encoder_init == "least_squares"
+
     def _check_initial_l0(self) -> None:
-        data_thresholds = self.architecture == "jumprelu" and self.encoder_init == "least_squares"
-        if not data_thresholds:
+        if not self.thresholds_from_data:
             if self.initial_l0 is not None:
                 raise ValueError(f"initial_l0={self.initial_l0} has no meaning for architecture="
                                  f"{self.architecture!r}, encoder_init={self.encoder_init!r}: only a jumprelu "
@@ -189,7 +193,7 @@ class SAETrainConfig(TrainerConfig, PenaltySchedule):
         # absent, not None, where unused: ids of dictionaries trained before a field existed stay valid
         if self.encoder_init == "transpose":  # the one init there was before the field
             del fields["encoder_init"]
-        if self.architecture == "jumprelu" and self.encoder_init == "least_squares":
+        if self.thresholds_from_data:
             fields["initial_l0"] = self.initial_l0_value
         else:
             del fields["initial_l0"]
@@ -266,7 +270,7 @@ class SAEObjective(Objective):
             sample = init_batch.float().reshape(-1, d_in) * self.scale
             self.model.b_dec.copy_(geometric_median(sample).to(init_batch.device))
             if cfg.encoder_init == "least_squares":
-                if isinstance(self.model, JumpReLUSAE):
+                if cfg.thresholds_from_data:
                     start_thresholds_at_l0(self.model, sample, cfg.initial_l0_value)
                 scale_encoder_to_fit(self.model, sample)
         self.sparsity_coef = sae_cfg.sparsity_coef
