@@ -224,9 +224,9 @@ def test_geometric_median_resists_outliers():
 
 def test_lr_schedule():
     cfg = SAETrainConfig(width=2**16, batch_size=10, n_train_tokens=1000, warmup_steps=10)
-    # 4e-4 / sqrt(width / 2**14) for every family, 4x that for TopK and JumpReLU SAEs (LR_FACTOR)
+    # 4e-4 / sqrt(width / 2**14) for every family, 4x that for TopK, BatchTopK and JumpReLU SAEs (LR_FACTOR)
     assert cfg.base_lr() == pytest.approx(1.6e-3 / 2)
-    for arch, knob, factor in (("batchtopk", {"k": 8}, 1), ("relu", {}, 1), ("jumprelu", {}, 4)):
+    for arch, knob, factor in (("batchtopk", {"k": 8}, 4), ("relu", {}, 1), ("jumprelu", {}, 4)):
         other = SAETrainConfig(width=2**16, architecture=arch, batch_size=10, n_train_tokens=1000, **knob)
         assert other.base_lr() == pytest.approx(factor * 4e-4 / 2) and other.resolved()["lr"] == other.base_lr()
     assert cfg.lr_at(0) == pytest.approx(cfg.base_lr() / 10)

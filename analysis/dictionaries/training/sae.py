@@ -36,7 +36,7 @@ FVU 0.470 -> 0.185 and true directions recovered 1.3 % -> 73.9 % at width 6144
 over 3 seeds (results/encoder_init.json); JumpReLU, with its thresholds started at `initial_l0`
 and its default rate, see `LR_FACTOR`."""
 
-LR_FACTOR = {"topk": 4.0, "jumprelu": 4.0}
+LR_FACTOR = {"topk": 4.0, "batchtopk": 4.0, "jumprelu": 4.0}
 """Default learning rate over the shared law `default_lr` (which scales as 1/sqrt(width)), for
 the SAE families measured at a larger one; the others use the shared law.
 
@@ -44,12 +44,13 @@ TopK (256 steps, k = 32, least-squares init, ground truth of benchmarks/bench_sa
 held-out FVU at 1x / 4x is 0.256 / 0.173 at width 2048 and 0.412 / 0.185 at width 6144 over two
 seeds (results/topk_lr.json), where sparsify's defaults reach 0.183 and 0.220. JumpReLU (width
 2048, least-squares init, λ = 1, one seed): FVU 0.377 at L0 18.8 at 1x, 0.297 at L0 15.6 at 4x,
-where TopK interpolates to 0.217 and 0.234 (benchmarks/README.md, "JumpReLU's start"). Not the
-other families' default: BatchTopK at 4x (least-squares init, width 2048; one exploratory run,
-not in results/) reached FVU 0.202 with 24 % of its latents dead, and ReLU, transcoders and
-crosscoders were not measured at it. The default suite's width-256 SAEs set their own rate and
-init: there TopK's 4x with this init leaves 28-40 % of a k = 8 SAE's latents dead (1x with
-W_dec.T: 3-5 %)."""
+where TopK interpolates to 0.217 and 0.234 (benchmarks/README.md, "JumpReLU's start").
+BatchTopK (width 2048, least-squares init, two seeds, results/frontiers_d128*.json): FVU at
+k = 8 / 16 / 32 / 64 went from 0.51 / 0.40 / 0.29 / 0.16 at 1x to 0.37 / 0.29 / 0.20 / 0.055 at
+4x, true directions recovered at k = 8-16 from 6-9 % to 52-61 %, at the cost of dead latents
+(0.2-2.5 % -> 14-56 %). ReLU, transcoders and crosscoders were not measured at it. The default
+suite's width-256 SAEs set their own rate and init: there TopK's 4x with this init leaves
+28-40 % of a k = 8 SAE's latents dead (1x with W_dec.T: 3-5 %)."""
 
 JUMPRELU_INITIAL_L0 = 32
 """`initial_l0` when None: the L0 a least-squares JumpReLU starts at (TopK's default k)."""

@@ -20,8 +20,8 @@ class TrainerConfig:
     n_train_tokens: int = 2_000_000
     """Training length in tokens; steps = n_train_tokens // batch_size."""
     lr: float | None = None
-    """Adam learning rate; None means 4e-4 / sqrt(width / 2**14) (`default_lr`), 4x that for TopK
-    and JumpReLU SAEs (`analysis.dictionaries.training.sae.LR_FACTOR`)."""
+    """Adam learning rate; None means 4e-4 / sqrt(width / 2**14) (`default_lr`), 4x that for TopK,
+    BatchTopK and JumpReLU SAEs (`analysis.dictionaries.training.sae.LR_FACTOR`)."""
     warmup_steps: int | None = None
     """Linear learning-rate warm-up from ~0 over this many steps; None means 5 % of the steps."""
     lr_decay: bool = True
@@ -100,8 +100,8 @@ def default_lr(width: int) -> float:
     measured: the ground truth of benchmarks/bench_sae_peers.py (width 6144: FVU 0.199 -> 0.173;
     that ground truth then handed a seed-0 dictionary its answer at initialisation, so those two
     figures are optimistic) and the default suite's width-256 SAEs (FVU 33-41 % lower over 3
-    seeds; k=8 dead 1.2-2.3 % -> 3.1-5.1 %). benchmarks/README.md has the tables. TopK and JumpReLU
-    SAEs default to 4x this (`analysis.dictionaries.training.sae.LR_FACTOR`): on the fixed ground
+    seeds; k=8 dead 1.2-2.3 % -> 3.1-5.1 %). benchmarks/README.md has the tables. TopK, BatchTopK
+    and JumpReLU SAEs default to 4x this (`analysis.dictionaries.training.sae.LR_FACTOR`): on the fixed ground
     truth they do far better."""
     return 4e-4 / math.sqrt(width / 2**14)
 
