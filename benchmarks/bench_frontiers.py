@@ -15,6 +15,15 @@ matched L0 is meant to be no worse than TopK. Only the sparsity knob varies; eve
 is the trainer's default.
 
     .venv/bin/python benchmarks/bench_frontiers.py [--threads 2] [--suite] [--out ...]
+
+`--variants FILE` trains, on the same ground truth, each entry of a JSON file of name ->
+{architecture, its k or sparsity_coef, optional steps (256 by default), any other SAETrainConfig
+field}: a recipe tried against the frontier. Each row states TopK's FVU at its L0 from the TopK rows
+of `--reference` (a frontier result of the same configuration) and the difference.
+
+    .venv/bin/python benchmarks/bench_frontiers.py --d 128 --n-features 1024 --pool-tokens 131072 \
+        --eval-tokens 16384 --skip-ground-truth --variants benchmarks/frontier_variants.json \
+        --reference benchmarks/results/frontiers_d128.json --out benchmarks/results/frontier_variants.json
 """
 
 from __future__ import annotations
@@ -58,33 +67,77 @@ GROUND_TRUTH_VERSION = 2
 such key) started a seed-0 dictionary at the true directions and are never kept."""
 
 
+class GroundTruth:
+    """The ground truth's activations and the one way every row of this script is trained and scored."""
+
+    def __init__(self, args):
+        x, directions = make_activations(args.pool_tokens + args.eval_tokens, args.d, args.n_features, args.seed)
+        x, self.directions = torch.from_numpy(x), torch.from_numpy(directions)
+        self.train, self.held_out = x[:args.pool_tokens], x[args.pool_tokens:]
+        self.mean_norm = float(self.train[:65536].norm(dim=1).mean())  # the store's statistic in production
+        self.args = args
+
+    def row(self, arch: str, **fields) -> dict:
+        """Train one SAE of `arch` (SAETrainConfig `fields`; `n_train_tokens` defaults to the
+        script's) and score it on the held-out tokens."""
+        a = self.args
+        fields = {"n_train_tokens": a.train_tokens, "seed": a.seed, **fields}
+        cfg = SAETrainConfig(width=a.expansion * a.d, architecture=arch, batch_size=a.batch_size, **fields)
+        t0 = time.perf_counter()
+        result = train_sae(_batches(self.train, a.batch_size, cfg.n_train_tokens), a.d, cfg,
+                           mean_norm=self.mean_norm, init_batch=self.train[:a.batch_size], progress=False,
+                           log_every=10**9)
+        seconds = time.perf_counter() - t0
+        sae = result.dictionary.eval()
+        with torch.no_grad():
+            m = reconstruction_metrics(sae, _eval_batches(self.held_out))
+            rec = recovery(self.directions, sae.W_dec)
+        return {"architecture": arch, "l0": m.l0, "fvu": m.fvu, "dead_fraction": m.dead_fraction,
+                "dense_fraction": m.dense_fraction, **rec, "lr": cfg.base_lr(), "seconds": seconds}
+
+
+def _print_row(name: str, row: dict) -> None:
+    print(f"ground truth {name:24s} L0 {row['l0']:6.1f}  FVU {row['fvu']:.4f}  dead {row['dead_fraction']:.2%}  "
+          f"recovered {row['recovered_fraction']:.2%}  ({row['seconds']:.0f} s)", flush=True)
+
+
 def ground_truth(args, on_row) -> list[dict]:
-    x, directions = make_activations(args.pool_tokens + args.eval_tokens, args.d, args.n_features, args.seed)
-    x, directions = torch.from_numpy(x), torch.from_numpy(directions)
-    train, held_out = x[:args.pool_tokens], x[args.pool_tokens:]
-    mean_norm = float(train[:65536].norm(dim=1).mean())  # the store's statistic in production
+    data = GroundTruth(args)
     rows = []
     for arch in args.architectures:
         for value in GROUND_TRUTH_GRID[arch]:
             knob = {"k": value} if arch in ("topk", "batchtopk") else {"sparsity_coef": value}
-            cfg = SAETrainConfig(width=args.expansion * args.d, architecture=arch, batch_size=args.batch_size,
-                                 n_train_tokens=args.train_tokens, seed=args.seed, **knob)
-            t0 = time.perf_counter()
-            result = train_sae(_batches(train, args.batch_size, args.train_tokens), args.d, cfg,
-                               mean_norm=mean_norm, init_batch=train[:args.batch_size], progress=False,
-                               log_every=10**9)
-            seconds = time.perf_counter() - t0
-            sae = result.dictionary.eval()
-            with torch.no_grad():
-                m = reconstruction_metrics(sae, _eval_batches(held_out))
-                rec = recovery(directions, sae.W_dec)
-            row = {"architecture": arch, **knob, "l0": m.l0, "fvu": m.fvu, "dead_fraction": m.dead_fraction,
-                   "dense_fraction": m.dense_fraction, **rec, "seconds": seconds}
-            rows.append(row)
+            row = data.row(arch, **knob)
+            rows.append({"architecture": arch, **knob, **row})
             on_row(rows)
-            print(f"ground truth {arch:9s} {next(iter(knob))}={value:<5g} L0 {m.l0:6.1f}  FVU {m.fvu:.4f}  "
-                  f"dead {m.dead_fraction:.2%}  recovered {rec['recovered_fraction']:.2%}  ({seconds:.0f} s)",
-                  flush=True)
+            _print_row(f"{arch} {next(iter(knob))}={value:g}", row)
+    return rows
+
+
+def variants(args, on_row) -> list[dict]:
+    """The rows of `--variants` (module docstring), each against TopK's FVU at its L0 in `--reference`."""
+    reference = json.loads(Path(args.reference).read_text())
+    same = {k: reference["config"].get(k) for k in ("d", "expansion", "batch_size", "pool_tokens", "eval_tokens",
+                                                    "n_features", "seed", "threads", "ground_truth_version")}
+    now = {**{k: getattr(args, k) for k in same if k != "ground_truth_version"},
+           "ground_truth_version": GROUND_TRUTH_VERSION}
+    if same != now:
+        raise SystemExit(f"--reference {args.reference} was measured with {same}, not {now}: pass a frontier "
+                         "of the same ground truth")
+    topk = sorted((r["l0"], r["fvu"]) for r in reference["ground_truth"] if r["architecture"] == "topk")
+    data = GroundTruth(args)
+    rows = []
+    for name, spec in json.loads(Path(args.variants).read_text()).items():
+        fields = dict(spec)
+        arch = fields.pop("architecture")
+        if "steps" in fields:
+            fields["n_train_tokens"] = fields.pop("steps") * args.batch_size
+        row = data.row(arch, **fields)
+        ref = _interpolate(topk, row["l0"])
+        rows.append({"variant": name, "settings": spec, **row, "topk_fvu_at_l0": ref,
+                     "fvu_minus_topk": None if ref is None else row["fvu"] - ref})
+        on_row(rows)
+        _print_row(name, row)
     return rows
 
 
@@ -142,7 +195,8 @@ def kept_rows(args) -> list[dict]:
     with another configuration (another data, width or length would not compare)."""
     old = json.loads(Path(args.out).read_text())
     now = {k: v for k, v in vars(args).items() if k not in ("out", "architectures", "keep_others", "suite",
-                                                             "suite_root", "skip_ground_truth")}
+                                                             "suite_root", "skip_ground_truth", "variants",
+                                                             "reference")}
     now["ground_truth_version"] = GROUND_TRUTH_VERSION
     then = {k: old["config"].get(k) for k in now}
     if then != now:
@@ -169,6 +223,9 @@ def main() -> None:
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the ground-truth rows of the architectures not in --architectures from --out "
                          "(same config), so a rerun of one architecture is still compared with TopK")
+    ap.add_argument("--variants", help="JSON file of name -> recipe, each trained on the ground truth (module docstring)")
+    ap.add_argument("--reference", default=str(Path(__file__).parent / "results" / "frontiers_d128.json"),
+                    help="--variants: the frontier result whose TopK rows each variant is compared with")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "frontiers.json"))
     args = ap.parse_args()
     args.architectures = args.architectures.split(",")
@@ -190,6 +247,9 @@ def main() -> None:
         rows = kept + ground_truth(args, lambda new: partial(kept + new))
         result["ground_truth"] = rows
         result["ground_truth_matched_l0"] = matched_l0(rows)
+    if args.variants:
+        result["variants"] = variants(args, lambda rows: Path(args.out).write_text(
+            json.dumps({**result, "variants": rows, "complete": False}, indent=2)))
     if args.suite:
         rows = default_suite(args)
         result["default_suite"] = rows

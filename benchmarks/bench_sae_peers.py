@@ -47,7 +47,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -69,14 +69,21 @@ def data_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"spectra ground truth {seed}".encode()).digest()[:8], "little") >> 1
 
 
-def make_activations(n: int, d: int, n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, d) float32 tokens from a sparse feature model (see the module docstring), and the
-    (n_features, d) unit directions it drew them from.
+class GroundTruthSample(NamedTuple):
+    x: torch.Tensor
+    """(n, d) tokens: the active directions times their magnitudes, plus the offset and the noise."""
+    directions: torch.Tensor
+    """(n_features, d) unit directions."""
+    offset: torch.Tensor
+    """(d,) the dense offset every token carries."""
+    features: torch.Tensor
+    """(n, 48) int64: the directions drawn for each token (a direction may be drawn twice)."""
+    magnitudes: torch.Tensor
+    """(n, 48) float32: their magnitudes, 0 for the draws that do not fire."""
 
-    The generator's seed is derived from `seed`, never `seed` itself: a dictionary seeded with
-    the same number draws its initial decoder with `torch.randn` from the same stream, and the
-    directions drawn here first would be its first rows: until this was found, every trainer of
-    ours run at seed 0 started from the true dictionary (100 % recovered at initialisation)."""
+
+def ground_truth_sample(n: int, d: int, n_features: int, seed: int) -> GroundTruthSample:
+    """`make_activations`' tokens with everything they were made from."""
     g = torch.Generator().manual_seed(data_seed(seed))
     directions = torch.randn(n_features, d, generator=g)
     directions /= directions.norm(dim=1, keepdim=True)
@@ -85,6 +92,7 @@ def make_activations(n: int, d: int, n_features: int, seed: int) -> tuple[np.nda
     offset = 2.0 * torch.randn(d, generator=g) / math.sqrt(d)
     out = torch.empty(n, d)
     chunk, slots = 8192, 48
+    features, magnitudes = torch.empty(n, slots, dtype=torch.int64), torch.empty(n, slots)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         idx = torch.multinomial(freq.expand(m, -1), slots, replacement=True, generator=g)
@@ -92,9 +100,22 @@ def make_activations(n: int, d: int, n_features: int, seed: int) -> tuple[np.nda
         mags = (0.5 + torch.empty(m, slots).exponential_(1.0, generator=g)) * active
         x = torch.nn.functional.embedding_bag(idx, directions, per_sample_weights=mags, mode="sum")
         out[start:start + m] = x + offset
+        features[start:start + m], magnitudes[start:start + m] = idx, mags
     signal_var = out.var(0).sum()
     out += torch.randn(n, d, generator=g) * torch.sqrt(0.05 * signal_var / d)
-    return out.numpy(), directions.numpy()
+    return GroundTruthSample(out, directions, offset, features, magnitudes)
+
+
+def make_activations(n: int, d: int, n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) float32 tokens from a sparse feature model (see the module docstring), and the
+    (n_features, d) unit directions it drew them from.
+
+    The generator's seed is derived from `seed`, never `seed` itself: a dictionary seeded with
+    the same number draws its initial decoder with `torch.randn` from the same stream, and the
+    directions drawn here first would be its first rows: until this was found, every trainer of
+    ours run at seed 0 started from the true dictionary (100 % recovered at initialisation)."""
+    sample = ground_truth_sample(n, d, n_features, seed)
+    return sample.x.numpy(), sample.directions.numpy()
 
 
 RECOVERY_COSINE = 0.9
