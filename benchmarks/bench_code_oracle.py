@@ -1,5 +1,5 @@
 """How well a per-token TopK code and a per-latent threshold code can reconstruct the ground truth
-of bench_sae_peers.py at the same L0, when the dictionary is the true one: what separates TopK
+of benchmarks/ground_truth.py at the same L0, when the dictionary is the true one: what separates TopK
 from JumpReLU once dictionary learning is taken out.
 
 Each held-out token of the ground truth (bench_frontiers.py's d = 128 setting by default) is
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine, write  # noqa: E402
-from bench_sae_peers import ground_truth_sample  # noqa: E402
+from ground_truth import ground_truth_sample  # noqa: E402
 
 
 def dense_codes(features: torch.Tensor, magnitudes: torch.Tensor, n_features: int) -> torch.Tensor:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine, write  # noqa: E402
-from bench_sae_peers import _batches, _eval_batches, make_activations, recovery  # noqa: E402
+from ground_truth import eval_batches, make_activations, recovery, train_batches  # noqa: E402
 
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae  # noqa: E402
 from analysis.dictionaries.training.schedule import default_lr  # noqa: E402
@@ -62,12 +62,12 @@ def one_run(train, held_out, directions, d: int, arch: str, k: int, seed: int, i
                          seed=seed, encoder_init=init, lr=lr)
     logs: list[dict] = []
     t0 = time.perf_counter()
-    result = train_sae(_batches(train, BATCH, BATCH * STEPS), d, cfg, mean_norm=float(train[:65536].norm(dim=1).mean()),
+    result = train_sae(train_batches(train, BATCH, BATCH * STEPS), d, cfg, mean_norm=float(train[:65536].norm(dim=1).mean()),
                        init_batch=train[:BATCH], progress=False, log_every=8, on_log=logs.append)
     seconds = time.perf_counter() - t0
     sae = result.dictionary.eval()
     with torch.no_grad():
-        m = reconstruction_metrics(sae, _eval_batches(held_out))
+        m = reconstruction_metrics(sae, eval_batches(held_out))
         rec = recovery(directions, sae.W_dec)
     return {"d": d, "architecture": arch, "k": k, "seed": seed, "init": init, "lr": cfg.base_lr(), "fvu": m.fvu, "l0": m.l0,
             "dead_fraction": m.dead_fraction, **rec, "first_loss": logs[0]["loss"], "seconds": seconds}

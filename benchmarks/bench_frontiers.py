@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine, write  # noqa: E402
-from bench_sae_peers import _batches, _eval_batches, make_activations, recovery  # noqa: E402
+from ground_truth import eval_batches, make_activations, recovery, train_batches  # noqa: E402
 
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae  # noqa: E402
 from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
@@ -84,13 +84,13 @@ class GroundTruth:
         fields = {"n_train_tokens": a.train_tokens, "seed": a.seed, **fields}
         cfg = SAETrainConfig(width=a.expansion * a.d, architecture=arch, batch_size=a.batch_size, **fields)
         t0 = time.perf_counter()
-        result = train_sae(_batches(self.train, a.batch_size, cfg.n_train_tokens), a.d, cfg,
+        result = train_sae(train_batches(self.train, a.batch_size, cfg.n_train_tokens), a.d, cfg,
                            mean_norm=self.mean_norm, init_batch=self.train[:a.batch_size], progress=False,
                            log_every=10**9)
         seconds = time.perf_counter() - t0
         sae = result.dictionary.eval()
         with torch.no_grad():
-            m = reconstruction_metrics(sae, _eval_batches(self.held_out))
+            m = reconstruction_metrics(sae, eval_batches(self.held_out))
             rec = recovery(self.directions, sae.W_dec)
         return {"architecture": arch, "l0": m.l0, "fvu": m.fvu, "dead_fraction": m.dead_fraction,
                 "dense_fraction": m.dense_fraction, **rec, "lr": cfg.base_lr(), "seconds": seconds}

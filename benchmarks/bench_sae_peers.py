@@ -12,8 +12,8 @@ Each trainer runs in a fresh subprocess (its global torch settings cannot leak i
 in interleaved order. FVU, L0 and dead fraction are computed on held-out tokens by
 `analysis.evaluation.metrics.reconstruction_metrics` for all of them (DESIGN.md §4 formulas).
 
-Activations: a sparse generative model with known features, so FVU means something and the
-features can be found again. By default 3072 unit feature directions in d=384 for 6144 latents
+Activations: a sparse generative model with known features (`ground_truth.py`), so FVU means
+something and the features can be found again. By default 3072 unit feature directions in d=384 for 6144 latents
 (fewer true features than latents: the regime where a good trainer recovers them), power-law
 firing frequencies, ~24 active features per token with non-negative magnitudes, a dense offset and
 5 % isotropic noise. Besides FVU, L0 and dead fraction, each trainer is scored on the fraction of
@@ -35,10 +35,8 @@ stops only after the device has finished.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import subprocess
@@ -47,7 +45,6 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -57,89 +54,9 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.dictionaries import SAEOutput  # noqa: E402
 from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
+from ground_truth import RECOVERY_COSINE, eval_batches, make_activations, recovery, train_batches  # noqa: E402
 
 TRAINERS = ("ours", "ours_bf16", "sparsify", "saelens")
-
-
-# ---- the shared activations ----------------------------------------------------------------
-
-
-def data_seed(seed: int) -> int:
-    """The ground truth's generator seed for `--seed`: a hash, shared with no trainer's seed stream."""
-    return int.from_bytes(hashlib.sha256(f"spectra ground truth {seed}".encode()).digest()[:8], "little") >> 1
-
-
-class GroundTruthSample(NamedTuple):
-    x: torch.Tensor
-    """(n, d) tokens: the active directions times their magnitudes, plus the offset and the noise."""
-    directions: torch.Tensor
-    """(n_features, d) unit directions."""
-    offset: torch.Tensor
-    """(d,) the dense offset every token carries."""
-    features: torch.Tensor
-    """(n, 48) int64: the directions drawn for each token (a direction may be drawn twice)."""
-    magnitudes: torch.Tensor
-    """(n, 48) float32: their magnitudes, 0 for the draws that do not fire."""
-
-
-def ground_truth_sample(n: int, d: int, n_features: int, seed: int) -> GroundTruthSample:
-    """`make_activations`' tokens with everything they were made from."""
-    g = torch.Generator().manual_seed(data_seed(seed))
-    directions = torch.randn(n_features, d, generator=g)
-    directions /= directions.norm(dim=1, keepdim=True)
-    freq = 1.0 / torch.arange(1, n_features + 1, dtype=torch.float64) ** 0.7
-    freq = (freq / freq.sum()).float()
-    offset = 2.0 * torch.randn(d, generator=g) / math.sqrt(d)
-    out = torch.empty(n, d)
-    chunk, slots = 8192, 48
-    features, magnitudes = torch.empty(n, slots, dtype=torch.int64), torch.empty(n, slots)
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        idx = torch.multinomial(freq.expand(m, -1), slots, replacement=True, generator=g)
-        active = torch.rand(m, slots, generator=g) < 0.5  # ~24 of the 48 draws per token fire
-        mags = (0.5 + torch.empty(m, slots).exponential_(1.0, generator=g)) * active
-        x = torch.nn.functional.embedding_bag(idx, directions, per_sample_weights=mags, mode="sum")
-        out[start:start + m] = x + offset
-        features[start:start + m], magnitudes[start:start + m] = idx, mags
-    signal_var = out.var(0).sum()
-    out += torch.randn(n, d, generator=g) * torch.sqrt(0.05 * signal_var / d)
-    return GroundTruthSample(out, directions, offset, features, magnitudes)
-
-
-def make_activations(n: int, d: int, n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, d) float32 tokens from a sparse feature model (see the module docstring), and the
-    (n_features, d) unit directions it drew them from.
-
-    The generator's seed is derived from `seed`, never `seed` itself: a dictionary seeded with
-    the same number draws its initial decoder with `torch.randn` from the same stream, and the
-    directions drawn here first would be its first rows: until this was found, every trainer of
-    ours run at seed 0 started from the true dictionary (100 % recovered at initialisation)."""
-    sample = ground_truth_sample(n, d, n_features, seed)
-    return sample.x.numpy(), sample.directions.numpy()
-
-
-RECOVERY_COSINE = 0.9
-
-
-def recovery(directions: torch.Tensor, decoder_rows: torch.Tensor) -> dict:
-    """Fraction of true directions whose best-matching decoder row has cosine > RECOVERY_COSINE,
-    and the mean of those best cosines."""
-    true = torch.nn.functional.normalize(directions.float(), dim=1)
-    rows = torch.nn.functional.normalize(decoder_rows.detach().float().cpu(), dim=1)
-    best = torch.cat([(chunk @ rows.T).max(dim=1).values for chunk in true.split(1024)])
-    return {"recovered_fraction": float((best > RECOVERY_COSINE).float().mean()),
-            "mean_best_cosine": float(best.mean())}
-
-
-def _batches(train: torch.Tensor, batch: int, n_tokens: int) -> Iterator[torch.Tensor]:
-    """`n_tokens // batch` consecutive batches, cycling over the pool."""
-    starts = (np.arange(n_tokens // batch) * batch) % (len(train) - batch + 1)
-    for s in starts:
-        yield train[s:s + batch]
-
-
-def _eval_batches(held_out: torch.Tensor) -> Iterator[torch.Tensor]:
-    return iter(held_out.split(4096))
 
 
 # ---- one trainer per subprocess ------------------------------------------------------------
@@ -172,7 +89,7 @@ def train_ours(train, args, autocast: str):
                          autocast=autocast)
     mean_norm = float(train[:65536].norm(dim=1).mean())  # the store's statistic in production
     t0 = time.perf_counter()
-    result = train_sae(_batches(train, args.batch_size, args.train_tokens), train.shape[1], cfg,
+    result = train_sae(train_batches(train, args.batch_size, args.train_tokens), train.shape[1], cfg,
                        mean_norm=mean_norm, init_batch=train[:args.batch_size], progress=False, log_every=50)
     seconds = _elapsed(t0, args.device)
     sae = result.dictionary.eval()
@@ -244,7 +161,7 @@ def train_saelens(train, args):
     cfg = SAETrainerConfig(total_training_samples=args.train_tokens, train_batch_size_samples=args.batch_size,
                            lr=lr, lr_end=lr, device=args.device,
                            logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1))
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=_batches(train, args.batch_size, args.train_tokens))
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=train_batches(train, args.batch_size, args.train_tokens))
     t0 = time.perf_counter()
     trainer.fit()
     seconds = _elapsed(t0, args.device)
@@ -286,7 +203,7 @@ def worker(args) -> None:
         else:
             seconds, tokens, sae = train_saelens(train, args)
         with torch.no_grad():
-            m = reconstruction_metrics(sae, _eval_batches(held_out))
+            m = reconstruction_metrics(sae, eval_batches(held_out))
             extra = {"selection_mismatch": _selection_mismatch(sae, held_out)} if args.worker.startswith("ours") else {}
             extra.update(recovery(directions, sae.W_dec))
     print(json.dumps({**extra,

@@ -1,7 +1,7 @@
-"""The ground truth of benchmarks/bench_sae_peers.py (and bench_frontiers.py, bench_encoder_init.py)
-must not hand a trainer its answer: its directions once came from the same random stream as the
-initial decoder of a dictionary with the same seed, so at seed 0 every true direction was a
-decoder row before the first step."""
+"""The ground truth of benchmarks/ground_truth.py (bench_sae_peers.py, bench_frontiers.py,
+bench_encoder_init.py, bench_code_oracle.py) must not hand a trainer its answer: its directions
+once came from the same random stream as the initial decoder of a dictionary with the same seed,
+so at seed 0 every true direction was a decoder row before the first step."""
 
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_sae_peers import make_activations  # noqa: E402
+from ground_truth import make_activations  # noqa: E402
 
 from analysis.dictionaries.training.sae import SAEObjective, SAETrainConfig  # noqa: E402
 
