@@ -47,8 +47,8 @@ seeds (results/topk_lr.json), where sparsify's defaults reach 0.183 and 0.220. J
 where TopK interpolates to 0.217 and 0.234 (benchmarks/README.md, "JumpReLU's start").
 BatchTopK (width 2048, least-squares init, two seeds, results/frontiers_d128*.json): FVU at
 k = 8 / 16 / 32 / 64 went from 0.51 / 0.40 / 0.29 / 0.16 at 1x to 0.37 / 0.29 / 0.20 / 0.055 at
-4x, true directions recovered at k = 8-16 from 6-9 % to 52-61 %, at the cost of dead latents
-(0.2-2.5 % -> 14-56 %). ReLU, transcoders and crosscoders were not measured at it. The default
+4x, true directions recovered at k = 8-16 from 6-9 % to 50-61 %, at the cost of dead latents
+(0.2-2.5 % -> 13-56 %). ReLU, transcoders and crosscoders were not measured at it. The default
 suite's width-256 SAEs set their own rate and init: there TopK's 4x with this init leaves
 28-40 % of a k = 8 SAE's latents dead (1x with W_dec.T: 3-5 %)."""
 
