@@ -5,6 +5,7 @@ import dagster as dg
 
 from analysis.stages.suite import SuiteSpec
 from assets.activations import activation_assets, activation_checks
+from assets.arrivals import arrival_assets
 from assets.dictionaries import dictionary_assets
 from assets.images import images_asset
 from assets.model import model_asset
@@ -14,7 +15,7 @@ from assets.verify import verification_checks
 
 
 def build_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
-    return [images_asset(spec), model_asset(spec), *activation_assets(spec), *dictionary_assets(spec),
+    return [images_asset(spec), model_asset(spec), *activation_assets(spec), *arrival_assets(spec), *dictionary_assets(spec),
             toolkit_asset(spec), *report_assets(spec)]
 
 

@@ -9,6 +9,7 @@ from analysis.stages.dictionaries import (dictionary_id, dictionary_lineage, ens
                                          ensure_features)
 from analysis.stages.suite import SuiteSpec
 from analysis.stages.previews import browser_page, features_preview, train_log, training_curve
+from assets.arrivals import arrival_deps
 from assets._common import DEVICE_POOL, data_version, image_markdown, metadata, per_step
 from resources import ComputeResource, StorageResource, TrackerResource
 
@@ -57,7 +58,8 @@ def dictionary_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(metadata={**metadata({k: row[k] for k in keep}), "feature_browser": browser},
                                     data_version=data_version(row["dict_id"], "eval"))
 
-    @dg.asset(pool=DEVICE_POOL, name="features", group_name="dictionaries", code_version="1", deps=["dictionaries"],
+    @dg.asset(pool=DEVICE_POOL, name="features", group_name="dictionaries", code_version="1",
+              deps=["dictionaries", *arrival_deps(spec)],
               partitions_def=partitions, kinds={"parquet"},
               description="Top max-activating held-out images per feature, with token heatmaps and statistics.")
     def features(context: dg.AssetExecutionContext, storage: StorageResource,

@@ -18,6 +18,7 @@ import dagster as dg
 from analysis.stages.validate import validate_suite
 from analysis.stages.suite import SuiteSpec, load_suite
 from assets import build_asset_checks, build_assets
+from pipelines.arrivals import arrival_job, arrivals_sensor
 from pipelines.automation import automation_sensor, schedules, with_automation
 from resources import CatalogResource, ComputeResource, StorageResource, TrackerResource
 
@@ -64,8 +65,12 @@ def build_definitions(spec: SuiteSpec, resources: dict | None = None,
     validate_suite(spec)  # bad names fail here, before any asset runs
     jobs = {name: dg.define_asset_job(name, selection=sel, description=f"{spec.name}: {', '.join(sel)}")
             for name, sel in JOB_SELECTIONS.items()}
+    sensors = [automation_sensor()]
+    if spec.arrivals.path is not None:  # a watched folder: its sensor and the job it launches
+        jobs["arrival_job"] = arrival_job()
+        sensors.append(arrivals_sensor(spec, jobs["arrival_job"]))
     return dg.Definitions(assets=with_automation(build_assets(spec)), asset_checks=build_asset_checks(spec),
-                          jobs=list(jobs.values()), schedules=schedules(spec, jobs), sensors=[automation_sensor()],
+                          jobs=list(jobs.values()), schedules=schedules(spec, jobs), sensors=sensors,
                           resources=resources or default_resources(), executor=executor)
 
 

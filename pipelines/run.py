@@ -40,12 +40,14 @@ from pathlib import Path
 import dagster as dg
 
 from analysis.stages.activations import store_bytes
+from analysis.stages.arrivals import registered, watched_folder
 from analysis.stages.browser import browser_dir
 from analysis.stages.report import format_summary, missing_members, suite_evaluations
 from analysis.stages.validate import validate_suite
 from analysis.stages.suite import SuiteSpec
 from analysis.catalog import check_sql_path
 from assets._common import DEVICE_POOL
+from assets.arrivals import ARRIVAL_PARTITIONS
 from pipelines.stale_runs import owner_tags, sweep_dead_runs
 from resources.storage import check_url, check_writable
 
@@ -116,11 +118,13 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
         ("prepare", "prepare_job", [None]),
         ("extract", "extract_job", defs.resolve_job_def("extract_job").partitions_def.get_partition_keys()),
         ("stats", "stats_job", [None]),
+        *([("arrivals", "arrival_job", lambda: arrival_keys(spec, defs, instance))] if spec.arrivals.path else []),
         ("dictionaries", "dictionary_job", [m.key for m in spec.members()]),
         ("report", "report_job", [None]),
     ]
     for stage, job_name, keys in stages:
         start = time.perf_counter()
+        keys = keys() if callable(keys) else keys  # arrivals: known only once the model exists
         if multiprocess is None or len(keys) == 1:
             for key in keys:
                 execute(job_name, key)
@@ -140,6 +144,18 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
                     raise
         timings[stage] = round(time.perf_counter() - start, 1)
     return timings
+
+
+def arrival_keys(spec: SuiteSpec, defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
+    """What the arrivals sensor would do on a tick: register the watched folder's new files and add
+    every registered arrival's partition; all of them are run (a done one only checks)."""
+    from pipelines.arrivals import pending_arrivals
+
+    storage = defs.resources["storage"]
+    new = pending_arrivals(spec, storage, instance)
+    if new:
+        instance.add_dynamic_partitions(ARRIVAL_PARTITIONS.name, new)
+    return [a.key for a in registered(spec, storage.data_root())]
 
 
 def prepare_step_processes(multiprocess: Multiprocess, spec: SuiteSpec, root: Path,
@@ -221,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         root = check_sql_path(Path(args.root))  # before anything is written under it
         spec = resolve_suite(args.suite)
         validate_suite(spec)
+        if spec.arrivals.path is not None:
+            watched_folder(spec)  # a missing watched folder: named before any work
         if "://" in os.environ.get("SPECTRA_ACTIVATIONS_URL", ""):
             check_url(os.environ["SPECTRA_ACTIVATIONS_URL"])  # an unreachable store: named before any work
         if os.environ.get("SPECTRA_DASK_SCHEDULER"):

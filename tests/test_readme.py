@@ -186,7 +186,7 @@ def test_yaml_blocks_are_valid_suites():
     from analysis.stages.suite import parse_suite
 
     blocks = _blocks("yaml")
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for line, block in blocks:
         spec = parse_suite(yaml.safe_load(block), name="readme")  # names an unknown key or a bad value
         assert spec.members(), f"README.md line {line}"

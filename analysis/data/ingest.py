@@ -79,8 +79,10 @@ def _decoded(entry: Entry, pre: Preprocessing) -> tuple[np.ndarray, str] | str:
 
 def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directory: str | Path, *,
            class_names: tuple[str, ...], eval_fraction: float = 0.1, seed: int = 0, workers: int = 8,
-           images_per_chunk: int = 256, attrs: dict | None = None, progress: bool = True) -> IngestReport:
-    """Decode, preprocess and store `entries` (`n_entries` of them) in `directory`; see the module."""
+           images_per_chunk: int = 256, attrs: dict | None = None, progress: bool = True,
+           held_out_only: bool = False) -> IngestReport:
+    """Decode, preprocess and store `entries` (`n_entries` of them) in `directory`; see the module.
+    `held_out_only`: every image is in the eval split (images nothing trains on, however few)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shape = (pre.size, pre.size, pre.channels)
@@ -114,14 +116,14 @@ def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directo
         raise ValueError(f"none of the {n_entries} files could be used as an image (first reasons: "
                          f"{[r['reason'] for r in rejected[:3]]}): point the dataset at image files")
     arr.resize((written,) + shape)
-    return _finish(directory, arr, kept, rejected, eval_fraction, seed, attrs or {})
+    return _finish(directory, arr, kept, rejected, None if held_out_only else eval_fraction, seed, attrs or {})
 
 
-def _finish(directory: Path, arr: zarr.Array, kept: list[dict], rejected: list[dict], eval_fraction: float,
+def _finish(directory: Path, arr: zarr.Array, kept: list[dict], rejected: list[dict], eval_fraction: float | None,
             seed: int, attrs: dict) -> IngestReport:
     shas = [row["sha256"] for row in kept]
     duplicate_of = first_copies(shas)
-    split = split_unique(shas, eval_fraction, seed)
+    split = np.full(len(shas), "eval") if eval_fraction is None else split_unique(shas, eval_fraction, seed)
     content_hash = dataset_content_hash(shas)
     arr.attrs.update({**attrs, "content_hash": content_hash, "n_images": len(kept)})
     reject_schema = pa.schema([("source", pa.string()), ("reason", pa.string())])

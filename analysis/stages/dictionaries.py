@@ -37,6 +37,7 @@ from analysis.dictionaries.base import CONFIG_FILE, WEIGHTS_FILE
 from analysis.dictionaries.resume import RESUME_DIR
 from analysis.stages import crosscoders, saes, transcoders
 from analysis.stages.activations import token_selection
+from analysis.stages.arrivals import done_arrivals, mine_with_arrivals
 from analysis.stages.dataset import dead_window_images, evaluation_images, split_indices
 from analysis.stages.members import Member
 from analysis.stages.machine import machine, note_reuse
@@ -166,16 +167,17 @@ def _labelled_batches(spec: SuiteSpec, root: DataRoot, eval_idx: np.ndarray,
 
 
 def _after_training(spec: SuiteSpec, root: DataRoot, member: Member, marker: str, tables: tuple[str, ...],
-                    compute: Callable[[str], dict]) -> dict:
+                    compute: Callable[[str], dict], current: Callable[[dict], bool] = lambda summary: True) -> dict:
     """The summary in the member's `marker`, or `compute(dict_id)` under the member's lock for this
     stage (a second process waits, then reuses it). Redone when a file it vouches for is damaged,
-    or when the weights it read were replaced since; a killed attempt's temporaries in the member's
-    folder and its `tables` partitions are removed first."""
+    when the weights it read were replaced since, or when `current(summary)` says its inputs have
+    changed; a killed attempt's temporaries in the member's folder and its `tables` partitions are
+    removed first."""
     dict_id = dictionary_id(spec, member)
     directory = root.dictionary(dict_id)
     with file_lock(root.lock(f"{dict_id}.{marker}")):
         summary = read_done(directory / marker, upstream=directory / SUMMARY_FILE)
-        if summary is None:
+        if summary is None or not current(summary):
             _remove_temporaries(root, dict_id, *tables)
             summary = compute(dict_id)
     return summary
@@ -297,19 +299,27 @@ def ensure_features(spec: SuiteSpec, root: DataRoot, member: Member, *, device: 
     kind's `mining_input`: a transcoder's input hook, a crosscoder's hooks all at once). An SAE's
     is mined on the dask cluster at `dask_scheduler` when one is given (`dask_passes.mining_pass`,
     the same batches as in process)."""
+    arrived = done_arrivals(spec, root)  # mined beside the held-out images; a new one redoes the tables
     return _after_training(spec, root, member, FEATURES_FILE, FEATURE_TABLES,
-                           lambda dict_id: _mine(spec, root, member, dict_id, device, dask_scheduler))
+                           lambda dict_id: _mine(spec, root, member, dict_id, device, dask_scheduler, arrived),
+                           current=lambda summary: summary.get("arrivals", []) == arrived)
 
 
 def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device: str,
-          dask_scheduler: str | None = None) -> dict:
+          dask_scheduler: str | None = None, arrived: list[dict] = ()) -> dict:
     directory = root.dictionary(dict_id)
     dictionary = load_member(spec, root, member, device, dict_id=dict_id)
     eval_idx = evaluation_images(spec, root)
     groups = token_selection(spec).groups
     options = dict(n_top=spec.evaluation.n_top, labels=dataset_labels(spec, root), factors=dataset_factors(spec, root),
                    cls=groups.cls, patches=groups.patches)
-    if dask_scheduler and member.kind == "sae":
+    if spec.arrivals.path is not None:  # the suite takes arrivals: every part's state is kept for merging
+        kind = _stage(member)
+        miner, _ = kind.mining_input(spec, root, member, dictionary, eval_idx[:0], device)
+        mined = mine_with_arrivals(root, directory, directory / SUMMARY_FILE, list(arrived), miner,
+                                   lambda part, idx: kind.mining_input(part, root, member, dictionary, idx, device)[1],
+                                   spec, eval_idx, options)
+    elif dask_scheduler and member.kind == "sae":
         from analysis.evaluation.dask_passes import connect, mining_pass  # dask only where it is asked for
 
         with connect(dask_scheduler):
@@ -334,6 +344,8 @@ def _mine(spec: SuiteSpec, root: DataRoot, member: Member, dict_id: str, device:
     alive = int((np.asarray(mined.feature_stats.column("fire_count")) > 0).sum())
     summary = {"dict_id": dict_id, "n_features": int(dictionary.cfg.width), "n_alive": alive,
                "n_top_rows": mined.top_images.num_rows}
+    if arrived:  # which images the tables cover beyond the held-out split: readers resolve ids with it
+        summary["arrivals"] = list(arrived)
     return write_done(directory / FEATURES_FILE, summary, files)
 
 

@@ -81,6 +81,22 @@ class DatasetSpec:
                                         "listing": self.listing().digest, "preprocessing": preprocessing.to_dict()})
 
 
+@dataclass(frozen=True)
+class ArrivalsSpec:
+    """Images added after the suite was built (`analysis.stages.arrivals`): a folder the `arrivals`
+    sensor watches. Each batch of new files becomes an arrival, extracted with the suite's model
+    and mined by every dictionary beside the held-out images; nothing trains on them."""
+
+    path: str | None = None
+    """The watched folder (sub-folders name classes, as in a folder dataset; a name the suite's
+    dataset does not have leaves the image unlabelled). None: the suite takes no arrivals."""
+
+    def __post_init__(self):
+        if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
+            raise ValueError(f"arrivals.path={self.path!r}: expected a folder path, e.g. path: data/inbox, "
+                             "or leave it unset")
+
+
 @lru_cache(maxsize=8)
 def _listing(source: FolderSource | ParquetSource | HFSource) -> Listing:
     return source.listing()

@@ -30,11 +30,11 @@ from PIL import Image, ImageDraw
 from analysis.activations.reader import ActivationStore
 from analysis.activations.tokens import TokenSelection, select_tokens
 from analysis.catalog import connect_catalog
-from analysis.data.images import open_images, read_labels
 from analysis.dictionaries import CONFIG_FILE, load_dictionary as load_dictionary_dir
 from analysis.models.config import ViTConfig
 from analysis.models.vit import CONFIG_FILE as MODEL_CONFIG_FILE
 from analysis.paths import DataRoot
+from analysis.stages.arrivals import suite_images
 from analysis.stages.dictionaries import FEATURES_FILE, HEATMAPS_FILE, dictionary_lineage
 from analysis.stages.members import member_from_lineage
 
@@ -153,9 +153,9 @@ class _MinedDictionary:
         self.top = pq.read_table(root.table("top_images") / f"dict_id={dict_id}").sort_by([("feature", "ascending"),
                                                                                           ("rank", "ascending")])
         self.dataset_id = lineage["store_lineage"]["dataset_id"]
-        dataset = root.images(self.dataset_id)
-        self.images = open_images(dataset)
-        self.labels = read_labels(dataset).column("label").to_numpy()
+        # by global image id: the dataset's images, then those of the arrivals mined with them
+        arrivals = json.loads((self.directory / FEATURES_FILE).read_text()).get("arrivals", [])
+        self.images, self.labels = suite_images(root, self.dataset_id, arrivals)
         hook = lineage.get("hook") or lineage["hooks"][0]  # a crosscoder's heatmaps follow its first layer's tokens
         store = ActivationStore.open(root.hook_store(lineage["store_id"], hook))
         self.groups = store.token_groups

@@ -20,7 +20,7 @@ from analysis.ids import content_id
 from analysis.models.inputs import Preprocessing
 from analysis.models.mouse import MouseTrainConfig
 from analysis.models.vit import ViTConfig
-from analysis.stages.inputs import DatasetSpec, ModelSpec
+from analysis.stages.inputs import ArrivalsSpec, DatasetSpec, ModelSpec
 from analysis.stages.members import CrosscoderGrid, DictionaryGrid, Member, TranscoderGrid
 from analysis.stages.parsing import check_choice, construct, describe_value
 
@@ -138,6 +138,7 @@ class SuiteSpec:
     crosscoders: CrosscoderGrid = CrosscoderGrid()
     evaluation: EvaluationSpec = EvaluationSpec()
     toolkit: ToolkitSpec = ToolkitSpec()
+    arrivals: ArrivalsSpec = ArrivalsSpec()
 
     def __post_init__(self):
         check_suite_name(self.name)
@@ -146,6 +147,11 @@ class SuiteSpec:
                              "model reads a folder or parquet dataset source (dataset.source)")
         # e.g. 'cls' on a model without one, or a patch sample larger than the patch grid
         select_tokens(self.vit_config(), self.activations.tokens, self.activations.patches_sample)
+        if self.arrivals.path is not None and self.activations.patches_sample:
+            # a sampled store keeps patches drawn from the image index; an arrival's images are
+            # indexed in its own store, so mined heatmaps would be placed at the wrong patches
+            raise ValueError(f"arrivals.path={self.arrivals.path!r} with activations.patches_sample="
+                             f"{self.activations.patches_sample}: arrivals need every patch kept; unset one of them")
 
     @property
     def dataset_id(self) -> str:
@@ -214,6 +220,7 @@ _SECTIONS = {
     "crosscoders": CrosscoderGrid,
     "evaluation": EvaluationSpec,
     "toolkit": ToolkitSpec,
+    "arrivals": ArrivalsSpec,
 }
 
 
