@@ -6,10 +6,12 @@ import dagster as dg
 
 from analysis.stages.browser import build_suite_browser
 from analysis.stages.lineage import write_lineage_tables
+from analysis.stages.published import publish
 from analysis.stages.report import write_report, write_seed_spread, write_stability
 from analysis.stages.suite import SuiteSpec
 from assets._common import data_version, image_markdown, metadata
 from resources import CatalogResource, StorageResource
+from resources.storage import check_url
 
 
 def summary_table(rows: list[dict]) -> dg.MetadataValue:
@@ -69,4 +71,18 @@ def report_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
             data_version=data_version("browser", *summary["dict_ids"]),
         )
 
-    return [catalog, report, feature_browser]
+    @dg.asset(name="published", group_name="catalog", code_version="1", deps=["catalog", "report", "feature_browser"],
+              description="The tables, checkpoints, models and catalog copied to SPECTRA_PUBLISH_URL (object storage; "
+                          "changed files only), where `connect_published_catalog` queries them. Without a URL: "
+                          "nothing to do.")
+    def published(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        if storage.publish_url is None:
+            context.log.info("no publish_url (SPECTRA_PUBLISH_URL): nothing published")
+            return dg.MaterializeResult(metadata={"url": "", "files": 0}, data_version=data_version("unpublished"))
+        check_url(storage.publish_url, "publish_url")
+        summary = publish(storage.data_root(), storage.publish_url)
+        return dg.MaterializeResult(metadata={"url": dg.MetadataValue.url(summary["url"]), "files": summary["files"],
+                                              "bytes": summary["bytes"]},
+                                    data_version=data_version(summary["url"], summary["manifest_sha256"]))
+
+    return [catalog, report, feature_browser, published]

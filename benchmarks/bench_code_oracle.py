@@ -15,6 +15,12 @@ encoded over the true directions two ways, each at several L0s:
 Each code is decoded as Σ value · direction + offset and scored by FVU (DESIGN.md §4, against
 the held-out mean), so the only difference between the two columns of a row is the selection.
 `precision` is the fraction of selected latents that are among the token's active directions.
+With `--betas`, both selections on the projections are also made with a shift per latent,
+β · (mean log frequency − log frequency of the latent on the training pool): per-latent thresholds
+θ + shift (what a JumpReLU's thresholds can learn), and each token's k largest of projection −
+shift (what a TopK SAE's encoder bias can learn). Rarer latents need a larger projection: a
+projection on a rare direction is more often interference. The row keeps every β and each
+selection's best (chosen on the held-out tokens: an optimistic bound for both alike).
 
     .venv/bin/python benchmarks/bench_code_oracle.py [--d 128 --n-features 1024] [--seeds 0,1]
 """
@@ -54,6 +60,21 @@ def threshold_code(values: torch.Tensor, l0: float) -> torch.Tensor:
     return values * (values > threshold.clamp_min(0))
 
 
+def shifted_threshold_code(values: torch.Tensor, l0: float, shift: torch.Tensor) -> torch.Tensor:
+    """Values above per-latent thresholds θ + shift_i, θ set so the mean count per row is `l0`:
+    a threshold code whose thresholds differ by latent (what a JumpReLU can learn)."""
+    return values * (threshold_code(values - shift, l0) != 0)
+
+
+def frequency_shifts(pool_codes: torch.Tensor, beta: float) -> torch.Tensor:
+    """β · (log of the mean frequency − log of each latent's frequency on the pool): rarer latents
+    get higher thresholds, as a projection reading a rare direction is more often interference
+    (the posterior of "active" given a projection scales with the latent's prior frequency)."""
+    freq = (pool_codes > 0).double().mean(0).clamp_min(1.0 / pool_codes.shape[0])
+    log_freq = freq.log()
+    return beta * (log_freq.mean() - log_freq)
+
+
 def refit(code: torch.Tensor, target: torch.Tensor, directions: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """The code's support with its values refit: per token, the least-squares magnitudes of its
     chosen directions for `target` (rank-deficient supports get the minimum-norm solution)."""
@@ -77,6 +98,8 @@ def one_seed(args, seed: int) -> list[dict]:
     held = slice(args.pool_tokens, None)  # the frontier's held-out tokens
     x, directions, offset = sample.x[held].double(), sample.directions.double(), sample.offset.double()
     true = dense_codes(sample.features[held], sample.magnitudes[held], args.n_features).double()
+    pool = slice(0, args.pool_tokens)  # the frequencies a trainer could have learned: the training pool's
+    pool_true = dense_codes(sample.features[pool], sample.magnitudes[pool], args.n_features)
     sources = {"true magnitudes": true, "projections": (x - offset) @ directions.T}
     rows = []
     for source, values in sources.items():
@@ -90,10 +113,25 @@ def one_seed(args, seed: int) -> list[dict]:
                 row[f"{name}_l0"] = float(chosen.sum(1).double().mean())
                 row[f"{name}_precision"] = float((chosen & (true > 0)).sum() / chosen.sum().clamp_min(1))
             row["threshold_minus_topk"] = row["threshold_fvu"] - row["topk_fvu"]
+            if source == "projections" and args.betas:  # both selections with per-latent shifts by frequency
+                for beta in args.betas:
+                    shift = frequency_shifts(pool_true, beta)
+                    for name, code in (("threshold", shifted_threshold_code(values, k, shift)),
+                                       ("topk", topk_code(values - shift, k) != 0)):
+                        code = refit(values * code.bool(), x - offset, directions)
+                        row[f"frequency_{name}_fvu_beta{beta:g}"] = fvu(x, code @ directions + offset)
+                for name in ("threshold", "topk"):
+                    best = min(args.betas, key=lambda b: row[f"frequency_{name}_fvu_beta{b:g}"])
+                    row[f"frequency_{name}_best_beta"] = best
+                    row[f"frequency_{name}_fvu"] = row[f"frequency_{name}_fvu_beta{best:g}"]
+                row["frequency_threshold_minus_topk"] = row["frequency_threshold_fvu"] - row["frequency_topk_fvu"]
             rows.append(row)
             print(f"seed {seed} {source:15s} L0 {k:3d}  FVU TopK {row['topk_fvu']:.4f} "
                   f"(precision {row['topk_precision']:.2f})  threshold {row['threshold_fvu']:.4f} "
-                  f"(L0 {row['threshold_l0']:.1f}, precision {row['threshold_precision']:.2f})", flush=True)
+                  f"(L0 {row['threshold_l0']:.1f}, precision {row['threshold_precision']:.2f})"
+                  + (f"  by frequency: threshold {row['frequency_threshold_fvu']:.4f} (beta "
+                     f"{row['frequency_threshold_best_beta']:g}), TopK {row['frequency_topk_fvu']:.4f} (beta "
+                     f"{row['frequency_topk_best_beta']:g})" if "frequency_topk_fvu" in row else ""), flush=True)
     return rows
 
 
@@ -105,10 +143,13 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--ks", default="4,8,11,16,32,64")
     ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--betas", default="",
+                    help="comma-separated frequency shifts β tried on the projections (e.g. 0,0.2,0.4; empty: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "code_oracle.json"))
     args = ap.parse_args()
     args.ks = [int(k) for k in args.ks.split(",")]
+    args.betas = [float(b) for b in args.betas.split(",") if b]
     torch.set_num_threads(args.threads)
     rows = [row for seed in args.seeds.split(",") for row in one_seed(args, int(seed))]
     config = {k: v for k, v in vars(args).items() if k != "out"}

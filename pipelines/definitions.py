@@ -4,7 +4,8 @@ sensor of `pipelines.automation`.
 `workspace.yaml` loads `pipelines.definitions:defs`. Which suite and data root come from the
 environment: SPECTRA_SUITE (a name in pipelines/suites/ or a YAML path; default `default`) and
 SPECTRA_ROOT (default `./data`); SPECTRA_ACTIVATIONS_URL moves activation stores to an fsspec URL
-(e.g. s3://bucket/activations; default <root>/activations). SPECTRA_TRACKER picks wandb's mode (offline, online, disabled).
+(e.g. s3://bucket/activations; default <root>/activations); SPECTRA_PUBLISH_URL is where the
+`published` asset copies the tables, checkpoints, models and catalog. SPECTRA_TRACKER picks wandb's mode (offline, online, disabled).
 SPECTRA_DASK_SCHEDULER (an address) runs the store-wide passes that need no model on that dask cluster.
 """
 
@@ -39,7 +40,8 @@ def resolve_suite(name_or_path: str) -> SuiteSpec:
 def default_resources(root: str | None = None) -> dict:
     return {
         "storage": StorageResource(root=root or os.environ.get("SPECTRA_ROOT", "data"),
-                                   activations_url=os.environ.get("SPECTRA_ACTIVATIONS_URL") or None),
+                                   activations_url=os.environ.get("SPECTRA_ACTIVATIONS_URL") or None,
+                                   publish_url=os.environ.get("SPECTRA_PUBLISH_URL") or None),
         "compute": ComputeResource(device=os.environ.get("SPECTRA_DEVICE", "auto"),
                                    threads=int(os.environ.get("SPECTRA_THREADS", "0")),
                                    dask_scheduler=os.environ.get("SPECTRA_DASK_SCHEDULER") or None),
@@ -54,7 +56,7 @@ JOB_SELECTIONS = {
     "stats_job": ["activation_stats"],
     "dictionary_job": ["dictionaries", "evaluations", "features"],
     "evaluation_job": ["evaluations", "features"],
-    "report_job": ["toolkit", "catalog", "report", "feature_browser"],
+    "report_job": ["toolkit", "catalog", "report", "feature_browser", "published"],
 }
 
 
@@ -77,7 +79,7 @@ def build_definitions(spec: SuiteSpec, resources: dict | None = None,
 defs = build_definitions(resolve_suite(os.environ.get("SPECTRA_SUITE", "default")))
 
 
-STEP_SETTINGS = ("SPECTRA_SUITE", "SPECTRA_ROOT", "SPECTRA_ACTIVATIONS_URL", "SPECTRA_DEVICE", "SPECTRA_THREADS",
+STEP_SETTINGS = ("SPECTRA_SUITE", "SPECTRA_ROOT", "SPECTRA_ACTIVATIONS_URL", "SPECTRA_PUBLISH_URL", "SPECTRA_DEVICE", "SPECTRA_THREADS",
                  "SPECTRA_DASK_SCHEDULER", "SPECTRA_TRACKER", "WANDB_MODE", "HF_HUB_OFFLINE")
 """The environment a step process must share with the run that launched it. Never a secret: these
 travel inside the run's record (its reconstructable job); credentials stay in the environment."""

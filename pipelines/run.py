@@ -3,9 +3,10 @@ instance under the data root (so the UI later shows the same history and stalene
 
     python -m pipelines.run [--suite default] [--root data] [--executor multiprocess] [--runs 2]
 
-Stages run in dependency order (prepare, extract, stats, dictionaries, report); a partitioned
-stage runs one Dagster run per partition. Finished partitions are detected from their
-content-derived paths and reused, so a second run with nothing changed only checks.
+Stages run in dependency order (prepare, extract, stats, arrivals where the suite watches a
+folder, dictionaries, report); a partitioned stage runs one Dagster run per partition. Finished
+partitions are detected from their content-derived paths and reused, so a second run with
+nothing changed only checks.
 
 Two ways to execute, both Dagster's own:
 - `multiprocess` (the default of `make run`): every run goes through `dagster.execute_job` with
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             watched_folder(spec)  # a missing watched folder: named before any work
         if "://" in os.environ.get("SPECTRA_ACTIVATIONS_URL", ""):
             check_url(os.environ["SPECTRA_ACTIVATIONS_URL"])  # an unreachable store: named before any work
+        if os.environ.get("SPECTRA_PUBLISH_URL"):
+            check_url(os.environ["SPECTRA_PUBLISH_URL"], "publish_url")  # likewise where results are published
         if os.environ.get("SPECTRA_DASK_SCHEDULER"):
             from analysis.evaluation.dask_passes import check_scheduler
 

@@ -247,7 +247,7 @@ def test_the_sensor_adds_each_arrival_once_and_the_features_follow_it(tmp_path):
         assert wanted == {"features": members}
         _done(instance, wanted)
         wanted, cursor = _requested(defs, instance, cursor)
-        assert set(wanted) == {"catalog", "report", "feature_browser"}
+        assert set(wanted) == {"catalog", "report", "feature_browser", "published"}
 
 
 def test_make_run_names_a_missing_watched_folder_before_any_work(tmp_path, capsys):
@@ -289,3 +289,36 @@ def test_a_suite_run_through_dagster_takes_the_watched_folders_files(tmp_path):
             assert con.execute("select count(*), min(image_idx) from arrival_images").fetchone() == (6, 640)
         split = pq.read_table(root.images(done_arrivals(spec, root)[0]["dataset_id"]) / "labels.parquet")
         assert set(split.column("split").to_pylist()) == {"eval"}  # nothing trains on an arrival
+
+
+def test_verify_names_damage_in_an_arrival_and_a_rerun_redoes_exactly_that(mined_base):
+    """The full verification covers arrivals (their images, stores and the saved mining states);
+    after `--repair` the arrival's stage redoes the damaged shard, and the stores read as before."""
+    import zarr
+
+    from analysis.activations.store_files import shard_keys
+    from analysis.stages.verify import verify_suite
+
+    spec, root, member, inbox = mined_base
+    if not done_arrivals(spec, root):  # alone: one arrival first
+        _drop_shapes(inbox, spec, seed=14, n=4)
+        ensure_arrival(spec, root, register_arrivals(spec, root).key, progress=False)
+        ensure_features(spec, root, member)
+    assert verify_suite(spec, root) == []
+    arrival = done_arrivals(spec, root)[0]
+    location = root.hook_store(arrival["store_id"], member.hook)
+    before = ActivationStore.open(location).read(0, arrival["n_images"]).clone()
+    group = zarr.open_group(str(location), mode="r")
+    store_file = Path(location) / [k for k in shard_keys(group, 0, 0, arrival["n_images"]) if k.startswith("acts")][0]
+    data = bytearray(store_file.read_bytes())
+    data[10] ^= 0xFF
+    store_file.write_bytes(bytes(data))
+    state = root.dictionary(dictionary_id(spec, member)) / "mining_states" / f"{arrival['key']}.pt"
+    state.write_bytes(state.read_bytes()[:-1] + bytes([state.read_bytes()[-1] ^ 0xFF]))
+    found = verify_suite(spec, root, full=True)
+    assert any(str(store_file.relative_to(Path(location))) in str(d) for d in found)
+    assert any(str(state) in str(d) for d in found)
+    assert verify_suite(spec, root, full=True, repair=True) == found
+    ensure_arrival(spec, root, arrival["key"], progress=False)
+    assert ActivationStore.open(location).read(0, arrival["n_images"]).equal(before)
+    assert verify_suite(spec, root, full=True) == []  # the state's marker was taken back: mined anew when next merged

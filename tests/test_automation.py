@@ -83,7 +83,7 @@ def test_a_fresh_head_flows_down_the_whole_graph_and_then_everything_rests(suite
         {"activations": sorted(shards), "toolkit": None},
         {"activation_stats": None},
         {"dictionaries": members, "evaluations": members, "features": members},
-        {"catalog": None, "report": None, "feature_browser": None},
+        {"catalog": None, "report": None, "feature_browser": None, "published": None},
     ]
 
 
@@ -100,6 +100,6 @@ def test_a_nights_evaluations_refresh_the_catalog_report_and_browser(suite):
         _done(instance, {"evaluations": [m.key for m in spec.members()]})  # the nightly evaluation runs
         _done(instance, {"features": [m.key for m in spec.members()]})
         wanted, cursor = _requested(defs, instance, cursor)
-        assert wanted == {"catalog": None, "report": None, "feature_browser": None}
+        assert wanted == {"catalog": None, "report": None, "feature_browser": None, "published": None}
         _done(instance, wanted)
         assert _requested(defs, instance, cursor)[0] == {}

@@ -69,6 +69,7 @@ def suite_on_s3(s3, tmp_path_factory):
     url = f"s3://{BUCKET}/activations"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPECTRA_ACTIVATIONS_URL", url)
+        mp.setenv("SPECTRA_PUBLISH_URL", f"s3://{BUCKET}/published/{RAW['name']}")  # the `published` asset
         home = tmp / "dagster_home"
         home.mkdir()
         instance = dg.DagsterInstance.local_temp(tempdir=str(home))
@@ -101,8 +102,8 @@ def test_stores_live_at_the_url_and_the_catalog_recomputes_from_them(suite_on_s3
 def test_a_published_root_is_queried_and_loaded_from_the_url(suite_on_s3, tmp_path):
     spec, root, _ = suite_on_s3
     url = f"s3://{BUCKET}/published/{spec.name}"
-    first = publish(root, url)
-    assert first["files"] > 0 and publish(root, url)["files"] == 1  # only the catalog is copied again
+    # the run's `published` asset put everything there: publishing again copies nothing
+    assert publish(root, url)["files"] == 0
     local = connect_catalog(root.catalog)
     remote = connect_published_catalog(url, cache_dir=tmp_path / "cache")
     try:
@@ -127,6 +128,24 @@ def test_a_published_root_is_queried_and_loaded_from_the_url(suite_on_s3, tmp_pa
                                  b"not the weights")
     with pytest.raises(DamagedArtifact, match=r"weights.safetensors has sha256"):
         load_published_dictionary(url, dict_id, cache_dir=tmp_path / "again")
+
+
+def test_a_same_size_rewrite_is_published_and_an_unchanged_file_is_not(suite_on_s3, tmp_path):
+    """Publishing compares checksums, not sizes: re-mined heatmaps keep their size."""
+    import shutil
+
+    spec, root, _ = suite_on_s3
+    copy = DataRoot(tmp_path / "copy")
+    shutil.copytree(root.root, copy.root)
+    url = f"s3://{BUCKET}/published/same-size"
+    assert publish(copy, url)["files"] > 0
+    heatmaps = copy.dictionary(dictionary_id(spec, spec.members()[0])) / "heatmaps.npy"
+    data = bytearray(heatmaps.read_bytes())
+    data[-1] ^= 0xFF
+    heatmaps.write_bytes(bytes(data))
+    again = publish(copy, url)
+    assert (again["files"], again["bytes"]) == (1, len(data))
+    assert fsspec.filesystem("s3").cat_file(f"{BUCKET}/published/same-size/{heatmaps.relative_to(copy.root)}") == data
 
 
 def test_an_unreachable_endpoint_is_named_before_any_work(s3, tmp_path, monkeypatch):

@@ -77,3 +77,23 @@ def test_definitions_read_the_activations_url_from_the_environment(tmp_path, mon
     assert storage.data_root().hook_store("s", "h") == "memory://env/acts/s/h.zarr"
     monkeypatch.delenv("SPECTRA_ACTIVATIONS_URL")
     assert default_resources(str(tmp_path))["storage"].activations_url is None
+
+
+def test_a_url_carrying_a_password_is_refused_without_repeating_it(tmp_path):
+    from resources import StorageResource
+    from resources.storage import check_url
+
+    with pytest.raises(ValueError, match="carries a password") as err:
+        StorageResource(root=str(tmp_path), activations_url="s3://key:hunter2@bucket/acts").data_root()
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ValueError, match="publish_url: the URL carries a password"):
+        check_url("s3://key:hunter2@bucket/out", "publish_url")
+
+
+def test_make_run_names_an_unusable_publish_url_before_any_work(tmp_path, monkeypatch, capsys):
+    from pipelines.run import main
+
+    monkeypatch.setenv("SPECTRA_PUBLISH_URL", "nosuchfs://bucket/results")
+    assert main(["--suite", "tests/suites/tiny.yaml", "--root", str(tmp_path / "root")]) == 2
+    assert "publish_url='nosuchfs://bucket/results': no filesystem for 'nosuchfs'" in capsys.readouterr().err
+    assert not (tmp_path / "root").exists()

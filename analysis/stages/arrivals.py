@@ -158,14 +158,13 @@ def arrival_dataset_id(spec: SuiteSpec, key: str) -> str:
 
 
 def ensure_arrival(spec: SuiteSpec, root: DataRoot, key: str, *, device: str = "cpu", progress: bool = True) -> dict:
-    """Arrival `key`'s images ingested and its activations extracted, unless done. Files that are not
-    images, or changed since they were registered, are set aside (the dataset's rejected.parquet)."""
+    """Arrival `key`'s images ingested and its activations extracted. Each step reuses what is done
+    and intact (the dataset, each shard), so a rerun only checks, and one after `pipelines.verify
+    --repair` redoes exactly what was damaged. Files that are not images, or changed since they were
+    registered, are set aside (the dataset's rejected.parquet)."""
     arrival = arrival_named(spec, root, key)
     directory = arrivals_dir(spec, root) / key
     with file_lock(root.lock(f"arrival.{key}")):
-        done = read_done(directory / ARRIVAL_FILE)
-        if done is not None:
-            return done
         dataset_id = arrival_dataset_id(spec, key)
         images_dir = root.images(dataset_id)
         names = tuple(spec.class_names())

@@ -25,7 +25,7 @@ import fsspec
 
 from analysis.catalog import ROOT_VARIABLE, connect_catalog
 from analysis.dictionaries import CONFIG_FILE, WEIGHTS_FILE, load_dictionary
-from analysis.integrity import DamagedArtifact
+from analysis.integrity import DamagedArtifact, sha256_file
 from analysis.paths import DataRoot
 from analysis.stages.dictionaries import SUMMARY_FILE
 
@@ -35,11 +35,20 @@ CATALOG_FILE = "catalog.duckdb"
 SKIPPED_SUFFIXES = (".tmp", ".partial", ".lock")
 
 
+MANIFEST_FILE = "published.json"
+"""At the URL: relative path -> size and sha256 of every file published there, written last."""
+
+
 def publish(root: DataRoot, url: str) -> dict:
     """Copy PUBLISHED from `root` to `url` (files under the same relative paths); returns the
-    number of files and bytes copied. A file already at the URL with the same size is kept."""
+    number of files and bytes copied. A file is copied unless the URL's manifest records the same
+    sha256 for it and the file is there: a rewrite of the same size (re-mined heatmaps, a marker
+    with new checksums) is copied, an unchanged file is not."""
     fs, base = fsspec.url_to_fs(url)
-    files = nbytes = 0
+    base = base.rstrip("/")
+    manifest_path = f"{base}/{MANIFEST_FILE}"
+    before = json.loads(fs.cat_file(manifest_path)) if fs.exists(manifest_path) else {}
+    after, files, nbytes = {}, 0, 0
     for name in PUBLISHED:
         source = root.root / name
         paths = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file()) \
@@ -47,13 +56,17 @@ def publish(root: DataRoot, url: str) -> dict:
         for path in paths:
             if path.name.endswith(SKIPPED_SUFFIXES) or path.name.startswith(".write-check-"):
                 continue
-            target = f"{base.rstrip('/')}/{path.relative_to(root.root).as_posix()}"
-            size = path.stat().st_size
-            if fs.exists(target) and fs.size(target) == size and name != CATALOG_FILE:
+            rel = path.relative_to(root.root).as_posix()
+            record = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            after[rel] = record
+            target = f"{base}/{rel}"
+            if before.get(rel) == record and fs.exists(target):
                 continue
             fs.put_file(str(path), target)
-            files, nbytes = files + 1, nbytes + size
-    return {"url": url, "files": files, "bytes": nbytes}
+            files, nbytes = files + 1, nbytes + record["size"]
+    manifest = json.dumps({**before, **after}, sort_keys=True, indent=0).encode()
+    fs.pipe_file(manifest_path, manifest)
+    return {"url": url, "files": files, "bytes": nbytes, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
 
 
 def _download(url: str, cache: Path) -> Path:

@@ -15,6 +15,8 @@ from analysis.activations.store import damaged_shards, open_layout, reset_shard
 from analysis.data.images import DONE_FILE as DATASET_DONE
 from analysis.integrity import Damage, marker_damage, stale_inputs
 from analysis.paths import DataRoot
+from analysis.stages.arrivals import (ARRIVAL_FILE, STATES_DIR, ArrivalView, arrival_dataset_id, arrivals_dir,
+                                      registered)
 from analysis.stages.dictionaries import EVALUATION_FILE, FEATURES_FILE, SUMMARY_FILE, dictionary_id
 from analysis.stages.model import RESULT_FILE
 from analysis.stages.suite import SuiteSpec
@@ -28,7 +30,15 @@ def _markers(spec: SuiteSpec, root: DataRoot) -> list[tuple[Path, Path | None]]:
         directory = root.dictionary(dictionary_id(spec, member))
         out += [(directory / SUMMARY_FILE, None), (directory / EVALUATION_FILE, directory / SUMMARY_FILE),
                 (directory / FEATURES_FILE, directory / SUMMARY_FILE)]
+        out += [(state, directory / SUMMARY_FILE) for state in sorted((directory / STATES_DIR).glob("*.json"))]
+    for arrival in _arrivals(spec, root):
+        out += [(root.images(arrival_dataset_id(spec, arrival.key)) / DATASET_DONE, None),
+                (arrivals_dir(spec, root) / arrival.key / ARRIVAL_FILE, None)]
     return out
+
+
+def _arrivals(spec: SuiteSpec, root: DataRoot) -> list:
+    return registered(spec, root) if spec.arrivals.path is not None else []
 
 
 def verify_suite(spec: SuiteSpec, root: DataRoot, *, full: bool = True, repair: bool = False) -> list:
@@ -44,8 +54,10 @@ def verify_suite(spec: SuiteSpec, root: DataRoot, *, full: bool = True, repair: 
         found += damage
         if damage and repair:
             marker.unlink(missing_ok=True)
-    for hook in spec.activations.hooks:
-        found += _store_damage(root.hook_store(spec.store_id, hook), full, repair)
+    stores = [spec.store_id, *(ArrivalView(spec, arrival_dataset_id(spec, a.key)).store_id for a in _arrivals(spec, root))]
+    for store_id in stores:
+        for hook in spec.activations.hooks:
+            found += _store_damage(root.hook_store(store_id, hook), full, repair)
     return found
 
 
