@@ -199,7 +199,7 @@ def test_a_damaged_saved_state_is_mined_again_not_reused(mined_base, caplog):
 
 def test_the_sensor_adds_each_arrival_once_and_the_features_follow_it(tmp_path):
     from pipelines.definitions import build_definitions, default_resources
-    from test_automation import _done, _requested
+    from test_automation import _done, _requested, _waves
 
     inbox = tmp_path / "inbox"
     spec = _suite(inbox)
@@ -230,13 +230,7 @@ def test_the_sensor_adds_each_arrival_once_and_the_features_follow_it(tmp_path):
         members = sorted(m.key for m in spec.members())
         _, cursor = _requested(defs, instance, None)
         _done(instance, {"images": None, "model": None, "activation_layout": None})
-        waves = []
-        for _ in range(8):
-            wanted, cursor = _requested(defs, instance, cursor)
-            if not wanted:
-                break
-            waves.append(wanted)
-            _done(instance, wanted)
+        waves, cursor = _waves(defs, instance, cursor)
         assert any(w.get("arrivals") == [key] for w in waves)
         one = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)  # one image is an arrival too
         Image.fromarray(one).save(inbox / spec.class_names()[0] / "one.png")

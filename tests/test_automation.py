@@ -63,6 +63,18 @@ def _done(instance, wanted: dict) -> None:
             instance.report_runless_asset_event(dg.AssetMaterialization(name, partition=partition))
 
 
+def _waves(defs, instance, cursor, limit: int = 10) -> tuple[list[dict], object]:
+    """Every tick's requests until the graph rests, each recorded as done before the next tick."""
+    waves = []
+    for _ in range(limit):
+        wanted, cursor = _requested(defs, instance, cursor)
+        if not wanted:
+            break
+        waves.append(wanted)
+        _done(instance, wanted)
+    return waves, cursor
+
+
 def test_a_fresh_head_flows_down_the_whole_graph_and_then_everything_rests(suite):
     spec, defs = suite
     shards = defs.resolve_assets_def("activations").partitions_def.get_partition_keys()
@@ -71,13 +83,7 @@ def test_a_fresh_head_flows_down_the_whole_graph_and_then_everything_rests(suite
         wanted, cursor = _requested(defs, instance, None)
         assert wanted == {}  # nothing below a missing head is requested
         _done(instance, {"images": None, "model": None, "activation_layout": None})  # the weekly prepare_job
-        waves = []
-        for _ in range(10):
-            wanted, cursor = _requested(defs, instance, cursor)
-            if not wanted:
-                break
-            waves.append(wanted)
-            _done(instance, wanted)
+        waves, _ = _waves(defs, instance, cursor)
     # assets of the same partitioning are requested together and run in dependency order
     assert waves == [
         {"activations": sorted(shards), "toolkit": None},
