@@ -284,6 +284,13 @@ def test_states_of_disjoint_images_merge_into_the_state_of_one_pass(setup, cut):
     assert_same_mining(merged, whole)
     with pytest.raises(ValueError, match="different dictionaries"):
         mining_state(sae, batches, **kw).merge(mining_state(sae, batches, **{**kw, "n_top": 3}))
+    # labels over another value set: the same counter shapes, but the counts would mix
+    other = mining_state(sae, batches[cut:], **{**kw, "labels": np.where(labels >= 0, labels + 1, -1)})
+    first = mining_state(sae, batches[:cut], **kw)
+    fired = first.fire.clone()
+    with pytest.raises(ValueError, match="other labels or factor values"):
+        first.merge(other)
+    assert torch.equal(first.fire, fired)  # refused before anything was added
 
 
 def assert_same_mining(got, expected) -> None:

@@ -284,14 +284,19 @@ class MiningState:
         if (other.width, other.n_top, other.T, other.cls, other.patches) != \
                 (self.width, self.n_top, self.T, self.cls, self.patches):
             raise ValueError("merge: the states were mined with different dictionaries, token counts or spans")
+        mine = ([self.labels] if self.labels is not None else []) + list(self.factors.values())
+        theirs = ([other.labels] if other.labels is not None else []) + list(other.factors.values())
+        if list(self.factors) != list(other.factors) or len(mine) != len(theirs) or \
+                any(not np.array_equal(a.values, b.values) for a, b in zip(mine, theirs)):
+            # same shapes with other values would mix their counts; checked before anything is added
+            raise ValueError("merge: the states count other labels or factor values: mine both with the same "
+                             "label and factor arrays (values over every image id)")
         for name in ("fire", "fire_cls", "fire_patch", "act_sum"):
             getattr(self, name).add_(getattr(other, name))
         self.act_max = torch.maximum(self.act_max, other.act_max)
         self.n_tokens += other.n_tokens
         self.n_images += other.n_images
         self.histogram.counts += other.histogram.counts
-        mine = ([self.labels] if self.labels is not None else []) + list(self.factors.values())
-        theirs = ([other.labels] if other.labels is not None else []) + list(other.factors.values())
         for a, b in zip(mine, theirs, strict=True):
             a.counts += b.counts
         self.samples.merge(other.samples)

@@ -243,10 +243,13 @@ def mine_with_arrivals(root: DataRoot, directory: Path, upstream: Path, arrivals
     labels, factors = options.get("labels"), options.get("factors") or {}
     total = max([a["first_image"] + a["n_images"] for a in arrivals], default=0)
     if labels is not None and arrivals:
+        known = np.unique(labels)
         labels = _extended(labels, total)
         for a in arrivals:
-            labels[a["first_image"]:a["first_image"] + a["n_images"]] = read_labels(
-                root.images(a["dataset_id"])).column("label").to_numpy()
+            arrived = read_labels(root.images(a["dataset_id"])).column("label").to_numpy()
+            # a class no image of the dataset has (its files all set aside) would add a value the
+            # held-out state's counters lack: such an arrival image counts as unlabelled
+            labels[a["first_image"]:a["first_image"] + a["n_images"]] = np.where(np.isin(arrived, known), arrived, -1)
     if arrivals:
         factors = {name: _extended(values, total) for name, values in factors.items()}
     options = {**options, "labels": labels, "factors": factors}
