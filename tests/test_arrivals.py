@@ -168,6 +168,15 @@ def test_arrivals_are_registered_once_extracted_and_merged_as_one_pass_would_min
         np.testing.assert_array_equal(pixels, images.get_orthogonal_selection((np.array([idx]),))[0])
 
 
+def _an_arrival_with_images(spec, root, member, inbox, seed: int) -> dict:
+    """A done arrival holding images, mined into the features (made here when this test runs alone)."""
+    if not any(a["n_images"] for a in done_arrivals(spec, root)):
+        _drop_shapes(inbox, spec, seed=seed, n=4)
+        ensure_arrival(spec, root, register_arrivals(spec, root).key, progress=False)
+        ensure_features(spec, root, member)
+    return next(a for a in done_arrivals(spec, root) if a["n_images"])
+
+
 def root_images(root, spec):
     from analysis.data.images import open_images
     return open_images(root.images(spec.dataset_id))[:]
@@ -176,12 +185,8 @@ def root_images(root, spec):
 def test_a_damaged_saved_state_is_mined_again_not_reused(mined_base, caplog):
     spec, root, member, inbox = mined_base
     dict_id = dictionary_id(spec, member)
-    if not done_arrivals(spec, root):  # alone: one arrival first
-        _drop_shapes(inbox, spec, seed=13, n=4)
-        ensure_arrival(spec, root, register_arrivals(spec, root).key, progress=False)
-        ensure_features(spec, root, member)
+    key = _an_arrival_with_images(spec, root, member, inbox, seed=13)["key"]
     before = _tables(root, dict_id)
-    key = done_arrivals(spec, root)[0]["key"]
     state = root.dictionary(dict_id) / "mining_states" / f"{key}.pt"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -195,6 +200,21 @@ def test_a_damaged_saved_state_is_mined_again_not_reused(mined_base, caplog):
     np.testing.assert_array_equal(after.pop("heatmaps"), before.pop("heatmaps"))
     for name, table in before.items():
         assert after[name].equals(table), name
+
+
+def test_an_arrival_of_only_unusable_files_completes_empty_and_blocks_nothing(mined_base):
+    """A batch with no usable image (a stray text file) still arrives, with every file set aside:
+    an arrival partition that could never succeed would hold every later features update back."""
+    spec, root, member, inbox = mined_base
+    (inbox / "readme.txt").write_text("nothing to see")
+    arrival = register_arrivals(spec, root)
+    summary = ensure_arrival(spec, root, arrival.key, progress=False)
+    assert (summary["n_images"], summary["n_rejected"]) == (0, 1)
+    rejected = pq.read_table(root.images(summary["dataset_id"]) / "rejected.parquet").to_pylist()
+    assert [r["source"] for r in rejected] == ["readme.txt"]
+    ensure_features(spec, root, member)  # merges around it
+    marker = json.loads((root.dictionary(dictionary_id(spec, member)) / FEATURES_FILE).read_text())
+    assert arrival.key in [a["key"] for a in marker["arrivals"]]
 
 
 def test_the_sensor_adds_each_arrival_once_and_the_features_follow_it(tmp_path):
@@ -294,12 +314,8 @@ def test_verify_names_damage_in_an_arrival_and_a_rerun_redoes_exactly_that(mined
     from analysis.stages.verify import verify_suite
 
     spec, root, member, inbox = mined_base
-    if not done_arrivals(spec, root):  # alone: one arrival first
-        _drop_shapes(inbox, spec, seed=14, n=4)
-        ensure_arrival(spec, root, register_arrivals(spec, root).key, progress=False)
-        ensure_features(spec, root, member)
+    arrival = _an_arrival_with_images(spec, root, member, inbox, seed=14)
     assert verify_suite(spec, root) == []
-    arrival = done_arrivals(spec, root)[0]
     location = root.hook_store(arrival["store_id"], member.hook)
     before = ActivationStore.open(location).read(0, arrival["n_images"]).clone()
     group = zarr.open_group(str(location), mode="r")

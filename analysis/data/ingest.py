@@ -80,9 +80,11 @@ def _decoded(entry: Entry, pre: Preprocessing) -> tuple[np.ndarray, str] | str:
 def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directory: str | Path, *,
            class_names: tuple[str, ...], eval_fraction: float = 0.1, seed: int = 0, workers: int = 8,
            images_per_chunk: int = 256, attrs: dict | None = None, progress: bool = True,
-           held_out_only: bool = False) -> IngestReport:
+           held_out_only: bool = False, allow_empty: bool = False) -> IngestReport:
     """Decode, preprocess and store `entries` (`n_entries` of them) in `directory`; see the module.
-    `held_out_only`: every image is in the eval split (images nothing trains on, however few)."""
+    `held_out_only`: every image is in the eval split (images nothing trains on, however few).
+    `allow_empty`: when no entry is a usable image, store an empty dataset (every entry in
+    rejected.parquet) instead of refusing."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shape = (pre.size, pre.size, pre.channels)
@@ -112,7 +114,7 @@ def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directo
     if pending:
         arr[written:written + len(pending)] = np.stack(pending)
         written += len(pending)
-    if written == 0:
+    if written == 0 and not allow_empty:
         raise ValueError(f"none of the {n_entries} files could be used as an image (first reasons: "
                          f"{[r['reason'] for r in rejected[:3]]}): point the dataset at image files")
     arr.resize((written,) + shape)
@@ -129,7 +131,9 @@ def _finish(directory: Path, arr: zarr.Array, kept: list[dict], rejected: list[d
     reject_schema = pa.schema([("source", pa.string()), ("reason", pa.string())])
     rejected_table = pa.Table.from_pylist(rejected, schema=reject_schema)
     atomic_write(directory / "rejected.parquet", lambda tmp: pq.write_table(rejected_table, tmp))
-    table = pa.Table.from_pylist(kept).add_column(0, "image_idx", pa.array(np.arange(len(kept), dtype=np.int64)))
+    table = pa.Table.from_pylist(kept) if kept else pa.table(  # no images: the columns all the same
+        {"label": pa.array([], pa.int64()), "source": pa.array([], pa.string()), "sha256": pa.array([], pa.string())})
+    table = table.add_column(0, "image_idx", pa.array(np.arange(len(kept), dtype=np.int64)))
     table = table.append_column("duplicate_of", pa.array(duplicate_of, pa.int64()))
     table = table.append_column("split", pa.array(split))
     atomic_write(directory / "labels.parquet", lambda tmp: pq.write_table(table, tmp))

@@ -171,12 +171,13 @@ def ensure_arrival(spec: SuiteSpec, root: DataRoot, key: str, *, device: str = "
         if read_done(images_dir / DONE_FILE) is None:
             pre = spec.preprocessing()
             ingest(_entries(arrival, names), len(arrival.files), pre, images_dir, class_names=names, progress=progress,
-                   held_out_only=True,
+                   held_out_only=True, allow_empty=True,  # a batch of only unusable files still arrives
                    attrs={"source": "arrival", "arrival": key, "preprocessing": pre.to_dict(), "class_names": list(names)})
         view = ArrivalView(spec, dataset_id, arrival.folder)
-        layout = ensure_layout(view, root)
-        for shard in range(layout["n_shards"]):
-            extract(view, root, shard, device=device, progress=progress)
+        if open_images(images_dir).shape[0]:  # nothing to extract when every file was set aside
+            layout = ensure_layout(view, root)
+            for shard in range(layout["n_shards"]):
+                extract(view, root, shard, device=device, progress=progress)
         n_base = open_images(root.images(spec.dataset_id)).shape[0]
         first = first_image(arrival, registered(spec, root), n_base)
         labels = read_labels(images_dir)
@@ -257,6 +258,9 @@ def mine_with_arrivals(root: DataRoot, directory: Path, upstream: Path, arrivals
     state = _saved_state(directory, "base", upstream, {**settings, "eval_idx": _digest(eval_idx)},
                          lambda: mining_state(miner, batches(spec, eval_idx), **options))
     for a in arrivals:
+        if not a["n_images"]:  # every file was set aside: nothing to mine
+            continue
+
         def mine(a=a):
             view = ArrivalView(spec, a["dataset_id"])
             parts = batches(view, np.arange(a["n_images"]))
