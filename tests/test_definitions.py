@@ -11,7 +11,8 @@ def test_definitions_load_with_every_asset_job_and_schedule():
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"images", "model", "activation_layout", "activations", "activation_stats",
-                    "dictionaries", "evaluations", "features", "toolkit", "catalog", "report", "feature_browser"}
+                    "dictionaries", "evaluations", "features", "toolkit", "catalog", "report", "feature_browser",
+                    "published"}
     for name in JOB_SELECTIONS:
         assert defs.resolve_job_def(name) is not None
     assert {s.name for s in defs.schedules} == {"nightly_evaluation", "weekly_full"}  # tests/test_automation.py
