@@ -205,7 +205,7 @@ def test_the_default_suites_saes_keep_their_measured_rate_and_init_not_topks_def
     from analysis.dictionaries.training.schedule import default_lr
     from analysis.stages.saes import train_config
 
-    for name in ("default", "frontiers"):
+    for name in ("default",):
         spec = load_suite(SUITES_DIR / f"{name}.yaml")
         for member in (m for m in spec.members() if m.kind == "sae"):
             cfg = train_config(spec, member, spec.vit_config().d_model)
@@ -216,3 +216,16 @@ def test_the_default_suites_saes_keep_their_measured_rate_and_init_not_topks_def
                                  "sparsity_coef": member.sparsity_coef})
             if member.architecture == "topk":  # what the suite would get without its settings
                 assert unset.base_lr() == topk_default_lr(256) and unset.encoder_init == "least_squares"
+
+
+def test_the_frontiers_suite_runs_every_architecture_at_its_own_defaults():
+    """Its frontier is each architecture's as a user gets it: no rate or init is set."""
+    from analysis.stages.saes import train_config
+
+    spec = load_suite(SUITES_DIR / "frontiers.yaml")
+    assert not {"lr", "encoder_init", "threshold_init"} & set(spec.dictionaries.train)
+    for member in spec.members():
+        cfg = train_config(spec, member, spec.vit_config().d_model)
+        default = type(cfg)(width=cfg.width, architecture=member.architecture, k=member.k,
+                            sparsity_coef=member.sparsity_coef)
+        assert (cfg.base_lr(), cfg.encoder_init) == (default.base_lr(), default.encoder_init), member.key
