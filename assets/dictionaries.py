@@ -5,8 +5,8 @@ from dataclasses import asdict
 
 import dagster as dg
 
-from analysis.stages.dictionaries import (dictionary_id, dictionary_lineage, ensure_dictionary, ensure_evaluation,
-                                         ensure_features)
+from analysis.stages.dictionaries import dictionary_id, dictionary_lineage, ensure_dictionary, ensure_evaluation
+from analysis.stages.features import ensure_features
 from analysis.stages.suite import SuiteSpec
 from analysis.stages.previews import browser_page, features_preview, train_log, training_curve
 from assets.arrivals import arrival_deps

@@ -43,8 +43,8 @@ from analysis.data.shapes import ShapesConfig, generate_shapes  # noqa: E402
 from analysis.paths import DataRoot  # noqa: E402
 from analysis.stages.activations import materialize_store  # noqa: E402
 from analysis.stages.arrivals import STATES_DIR, ensure_arrival, register_arrivals  # noqa: E402
-from analysis.stages.dictionaries import (FEATURE_TABLES, FEATURES_FILE, dictionary_id, ensure_dictionary,  # noqa: E402
-                                          ensure_features)
+from analysis.stages.dictionaries import FEATURES_FILE, dictionary_id, ensure_dictionary  # noqa: E402
+from analysis.stages.features import FEATURE_TABLES, ensure_features  # noqa: E402
 from analysis.stages.suite import parse_suite  # noqa: E402
 
 HOOK = "blocks.1.hook_resid_post"

@@ -24,8 +24,9 @@ from analysis.paths import DataRoot
 from analysis.stages.arrivals import (done_arrivals, ensure_arrival, register_arrivals, registered,
                                       suite_images)
 from analysis.stages.dataset import evaluation_images
-from analysis.stages.dictionaries import (FEATURES_FILE, dataset_factors, dataset_labels, dictionary_id,
-                                          ensure_dictionary, ensure_features)
+from analysis.stages.dataset import dataset_factors, dataset_labels
+from analysis.stages.dictionaries import FEATURES_FILE, dictionary_id, ensure_dictionary
+from analysis.stages.features import ensure_features
 from analysis.stages.activations import token_selection
 from analysis.stages.notebook import feature_card
 from analysis.stages.suite import parse_suite

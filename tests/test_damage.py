@@ -24,7 +24,8 @@ from analysis.paths import DataRoot
 from analysis.stages.activations import extract
 from analysis.stages.dataset import ensure_dataset
 from analysis.stages.dictionaries import (EVALUATION_FILE, SUMMARY_FILE, dictionary_id, ensure_dictionary,
-                                          ensure_evaluation, ensure_features, load_member)
+                                          ensure_evaluation, load_member)
+from analysis.stages.features import ensure_features
 from analysis.stages.model import RESULT_FILE, ensure_model, load_tower
 from analysis.stages.suite import parse_suite
 from analysis.stages.verify import verify_suite

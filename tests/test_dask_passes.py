@@ -88,7 +88,8 @@ def test_the_stages_on_the_cluster_write_what_they_write_in_process(finished, cl
 
     import analysis.evaluation.dask_passes as dask_passes
     from analysis.stages.dataset import dead_window_images, evaluation_images
-    from analysis.stages.dictionaries import FEATURE_TABLES, HEATMAPS_FILE, ensure_evaluation, ensure_features
+    from analysis.stages.dictionaries import HEATMAPS_FILE, ensure_evaluation
+    from analysis.stages.features import FEATURE_TABLES, ensure_features
     from analysis.stages.activations import token_selection
     from analysis.stages.suite import parse_suite
     from test_damage import SUITE_RAW

@@ -11,7 +11,8 @@ import pytest
 
 from analysis.catalog import connect_catalog, refresh_catalog
 from analysis.paths import DataRoot
-from analysis.stages.dictionaries import ensure_dictionary, ensure_evaluation, ensure_features
+from analysis.stages.dictionaries import ensure_dictionary, ensure_evaluation
+from analysis.stages.features import ensure_features
 from analysis.stages.suite import parse_suite
 from conftest import materialize_store
 from test_damage import SUITE_RAW, snapshot

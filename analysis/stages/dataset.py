@@ -6,12 +6,15 @@ import json
 
 import numpy as np
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.catalog import write_table_partition
 from analysis.data.images import DONE_FILE, open_images, read_labels, write_image_dataset
 from analysis.data.ingest import ingest
 from analysis.data.shapes import generate_shapes
+from analysis.evaluation.mining_counts import MAX_FACTOR_VALUES
 from analysis.integrity import file_lock, read_done, remove_temporaries
 from analysis.paths import DataRoot
 from analysis.stages.suite import SuiteSpec
@@ -118,3 +121,35 @@ def dead_window_images(spec, root: DataRoot, tokens_per_image: int) -> np.ndarra
 def training_monitor_images(spec, root: DataRoot) -> np.ndarray:
     """The held-out images scored during training: the first EVAL_IMAGES_DURING_TRAINING of them."""
     return evaluation_images(spec, root)[:EVAL_IMAGES_DURING_TRAINING]
+
+
+NOT_FACTORS = {"image_idx", "label", "split", "sha256", "source", "duplicate_of"}
+"""labels.parquet columns that are bookkeeping, not attributes of an image's content."""
+
+
+def dataset_labels(spec: SuiteSpec, root: DataRoot) -> np.ndarray | None:
+    """Every image's label, by image index (row i of labels.parquet is image i), or None when
+    the dataset has no label column."""
+    table = read_labels(root.images(spec.dataset_id))
+    if "label" not in table.column_names:
+        return None
+    order = table.column("image_idx").to_numpy()
+    if not np.array_equal(order, np.arange(len(order))):
+        raise ValueError(f"{root.images(spec.dataset_id)}/labels.parquet is not in image order: ingest it again")
+    return table.column("label").to_numpy(zero_copy_only=False)
+
+
+def dataset_factors(spec: SuiteSpec, root: DataRoot) -> dict[str, np.ndarray]:
+    """The categorical per-image columns of labels.parquet beyond the label (the latent factors of
+    generated shapes; extra columns of a label file), by image index: integer or text columns with at
+    most MAX_FACTOR_VALUES distinct values."""
+    table = read_labels(root.images(spec.dataset_id))
+    factors = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name in NOT_FACTORS or not (pa.types.is_integer(column.type) or pa.types.is_string(column.type)):
+            continue
+        values = column.to_numpy(zero_copy_only=False)
+        if len(pc.unique(column)) <= MAX_FACTOR_VALUES:
+            factors[name] = values
+    return factors

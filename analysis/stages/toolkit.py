@@ -53,7 +53,7 @@ from analysis.integrity import file_lock, read_done, write_done
 from analysis.models.inputs import to_model_input
 from analysis.paths import DataRoot
 from analysis.stages.dataset import split_indices
-from analysis.stages.dictionaries import dataset_labels
+from analysis.stages.dataset import dataset_labels
 from analysis.stages.model import load_model
 from analysis.stages.suite import SuiteSpec
 
