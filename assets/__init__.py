@@ -15,8 +15,8 @@ from assets.verify import verification_checks
 
 
 def build_assets(spec: SuiteSpec) -> list[dg.AssetsDefinition]:
-    return [images_asset(spec), model_asset(spec), *activation_assets(spec), *arrival_assets(spec), *dictionary_assets(spec),
-            toolkit_asset(spec), *report_assets(spec)]
+    return [images_asset(spec), model_asset(spec), *activation_assets(spec), *arrival_assets(spec),
+            *dictionary_assets(spec), toolkit_asset(spec), *report_assets(spec)]
 
 
 def build_asset_checks(spec: SuiteSpec) -> list[dg.AssetChecksDefinition]:

@@ -82,9 +82,12 @@ def tables(root: DataRoot, dict_id: str) -> dict:
 
 
 def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) if k == "heatmaps" else
-                                        a[k].drop_columns(["mean_activation"]).equals(b[k].drop_columns(["mean_activation"]))
-                                        if "mean_activation" in a[k].column_names else a[k].equals(b[k]) for k in a)
+    """Equal tables and heatmaps; the mean activation aside (its sums are grouped otherwise)."""
+    def table(t):
+        return t.drop_columns(["mean_activation"]) if "mean_activation" in t.column_names else t
+
+    return a.keys() == b.keys() and all(
+        np.array_equal(a[k], b[k]) if k == "heatmaps" else table(a[k]).equals(table(b[k])) for k in a)
 
 
 def main() -> None:

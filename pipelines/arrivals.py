@@ -20,7 +20,8 @@ CHECK_EVERY_SECONDS = 60
 
 
 def arrival_job() -> dg.UnresolvedAssetJobDefinition:
-    return dg.define_asset_job("arrival_job", selection=["arrivals"], description="Ingest and extract one arrival (a partition the arrivals sensor added)")
+    return dg.define_asset_job("arrival_job", selection=["arrivals"],
+                               description="Ingest and extract one arrival (a partition the arrivals sensor added)")
 
 
 def pending_arrivals(spec: SuiteSpec, storage: StorageResource, instance: dg.DagsterInstance) -> list[str]:

@@ -5,8 +5,9 @@ sensor of `pipelines.automation`.
 environment: SPECTRA_SUITE (a name in pipelines/suites/ or a YAML path; default `default`) and
 SPECTRA_ROOT (default `./data`); SPECTRA_ACTIVATIONS_URL moves activation stores to an fsspec URL
 (e.g. s3://bucket/activations; default <root>/activations); SPECTRA_PUBLISH_URL is where the
-`published` asset copies the tables, checkpoints, models and catalog. SPECTRA_TRACKER picks wandb's mode (offline, online, disabled).
-SPECTRA_DASK_SCHEDULER (an address) runs the store-wide passes that need no model on that dask cluster.
+`published` asset copies the tables, checkpoints, models and catalog. SPECTRA_TRACKER picks
+wandb's mode (offline, online, disabled). SPECTRA_DASK_SCHEDULER (an address) runs the store-wide
+passes that need no model on that dask cluster.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def build_definitions(spec: SuiteSpec, resources: dict | None = None,
 defs = build_definitions(resolve_suite(os.environ.get("SPECTRA_SUITE", "default")))
 
 
-STEP_SETTINGS = ("SPECTRA_SUITE", "SPECTRA_ROOT", "SPECTRA_ACTIVATIONS_URL", "SPECTRA_PUBLISH_URL", "SPECTRA_DEVICE", "SPECTRA_THREADS",
-                 "SPECTRA_DASK_SCHEDULER", "SPECTRA_TRACKER", "WANDB_MODE", "HF_HUB_OFFLINE")
+STEP_SETTINGS = ("SPECTRA_SUITE", "SPECTRA_ROOT", "SPECTRA_ACTIVATIONS_URL", "SPECTRA_PUBLISH_URL", "SPECTRA_DEVICE",
+                 "SPECTRA_THREADS", "SPECTRA_DASK_SCHEDULER", "SPECTRA_TRACKER", "WANDB_MODE", "HF_HUB_OFFLINE")
 """The environment a step process must share with the run that launched it. Never a secret: these
 travel inside the run's record (its reconstructable job); credentials stay in the environment."""
 _jobs_by_settings: dict[tuple, dg.Definitions] = {}

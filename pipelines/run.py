@@ -125,7 +125,7 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
     ]
     for stage, job_name, keys in stages:
         start = time.perf_counter()
-        keys = keys() if callable(keys) else keys  # arrivals: known only once the model exists
+        keys = keys() if callable(keys) else keys  # arrivals: the folder is read when the stage starts
         if multiprocess is None or len(keys) == 1:
             for key in keys:
                 execute(job_name, key)

@@ -94,7 +94,8 @@ def arrival_named(spec: SuiteSpec, root: DataRoot, key: str) -> Arrival:
     by_key = {a.key: a for a in registered(spec, root)}
     if key not in by_key:
         raise ValueError(f"arrival {key!r} is not registered under {arrivals_dir(spec, root)} (registered: "
-                         f"{sorted(by_key) or 'none'}): the arrivals sensor registers new files before it asks for them")
+                         f"{sorted(by_key) or 'none'}): the arrivals sensor registers new files before it asks "
+                         "for them")
     return by_key[key]
 
 
@@ -125,7 +126,8 @@ def register_arrivals(spec: SuiteSpec, root: DataRoot) -> Arrival | None:
                 new.append({"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha})
         if not new:
             return None
-        arrival = Arrival(content_id("arrival", sorted(f["sha256"] for f in new)), len(earlier), str(folder), tuple(new))
+        key = content_id("arrival", sorted(f["sha256"] for f in new))
+        arrival = Arrival(key, len(earlier), str(folder), tuple(new))
         write_json(arrivals_dir(spec, root) / arrival.key / MANIFEST_FILE,
                    {"key": arrival.key, "ordinal": arrival.ordinal, "folder": arrival.folder, "files": new})
     return arrival
@@ -172,7 +174,8 @@ def ensure_arrival(spec: SuiteSpec, root: DataRoot, key: str, *, device: str = "
             pre = spec.preprocessing()
             ingest(_entries(arrival, names), len(arrival.files), pre, images_dir, class_names=names, progress=progress,
                    held_out_only=True, allow_empty=True,  # a batch of only unusable files still arrives
-                   attrs={"source": "arrival", "arrival": key, "preprocessing": pre.to_dict(), "class_names": list(names)})
+                   attrs={"source": "arrival", "arrival": key, "preprocessing": pre.to_dict(),
+                          "class_names": list(names)})
         view = ArrivalView(spec, dataset_id, arrival.folder)
         if open_images(images_dir).shape[0]:  # nothing to extract when every file was set aside
             layout = ensure_layout(view, root)
