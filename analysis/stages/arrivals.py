@@ -159,6 +159,11 @@ def arrival_dataset_id(spec: SuiteSpec, key: str) -> str:
     return content_id("arrival", {"store": spec.store_id, "key": key, "preprocessing": spec.preprocessing().to_dict()})
 
 
+def arrival_store_id(spec: SuiteSpec, key: str) -> str:
+    """The store of arrival `key`: the suite's activation settings and model over its images."""
+    return spec.activations.store_id(spec.model_id, arrival_dataset_id(spec, key))
+
+
 def ensure_arrival(spec: SuiteSpec, root: DataRoot, key: str, *, device: str = "cpu", progress: bool = True) -> dict:
     """Arrival `key`'s images ingested and its activations extracted. Each step reuses what is done
     and intact (the dataset, each shard), so a rerun only checks, and one after `pipelines.verify
@@ -235,6 +240,25 @@ def _extended(values: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _end(arrivals: list[dict]) -> int:
+    """One past the last global id of `arrivals`."""
+    return max(a["first_image"] + a["n_images"] for a in arrivals)
+
+
+def labels_by_global_id(root: DataRoot, labels: np.ndarray, arrivals: list[dict], *,
+                        known_only: bool = False) -> np.ndarray:
+    """The dataset's `labels` followed by each arrival's at its global ids (the unused ids of
+    set-aside files unlabelled); `known_only`: an arrival label the dataset has no image of
+    counts as unlabelled too."""
+    known = np.unique(labels)
+    out = _extended(labels, _end(arrivals))
+    for a in arrivals:
+        arrived = read_labels(root.images(a["dataset_id"])).column("label").to_numpy()
+        out[a["first_image"]:a["first_image"] + a["n_images"]] = \
+            np.where(np.isin(arrived, known), arrived, -1) if known_only else arrived
+    return out
+
+
 def mine_with_arrivals(root: DataRoot, directory: Path, upstream: Path, arrivals: list[dict], miner,
                        batches: Callable[[SuiteSpec | ArrivalView, np.ndarray], Iterator], spec: SuiteSpec,
                        eval_idx: np.ndarray, options: dict) -> MiningResult:
@@ -245,16 +269,11 @@ def mine_with_arrivals(root: DataRoot, directory: Path, upstream: Path, arrivals
     ids, activations) from the store that `spec_or_view` names; an arrival's ids are made global here,
     and its labels join the dataset's by global id (`options` are `mining_state`'s)."""
     labels, factors = options.get("labels"), options.get("factors") or {}
-    total = max([a["first_image"] + a["n_images"] for a in arrivals], default=0)
-    if labels is not None and arrivals:
-        known = np.unique(labels)
-        labels = _extended(labels, total)
-        for a in arrivals:
-            arrived = read_labels(root.images(a["dataset_id"])).column("label").to_numpy()
-            # a class no image of the dataset has (its files all set aside) would add a value the
-            # held-out state's counters lack: such an arrival image counts as unlabelled
-            labels[a["first_image"]:a["first_image"] + a["n_images"]] = np.where(np.isin(arrived, known), arrived, -1)
     if arrivals:
+        # a class no image of the dataset has (its files all set aside) would add a value the
+        # held-out state's counters lack: such an arrival image counts as unlabelled
+        labels = None if labels is None else labels_by_global_id(root, labels, arrivals, known_only=True)
+        total = _end(arrivals)
         factors = {name: _extended(values, total) for name, values in factors.items()}
     options = {**options, "labels": labels, "factors": factors}
     settings = {k: v for k, v in options.items() if k in ("n_top", "n_samples", "cls", "patches")}
@@ -328,9 +347,4 @@ def suite_images(root: DataRoot, dataset_id: str, arrivals: list[dict]) -> tuple
     if not arrivals:
         return base, labels
     parts = [(a["first_image"], open_images(root.images(a["dataset_id"]))) for a in arrivals]
-    images = SuiteImages(base, parts)
-    labels = _extended(labels, images.shape[0])
-    for a in arrivals:
-        labels[a["first_image"]:a["first_image"] + a["n_images"]] = read_labels(root.images(a["dataset_id"])).column(
-            "label").to_numpy()
-    return images, labels
+    return SuiteImages(base, parts), labels_by_global_id(root, labels, arrivals)

@@ -15,7 +15,7 @@ from analysis.activations.store import damaged_shards, open_layout, reset_shard
 from analysis.data.images import DONE_FILE as DATASET_DONE
 from analysis.integrity import Damage, marker_damage, stale_inputs
 from analysis.paths import DataRoot
-from analysis.stages.arrivals import (ARRIVAL_FILE, STATES_DIR, ArrivalView, arrival_dataset_id, arrivals_dir,
+from analysis.stages.arrivals import (ARRIVAL_FILE, STATES_DIR, arrival_dataset_id, arrival_store_id, arrivals_dir,
                                       registered)
 from analysis.stages.dictionaries import EVALUATION_FILE, FEATURES_FILE, SUMMARY_FILE, dictionary_id
 from analysis.stages.model import RESULT_FILE
@@ -54,7 +54,7 @@ def verify_suite(spec: SuiteSpec, root: DataRoot, *, full: bool = True, repair: 
         found += damage
         if damage and repair:
             marker.unlink(missing_ok=True)
-    stores = [spec.store_id, *(ArrivalView(spec, arrival_dataset_id(spec, a.key)).store_id for a in _arrivals(spec, root))]
+    stores = [spec.store_id, *(arrival_store_id(spec, a.key) for a in _arrivals(spec, root))]
     for store_id in stores:
         for hook in spec.activations.hooks:
             found += _store_damage(root.hook_store(store_id, hook), full, repair)
