@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine, write  # noqa: E402
-from ground_truth import eval_batches, make_activations, recovery, train_batches  # noqa: E402
+from ground_truth import DRAWS, eval_batches, make_activations, recovery, train_batches  # noqa: E402
 
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae  # noqa: E402
 from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
@@ -55,7 +55,7 @@ from analysis.stages.suite import load_suite  # noqa: E402
 # the sparsity each architecture is swept over (k, or the penalty coefficient λ)
 # (ReLU's L1 at λ = 10 already shrinks every true magnitude, 1.1-10 here, to almost nothing)
 GROUND_TRUTH_GRID = {
-    "topk": [8, 16, 32, 64],
+    "topk": [4, 8, 16, 32, 64],
     "batchtopk": [8, 16, 32, 64],
     "relu": [1.0, 3.0, 10.0],
     "jumprelu": [0.3, 1.0, 3.0, 10.0],
@@ -71,7 +71,8 @@ class GroundTruth:
     """The ground truth's activations and the one way every row of this script is trained and scored."""
 
     def __init__(self, args):
-        x, directions = make_activations(args.pool_tokens + args.eval_tokens, args.d, args.n_features, args.seed)
+        x, directions = make_activations(args.pool_tokens + args.eval_tokens, args.d, args.n_features, args.seed,
+                                         args.draws)
         x, self.directions = torch.from_numpy(x), torch.from_numpy(directions)
         self.train, self.held_out = x[:args.pool_tokens], x[args.pool_tokens:]
         self.mean_norm = float(self.train[:65536].norm(dim=1).mean())  # the store's statistic in production
@@ -117,8 +118,9 @@ def ground_truth(args, on_row) -> list[dict]:
 def variants(args, on_row) -> list[dict]:
     """The rows of `--variants` (module docstring), each against TopK's FVU at its L0 in `--reference`."""
     reference = json.loads(Path(args.reference).read_text())
-    same = {k: reference["config"].get(k) for k in ("d", "expansion", "batch_size", "pool_tokens", "eval_tokens",
-                                                    "n_features", "seed", "threads", "ground_truth_version")}
+    same = {k: _recorded(reference["config"], k) for k in ("d", "expansion", "batch_size", "pool_tokens",
+                                                           "eval_tokens", "n_features", "draws", "seed", "threads",
+                                                           "ground_truth_version")}
     now = {**{k: getattr(args, k) for k in same if k != "ground_truth_version"},
            "ground_truth_version": GROUND_TRUTH_VERSION}
     if same != now:
@@ -190,6 +192,11 @@ def _interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
     return None  # outside TopK's measured range: no claim
 
 
+def _recorded(config: dict, key: str):
+    """A result's setting; results from before `--draws` existed were all measured at DRAWS."""
+    return config.get(key, DRAWS if key == "draws" else None)
+
+
 def kept_rows(args) -> list[dict]:
     """The rows of --out for the architectures not swept now, refused when they were measured
     with another configuration (another data, width or length would not compare)."""
@@ -198,7 +205,7 @@ def kept_rows(args) -> list[dict]:
                                                              "suite_root", "skip_ground_truth", "variants",
                                                              "reference")}
     now["ground_truth_version"] = GROUND_TRUTH_VERSION
-    then = {k: old["config"].get(k) for k in now}
+    then = {k: _recorded(old["config"], k) for k in now}
     if then != now:
         raise SystemExit(f"--keep-others: {args.out} was measured with {then}, not {now}; rerun every architecture")
     return [r for r in old.get("ground_truth", []) if r["architecture"] not in args.architectures]
@@ -214,6 +221,8 @@ def main() -> None:
     ap.add_argument("--pool-tokens", type=int, default=2**18)
     ap.add_argument("--eval-tokens", type=int, default=2**15)
     ap.add_argument("--n-features", type=int, default=3072)
+    ap.add_argument("--draws", type=int, default=DRAWS,
+                    help="directions drawn per token, about half of which fire (ground_truth.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--suite", action="store_true", help="also run the frontiers suite on the default store")
     ap.add_argument("--suite-root", help="data root for --suite (default: a new temporary directory)")

@@ -3,7 +3,8 @@
 By default (bench_sae_peers.py) 3072 unit directions in d = 384; bench_frontiers.py,
 bench_encoder_init.py and bench_code_oracle.py use 1024 in d = 128. Power-law firing
 frequencies, 48 draws per token of which about half fire (~23 distinct active directions) with
-magnitudes 0.5 + Exp(1), a dense offset and 5 % isotropic noise. Fewer true directions than
+magnitudes 0.5 + Exp(1), a dense offset and 5 % isotropic noise. `draws` sets the 48: with 16,
+about 8 directions are active per token, so an SAE at L0 8-16 need not drop any of them. Fewer true directions than
 latents is the regime where a good trainer finds them again (`recovery`).
 """
 
@@ -15,6 +16,10 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
+
+
+DRAWS = 48
+"""Directions drawn per token by default (about half fire); every result before `draws` existed used it."""
 
 
 def data_seed(seed: int) -> int:
@@ -30,13 +35,15 @@ class GroundTruthSample(NamedTuple):
     offset: torch.Tensor
     """(d,) the dense offset every token carries."""
     features: torch.Tensor
-    """(n, 48) int64: the directions drawn for each token (a direction may be drawn twice)."""
+    """(n, draws) int64: the directions drawn for each token (a direction may be drawn twice)."""
     magnitudes: torch.Tensor
-    """(n, 48) float32: their magnitudes, 0 for the draws that do not fire."""
+    """(n, draws) float32: their magnitudes, 0 for the draws that do not fire."""
 
 
-def ground_truth_sample(n: int, d: int, n_features: int, seed: int) -> GroundTruthSample:
+def ground_truth_sample(n: int, d: int, n_features: int, seed: int, draws: int = DRAWS) -> GroundTruthSample:
     """`make_activations`' tokens with everything they were made from."""
+    if draws < 1:
+        raise ValueError(f"draws={draws} must be >= 1 (directions drawn per token; about half fire)")
     g = torch.Generator().manual_seed(data_seed(seed))
     directions = torch.randn(n_features, d, generator=g)
     directions /= directions.norm(dim=1, keepdim=True)
@@ -44,12 +51,12 @@ def ground_truth_sample(n: int, d: int, n_features: int, seed: int) -> GroundTru
     freq = (freq / freq.sum()).float()
     offset = 2.0 * torch.randn(d, generator=g) / math.sqrt(d)
     out = torch.empty(n, d)
-    chunk, slots = 8192, 48
+    chunk, slots = 8192, draws
     features, magnitudes = torch.empty(n, slots, dtype=torch.int64), torch.empty(n, slots)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         idx = torch.multinomial(freq.expand(m, -1), slots, replacement=True, generator=g)
-        active = torch.rand(m, slots, generator=g) < 0.5  # ~24 of the 48 draws per token fire
+        active = torch.rand(m, slots, generator=g) < 0.5  # about half of the draws fire
         mags = (0.5 + torch.empty(m, slots).exponential_(1.0, generator=g)) * active
         x = torch.nn.functional.embedding_bag(idx, directions, per_sample_weights=mags, mode="sum")
         out[start:start + m] = x + offset
@@ -59,7 +66,8 @@ def ground_truth_sample(n: int, d: int, n_features: int, seed: int) -> GroundTru
     return GroundTruthSample(out, directions, offset, features, magnitudes)
 
 
-def make_activations(n: int, d: int, n_features: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_activations(n: int, d: int, n_features: int, seed: int,
+                     draws: int = DRAWS) -> tuple[np.ndarray, np.ndarray]:
     """(n, d) float32 tokens from a sparse feature model (see the module docstring), and the
     (n_features, d) unit directions it drew them from.
 
@@ -67,7 +75,7 @@ def make_activations(n: int, d: int, n_features: int, seed: int) -> tuple[np.nda
     the same number draws its initial decoder with `torch.randn` from the same stream, and the
     directions drawn here first would be its first rows: until this was found, every trainer of
     ours run at seed 0 started from the true dictionary (100 % recovered at initialisation)."""
-    sample = ground_truth_sample(n, d, n_features, seed)
+    sample = ground_truth_sample(n, d, n_features, seed, draws)
     return sample.x.numpy(), sample.directions.numpy()
 
 
