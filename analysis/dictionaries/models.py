@@ -129,45 +129,37 @@ class JumpReLUSAE(_ThresholdSAE):
         self.log_threshold.sub_(math.log(s))
 
     def train_forward(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """(dense code, per-token L0) with straight-through gradients for θ."""
-        theta, eps = self.threshold, self.cfg.bandwidth
-        return _JumpReLU.apply(pre, theta, eps), _Step.apply(pre, theta, eps).sum(1)
+        """(dense code, per-latent count of the tokens it fires on) with straight-through
+        gradients for θ; the counts' sum is the batch's total L0."""
+        return _JumpReLUWithCounts.apply(pre, self.threshold, self.cfg.bandwidth)
 
 
-def _kernel(pre: Tensor, theta: Tensor, eps: float) -> Tensor:
-    """Rectangle kernel K((pre − θ)/ε)/ε: the density estimate of pre at the threshold."""
-    return ((pre - theta).abs() < eps / 2).to(pre.dtype) / eps
+class _JumpReLUWithCounts(torch.autograd.Function):
+    """z = pre · H(pre − θ) and n_i = Σ_b H(pre_bi − θ_i), with the pseudo-gradients of
+    Rajamanoharan et al. (2024), eqs. 11-12, under the rectangle kernel K((pre − θ)/ε)/ε:
+    ∂z/∂pre = H(pre − θ), ∂z/∂θ ≈ −θ·K/ε, ∂n/∂θ ≈ −Σ_b K/ε, and no gradient from n to pre.
 
-
-class _JumpReLU(torch.autograd.Function):
-    """pre · H(pre − θ); ∂/∂pre = H(pre − θ), ∂/∂θ ≈ −θ · K((pre − θ)/ε)/ε (STE)."""
+    One function for both outputs: the band |pre − θ| < ε/2 is found once, both θ-gradients are
+    one masked reduction, and the counts are also the latents' firing counts (θ > 0, so z > 0
+    exactly where pre > θ). As two functions over float masks, the elementwise passes over the
+    (B, width) code took ~3x the step's matmuls on CPU."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(pre, theta)
         ctx.eps = eps
-        return pre * (pre > theta)
+        active = pre > theta
+        # counts of up to B tokens are exact in fp32 (bf16 would round them above 256)
+        return torch.where(active, pre, 0.0), active.sum(0, dtype=torch.promote_types(pre.dtype, torch.float32))
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g_z: Tensor, g_counts: Tensor):
         pre, theta = ctx.saved_tensors
-        grad_theta = -(theta * (g * _kernel(pre, theta, ctx.eps)).sum(0))
-        return g * (pre > theta), grad_theta.to(theta.dtype), None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre − θ); no gradient to pre, ∂/∂θ ≈ −K((pre − θ)/ε)/ε (STE)."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        pre, theta = ctx.saved_tensors
-        return None, -(g * _kernel(pre, theta, ctx.eps)).sum(0).to(theta.dtype), None
+        grad_pre = torch.where(pre > theta, g_z, 0.0)
+        band = (pre - theta).abs_() < ctx.eps / 2
+        per_pair = torch.addcmul(g_counts.to(g_z.dtype), g_z, theta)  # θ_i·g_z + g_n_i
+        grad_theta = torch.where(band, per_pair, 0.0).sum(0).div_(-ctx.eps)
+        return grad_pre, grad_theta.to(theta.dtype), None
 
 
 SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {

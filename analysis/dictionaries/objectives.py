@@ -209,15 +209,16 @@ def _dense_forward(sae: SparseAutoencoder, x: Tensor) -> TrainForward:
     if arch == "relu":
         z = pre.relu()
         penalty = (z @ W_dec.norm(dim=1)).sum()  # Σ_tokens Σ_i z_i ‖W_dec,i‖
+        fire_counts = (z.detach() > 0).sum(0, dtype=torch.float32)
     elif arch == "jumprelu":
-        z, l0_tokens = sae.train_forward(pre)
-        penalty = l0_tokens.sum()
+        z, counts = sae.train_forward(pre)
+        penalty = counts.sum()  # Σ_tokens L0
+        fire_counts = counts.detach()
     else:  # SAEConfig validates the name; a new architecture must be added here
         raise ValueError(f"no training forward for architecture={arch!r}")
-    fired = z.detach() > 0
     x_hat = torch.addmm(b_dec, z, W_dec)
     # the loss and its reductions stay fp32 whatever precision the matmuls ran in
-    return TrainForward(x_hat.float(), penalty.float(), fired.sum(0).float(), fired.sum(1).float().mean(),
+    return TrainForward(x_hat.float(), penalty.float(), fire_counts, fire_counts.sum() / x.shape[0],
                         None, None, None)
 
 
