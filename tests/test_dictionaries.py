@@ -105,10 +105,12 @@ def test_jumprelu_straight_through_gradients():
     x = torch.randn(500, D, dtype=torch.double)
     pre = sae.pre_acts(x).detach().requires_grad_(True)
     w_out = torch.randn(500, WIDTH, dtype=torch.double)
-    z, l0 = sae.train_forward(pre)
-    ((z * w_out).sum() + 0.7 * l0.sum()).backward()
+    z, counts = sae.train_forward(pre)
+    ((z * w_out).sum() + 0.7 * counts.sum()).backward()
 
     theta = sae.log_threshold.exp().detach()
+    assert_close(counts, (pre.detach() > theta).sum(0).double())  # each latent's firing count
+    assert_close(z.detach(), pre.detach() * (pre.detach() > theta))
     kernel = ((pre.detach() - theta).abs() < eps / 2).double() / eps
     d_theta = (-(theta * kernel * w_out) - 0.7 * kernel).sum(0)
     assert kernel.sum() > 0  # some pre-activations fall inside the band
