@@ -4,8 +4,8 @@ By default (bench_sae_peers.py) 3072 unit directions in d = 384; bench_frontiers
 bench_encoder_init.py and bench_code_oracle.py use 1024 in d = 128. Power-law firing
 frequencies, 48 draws per token of which about half fire (~23 distinct active directions) with
 magnitudes 0.5 + Exp(1), a dense offset and 5 % isotropic noise. `draws` sets the 48: with 16,
-about 8 directions are active per token, so an SAE at L0 8-16 need not drop any of them. Fewer true directions than
-latents is the regime where a good trainer finds them again (`recovery`).
+about 8 directions are active per token. Fewer true directions than latents is the regime where
+a good trainer finds them again (`recovery`).
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ def ground_truth_sample(n: int, d: int, n_features: int, seed: int, draws: int =
     freq = (freq / freq.sum()).float()
     offset = 2.0 * torch.randn(d, generator=g) / math.sqrt(d)
     out = torch.empty(n, d)
-    chunk, slots = 8192, draws
-    features, magnitudes = torch.empty(n, slots, dtype=torch.int64), torch.empty(n, slots)
+    chunk = 8192
+    features, magnitudes = torch.empty(n, draws, dtype=torch.int64), torch.empty(n, draws)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        idx = torch.multinomial(freq.expand(m, -1), slots, replacement=True, generator=g)
-        active = torch.rand(m, slots, generator=g) < 0.5  # about half of the draws fire
-        mags = (0.5 + torch.empty(m, slots).exponential_(1.0, generator=g)) * active
+        idx = torch.multinomial(freq.expand(m, -1), draws, replacement=True, generator=g)
+        active = torch.rand(m, draws, generator=g) < 0.5  # about half of the draws fire
+        mags = (0.5 + torch.empty(m, draws).exponential_(1.0, generator=g)) * active
         x = torch.nn.functional.embedding_bag(idx, directions, per_sample_weights=mags, mode="sum")
         out[start:start + m] = x + offset
         features[start:start + m], magnitudes[start:start + m] = idx, mags
