@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine, write  # noqa: E402
-from ground_truth import DRAWS, ground_truth_sample  # noqa: E402
+from ground_truth import DRAWS, MIN_MAGNITUDE, ground_truth_sample  # noqa: E402
 
 
 def dense_codes(features: torch.Tensor, magnitudes: torch.Tensor, n_features: int) -> torch.Tensor:
@@ -94,7 +94,8 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 def one_seed(args, seed: int) -> list[dict]:
-    sample = ground_truth_sample(args.pool_tokens + args.eval_tokens, args.d, args.n_features, seed, args.draws)
+    sample = ground_truth_sample(args.pool_tokens + args.eval_tokens, args.d, args.n_features, seed, args.draws,
+                                 args.min_magnitude)
     held = slice(args.pool_tokens, None)  # the frontier's held-out tokens
     x, directions, offset = sample.x[held].double(), sample.directions.double(), sample.offset.double()
     true = dense_codes(sample.features[held], sample.magnitudes[held], args.n_features).double()
@@ -141,6 +142,8 @@ def main() -> None:
     ap.add_argument("--n-features", type=int, default=1024)
     ap.add_argument("--draws", type=int, default=DRAWS,
                     help="directions drawn per token, about half of which fire (ground_truth.py)")
+    ap.add_argument("--min-magnitude", type=float, default=MIN_MAGNITUDE,
+                    help="smallest magnitude of an active direction, which are this + Exp(1) (ground_truth.py)")
     ap.add_argument("--pool-tokens", type=int, default=131072)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--ks", default="4,8,11,16,32,64")

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine, write  # noqa: E402
-from ground_truth import DRAWS, eval_batches, make_activations, recovery, train_batches  # noqa: E402
+from ground_truth import DRAWS, MIN_MAGNITUDE, eval_batches, make_activations, recovery, train_batches  # noqa: E402
 
 from analysis.dictionaries.training.sae import SAETrainConfig, train_sae  # noqa: E402
 from analysis.evaluation.metrics import reconstruction_metrics  # noqa: E402
@@ -72,7 +72,7 @@ class GroundTruth:
 
     def __init__(self, args):
         x, directions = make_activations(args.pool_tokens + args.eval_tokens, args.d, args.n_features, args.seed,
-                                         args.draws)
+                                         args.draws, args.min_magnitude)
         x, self.directions = torch.from_numpy(x), torch.from_numpy(directions)
         self.train, self.held_out = x[:args.pool_tokens], x[args.pool_tokens:]
         self.mean_norm = float(self.train[:65536].norm(dim=1).mean())  # the store's statistic in production
@@ -81,6 +81,10 @@ class GroundTruth:
     def row(self, arch: str, **fields) -> dict:
         """Train one SAE of `arch` (SAETrainConfig `fields`; `n_train_tokens` defaults to the
         script's) and score it on the held-out tokens."""
+        return self.row_with_model(arch, **fields)[1]
+
+    def row_with_model(self, arch: str, **fields) -> tuple:
+        """`row`, and the trained SAE (in eval mode)."""
         a = self.args
         fields = {"n_train_tokens": a.train_tokens, "seed": a.seed, **fields}
         cfg = SAETrainConfig(width=a.expansion * a.d, architecture=arch, batch_size=a.batch_size, **fields)
@@ -93,8 +97,8 @@ class GroundTruth:
         with torch.no_grad():
             m = reconstruction_metrics(sae, eval_batches(self.held_out))
             rec = recovery(self.directions, sae.W_dec)
-        return {"architecture": arch, "l0": m.l0, "fvu": m.fvu, "dead_fraction": m.dead_fraction,
-                "dense_fraction": m.dense_fraction, **rec, "lr": cfg.base_lr(), "seconds": seconds}
+        return sae, {"architecture": arch, "l0": m.l0, "fvu": m.fvu, "dead_fraction": m.dead_fraction,
+                     "dense_fraction": m.dense_fraction, **rec, "lr": cfg.base_lr(), "seconds": seconds}
 
 
 def _print_row(name: str, row: dict) -> None:
@@ -119,7 +123,8 @@ def variants(args, on_row) -> list[dict]:
     """The rows of `--variants` (module docstring), each against TopK's FVU at its L0 in `--reference`."""
     reference = json.loads(Path(args.reference).read_text())
     same = {k: _recorded(reference["config"], k) for k in ("d", "expansion", "batch_size", "pool_tokens",
-                                                           "eval_tokens", "n_features", "draws", "seed", "threads",
+                                                           "eval_tokens", "n_features", "draws", "min_magnitude", "seed",
+                                                           "threads",
                                                            "ground_truth_version")}
     now = {**{k: getattr(args, k) for k in same if k != "ground_truth_version"},
            "ground_truth_version": GROUND_TRUTH_VERSION}
@@ -193,8 +198,9 @@ def _interpolate(points: list[tuple[float, float]], l0: float) -> float | None:
 
 
 def _recorded(config: dict, key: str):
-    """A result's setting; results from before `--draws` existed were all measured at DRAWS."""
-    return config.get(key, DRAWS if key == "draws" else None)
+    """A result's setting; results from before `--draws` / `--min-magnitude` existed were all
+    measured at DRAWS / MIN_MAGNITUDE."""
+    return config.get(key, {"draws": DRAWS, "min_magnitude": MIN_MAGNITUDE}.get(key))
 
 
 def kept_rows(args) -> list[dict]:
@@ -223,6 +229,8 @@ def main() -> None:
     ap.add_argument("--n-features", type=int, default=3072)
     ap.add_argument("--draws", type=int, default=DRAWS,
                     help="directions drawn per token, about half of which fire (ground_truth.py)")
+    ap.add_argument("--min-magnitude", type=float, default=MIN_MAGNITUDE,
+                    help="smallest magnitude of an active direction, which are this + Exp(1) (ground_truth.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--suite", action="store_true", help="also run the frontiers suite on the default store")
     ap.add_argument("--suite-root", help="data root for --suite (default: a new temporary directory)")

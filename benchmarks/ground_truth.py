@@ -4,7 +4,9 @@ By default (bench_sae_peers.py) 3072 unit directions in d = 384; bench_frontiers
 bench_encoder_init.py and bench_code_oracle.py use 1024 in d = 128. Power-law firing
 frequencies, 48 draws per token of which about half fire (~23 distinct active directions) with
 magnitudes 0.5 + Exp(1), a dense offset and 5 % isotropic noise. `draws` sets the 48: with 16,
-about 8 directions are active per token. Fewer true directions than latents is the regime where
+about 8 directions are active per token. `min_magnitude` sets the 0.5: the smallest magnitude an
+active direction can have, against the interference its overlap with the token's other active
+directions puts on every projection. Fewer true directions than latents is the regime where
 a good trainer finds them again (`recovery`).
 """
 
@@ -20,6 +22,10 @@ import torch
 
 DRAWS = 48
 """Directions drawn per token by default (about half fire); every result before `draws` existed used it."""
+
+MIN_MAGNITUDE = 0.5
+"""Smallest magnitude of an active direction (magnitudes are this + Exp(1)); every result before
+`min_magnitude` existed used it."""
 
 
 def data_seed(seed: int) -> int:
@@ -40,10 +46,14 @@ class GroundTruthSample(NamedTuple):
     """(n, draws) float32: their magnitudes, 0 for the draws that do not fire."""
 
 
-def ground_truth_sample(n: int, d: int, n_features: int, seed: int, draws: int = DRAWS) -> GroundTruthSample:
+def ground_truth_sample(n: int, d: int, n_features: int, seed: int, draws: int = DRAWS,
+                        min_magnitude: float = MIN_MAGNITUDE) -> GroundTruthSample:
     """`make_activations`' tokens with everything they were made from."""
     if draws < 1:
         raise ValueError(f"draws={draws} must be >= 1 (directions drawn per token; about half fire)")
+    if not min_magnitude > 0:
+        raise ValueError(f"min_magnitude={min_magnitude} must be > 0 (active magnitudes are min_magnitude + "
+                         f"Exp(1); the default is {MIN_MAGNITUDE})")
     g = torch.Generator().manual_seed(data_seed(seed))
     directions = torch.randn(n_features, d, generator=g)
     directions /= directions.norm(dim=1, keepdim=True)
@@ -57,7 +67,7 @@ def ground_truth_sample(n: int, d: int, n_features: int, seed: int, draws: int =
         m = min(chunk, n - start)
         idx = torch.multinomial(freq.expand(m, -1), draws, replacement=True, generator=g)
         active = torch.rand(m, draws, generator=g) < 0.5  # about half of the draws fire
-        mags = (0.5 + torch.empty(m, draws).exponential_(1.0, generator=g)) * active
+        mags = (min_magnitude + torch.empty(m, draws).exponential_(1.0, generator=g)) * active
         x = torch.nn.functional.embedding_bag(idx, directions, per_sample_weights=mags, mode="sum")
         out[start:start + m] = x + offset
         features[start:start + m], magnitudes[start:start + m] = idx, mags
@@ -66,8 +76,8 @@ def ground_truth_sample(n: int, d: int, n_features: int, seed: int, draws: int =
     return GroundTruthSample(out, directions, offset, features, magnitudes)
 
 
-def make_activations(n: int, d: int, n_features: int, seed: int,
-                     draws: int = DRAWS) -> tuple[np.ndarray, np.ndarray]:
+def make_activations(n: int, d: int, n_features: int, seed: int, draws: int = DRAWS,
+                     min_magnitude: float = MIN_MAGNITUDE) -> tuple[np.ndarray, np.ndarray]:
     """(n, d) float32 tokens from a sparse feature model (see the module docstring), and the
     (n_features, d) unit directions it drew them from.
 
@@ -75,7 +85,7 @@ def make_activations(n: int, d: int, n_features: int, seed: int,
     the same number draws its initial decoder with `torch.randn` from the same stream, and the
     directions drawn here first would be its first rows: until this was found, every trainer of
     ours run at seed 0 started from the true dictionary (100 % recovered at initialisation)."""
-    sample = ground_truth_sample(n, d, n_features, seed, draws)
+    sample = ground_truth_sample(n, d, n_features, seed, draws, min_magnitude)
     return sample.x.numpy(), sample.directions.numpy()
 
 

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from ground_truth import DRAWS, ground_truth_sample, make_activations  # noqa: E402
+from ground_truth import DRAWS, MIN_MAGNITUDE, ground_truth_sample, make_activations  # noqa: E402
 
 from analysis.dictionaries.training.sae import SAEObjective, SAETrainConfig  # noqa: E402
 
@@ -37,3 +37,16 @@ def test_draws_sets_the_active_directions_per_token():
     torch.testing.assert_close(dense.directions, sparse.directions)
     with pytest.raises(ValueError, match="draws=0 must be >= 1"):
         ground_truth_sample(16, 32, 256, 0, draws=0)
+
+
+def test_min_magnitude_sets_the_smallest_active_magnitude():
+    """Active magnitudes are min_magnitude + Exp(1): 0.5 by default (every published figure); the
+    same seed draws the same directions and the same active draws."""
+    low, high = ground_truth_sample(4096, 32, 256, 0), ground_truth_sample(4096, 32, 256, 0, min_magnitude=2.0)
+    assert MIN_MAGNITUDE == 0.5
+    low_active, high_active = low.magnitudes[low.magnitudes > 0], high.magnitudes[high.magnitudes > 0]
+    assert 0.5 <= float(low_active.min()) < 0.51 and 2.0 <= float(high_active.min()) < 2.01
+    torch.testing.assert_close(high_active - low_active, torch.full_like(low_active, 1.5))
+    torch.testing.assert_close(low.directions, high.directions)
+    with pytest.raises(ValueError, match="min_magnitude=0 must be > 0"):
+        ground_truth_sample(16, 32, 256, 0, min_magnitude=0)
