@@ -1,0 +1,148 @@
+"""Where a JumpReLU loses to a TopK at matched L0 on the ground truth: its dictionary, its
+selection, or the values it gives the latents it selects.
+
+A TopK SAE (k = 8) and a JumpReLU (λ = 1) are trained with their defaults on bench_frontiers.py's
+ground truth (`--draws`, `--min-magnitude`, `--steps`, `--seed`). On the held-out tokens each
+dictionary is then read, through its own encoder, three ways:
+- its own code;
+- each token's k largest pre-activations (the selection a TopK makes), at the k on either side
+  of the JumpReLU's L0, so the two dictionaries compare at the same selection rule;
+- every code again with the values of its selected latents refit by least squares per token
+  (`refit`), which scores the selection alone.
+A JumpReLU's code is pre · H(pre − θ): a selected latent's value is at least its threshold θ. The
+JumpReLU's selected latents are binned by value / θ, and each bin reports the mean value, the mean
+refit value, and the FVU when only that bin's values are refit; for the TopK the bins are value /
+the token's largest unselected pre-activation (its cut).
+
+    .venv/bin/python benchmarks/bench_threshold_values.py [--draws 16] [--min-magnitude 0.5] \\
+        [--steps 1024] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _results import machine, write  # noqa: E402
+from bench_frontiers import GroundTruth, _interpolate  # noqa: E402
+from ground_truth import MIN_MAGNITUDE  # noqa: E402
+
+BINS = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0, math.inf)
+"""Edges of value / θ (JumpReLU) or value / cut (TopK) for the per-bin rows."""
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    return float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def refit_values(W_dec: torch.Tensor, b_dec: torch.Tensor, mask: torch.Tensor, x: torch.Tensor,
+                 chunk: int = 1024) -> torch.Tensor:
+    """(n, width) least-squares values of each token's selected latents (`mask`), 0 elsewhere. A
+    ridge of 1e-4 keeps the solve finite where two selected rows nearly coincide. Chunks hold at
+    most 2^24 Gram entries: a batched LU over more overflows MKL's 32-bit sizes."""
+    out = torch.zeros(mask.shape)
+    a = 0
+    while a < len(x):
+        kmax = max(1, int(mask[a:a + chunk].sum(1).max()))
+        rows_now = max(1, min(chunk, 2**24 // kmax**2))
+        m = mask[a:a + rows_now]
+        kmax = max(1, int(m.sum(1).max()))
+        flags, idx = m.float().topk(kmax, dim=1)  # the selected latents first, padded with unselected
+        valid = flags > 0
+        rows = W_dec[idx] * valid[..., None]  # (n, kmax, d), padding rows 0
+        gram = rows @ rows.transpose(1, 2) + torch.diag_embed((~valid).float()) + 1e-4 * torch.eye(kmax)
+        c = torch.linalg.solve(gram, rows @ (x[a:a + rows_now] - b_dec)[..., None]).squeeze(-1)
+        out[a:a + rows_now].scatter_(1, idx, c * valid)
+        a += rows_now
+    return out
+
+
+def top_k_mask(pre: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros(pre.shape, dtype=torch.bool).scatter_(1, pre.topk(k, dim=1).indices, True) & (pre > 0)
+
+
+def read(sae, x: torch.Tensor, mask: torch.Tensor, pre: torch.Tensor) -> dict:
+    values = refit_values(sae.W_dec, sae.b_dec, mask, x)
+    return {"l0": float(mask.sum(1).float().mean()), "fvu": fvu(x, (pre * mask) @ sae.W_dec + sae.b_dec),
+            "fvu_refit": fvu(x, values @ sae.W_dec + sae.b_dec)}
+
+
+def value_bins(sae, x: torch.Tensor, mask: torch.Tensor, pre: torch.Tensor, cut: torch.Tensor, scale: float) -> list[dict]:
+    """Per bin of value / cut: selected latents per token, mean value and mean refit value (scaled
+    units, where a token's mean squared norm is d), and the FVU with only that bin refit."""
+    code = pre * mask
+    refit = refit_values(sae.W_dec, sae.b_dec, mask, x)
+    ratio = pre / cut
+    rows = []
+    for lo, hi in zip(BINS, BINS[1:]):
+        sel = mask & (ratio >= lo) & (ratio < hi)
+        mixed = torch.where(sel, refit, code)
+        rows.append({"bin": [lo, hi if math.isfinite(hi) else None], "per_token": float(sel.sum()) / len(x),
+                     "mean_value": float(code[sel].mean()) * scale, "mean_refit": float(refit[sel].mean()) * scale,
+                     "fvu_with_bin_refit": fvu(x, mixed @ sae.W_dec + sae.b_dec)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--draws", type=int, default=16)
+    ap.add_argument("--min-magnitude", type=float, default=MIN_MAGNITUDE)
+    ap.add_argument("--steps", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k", type=int, default=8, help="the TopK's k")
+    ap.add_argument("--sparsity-coef", type=float, default=1.0, help="the JumpReLU's λ")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "threshold_values.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    frontier = SimpleNamespace(d=128, expansion=16, batch_size=4096, pool_tokens=131072, eval_tokens=16384,
+                               n_features=1024, seed=args.seed, draws=args.draws, min_magnitude=args.min_magnitude,
+                               train_tokens=args.steps * 4096)
+    data = GroundTruth(frontier)
+    scale = math.sqrt(frontier.d) / data.mean_norm
+    x = data.held_out
+    result = {"machine": machine(), "config": vars(args), "scale": scale}
+    trained = {}
+    for name, arch, knob in (("topk", "topk", {"k": args.k}), ("jumprelu", "jumprelu", {"sparsity_coef": args.sparsity_coef})):
+        t0 = time.perf_counter()
+        trained[name] = data.row_with_model(arch, **knob)
+        print(f"{name} trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    with torch.no_grad():
+        pres = {name: torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc) for name, (sae, _) in trained.items()}
+        jr, jr_pre = trained["jumprelu"][0], pres["jumprelu"]
+        own = {"topk": top_k_mask(pres["topk"], args.k), "jumprelu": jr_pre > jr.threshold}
+        l0 = float(own["jumprelu"].sum(1).float().mean())
+        ks = range(max(1, math.floor(l0) - 1), math.ceil(l0) + 2)
+        for name, (sae, row) in trained.items():
+            pre = pres[name]
+            top = {k: read(sae, x, top_k_mask(pre, k), pre) for k in ks}
+            at_l0 = {key: _interpolate([(k, r[key]) for k, r in top.items()], l0) for key in ("fvu", "fvu_refit")}
+            if name == "jumprelu":
+                cut = jr.threshold.expand_as(pre)
+            else:
+                cut = pre.topk(args.k + 1, dim=1).values[:, args.k:].expand_as(pre).clamp_min(1e-12)
+            result[name] = {"training": row, "own": read(sae, x, own[name], pre), "top_k": top,
+                            "top_k_at_jumprelu_l0": at_l0, "value_bins": value_bins(sae, x, own[name], pre, cut, scale)}
+            print(name, {k: round(v, 4) for k, v in result[name]["own"].items()},
+                  "top-k at the JumpReLU's L0", {k: round(v, 4) for k, v in at_l0.items()}, flush=True)
+            for b in result[name]["value_bins"]:
+                print("   ", b["bin"], f"{b['per_token']:.2f}/token value {b['mean_value']:.2f} refit "
+                      f"{b['mean_refit']:.2f} FVU {b['fvu_with_bin_refit']:.4f}", flush=True)
+        live = own["jumprelu"].any(0)
+        result["jumprelu"]["scaled_threshold_quantiles"] = {
+            str(q): float(jr.threshold[live].quantile(q)) * scale for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    write(args.out, result, runs_key="machine")
+
+
+if __name__ == "__main__":
+    main()
