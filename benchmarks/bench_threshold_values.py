@@ -48,22 +48,27 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 def refit_values(W_dec: torch.Tensor, b_dec: torch.Tensor, mask: torch.Tensor, x: torch.Tensor,
                  chunk: int = 1024) -> torch.Tensor:
     """(n, width) least-squares values of each token's selected latents (`mask`), 0 elsewhere. A
-    ridge of 1e-4 keeps the solve finite where two selected rows nearly coincide. Chunks hold at
-    most 2^24 Gram entries: a batched LU over more overflows MKL's 32-bit sizes."""
+    ridge of 1e-4 keeps the solve finite where two selected rows nearly coincide.
+
+    Tokens are solved in order of their L0, so a token that selects hundreds of latents pads
+    only its neighbours' systems; a chunk holds at most 2^24 Gram entries (a batched LU over more
+    overflows MKL's 32-bit sizes)."""
     out = torch.zeros(mask.shape)
+    counts = mask.sum(1)
+    order = counts.argsort()
     a = 0
-    while a < len(x):
-        kmax = max(1, int(mask[a:a + chunk].sum(1).max()))
-        rows_now = max(1, min(chunk, 2**24 // kmax**2))
-        m = mask[a:a + rows_now]
+    while a < len(order):
+        kmax = max(1, int(counts[order[min(a + chunk, len(order)) - 1]]))
+        ids = order[a:a + max(1, min(chunk, 2**24 // kmax**2))]
+        m = mask[ids]
         kmax = max(1, int(m.sum(1).max()))
         flags, idx = m.float().topk(kmax, dim=1)  # the selected latents first, padded with unselected
         valid = flags > 0
         rows = W_dec[idx] * valid[..., None]  # (n, kmax, d), padding rows 0
         gram = rows @ rows.transpose(1, 2) + torch.diag_embed((~valid).float()) + 1e-4 * torch.eye(kmax)
-        c = torch.linalg.solve(gram, rows @ (x[a:a + rows_now] - b_dec)[..., None]).squeeze(-1)
-        out[a:a + rows_now].scatter_(1, idx, c * valid)
-        a += rows_now
+        c = torch.linalg.solve(gram, rows @ (x[ids] - b_dec)[..., None]).squeeze(-1)
+        out[ids] = torch.zeros(len(ids), mask.shape[1]).scatter_(1, idx, c * valid)
+        a += len(ids)
     return out
 
 
@@ -71,17 +76,18 @@ def top_k_mask(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros(pre.shape, dtype=torch.bool).scatter_(1, pre.topk(k, dim=1).indices, True) & (pre > 0)
 
 
-def read(sae, x: torch.Tensor, mask: torch.Tensor, pre: torch.Tensor) -> dict:
-    values = refit_values(sae.W_dec, sae.b_dec, mask, x)
+def read(sae, x: torch.Tensor, mask: torch.Tensor, pre: torch.Tensor, values: torch.Tensor | None = None) -> dict:
+    """L0, FVU and FVU with `values` (default: `refit_values` of `mask`) on the selected latents."""
+    values = refit_values(sae.W_dec, sae.b_dec, mask, x) if values is None else values
     return {"l0": float(mask.sum(1).float().mean()), "fvu": fvu(x, (pre * mask) @ sae.W_dec + sae.b_dec),
             "fvu_refit": fvu(x, values @ sae.W_dec + sae.b_dec)}
 
 
-def value_bins(sae, x: torch.Tensor, mask: torch.Tensor, pre: torch.Tensor, cut: torch.Tensor, scale: float) -> list[dict]:
+def value_bins(sae, x: torch.Tensor, mask: torch.Tensor, pre: torch.Tensor, refit: torch.Tensor, cut: torch.Tensor,
+               scale: float) -> list[dict]:
     """Per bin of value / cut: selected latents per token, mean value and mean refit value (scaled
     units, where a token's mean squared norm is d), and the FVU with only that bin refit."""
     code = pre * mask
-    refit = refit_values(sae.W_dec, sae.b_dec, mask, x)
     ratio = pre / cut
     rows = []
     for lo, hi in zip(BINS, BINS[1:]):
@@ -131,8 +137,10 @@ def main() -> None:
                 cut = jr.threshold.expand_as(pre)
             else:
                 cut = pre.topk(args.k + 1, dim=1).values[:, args.k:].expand_as(pre).clamp_min(1e-12)
-            result[name] = {"training": row, "own": read(sae, x, own[name], pre), "top_k": top,
-                            "top_k_at_jumprelu_l0": at_l0, "value_bins": value_bins(sae, x, own[name], pre, cut, scale)}
+            refit = refit_values(sae.W_dec, sae.b_dec, own[name], x)
+            result[name] = {"training": row, "own": read(sae, x, own[name], pre, refit), "top_k": top,
+                            "top_k_at_jumprelu_l0": at_l0,
+                            "value_bins": value_bins(sae, x, own[name], pre, refit, cut, scale)}
             print(name, {k: round(v, 4) for k, v in result[name]["own"].items()},
                   "top-k at the JumpReLU's L0", {k: round(v, 4) for k, v in at_l0.items()}, flush=True)
             for b in result[name]["value_bins"]:
