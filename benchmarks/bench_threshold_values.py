@@ -50,9 +50,8 @@ def refit_values(W_dec: torch.Tensor, b_dec: torch.Tensor, mask: torch.Tensor, x
     """(n, width) least-squares values of each token's selected latents (`mask`), 0 elsewhere. A
     ridge of 1e-4 keeps the solve finite where two selected rows nearly coincide.
 
-    Tokens are solved in order of their L0, so a token that selects hundreds of latents pads
-    only its neighbours' systems; a chunk holds at most 2^24 Gram entries (a batched LU over more
-    overflows MKL's 32-bit sizes)."""
+    Tokens are solved in order of their L0, so a token that selects a hundred latents pads only
+    its neighbours' systems; a chunk holds at most 2^24 Gram entries. Solved in float64."""
     out = torch.zeros(mask.shape)
     counts = mask.sum(1)
     order = counts.argsort()
@@ -66,7 +65,12 @@ def refit_values(W_dec: torch.Tensor, b_dec: torch.Tensor, mask: torch.Tensor, x
         valid = flags > 0
         rows = W_dec[idx] * valid[..., None]  # (n, kmax, d), padding rows 0
         gram = rows @ rows.transpose(1, 2) + torch.diag_embed((~valid).float()) + 1e-4 * torch.eye(kmax)
-        c = torch.linalg.solve(gram, rows @ (x[ids] - b_dec)[..., None]).squeeze(-1)
+        # Cholesky (the ridge makes every system positive definite): the batched pivoted LU of
+        # torch.linalg.solve failed inside MKL (SLASWP) on tokens selecting 100-150 latents
+        factor, info = torch.linalg.cholesky_ex(gram.double())
+        if bool(info.any()):
+            raise RuntimeError(f"least-squares refit: {int((info > 0).sum())} Gram matrices are not positive definite")
+        c = torch.cholesky_solve(rows.double() @ (x[ids] - b_dec).double()[..., None], factor).squeeze(-1).float()
         out[ids] = torch.zeros(len(ids), mask.shape[1]).scatter_(1, idx, c * valid)
         a += len(ids)
     return out
