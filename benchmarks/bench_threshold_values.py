@@ -34,15 +34,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine, write  # noqa: E402
+from bench_code_oracle import fvu  # noqa: E402
 from bench_frontiers import GroundTruth, _interpolate  # noqa: E402
 from ground_truth import MIN_MAGNITUDE  # noqa: E402
 
 BINS = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0, math.inf)
 """Edges of value / θ (JumpReLU) or value / cut (TopK) for the per-bin rows."""
-
-
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    return float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
 def refit_values(W_dec: torch.Tensor, b_dec: torch.Tensor, mask: torch.Tensor, x: torch.Tensor,
@@ -128,7 +125,7 @@ def main() -> None:
         trained[name] = data.row_with_model(arch, **knob)
         print(f"{name} trained in {time.perf_counter() - t0:.0f} s", flush=True)
     with torch.no_grad():
-        pres = {name: torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc) for name, (sae, _) in trained.items()}
+        pres = {name: sae.pre_acts(x) for name, (sae, _) in trained.items()}
         jr, jr_pre = trained["jumprelu"][0], pres["jumprelu"]
         own = {"topk": top_k_mask(pres["topk"], args.k), "jumprelu": jr_pre > jr.threshold}
         l0 = float(own["jumprelu"].sum(1).float().mean())
