@@ -76,19 +76,29 @@ def test_codes_and_reconstruction_match_dense_reference(arch):
     assert 0 < (z_ref > 0).sum(1).float().mean() < WIDTH  # the test is not vacuous
 
 
-def test_batch_topk_matches_flat_topk_and_widens_when_needed():
+@pytest.mark.parametrize("loud_rows", [0, 3])
+def test_batch_topk_matches_flat_topk_in_row_then_value_order(loud_rows):
     torch.manual_seed(0)
     pre = torch.randn(40, 200)
-    pre[:3] *= 50  # three rows hold far more than their 4k candidates of the batch's winners
+    pre[:loud_rows] *= 50  # rows holding far more than their 2k candidates of the batch's winners
     k = 3
-    vals, idx, keep = batch_topk(pre, k)
-    got = torch.zeros_like(pre).scatter_(1, idx, vals * keep)
+    rows, latents, vals = batch_topk(pre, k)
+    got = torch.zeros_like(pre).index_put_((rows, latents), vals)
     flat = pre.relu().reshape(-1)
     ref = torch.zeros_like(flat).scatter_(0, flat.topk(k * 40).indices, flat.topk(k * 40).values).view_as(pre)
     assert_close(got, ref)
-    assert int(keep.sum()) == k * 40 and keep[:3].sum() > 4 * k * 3
+    assert len(rows) == k * 40 and (rows < loud_rows).sum() >= (2 * k * loud_rows)
+    assert bool((rows.diff() >= 0).all())  # grouped by row,
+    assert bool(((rows.diff() > 0) | (vals.diff() <= 0)).all())  # each row by decreasing value
     # every kept value beats every value left out
     assert got[got > 0].min() >= pre.masked_fill(got > 0, -1e9).max()
+
+
+def test_batch_topk_keeps_only_positive_entries():
+    pre = -torch.rand(6, 10)
+    pre[2, 4], pre[5, 1] = 0.5, 0.25  # two positives where k·B = 12 would be kept
+    rows, latents, vals = batch_topk(pre, 2)
+    assert rows.tolist() == [2, 5] and latents.tolist() == [4, 1] and vals.tolist() == [0.5, 0.25]
 
 
 def test_batchtopk_training_code_selects_k_per_token_on_average():

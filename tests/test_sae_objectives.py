@@ -100,6 +100,37 @@ def test_bf16_selection_keeps_fp32_values_and_gradients():
     assert same > 0.9, same  # only near-ties at the k-th place may differ
 
 
+def test_batchtopk_training_forward_matches_dense_autograd_on_the_batch_selection():
+    """BatchTopK's pairs are ragged (tokens keep 0 to many latents): its reconstruction, L0,
+    firing counts, threshold estimate and every gradient equal autograd through the dense code
+    that keeps the batch's k·B largest positive pre-activations."""
+    sae = _sae("batchtopk", d=12, width=40, k=3)
+    x = torch.randn(30, 12, generator=torch.Generator().manual_seed(8), dtype=torch.double)
+    x[:5] *= 4  # a few loud tokens take many of the batch's winners, some quiet ones none
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        flat = pre.flatten()
+        keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, flat.topk(3 * 30).indices, True)
+        keep = (keep & (flat > 0)).view_as(pre)
+    per_token = keep.sum(1)
+    assert per_token.max() > 3 * 2 and (per_token == 0).any()  # the layout really is ragged
+
+    def dense():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        return (pre * keep) @ sae.W_dec + sae.b_dec
+
+    fwd = train_forward(sae, x)
+    assert_close(fwd.x_hat, dense())
+    assert float(fwd.l0) == pytest.approx(float(per_token.double().mean()))
+    assert_close(fwd.fire_counts, keep.sum(0).float())
+    assert float(fwd.min_kept) == float(pre[keep].min())
+    got = _grads(sae, lambda: (train_forward(sae, x).x_hat - x).pow(2).sum())
+    ref = _grads(sae, lambda: (dense() - x).pow(2).sum())
+    assert set(got) == set(ref)
+    for name in ref:
+        assert_close(got[name], ref[name], msg=name)
+
+
 def test_batchtopk_bf16_selection_threshold_is_an_fp32_value():
     sae = _sae("batchtopk", d=32, width=128, k=4, dtype=torch.float32)
     x = torch.randn(200, 32, generator=torch.Generator().manual_seed(4))

@@ -46,22 +46,42 @@ class TrainForward(NamedTuple):
 # ---- sparse products over (token, latent) pairs --------------------------------------------
 
 
-def gathered_dot(table: Tensor, idx: Tensor, vecs: Tensor) -> Tensor:
-    """out[b, j] = table[idx[b, j]] · vecs[b] for an (n, d) table, (B, m) ids and (B, d) vectors.
+class Ragged(NamedTuple):
+    """A varying number of pairs per token, as embedding_bag takes it: the pairs of token b are
+    positions offsets[b] to offsets[b + 1] (the last to the end) of the flat (N,) ids, and
+    rows[p] is the token of pair p. BatchTopK's code is ragged: a batch at k = 16 averages 16
+    pairs per token, but its fullest token holds over a hundred, and padding every token to that
+    made the sparse products ~10x larger."""
+
+    offsets: Tensor
+    rows: Tensor
+
+    @classmethod
+    def from_rows(cls, rows: Tensor, n_rows: int) -> Ragged:
+        """The layout of flat pairs whose tokens `rows` are in increasing order."""
+        counts = torch.bincount(rows, minlength=n_rows)
+        return cls(counts.cumsum(0) - counts, rows)
+
+
+def gathered_dot(table: Tensor, idx: Tensor, vecs: Tensor, ragged: Ragged | None = None) -> Tensor:
+    """out[b, j] = table[idx[b, j]] · vecs[b] for an (n, d) table, (B, m) ids and (B, d) vectors
+    (with `ragged`: out[p] = table[idx[p]] · vecs[rows[p]] for flat (N,) ids).
 
     This is exactly the gradient of embedding_bag's per-sample weights, which torch computes
     with a fused kernel reading each table row in place; indexing `table[idx]` first would
     materialise (B, m, d) rows (200 MB at B=4096, m=32, d=384) and run ~8x slower.
     """
+    offsets = None if ragged is None else ragged.offsets
     with torch.enable_grad():
         w = torch.zeros(idx.shape, dtype=vecs.dtype, device=vecs.device, requires_grad=True)
-        bags = F.embedding_bag(idx, table.detach(), per_sample_weights=w, mode="sum")
+        bags = F.embedding_bag(idx, table.detach(), offsets, per_sample_weights=w, mode="sum")
         (out,) = torch.autograd.grad(bags, w, vecs)
     return out
 
 
-def scatter_rows(idx: Tensor, weights: Tensor, vecs: Tensor, n: int) -> Tensor:
-    """(n, d) out[i] = Σ over pairs with idx[b, j] = i of weights[b, j] · vecs[b].
+def scatter_rows(idx: Tensor, weights: Tensor, vecs: Tensor, n: int, ragged: Ragged | None = None) -> Tensor:
+    """(n, d) out[i] = Σ over pairs with idx[b, j] = i of weights[b, j] · vecs[b] (with `ragged`,
+    flat pairs p of token rows[p]).
 
     Sorted by latent, the pairs of latent i are one bag of token rows, so the whole product is
     a single embedding_bag that writes each output row once (an index_add would first build
@@ -71,7 +91,7 @@ def scatter_rows(idx: Tensor, weights: Tensor, vecs: Tensor, n: int) -> Tensor:
     order = flat.sort(stable=True).indices  # stable: a fixed summation order within each bag
     counts = torch.bincount(flat, minlength=n)
     offsets = counts.cumsum(0) - counts
-    tokens = order // idx.shape[1]
+    tokens = order // idx.shape[1] if ragged is None else ragged.rows[order]
     return F.embedding_bag(tokens, vecs, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
 
 
@@ -85,17 +105,19 @@ class SelectedPre(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
+    def forward(ctx, xc: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, idx: Tensor, vals: Tensor,
+                ragged: Ragged | None = None) -> Tensor:
         ctx.save_for_backward(xc, W_enc, idx)
+        ctx.ragged = ragged
         return vals.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
         xc, W_enc, idx = ctx.saved_tensors
         width = W_enc.shape[1]
-        grad_w = scatter_rows(idx, g, xc, width).T  # (d, width) view of a width-major tensor, like W_enc
+        grad_w = scatter_rows(idx, g, xc, width, ctx.ragged).T  # (d, width) view of a width-major tensor, like W_enc
         grad_b = g.new_zeros(width).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return None, grad_w, grad_b, -(W_enc @ grad_b), None, None
+        return None, grad_w, grad_b, -(W_enc @ grad_b), None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -104,26 +126,29 @@ class SparseDecode(torch.autograd.Function):
     that costs ~5x `scatter_rows` at training sizes."""
 
     @staticmethod
-    def forward(ctx, acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    def forward(ctx, acts: Tensor, idx: Tensor, W_dec: Tensor, ragged: Ragged | None) -> Tensor:
         ctx.save_for_backward(acts, idx, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
+        ctx.ragged = ragged
+        offsets = None if ragged is None else ragged.offsets
+        return F.embedding_bag(idx, W_dec, offsets, per_sample_weights=acts, mode="sum")
 
     @staticmethod
     def backward(ctx, g: Tensor):
         acts, idx, W_dec = ctx.saved_tensors
-        grad_acts = gathered_dot(W_dec, idx, g) if ctx.needs_input_grad[0] else None
-        grad_w = scatter_rows(idx, acts, g, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
-        return grad_acts, None, grad_w
+        grad_acts = gathered_dot(W_dec, idx, g, ctx.ragged) if ctx.needs_input_grad[0] else None
+        grad_w = scatter_rows(idx, acts, g, W_dec.shape[0], ctx.ragged) if ctx.needs_input_grad[2] else None
+        return grad_acts, None, grad_w, None
 
 
-def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j acts[:, j] * W_dec[idx[:, j]] without bias (differentiable in acts and W_dec)."""
-    return SparseDecode.apply(acts, idx, W_dec)
+def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor, ragged: Ragged | None = None) -> Tensor:
+    """sum_j acts[:, j] * W_dec[idx[:, j]] without bias (differentiable in acts and W_dec); with
+    `ragged`, the (B, d) sums of each token's flat pairs."""
+    return SparseDecode.apply(acts, idx, W_dec, ragged)
 
 
-def exact_selected(xc: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
+def exact_selected(xc: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, ragged: Ragged | None = None) -> Tensor:
     """fp32 pre-activations of the selected pairs: xc[b] · W_enc[:, idx[b, j]] + b_enc[idx[b, j]]."""
-    return gathered_dot(W_enc.T, idx, xc) + b_enc[idx]
+    return gathered_dot(W_enc.T, idx, xc, ragged) + b_enc[idx]
 
 
 def _counts(width: int, idx: Tensor, fired: Tensor) -> Tensor:
@@ -179,22 +204,22 @@ def topk_forward(w: TopKWeights, x: Tensor, k: int, *, batch: bool = False,
         xc = x - w.center
         # with low precision the matmul only chooses the latents; their fp32 values are recomputed below
         pre = torch.addmm(b_enc.to(dtype), xc.to(dtype), W_enc.to(dtype), out=out)
+        ragged = None
         if batch:
-            vals, idx, keep = batch_topk(pre, k)
+            rows, idx, vals = batch_topk(pre, k)
+            ragged = Ragged.from_rows(rows, len(pre))
         else:
             vals, idx = pre.topk(k, dim=-1, sorted=False)
-            keep = None
         if low_precision is not None:
-            vals = exact_selected(xc, W_enc, b_enc, idx)
-    acts = SelectedPre.apply(xc, W_enc, b_enc, w.center, idx, vals).relu()
+            vals = exact_selected(xc, W_enc, b_enc, idx, ragged)
+    acts = SelectedPre.apply(xc, W_enc, b_enc, w.center, idx, vals, ragged).relu()
     min_kept = None
-    if keep is not None:
-        acts = acts * keep  # unselected slots: value and gradient 0
-        kept = keep & (vals > 0)
-        min_kept = vals[kept].min() if bool(kept.any()) else None
-    x_hat = sparse_decode(acts, idx, W_dec) + w.b_dec
+    if batch:
+        positive = vals[vals > 0]  # an fp32 recomputation can put a bf16-chosen pair at or below 0
+        min_kept = positive.min() if len(positive) else None
+    x_hat = sparse_decode(acts, idx, W_dec, ragged) + w.b_dec
     fired = acts.detach() > 0
-    return TrainForward(x_hat, x.new_zeros(()), _counts(width, idx, fired), fired.sum(1).float().mean(),
+    return TrainForward(x_hat, x.new_zeros(()), _counts(width, idx, fired), fired.sum().float() / x.shape[0],
                         pre, xc, min_kept)
 
 
