@@ -131,6 +131,51 @@ def test_batchtopk_training_forward_matches_dense_autograd_on_the_batch_selectio
         assert_close(got[name], ref[name], msg=name)
 
 
+@pytest.mark.parametrize("threshold", [1.0, 0.05])  # a sparse code (forced onto the sparse path) / a dense one
+def test_jumprelu_training_forward_matches_the_dense_path(threshold):
+    """The sparse JumpReLU forward (firing pairs only, θ's pseudo-gradient from the band pairs)
+    against `_dense_forward`: reconstruction, penalty, counts, L0, and every gradient, the
+    log-thresholds' included, under a loss that weights reconstruction and L0 alike."""
+    from analysis.dictionaries import objectives
+
+    sae = _sae("jumprelu", d=12, width=40, bandwidth=0.5)
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.full((40,), threshold).log() + 0.3 * torch.randn(40))
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(9), dtype=torch.double)
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        fill = float((pre > sae.threshold).double().mean())
+        in_band = ((pre - sae.threshold).abs() < 0.25).sum()
+    sparse = objectives.jumprelu_forward(sae, x)
+    if threshold == 0.05:
+        assert fill > objectives.SPARSE_JUMPRELU_MAX_FILL and sparse is None
+        assert train_forward(sae, x).pre is None  # train_forward fell back to the dense path
+        return
+    assert 0 < fill < 0.5 and in_band > 50  # the test is not vacuous
+    objectives_fill = objectives.SPARSE_JUMPRELU_MAX_FILL
+    try:
+        objectives.SPARSE_JUMPRELU_MAX_FILL = 1.0  # force the sparse path at this small width
+        dense = objectives._dense_forward(sae, x)
+        sparse = train_forward(sae, x)
+        assert sparse.pre is not None
+        assert_close(sparse.x_hat, dense.x_hat)  # both fp32, as TrainForward promises
+        assert_close(sparse.penalty, dense.penalty)
+        assert_close(sparse.fire_counts, dense.fire_counts.double())
+        assert float(sparse.l0) == pytest.approx(float(dense.l0))
+
+        def loss(fwd):
+            return lambda: (fwd().x_hat - x).pow(2).sum() + 0.7 * fwd().penalty
+
+        got = _grads(sae, loss(lambda: train_forward(sae, x)))
+        ref = _grads(sae, loss(lambda: objectives._dense_forward(sae, x)))
+    finally:
+        objectives.SPARSE_JUMPRELU_MAX_FILL = objectives_fill
+    assert set(got) == set(ref) == {"W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"}
+    assert float(ref["log_threshold"].abs().sum()) > 0
+    for name in ref:  # the loss is fp32 on both paths
+        assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_batchtopk_bf16_selection_threshold_is_an_fp32_value():
     sae = _sae("batchtopk", d=32, width=128, k=4, dtype=torch.float32)
     x = torch.randn(200, 32, generator=torch.Generator().manual_seed(4))

@@ -9,8 +9,10 @@ selection touches only the chosen (token, latent) pairs:
 - with `low_precision` (bf16) the dense matmul only *chooses* the latents; the chosen values are
   recomputed in fp32 by `gathered_dot`, so every value and gradient of a selected latent is the
   fp32 one (only near-ties at the k-th place can pick a different latent).
-ReLU and JumpReLU codes are dense by nature during training (early on most latents are active),
-so they use plain autograd with a dense decode, under torch.autocast when `low_precision` is set.
+JumpReLU takes the same sparse path (`jumprelu_forward`) while at most 1/16 of its pairs fire.
+A ReLU code is dense by nature during training (early on most latents are active), so ReLU, and
+a JumpReLU step above that fill, use plain autograd with a dense decode, under torch.autocast
+when `low_precision` is set.
 """
 
 from __future__ import annotations
@@ -187,6 +189,10 @@ def train_forward(sae: SparseAutoencoder, x: Tensor, *, low_precision: torch.dty
     if arch in ("topk", "batchtopk"):
         return topk_forward(sae_weights(sae), x, sae.cfg.k, batch=arch == "batchtopk",
                             low_precision=low_precision, reuse=reuse)
+    if arch == "jumprelu":
+        fwd = jumprelu_forward(sae, x, reuse=reuse)
+        if fwd is not None:
+            return fwd
     with torch.autocast(x.device.type, dtype=low_precision or torch.bfloat16, enabled=low_precision is not None):
         return _dense_forward(sae, x)
 
@@ -221,6 +227,64 @@ def topk_forward(w: TopKWeights, x: Tensor, k: int, *, batch: bool = False,
     fired = acts.detach() > 0
     return TrainForward(x_hat, x.new_zeros(()), _counts(width, idx, fired), fired.sum().float() / x.shape[0],
                         pre, xc, min_kept)
+
+
+SPARSE_JUMPRELU_MAX_FILL = 1 / 16
+"""A JumpReLU step takes the sparse path while at most this fraction of its (token, latent) pairs
+fire (L0 128 of 2048 latents); above it, the dense products are cheaper than gathering pairs."""
+
+
+def jumprelu_forward(sae: SparseAutoencoder, x: Tensor, *, reuse: Tensor | None = None) -> TrainForward | None:
+    """JumpReLU's training forward over its firing pairs only, like TopK's: the encoder matmul is
+    the one dense product. None when more than `SPARSE_JUMPRELU_MAX_FILL` of the pairs fire.
+
+    The code z = pre · H(pre − θ) is the pre-activations of the pairs above θ (`SelectedPre`), and
+    the threshold pseudo-gradients of `_JumpReLUWithCounts` need ∂loss/∂z only on the pairs in
+    the kernel's band, |pre − θ| < ε/2, which `_ThresholdBand` gathers from ∂loss/∂x̂. Same
+    gradients as the dense path up to summation order (tests/test_sae_objectives.py)."""
+    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+    theta = sae.threshold
+    width = W_enc.shape[1]
+    out = reuse if reuse is not None and reuse.shape == (x.shape[0], width) and reuse.dtype == x.dtype else None
+    with torch.no_grad():
+        xc = x - b_dec
+        pre = torch.addmm(b_enc, xc, W_enc, out=out)
+        th = theta.detach().to(pre.dtype)
+        active = pre > th
+        if int(active.sum()) > SPARSE_JUMPRELU_MAX_FILL * active.numel():
+            return None
+        rows, idx = active.nonzero(as_tuple=True)
+        vals = pre[rows, idx]
+        band_rows, band_idx = ((pre - th).abs_() < sae.cfg.bandwidth / 2).nonzero(as_tuple=True)
+        counts = torch.bincount(idx, minlength=width).to(torch.promote_types(pre.dtype, torch.float32))
+    ragged = Ragged.from_rows(rows, len(x))
+    z = SelectedPre.apply(xc, W_enc, b_enc, b_dec, idx, vals, ragged)
+    decoded, counts = _ThresholdBand.apply(sparse_decode(z, idx, W_dec, ragged), counts, theta, W_dec.detach(),
+                                           band_idx, Ragged.from_rows(band_rows, len(x)), sae.cfg.bandwidth)
+    return TrainForward((decoded + b_dec).float(), counts.sum().float(), counts.detach(),
+                        counts.detach().sum() / x.shape[0], pre, xc, None)
+
+
+class _ThresholdBand(torch.autograd.Function):
+    """Identity on the decoded code and the firing counts, whose backward also gives θ its
+    pseudo-gradients (Rajamanoharan et al. 2024, eqs. 11-12, rectangle kernel of width ε):
+    ∂L/∂θ_i = −(1/ε) Σ over band pairs (b, i) of (θ_i · ∂L/∂z_bi + ∂L/∂n_i), where
+    ∂L/∂z_bi = ∂L/∂x̂_b · W_dec[i], gathered for the band pairs only."""
+
+    @staticmethod
+    def forward(ctx, decoded: Tensor, counts: Tensor, theta: Tensor, W_dec: Tensor, band_idx: Tensor,
+                band: Ragged, eps: float) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(theta, W_dec, band_idx)
+        ctx.band, ctx.eps = band, eps
+        return decoded.clone(), counts.clone()
+
+    @staticmethod
+    def backward(ctx, g_decoded: Tensor, g_counts: Tensor):
+        theta, W_dec, band_idx = ctx.saved_tensors
+        g_z = gathered_dot(W_dec, band_idx, g_decoded, ctx.band)
+        per_pair = torch.addcmul(g_counts.to(g_z.dtype)[band_idx], g_z, theta.to(g_z.dtype)[band_idx])
+        grad_theta = torch.zeros_like(theta).index_add_(0, band_idx, per_pair.to(theta.dtype)).div_(-ctx.eps)
+        return g_decoded, None, grad_theta, None, None, None, None
 
 
 def _dense_forward(sae: SparseAutoencoder, x: Tensor) -> TrainForward:
