@@ -84,7 +84,7 @@ def batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     values): grouped by row in increasing order, each row's pairs by decreasing value. A row
     holds anywhere from 0 to width of them.
 
-    Exact, without a top-(k·B) over all B·width values (~4x the cost below) or a padded per-row
+    Exact, without a top-(k·B) over all B·width values (~3x the cost below) or a padded per-row
     top-m widened until no row fills it (a row can take hundreds of a batch's winners). The k·B-th
     largest of each row's 2k largest is a lower bound on the batch's k·B-th largest (a subset's
     k·B-th is never above the whole's); the entries at or above it are a few more than k·B,
