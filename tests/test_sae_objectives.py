@@ -132,7 +132,7 @@ def test_batchtopk_training_forward_matches_dense_autograd_on_the_batch_selectio
 
 
 @pytest.mark.parametrize("threshold", [1.0, 0.05])  # a sparse code (forced onto the sparse path) / a dense one
-def test_jumprelu_training_forward_matches_the_dense_path(threshold):
+def test_jumprelu_training_forward_matches_the_dense_path(threshold, monkeypatch):
     """The sparse JumpReLU forward (firing pairs only, θ's pseudo-gradient from the band pairs)
     against `_dense_forward`: reconstruction, penalty, counts, L0, and every gradient, the
     log-thresholds' included, under a loss that weights reconstruction and L0 alike."""
@@ -152,24 +152,20 @@ def test_jumprelu_training_forward_matches_the_dense_path(threshold):
         assert train_forward(sae, x).pre is None  # train_forward fell back to the dense path
         return
     assert 0 < fill < 0.5 and in_band > 50  # the test is not vacuous
-    objectives_fill = objectives.SPARSE_JUMPRELU_MAX_FILL
-    try:
-        objectives.SPARSE_JUMPRELU_MAX_FILL = 1.0  # force the sparse path at this small width
-        dense = objectives._dense_forward(sae, x)
-        sparse = train_forward(sae, x)
-        assert sparse.pre is not None
-        assert_close(sparse.x_hat, dense.x_hat)  # both fp32, as TrainForward promises
-        assert_close(sparse.penalty, dense.penalty)
-        assert_close(sparse.fire_counts, dense.fire_counts.double())
-        assert float(sparse.l0) == pytest.approx(float(dense.l0))
+    monkeypatch.setattr(objectives, "SPARSE_JUMPRELU_MAX_FILL", 1.0)  # the sparse path at this small width
+    dense = objectives._dense_forward(sae, x)
+    sparse = train_forward(sae, x)
+    assert sparse.pre is not None
+    assert_close(sparse.x_hat, dense.x_hat)  # both fp32, as TrainForward promises
+    assert_close(sparse.penalty, dense.penalty)
+    assert_close(sparse.fire_counts, dense.fire_counts.double())
+    assert float(sparse.l0) == pytest.approx(float(dense.l0))
 
-        def loss(fwd):
-            return lambda: (fwd().x_hat - x).pow(2).sum() + 0.7 * fwd().penalty
+    def loss(fwd):
+        return lambda: (fwd().x_hat - x).pow(2).sum() + 0.7 * fwd().penalty
 
-        got = _grads(sae, loss(lambda: train_forward(sae, x)))
-        ref = _grads(sae, loss(lambda: objectives._dense_forward(sae, x)))
-    finally:
-        objectives.SPARSE_JUMPRELU_MAX_FILL = objectives_fill
+    got = _grads(sae, loss(lambda: train_forward(sae, x)))
+    ref = _grads(sae, loss(lambda: objectives._dense_forward(sae, x)))
     assert set(got) == set(ref) == {"W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"}
     assert float(ref["log_threshold"].abs().sum()) > 0
     for name in ref:  # the loss is fp32 on both paths

@@ -73,7 +73,7 @@ class BatchTopKSAE(_ThresholdSAE):
         rows, latents, vals = batch_topk(pre, self.cfg.k)
         counts = torch.bincount(rows, minlength=len(pre))
         slot = torch.arange(len(rows), device=pre.device) - (counts.cumsum(0) - counts)[rows]
-        m = max(1, int(counts.max())) if len(rows) else 1
+        m = max(1, int(counts.max()))  # a row of zeros when no token kept anything
         acts = pre.new_zeros(len(pre), m).index_put_((rows, slot), vals)
         idx = rows.new_zeros(len(pre), m).index_put_((rows, slot), latents)
         return EncoderOutput(acts, idx)
