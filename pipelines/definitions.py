@@ -84,6 +84,8 @@ STEP_SETTINGS = ("SPECTRA_SUITE", "SPECTRA_ROOT", "SPECTRA_ACTIVATIONS_URL", "SP
                  "SPECTRA_THREADS", "SPECTRA_DASK_SCHEDULER", "SPECTRA_TRACKER", "WANDB_MODE", "HF_HUB_OFFLINE")
 """The environment a step process must share with the run that launched it. Never a secret: these
 travel inside the run's record (its reconstructable job); credentials stay in the environment."""
+STEP_PRELOAD = ("pipelines.definitions",)
+"""What the forkserver of a run's step processes imports once, before forking each step."""
 _jobs_by_settings: dict[tuple, dg.Definitions] = {}
 
 
@@ -100,12 +102,18 @@ def job_named(name: str, settings: tuple[tuple[str, str], ...] = ()) -> dg.JobDe
     started with, which a long-lived process (a test session) may since have changed."""
     if not settings:
         return defs.resolve_job_def(name)
+    apply_step_settings(settings)  # what default_resources() and the stages read in this step process
+    if settings not in _jobs_by_settings:
+        _jobs_by_settings[settings] = build_definitions(resolve_suite(dict(settings).get("SPECTRA_SUITE", "default")))
+    return _jobs_by_settings[settings].resolve_job_def(name)
+
+
+def apply_step_settings(settings: tuple[tuple[str, str], ...]) -> None:
+    """This process's environment made to hold exactly `settings` of the STEP_SETTINGS: each set,
+    the others unset, even where the forkserver this process came from started with them."""
     env = dict(settings)
-    for key in STEP_SETTINGS:  # what default_resources() and the stages read in this step process
+    for key in STEP_SETTINGS:
         if key in env:
             os.environ[key] = env[key]
         else:
-            os.environ.pop(key, None)  # unset for the run, even if the forkserver started with it
-    if settings not in _jobs_by_settings:
-        _jobs_by_settings[settings] = build_definitions(resolve_suite(env.get("SPECTRA_SUITE", "default")))
-    return _jobs_by_settings[settings].resolve_job_def(name)
+            os.environ.pop(key, None)

@@ -16,7 +16,8 @@ Two ways to execute, both Dagster's own:
   pool `gpu` (`assets._common.DEVICE_POOL`), limited to 1 unless the instance says otherwise
   (`dagster instance concurrency set gpu N`): they take the device one at a time across every run
   while CPU-only steps run beside them. `--runs N` puts N partition runs of a stage in flight at
-  once, each orchestrated by a process of its own. The default is 1: a run whose only ready steps
+  once, each orchestrated by a process of its own (forked from the same forkserver; the N
+  processes serve every stage of the suite run). The default is 1: a run whose only ready steps
   wait for a pool slot spins in Dagster's executor loop (no sleep between checks; measured at a
   third of a core per waiting run), so more runs in flight pay only where the pool's limit is
   above 1. The step processes rebuild the suite's definitions from the run's settings
@@ -88,7 +89,7 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
               log=print, multiprocess: Multiprocess | None = None) -> dict[str, float]:
     """Execute every job of the suite in dependency order; returns seconds per stage.
     Without `multiprocess`, every run executes in this process, one after the other."""
-    from pipelines.definitions import build_definitions, default_resources
+    from pipelines.definitions import build_definitions, default_resources, step_settings
 
     defs = build_definitions(spec, default_resources(str(root)))
     instance = instance or dg.DagsterInstance.get()
@@ -106,9 +107,10 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
                 tags=owner_tags())
             return check(job_name, partition_key, result.success, result.run_id)
         if pool is None:
-            result = execute_multiprocess(job_name, partition_key, instance, multiprocess)
+            result = execute_multiprocess(job_name, partition_key, instance, multiprocess, step_settings())
             return check(job_name, partition_key, result.success, result.run_id)
-        return pool.submit(execute_in_own_process, job_name, partition_key, instance.get_ref(), multiprocess)
+        return pool.submit(execute_in_own_process, job_name, partition_key, instance.get_ref(), multiprocess,
+                           step_settings())
 
     def check(job_name: str, partition_key: str | None, success: bool, run_id: str) -> None:
         if not success:
@@ -123,17 +125,21 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
         ("dictionaries", "dictionary_job", [m.key for m in spec.members()]),
         ("report", "report_job", [None]),
     ]
-    for stage, job_name, keys in stages:
-        start = time.perf_counter()
-        keys = keys() if callable(keys) else keys  # arrivals: the folder is read when the stage starts
-        if multiprocess is None or len(keys) == 1:
-            for key in keys:
-                execute(job_name, key)
-        else:
-            # Each partition run is orchestrated by its own process: Dagster's run setup reconfigures
-            # Python logging (dictConfig) and deadlocks against another run's logging in the same process.
-            log(f"[spectra] {job_name}: {len(keys)} partition runs, {multiprocess.runs} at a time")
-            with ProcessPoolExecutor(max_workers=multiprocess.runs, mp_context=get_context("spawn")) as pool:
+    # Each partition run is orchestrated by a process of its own: Dagster's run setup reconfigures
+    # Python logging (dictConfig) and deadlocks against another run's logging in the same process.
+    # One pool serves every stage, so each orchestrating process and the forkserver it starts for its
+    # steps (an import of pipelines.definitions, ~5 s) start once per suite run, not once per stage.
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for stage, job_name, keys in stages:
+            start = time.perf_counter()
+            keys = keys() if callable(keys) else keys  # arrivals: the folder is read when the stage starts
+            if multiprocess is None or len(keys) == 1:
+                for key in keys:
+                    execute(job_name, key)
+            else:
+                log(f"[spectra] {job_name}: {len(keys)} partition runs, {multiprocess.runs} at a time")
+                pool = pool or ProcessPoolExecutor(max_workers=multiprocess.runs, mp_context=orchestrator_context())
                 futures = {execute(job_name, key, pool): key for key in keys}
                 try:
                     for done, future in enumerate(as_completed(futures), 1):
@@ -143,8 +149,24 @@ def run_suite(spec: SuiteSpec, root: Path, *, instance: dg.DagsterInstance | Non
                     for future in futures:
                         future.cancel()
                     raise
-        timings[stage] = round(time.perf_counter() - start, 1)
+            timings[stage] = round(time.perf_counter() - start, 1)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     return timings
+
+
+def orchestrator_context():
+    """The start method of the processes that orchestrate partition runs: forked from the forkserver
+    that Dagster's executor starts for this process's own step processes (the same preload), so
+    they start with pipelines.definitions imported (a spawned one imports it: ~5 s). What a
+    forkserver's child inherits is the environment the server started with, so everything a run
+    must see from this process's environment travels as `step_settings()` (`execute_in_own_process`)."""
+    from pipelines.definitions import STEP_PRELOAD
+
+    context = get_context("forkserver")
+    context.set_forkserver_preload(list(STEP_PRELOAD))  # no effect once the server runs: then it already has it
+    return context
 
 
 def arrival_keys(spec: SuiteSpec, defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
@@ -182,26 +204,31 @@ def prepare_step_processes(multiprocess: Multiprocess, spec: SuiteSpec, root: Pa
 
 
 def execute_multiprocess(job_name: str, partition_key: str | None, instance: dg.DagsterInstance,
-                         multiprocess: Multiprocess) -> dg.JobExecutionResult:
-    from pipelines.definitions import step_settings
+                         multiprocess: Multiprocess, settings: tuple[tuple[str, str], ...]) -> dg.JobExecutionResult:
+    """One run through Dagster's multiprocess executor; `settings`: the run's `step_settings()`."""
+    from pipelines.definitions import STEP_PRELOAD
 
-    job = dg.build_reconstructable_job("pipelines.definitions", "job_named",
-                                       reconstructable_args=(job_name, step_settings()))
+    job = dg.build_reconstructable_job("pipelines.definitions", "job_named", reconstructable_args=(job_name, settings))
     # forkserver: each step forks from a server that imported pipelines.definitions (torch, dagster,
     # the suite's code) once. Spawned steps paid ~2.5 s of imports each (the default suite took
     # 2.15x the in-process time); Dagster preloads only itself unless told the module.
     executor = {"multiprocess": {"max_concurrent": multiprocess.max_concurrent,
-                                 "start_method": {"forkserver": {"preload_modules": ["pipelines.definitions"]}}}}
+                                 "start_method": {"forkserver": {"preload_modules": list(STEP_PRELOAD)}}}}
     tags = {**owner_tags(), **({"dagster/partition": partition_key} if partition_key is not None else {})}
     return dg.execute_job(job, instance, run_config={**QUIET_CONSOLE, "execution": {"config": executor}},
                           tags=tags)
 
 
-def execute_in_own_process(job_name: str, partition_key: str | None, instance_ref,
-                           multiprocess: Multiprocess) -> tuple[bool, str]:
-    """One run, orchestrated by a worker process of `run_suite`'s pool: (success, run id)."""
+def execute_in_own_process(job_name: str, partition_key: str | None, instance_ref, multiprocess: Multiprocess,
+                           settings: tuple[tuple[str, str], ...]) -> tuple[bool, str]:
+    """One run, orchestrated by a worker process of `run_suite`'s pool: (success, run id).
+    `settings` are the launching process's `step_settings()`, set here too: this process started
+    with its forkserver's environment, which may be older than the launcher's."""
+    from pipelines.definitions import apply_step_settings
+
+    apply_step_settings(settings)
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
-        result = execute_multiprocess(job_name, partition_key, instance, multiprocess)
+        result = execute_multiprocess(job_name, partition_key, instance, multiprocess, settings)
         return result.success, result.run_id
 
 

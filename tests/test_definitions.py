@@ -25,6 +25,18 @@ def test_definitions_load_with_every_asset_job_and_schedule():
         assert assets_def.code_version, assets_def.key
 
 
+def test_the_definitions_import_no_plotting_optimiser_or_model_library():
+    """Every Dagster step process and the UI's code server import pipelines.definitions; matplotlib
+    (~0.6 s), scipy.optimize (~0.6 s), timm and open_clip are imported by the code that uses them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines.definitions; "
+            "print(sorted(m for m in ('matplotlib', 'scipy', 'timm', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permission bits do not bind")
 def test_unwritable_root_names_the_path(tmp_path):
     locked = tmp_path / "locked"

@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import matplotlib
+import pyarrow as pa
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow as pa  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (no display on servers and CI), imported on
+    first use: every process that imports the asset definitions (each Dagster step process, the
+    UI's code server) would otherwise pay its ~0.6 s import, plotting or not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_fvu_vs_l0(evaluations: pa.Table, path: str | Path) -> Path:
@@ -26,7 +34,7 @@ def plot_fvu_vs_l0(evaluations: pa.Table, path: str | Path) -> Path:
         kind = r.get("kind") or "sae"
         arch = r["architecture"] + ("" if kind == "sae" else f" {kind}") + (" +skip" if r.get("skip") else "")
         groups.setdefault((hook, arch, r["expansion"]), []).append(r)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=120)
     for (hook, arch, expansion), members in sorted(groups.items()):
         points = _over_seeds(members)
         line = ax.errorbar([p["l0"] for p in points], [p["fvu"] for p in points],
@@ -51,7 +59,7 @@ def plot_training_curve(log_rows: list[dict], path: str | Path, title: str = "")
     """A training log (rows of the train_log table) as a small PNG: the batch loss and, where the
     run had held-out tokens, the held-out FVU against the step (log y), L0 on the right axis."""
     steps = [r["step"] for r in log_rows]
-    fig, ax = plt.subplots(figsize=(4.5, 2.6), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(4.5, 2.6), dpi=100)
     ax.plot(steps, [r["loss"] for r in log_rows], label="loss (batch FVU + penalties)")
     if any(r.get("eval_fvu") is not None for r in log_rows):
         ax.plot(steps, [r.get("eval_fvu") for r in log_rows], label="held-out FVU")
@@ -71,7 +79,7 @@ def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 

@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 
@@ -59,6 +58,8 @@ def matched_cosine(W_dec_a, W_dec_b) -> StabilityResult:
             f"decoder input widths (d_in) differ: {a.shape[1]} vs {b.shape[1]}; the dictionaries "
             "read different hooks or models"
         )
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize takes ~0.6 s to import
+
     cos = (_unit_rows(a) @ _unit_rows(b).T).cpu().numpy()
     rows, cols = linear_sum_assignment(cos, maximize=True)
     matched = cos[rows, cols]

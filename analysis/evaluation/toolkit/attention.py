@@ -20,12 +20,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import Tensor
 
 from analysis.evaluation.html import ERROR_GUARD
-from analysis.evaluation.plots import plt
+from analysis.evaluation.plots import pyplot
 from analysis.evaluation.toolkit.readout import tower_of
 from analysis.models.config import ViTConfig
 
@@ -169,6 +168,7 @@ def attention_grid_png(image_uint8: np.ndarray, patterns_one_image: Tensor, cfg,
     token, patch = _query_token(query, cfg)
     labels = _row_labels(layers, p.shape[0])
     n_rows, n_cols, g, ps, header, dpi = p.shape[0], cfg.n_heads, cfg.grid_size, cfg.patch_size, 44, 100
+    plt = pyplot()
     fig = plt.figure(figsize=(n_cols * cell_px / dpi, (n_rows * cell_px + header) / dpi), dpi=dpi)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - header / (n_rows * cell_px + header),
                         wspace=0.05, hspace=0.2)
@@ -184,7 +184,7 @@ def attention_grid_png(image_uint8: np.ndarray, patterns_one_image: Tensor, cfg,
             ax.imshow(overlay)
             if patch is not None:
                 row, col = divmod(patch, g)
-                ax.add_patch(Rectangle((col * ps - 0.5, row * ps - 0.5), ps, ps, fill=False, edgecolor="cyan", lw=1.5))
+                ax.add_patch(plt.Rectangle((col * ps - 0.5, row * ps - 0.5), ps, ps, fill=False, edgecolor="cyan", lw=1.5))
             ax.set_title(f"L{labels[r]}H{h}", fontsize=8, pad=2)
             ax.set_axis_off()
     fig.suptitle(f"query {'cls' if patch is None else f'patch {patch}'}; each cell scaled to its max", fontsize=8,

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.evaluation.plots import plt, save_figure
+from analysis.evaluation.plots import pyplot, save_figure
 
 READING_STYLE = {"cls": ("class token", "-o"), "patches": ("patch tokens", "-s"), "stream": ("model head on the stream", ":^")}
 
 
 def plot_identifiability(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Rows of `lens.identifiability_table`: identifiability (solid) and top-1 (faint) per layer."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
     for token, (label, style) in READING_STYLE.items():
         mine = sorted((r for r in rows if r["token"] == token), key=lambda r: r["layer"])
@@ -36,6 +37,7 @@ def plot_identifiability(rows: list[dict], path: str | Path, title: str = "") ->
 def plot_attribution(components: list[str], by_class: dict[str, np.ndarray], path: str | Path,
                      title: str = "") -> Path:
     """Grouped bars: each component's mean direct contribution to its class's logit, per class."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(components) * max(1, len(by_class)) ** 0.5), 3.4), dpi=110)
     width = 0.8 / max(1, len(by_class))
     x = np.arange(len(components))
@@ -53,6 +55,7 @@ def plot_attribution(components: list[str], by_class: dict[str, np.ndarray], pat
 def plot_patching(values: np.ndarray, row_labels: list[str], col_labels: list[str], path: str | Path,
                   title: str = "") -> Path:
     """A normalised patching sweep (rows x columns; 1 = clean restored, 0 = corrupted) as a heatmap."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(col_labels) + 1.5), max(2.2, 0.35 * len(row_labels) + 1.2)),
                            dpi=110)
     lim = max(1.0, float(np.nanmax(np.abs(values))) if values.size else 1.0)
@@ -68,6 +71,7 @@ def plot_patching(values: np.ndarray, row_labels: list[str], col_labels: list[st
 def plot_patch_class_maps(images: np.ndarray, top: np.ndarray, class_names: list[str], path: str | Path,
                           title: str = "") -> Path:
     """Each image beside its per-patch top class (one colour per class) at one layer."""
+    plt = pyplot()
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), dpi=110, squeeze=False)
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
@@ -89,6 +93,7 @@ def plot_patch_class_maps(images: np.ndarray, top: np.ndarray, class_names: list
 def plot_perturbation(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Rows of `perturbation.perturbation_table`: accuracy and the true class's identifiability
     (output, class token, patches) under each condition."""
+    plt = pyplot()
     measures = [("accuracy", "accuracy"), ("identifiability", "identifiability (output)"),
                 ("cls_identifiability", "class token"), ("patch_identifiability", "patch tokens")]
     fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(rows) + 1), 3.2), dpi=110)
