@@ -46,8 +46,8 @@ bench() {  # bench NAME SECONDS COMMAND...: its figures are the JSON it writes; 
 }
 bench extraction 90 "$PY" benchmarks/bench_extraction.py --device cuda --configs vitb16 --layers -1 \
   --compute-dtype bfloat16 --vitb16-images 2048 --repeats 3 --headline-only --out "$out/extraction_cuda.json"
-bench folder_ingest 90 "$PY" benchmarks/bench_folder_ingest.py --device cuda --compute-dtype bfloat16 \
-  --model vit_base_patch16_224 --images 2048 --batch-size 256 --workers 4 8 16 --repeats 2 \
+bench folder_ingest 150 "$PY" benchmarks/bench_folder_ingest.py --device cuda --compute-dtype bfloat16 \
+  --model vit_base_patch16_224 --images 2048 --batch-size 256 --workers 4 8 16 --processes 8 16 --repeats 2 \
   --out "$out/folder_ingest_cuda.json"
 bench sae_peers 100 "$PY" benchmarks/bench_sae_peers.py --device cuda --threads 8 --trainers ours,ours_bf16,sparsify \
   --train-tokens 8388608 --out "$out/sae_peers_cuda.json"

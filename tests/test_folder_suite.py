@@ -140,8 +140,9 @@ def test_a_folder_suite_without_labels_is_refused_before_any_work(tmp_path):
 
 def _timm_suite(folder):
     return parse_suite({
-        "name": "photos_timm",
-        "dataset": {"source": "folder", "params": {"path": str(folder), "eval_fraction": 0.25, "workers": 2}},
+        "name": "photos_timm",  # decoded in processes; the mouse suite above decodes on threads
+        "dataset": {"source": "folder", "params": {"path": str(folder), "eval_fraction": 0.25, "workers": 2,
+                                                   "processes": True}},
         "model": {"kind": "timm", "name": "vit_tiny_patch16_224", "weights": "random",
                   "kwargs": {"img_size": 64, "depth": 2}},
         "activations": {"hooks": [HOOK], "images_per_shard": 32, "images_per_chunk": 16, "batch_size": 16},

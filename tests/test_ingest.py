@@ -15,7 +15,7 @@ from skimage import data as skdata
 
 from analysis.data.decode import decode_image
 from analysis.data.images import image_sha256
-from analysis.data.ingest import ingest, split_unique
+from analysis.data.ingest import ChunkWriter, ingest, split_unique
 from analysis.data.sources import FolderSource, ParquetSource
 from analysis.models.inputs import Preprocessing
 
@@ -100,6 +100,40 @@ def test_ingestion_is_deterministic_across_thread_counts(photo_folder, tmp_path)
     assert pq.read_table(tmp_path / "a" / "labels.parquet").equals(pq.read_table(tmp_path / "b" / "labels.parquet"))
 
 
+def test_decoding_processes_store_the_bytes_of_decoding_threads(photo_folder, tmp_path):
+    """Files read here, decoded in spawned processes (two tasks of 16 files in flight each), in
+    order: the same images, labels, duplicates and rejected files as one thread."""
+    _, threads = _ingest(FolderSource(str(photo_folder)), tmp_path / "threads", workers=1)
+    _, processes = _ingest(FolderSource(str(photo_folder)), tmp_path / "processes", workers=2, processes=True)
+    assert processes == threads
+    for name in ("labels.parquet", "rejected.parquet"):
+        assert pq.read_table(tmp_path / "processes" / name).equals(pq.read_table(tmp_path / "threads" / name))
+    assert_array_equal(zarr.open_array(str(tmp_path / "processes" / "images.zarr"))[:],
+                       zarr.open_array(str(tmp_path / "threads" / "images.zarr"))[:])
+
+
+def test_chunk_writer_keeps_the_order_on_several_threads_and_raises_a_failed_write(tmp_path):
+    arr = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=(10, 2), chunks=(2, 2), dtype="uint8")
+    with ChunkWriter(arr, threads=3) as writer:
+        for start in range(0, 10, 2):
+            writer.write([np.full(2, start, np.uint8), np.full(2, start + 1, np.uint8)])
+    assert writer.written == 10
+    assert_array_equal(arr[:], np.repeat(np.arange(10, dtype=np.uint8)[:, None], 2, axis=1))
+
+    class FullDisk:
+        calls = 0
+
+        def __setitem__(self, key, value):
+            FullDisk.calls += 1
+            if FullDisk.calls == 2:
+                raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with ChunkWriter(FullDisk(), threads=2) as writer:
+            for _ in range(3):
+                writer.write([np.zeros(2, np.uint8)])
+
+
 def test_a_listing_changes_when_a_file_does(photo_folder, tmp_path):
     folder = tmp_path / "f"
     (folder / "x").mkdir(parents=True)
@@ -132,7 +166,8 @@ def test_label_file_with_extra_columns(photo_folder, tmp_path):
         FolderSource(str(folder), labels_file=str(labels), label_column="class").listing()
 
 
-def test_parquet_in_the_hugging_face_layout(tmp_path):
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+def test_parquet_in_the_hugging_face_layout(tmp_path, processes):
     photos = [skdata.camera(), skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket()]
     cells = [{"bytes": _encode(p, "PNG"), "path": f"img{i}.png"} for i, p in enumerate(photos)]
     cells.append({"bytes": b"\x89PNG broken", "path": "bad.png"})
@@ -142,7 +177,8 @@ def test_parquet_in_the_hugging_face_layout(tmp_path):
     table = pa.table({"image": cells, "label": [1, 2, 1, 0, 1, 0]}, schema=schema)
     pq.write_table(table, tmp_path / "train.parquet", row_group_size=2)  # three row groups
     source = ParquetSource(str(tmp_path / "train.parquet"))
-    listing, report = _ingest(source, tmp_path / "ds", eval_fraction=0.4)
+    listing, report = _ingest(source, tmp_path / "ds", eval_fraction=0.4, processes=processes,
+                              workers=2 if processes else 4)  # Parquet rows are read here, sent as bytes
     assert listing.n_entries == 6 and listing.class_names == ("animal", "object", "person")
     assert (report.n_images, report.n_rejected) == (5, 1)
     rows = pq.read_table(tmp_path / "ds" / "labels.parquet").to_pylist()

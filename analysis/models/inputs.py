@@ -8,14 +8,19 @@ evaluation) converts them here, so they all see identical pixels.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 def to_model_input(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1] on `device`."""
+    import torch  # here, not above: decoding processes unpickle a Preprocessing without torch's ~3 s import
+
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(
             f"expected uint8 images shaped (B, H, W, C), got {images.dtype} {images.shape}"

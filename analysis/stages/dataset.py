@@ -88,7 +88,8 @@ def _ingest(spec: SuiteSpec, root: DataRoot, progress: bool) -> None:
     directory = root.images(spec.dataset_id)
     pre = spec.preprocessing()
     ingest(source.entries(), listing.n_entries, pre, directory, class_names=listing.class_names,
-           eval_fraction=cfg.eval_fraction, seed=cfg.seed, workers=cfg.workers, progress=progress,
+           eval_fraction=cfg.eval_fraction, seed=cfg.seed, workers=cfg.workers, processes=cfg.processes,
+           progress=progress,
            attrs={"source": spec.dataset.source, "config": spec.dataset.params, "listing": listing.digest,
                   "preprocessing": pre.to_dict(), "class_names": list(listing.class_names)})
 
