@@ -36,7 +36,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/gpu
   | tee "$out/gpu_device.txt" || exit 1
 step tests 60 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider tests/test_cuda.py
 root=$(mktemp -d)
-step default_suite 240 env SPECTRA_DEVICE=cuda "$PY" -m pipelines.run --root "$root"
+step default_suite 210 env SPECTRA_DEVICE=cuda "$PY" -m pipelines.run --root "$root"
 rm -rf "$root"
 bench() {  # bench NAME SECONDS COMMAND...: its figures are the JSON it writes; the log goes to stdout
   local name=$1 limit=$2
@@ -46,7 +46,7 @@ bench() {  # bench NAME SECONDS COMMAND...: its figures are the JSON it writes; 
 }
 bench extraction 90 "$PY" benchmarks/bench_extraction.py --device cuda --configs vitb16 --layers -1 \
   --compute-dtype bfloat16 --vitb16-images 2048 --repeats 3 --headline-only --out "$out/extraction_cuda.json"
-bench folder_ingest 150 "$PY" benchmarks/bench_folder_ingest.py --device cuda --compute-dtype bfloat16 \
+bench folder_ingest 120 "$PY" benchmarks/bench_folder_ingest.py --device cuda --compute-dtype bfloat16 \
   --model vit_base_patch16_224 --images 2048 --batch-size 256 --workers 4 8 16 --processes 8 16 --repeats 2 \
   --out "$out/folder_ingest_cuda.json"
 bench sae_peers 100 "$PY" benchmarks/bench_sae_peers.py --device cuda --threads 8 --trainers ours,ours_bf16,sparsify \
