@@ -84,8 +84,11 @@ STEP_SETTINGS = ("SPECTRA_SUITE", "SPECTRA_ROOT", "SPECTRA_ACTIVATIONS_URL", "SP
                  "SPECTRA_THREADS", "SPECTRA_DASK_SCHEDULER", "SPECTRA_TRACKER", "WANDB_MODE", "HF_HUB_OFFLINE")
 """The environment a step process must share with the run that launched it. Never a secret: these
 travel inside the run's record (its reconstructable job); credentials stay in the environment."""
-STEP_PRELOAD = ("pipelines.definitions",)
-"""What the forkserver of a run's step processes imports once, before forking each step."""
+STEP_PRELOAD = ("pipelines.definitions", "torch._dynamo")
+"""What the forkserver of a run's step processes imports once, before forking each step. torch's
+optimizers import torch._dynamo when a process builds its first one (to switch dynamo off around
+`add_param_group`): ~1.7 s that every training step (each dictionary, the mouse, the toolkit's
+probes) would otherwise pay."""
 _jobs_by_settings: dict[tuple, dg.Definitions] = {}
 
 
