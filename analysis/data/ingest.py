@@ -49,11 +49,12 @@ class IngestConfig:
     workers: int = 8
     """Decoding threads, or processes with `processes` (changes no stored value)."""
     processes: bool = False
-    """Decode in `workers` processes rather than threads. A decoding thread holds the GIL about a
-    quarter of its time (Pillow's buffer copies, numpy glue), so threads stop scaling near 4x one
-    thread (measured 476 / 535 / 390 images/s at 4 / 8 / 16 threads on a 16-core machine);
-    processes do not share it, but each starts with a fresh interpreter (seconds) and the pixels
-    travel back by pipe. For many cores and many images; same stored bytes either way."""
+    """Decode in `workers` processes rather than threads: no GIL shared between decoders (a
+    decoding thread holds it for part of its time: Pillow's buffer copies, numpy glue), but each
+    process starts as a fresh interpreter (~1.5 s of CPU) and every image travels to it and back
+    by pipe. On 2 cores processes are slower (123 against 199 images/s, benchmarks/README.md);
+    whether they overtake threads on many cores is what gpu_check.sh measures. Same stored bytes
+    either way."""
 
     def __post_init__(self) -> None:
         if not 0 < self.eval_fraction < 1:
@@ -181,9 +182,10 @@ def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directo
 
 class ChunkWriter:
     """Writes consecutive whole chunks of images to `arr` on `threads` threads of its own, at most
-    one chunk in flight per thread, so decoding goes on while chunks are compressed (zstd holds
-    the GIL ~14 % of a write; whole chunks never share a file, so parallel writes are safe). An
-    error of a write is raised by a later `write` or at the end of the `with` block."""
+    one chunk in flight per thread, so decoding goes on while chunks are compressed (Zarr runs
+    zstd on its own thread pool, so parallel writes compress in parallel; whole chunks never share
+    a file, so they are safe). An error of a write is raised by a later `write` or at the end of
+    the `with` block."""
 
     def __init__(self, arr: zarr.Array, threads: int = 1):
         self.arr, self.written, self.threads = arr, 0, threads
