@@ -100,9 +100,12 @@ def test_ingestion_is_deterministic_across_thread_counts(photo_folder, tmp_path)
     assert pq.read_table(tmp_path / "a" / "labels.parquet").equals(pq.read_table(tmp_path / "b" / "labels.parquet"))
 
 
-def test_decoding_processes_store_the_bytes_of_decoding_threads(photo_folder, tmp_path):
-    """Files read here, decoded in spawned processes (two tasks of 16 files in flight each), in
-    order: the same images, labels, duplicates and rejected files as one thread."""
+def test_decoding_processes_store_the_bytes_of_decoding_threads(photo_folder, tmp_path, monkeypatch):
+    """Files read here, decoded in spawned processes (tasks of 3 files, so the 12 files are 4 tasks
+    over 2 processes), in order: the same images, labels, duplicates and rejected files as one thread."""
+    import analysis.data.ingest
+
+    monkeypatch.setattr(analysis.data.ingest, "PROCESS_TASK_IMAGES", 3)
     _, threads = _ingest(FolderSource(str(photo_folder)), tmp_path / "threads", workers=1)
     _, processes = _ingest(FolderSource(str(photo_folder)), tmp_path / "processes", workers=2, processes=True)
     assert processes == threads
