@@ -54,17 +54,24 @@ class ImageRejected(ValueError):
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """uint8 (H, W, 3) C-contiguous RGB pixels of one encoded image, upright, first frame.
+    """uint8 (H, W, 3) C-contiguous, writeable RGB pixels of one encoded image, upright, first frame.
 
     Raises `ImageRejected` ("empty file", "not an image", "too large: ...", "truncated or
     corrupt: ...", "unsupported mode: ...") instead of any Pillow exception."""
+    return np.array(decode_pil(data))
+
+
+def decode_pil(data: bytes) -> Image.Image:
+    """`decode_image`'s pixels as a Pillow "RGB" image, for code that resizes next (ingestion):
+    plain files skip the two copies a detour through numpy costs (Pillow keeps RGB as 4 bytes a
+    pixel, so every conversion copies; see benchmarks/README.md, "From a folder of JPEGs")."""
     if len(data) == 0:
         raise ImageRejected("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as src:
-            src.load()  # decode now: truncation and corruption surface here, not later
-            bits = _integer_bits(src)  # read before exif_transpose, whose copy drops TIFF tags
-            image = ImageOps.exif_transpose(src)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decode now: truncation and corruption surface here, not later
+            bits = _integer_bits(image)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
     except UnidentifiedImageError as e:
         raise ImageRejected("not an image") from e
     except Image.DecompressionBombError as e:
@@ -75,16 +82,18 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ImageRejected(f"truncated or corrupt: {str(e) or type(e).__name__}") from e
     if image.mode in _INTEGER_MODES:
         assert bits is not None
-        pixels = _gray_to_rgb(_scale_integers(np.asarray(image), bits))
-    elif image.mode == "F":
-        pixels = _gray_to_rgb(np.asarray(image.convert("L")))
-    elif image.mode not in _CONVERTIBLE_MODES:
+        return _rgb_image(_gray_to_rgb(_scale_integers(np.asarray(image), bits)))
+    if image.mode == "F":
+        return _rgb_image(_gray_to_rgb(np.asarray(image.convert("L"))))
+    if image.mode not in _CONVERTIBLE_MODES:
         raise ImageRejected(f"unsupported mode: {image.mode}")
-    elif image.has_transparency_data:
-        pixels = _over_white(np.asarray(image.convert("RGBA")))
-    else:
-        pixels = np.array(image.convert("RGB"))
-    return np.ascontiguousarray(pixels, dtype=np.uint8)
+    if image.has_transparency_data:
+        return _rgb_image(_over_white(np.asarray(image.convert("RGBA"))))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _rgb_image(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
 
 
 def _integer_bits(image: Image.Image) -> int | None:

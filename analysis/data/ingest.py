@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import zarr
 from tqdm.auto import tqdm
 
-from analysis.data.decode import ImageRejected, decode_image
+from analysis.data.decode import ImageRejected, decode_pil
 from analysis.data.images import IMAGE_WRITE_CONFIG, dataset_content_hash, first_copies, image_sha256, mark_dataset_done, split_unique
 from analysis.data.sources import Entry
 from analysis.models.inputs import Preprocessing
@@ -93,10 +93,10 @@ def _decoded(data: bytes | str, pre: Preprocessing) -> Decoded:
     if isinstance(data, str):
         return data
     try:
-        rgb = decode_image(data)
+        image = decode_pil(data)
     except ImageRejected as err:
         return err.reason
-    return pre.apply(rgb), image_sha256(rgb)
+    return pre.apply_pil(image), image_sha256(np.asarray(image))
 
 
 def _decoded_many(datas: list[bytes | str], pre: Preprocessing) -> list[Decoded]:

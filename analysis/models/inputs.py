@@ -59,7 +59,10 @@ class Preprocessing:
 
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 (H, W, 3) RGB -> uint8 (size, size, channels)."""
-        image = Image.fromarray(rgb, "RGB")
+        return self.apply_pil(Image.fromarray(rgb, "RGB"))
+
+    def apply_pil(self, image: Image.Image) -> np.ndarray:
+        """`apply` on the same pixels held as a Pillow "RGB" image (no copy into Pillow first)."""
         # the arithmetic of torchvision's Resize(int) and CenterCrop, which timm's and open_clip's
         # eval transforms use: the long side truncated, the crop offset rounded half to even
         short = self.resize or self.size
