@@ -416,8 +416,10 @@ def test_store_of_another_format_is_a_clear_error(tmp_path):
     assert missing_shards(path) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("batches_per_read", [1, 2])
-def test_image_reads_in_blocks_give_the_same_store(tmp_path, image_array, monkeypatch, batches_per_read):
+@pytest.mark.parametrize("batches_per_read,in_flight", [(1, 1), (2, 1), (1, 3)])
+def test_image_reads_in_blocks_give_the_same_store(tmp_path, image_array, monkeypatch, batches_per_read, in_flight):
+    """Blocks of whole batches, read one or several at a time (as on an accelerator), store the
+    same bytes as one batch per read."""
     import analysis.activations.extract as extraction
 
     reads = []
@@ -429,6 +431,7 @@ def test_image_reads_in_blocks_give_the_same_store(tmp_path, image_array, monkey
 
     whole, _ = build(tmp_path / "whole", image_array, layout())
     monkeypatch.setattr(extraction, "_READ_BYTES", batches_per_read * BATCH * H * H * 3)
+    monkeypatch.setattr(extraction, "image_reads", lambda device: in_flight)
     blocks, _ = build(tmp_path / "blocks", Recording(image_array, N + 1), layout())
     step = batches_per_read * BATCH
     # Whole batches per read, never across a shard boundary.
@@ -480,3 +483,12 @@ def test_the_worker_thread_runs_only_where_a_core_is_spare(monkeypatch):
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
         assert spare_core(torch.device("cpu")) is spare
         assert spare_core(torch.device("cuda")) is True  # the forward runs on the accelerator
+
+
+def test_image_reads_in_flight_grow_with_the_cores_only_beside_an_accelerator(monkeypatch):
+    from analysis.activations.extract import image_reads
+
+    for cores, on_gpu in ((1, 2), (2, 2), (8, 2), (16, 4), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert image_reads(torch.device("cpu")) == 1  # one read ahead hides it beside a CPU forward
+        assert image_reads(torch.device("cuda")) == on_gpu

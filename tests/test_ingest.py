@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from analysis.data.decode import decode_image
-from analysis.data.images import image_sha256
+from analysis.data.images import IMAGE_WRITE_CONFIG, image_sha256, read_images
 from analysis.data.ingest import ChunkWriter, ingest, split_unique
 from analysis.data.sources import FolderSource, ParquetSource
 from analysis.models.inputs import Preprocessing
@@ -135,6 +135,42 @@ def test_chunk_writer_keeps_the_order_on_several_threads_and_raises_a_failed_wri
         with ChunkWriter(FullDisk(), threads=2) as writer:
             for _ in range(3):
                 writer.write([np.zeros(2, np.uint8)])
+
+
+def test_read_images_decompresses_whole_chunks_itself_and_equals_zarr(tmp_path, monkeypatch):
+    import analysis.data.images as image_files
+
+    pixels = np.random.default_rng(0).integers(0, 40, (10, 6, 5, 3), dtype=np.uint8)  # compressible
+    arr = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=pixels.shape, chunks=(4, 6, 5, 3), dtype="uint8",
+                            config=IMAGE_WRITE_CONFIG)  # chunks 0-3, 4-7 and 8-9 (stored padded to 4)
+    arr[:] = pixels
+    decoded = []
+    real = image_files._ZSTD
+
+    class Recording:
+        def decode(self, data, out):
+            decoded.append(out.size)
+            return real.decode(data, out=out)
+
+    monkeypatch.setattr(image_files, "_ZSTD", Recording())
+    buffer = np.full((12, 6, 5, 3), 255, np.uint8)
+    for lo, hi, direct in ((0, 10, 2), (0, 4, 1), (4, 8, 1), (2, 9, 1), (8, 10, 0), (1, 3, 0)):
+        decoded.clear()
+        assert_array_equal(read_images(arr, lo, hi), pixels[lo:hi])
+        assert_array_equal(read_images(arr, lo, hi, buffer), pixels[lo:hi])
+        assert_array_equal(buffer[:hi - lo], pixels[lo:hi])  # filled in place
+        assert decoded == [4 * 6 * 5 * 3] * (2 * direct)  # whole chunks inside the array only
+    # another codec, and a chunk file gone (Zarr's fill value, as Zarr reads it), go through Zarr
+    plain = zarr.create_array(store=str(tmp_path / "b.zarr"), shape=pixels.shape, chunks=(4, 6, 5, 3),
+                              dtype="uint8", compressors=None)
+    plain[:] = pixels
+    decoded.clear()
+    assert_array_equal(read_images(plain, 0, 8), pixels[:8])
+    assert decoded == []
+    chunk = tmp_path / "a.zarr" / "c" / "1" / "0" / "0" / "0"
+    chunk.unlink()
+    assert_array_equal(read_images(arr, 0, 8), arr[0:8])
+    assert (read_images(arr, 4, 8) == 0).all()
 
 
 def test_a_listing_changes_when_a_file_does(photo_folder, tmp_path):

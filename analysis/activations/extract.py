@@ -2,7 +2,8 @@
 
 Four threads per shard, so the forward pass is the only work on the critical path:
 
-    reader   uint8 Zarr read of the next block of batches (up to 64 MiB)
+    reader   uint8 Zarr reads of the next blocks of batches (up to 64 MiB each): one read ahead
+             on the CPU, several with the forward on an accelerator (image_reads)
     caller   to_model_input + capture (the forward pass with hooks)
     worker   token selection, checks, norms, statistics, and the cast into a buffer of one Zarr
              shard file per hook (on a GPU: the cast runs there, into page-locked buffers); when
@@ -15,7 +16,7 @@ Four threads per shard, so the forward pass is the only work on the critical pat
              thread (its writes wait on the network)
 
 Memory is bounded: two file buffers per hook, three batches of capture outputs (the worker's
-queue holds one) and two image blocks. A batch the accelerator has no memory for is halved and
+queue holds one) and 1 + image_reads image blocks. A batch the accelerator has no memory for is halved and
 run again (the shard's report says the batch size it ended with); the stored values are the same.
 Any error — in the worker, a write or the caller — is re-raised in the caller, and the
 completion markers (the statistics rows) are written by the caller only after every data write
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, NamedTuple, Sequence, Union
 
@@ -39,9 +41,10 @@ from analysis.activations.stats import Moments, write_partial
 from analysis.activations.store import (ZARR_DTYPE, StoreLayout, StoreLocation, completed, damaged_shards, is_url,
                                         open_layout, reset_shard)
 from analysis.activations.store_files import record_shard_files, remove_partials
+from analysis.data.images import read_images
 from analysis.models.inputs import to_model_input
 from analysis.activations.shard_file import ShardFileWriter
-from analysis.activations.threads import CallerExecutor, Worker, spare_core
+from analysis.activations.threads import CallerExecutor, Worker, cpu_cores, spare_core
 
 log = logging.getLogger("spectra.integrity")
 perf_log = logging.getLogger("spectra.extract")
@@ -61,6 +64,23 @@ _WRITE_CONFIG = {"write_empty_chunks": True}
 # Zarr read per batch kept the reader's Python (asyncio) contending with the forward pass for
 # the GIL; block reads measured +5% images/s on the mouse ViT (0.948 vs 0.90 of bare).
 _READ_BYTES = 64 * 2**20
+
+
+def image_reads(device: torch.device) -> int:
+    """Image block reads in flight while the forward runs.
+
+    A read is mostly zstd decompression of one image chunk (`read_images`), which releases the
+    GIL, so reads on several threads decompress on several cores: 2,048 stored 224 px photos read
+    at 5,050 images/s one read at a time and 7,580 two at a time on 2 cores (Zarr's own reads:
+    2,380 and 3,510; benchmarks/results/image_reads.json). On the CPU the forward is 100x slower
+    than one reader, so one read ahead hides it and more would only take cores from the forward.
+    On an accelerator one Zarr reader was the wall (an H200 forward of ViT-B/16 ran at 9,259
+    images/s, the capture with its reads at 2,607), so reads go on a quarter of the cores, 2 to 4
+    of them (a 64 MiB buffer each).
+    """
+    if device.type == "cpu":
+        return 1
+    return max(2, min(4, cpu_cores() // 4))
 
 
 class ShardReport(NamedTuple):
@@ -292,17 +312,26 @@ def extract_shard(
     # outputs alive (fp32, every hook), against one without the worker. The worker's share of a
     # batch is ~10x shorter than the forward, so a deeper queue would only hold more memory.
     worker = Worker(maxsize=1, threaded=spare)
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-reader")
+    reads = image_reads(torch.device(device))
+    reader = ThreadPoolExecutor(max_workers=reads, thread_name_prefix="activation-reader")
     try:
         for part in parts.values():
             part.write_index()
         blocks = _read_blocks(start, stop, batch_size, int(np.prod(images.shape[1:])))
-        pending = reader.submit(images.__getitem__, slice(*blocks[0]))
+        # One buffer per read in flight and one for the block the forward reads: the block j uses
+        # is refilled by read j + reads + 1, submitted only after block j's last batch went in.
+        ring = [_host_buffer((max(hi - lo for lo, hi in blocks),) + tuple(images.shape[1:]), "uint8", pinned)
+                for _ in range(min(reads + 1, len(blocks)))]
+
+        def read(j: int) -> np.ndarray:
+            return read_images(images, *blocks[j], out=ring[j % len(ring)])
+
+        pending = deque(reader.submit(read, j) for j in range(min(reads, len(blocks))))
         with tqdm(total=stop - start, desc=f"shard {shard}", unit="img", disable=not progress) as bar:
             for j, (b_lo, b_hi) in enumerate(blocks):
-                block = pending.result()
-                if j + 1 < len(blocks):  # the next block's read runs while this one computes
-                    pending = reader.submit(images.__getitem__, slice(*blocks[j + 1]))
+                block = pending.popleft().result()
+                if j + reads < len(blocks):  # the next blocks' reads run while this one computes
+                    pending.append(reader.submit(read, j + reads))
                 lo = b_lo
                 while lo < b_hi:
                     span = (lo, min(lo + batch_size, b_hi))
