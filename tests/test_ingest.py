@@ -3,6 +3,8 @@ preprocessing applied, unusable files set aside with a reason, duplicates on one
 
 import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -113,6 +115,89 @@ def test_decoding_processes_store_the_bytes_of_decoding_threads(photo_folder, tm
         assert pq.read_table(tmp_path / "processes" / name).equals(pq.read_table(tmp_path / "threads" / name))
     assert_array_equal(zarr.open_array(str(tmp_path / "processes" / "images.zarr"))[:],
                        zarr.open_array(str(tmp_path / "threads" / "images.zarr"))[:])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_at(monkeypatch, file=None):
+    """Make ingestion die (as a kill would, mid-run) when it comes to decode `file`; the list of
+    decoded entries it returns grows with every decode."""
+    import analysis.data.ingest as ingestion
+
+    real, calls, fatal = ingestion._decoded, [], None if file is None else file.read_bytes()
+
+    def decoded(data, pre):
+        calls.append(1)
+        if data == fatal:
+            raise Interrupted(f"killed at {file}")
+        return real(data, pre)
+
+    monkeypatch.setattr(ingestion, "_decoded", decoded)
+    return calls
+
+
+def _assert_same_dataset(a, b):
+    """Byte for byte: the done-markers list every file's size and sha256."""
+    assert json.loads((a / "dataset.json").read_text()) == json.loads((b / "dataset.json").read_text())
+    assert pq.read_table(a / "labels.parquet").equals(pq.read_table(b / "labels.parquet"))
+    assert not (b / "ingest_journal").exists()
+
+
+def test_an_interrupted_ingest_resumes_after_its_last_stored_chunk_byte_identical(photo_folder, tmp_path,
+                                                                                  monkeypatch):
+    source = FolderSource(str(photo_folder))
+    _, whole = _ingest(source, tmp_path / "whole")
+    with monkeypatch.context() as patch:  # chunk 0 (entries 0-4: 4 images) is stored, then the run dies
+        _interrupt_at(patch, photo_folder / "misc" / "sixteen.png")  # entry 8
+        with pytest.raises(Interrupted):
+            _ingest(source, tmp_path / "resumed")
+    assert sorted(p.name for p in (tmp_path / "resumed" / "ingest_journal").iterdir()) == \
+        ["part-00000000.parquet", "plan.json"]
+    with monkeypatch.context() as patch:
+        decodes = _interrupt_at(patch)
+        listing, resumed = _ingest(source, tmp_path / "resumed")
+    # chunk 0 consumed 5 entries (its 4 images and the empty file): only the other 7 are decoded
+    assert len(decodes) == listing.n_entries - 5 == 7
+    assert resumed == whole
+    _assert_same_dataset(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_a_damaged_chunk_or_other_files_restart_what_the_journal_cannot_vouch_for(photo_folder, tmp_path,
+                                                                                  monkeypatch, caplog):
+    source = FolderSource(str(photo_folder))
+    _, whole = _ingest(source, tmp_path / "whole")
+
+    def interrupted(directory):
+        with monkeypatch.context() as patch:  # chunks 0 and 1 stored (entries 0-10)
+            _interrupt_at(patch, photo_folder / "space" / "rocket.webp")  # entry 11
+            with pytest.raises(Interrupted):
+                _ingest(source, directory)
+
+    interrupted(tmp_path / "ds")
+    (tmp_path / "ds" / "images.zarr" / "c" / "1" / "0" / "0" / "0").write_bytes(b"cut")  # chunk 1 damaged
+    with monkeypatch.context() as patch:
+        decodes = _interrupt_at(patch)
+        _, report = _ingest(source, tmp_path / "ds")
+    assert "chunk 1's file" in caplog.text and "3 bytes" in caplog.text
+    assert len(decodes) == 12 - 5  # from the end of chunk 0, the last part the journal vouches for
+    assert report == whole
+    _assert_same_dataset(tmp_path / "whole", tmp_path / "ds")
+
+    # The same plan (as many files, the same classes) over other files: everything decoded again.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(photo_folder, renamed)
+    interrupted(tmp_path / "other")
+    (renamed / "cat" / "chelsea.jpg").rename(renamed / "cat" / "chelsea2.jpg")
+    caplog.clear()
+    _, fresh = _ingest(FolderSource(str(renamed)), tmp_path / "fresh")
+    with monkeypatch.context() as patch:
+        decodes = _interrupt_at(patch)
+        _, report = _ingest(FolderSource(str(renamed)), tmp_path / "other")
+    assert "names other files than the entries given" in caplog.text
+    assert len(decodes) == 12 and report == fresh
+    _assert_same_dataset(tmp_path / "fresh", tmp_path / "other")
 
 
 def test_chunk_writer_keeps_the_order_on_several_threads_and_raises_a_failed_write(tmp_path):

@@ -10,20 +10,23 @@ Decoding runs on a thread pool (Pillow releases the GIL while it decodes) or, wi
 on spawned processes, in order either way, with a progress bar. Images are written to Zarr one
 whole chunk at a time, on writer threads, while decoding goes on. Exact duplicates (same decoded
 pixels) are kept, listed by `duplicate_of`, and always land on the same side of the split, so no
-image is both trained on and evaluated. The done-marker `dataset.json` is written
-last, with every file's size and sha256.
+image is both trained on and evaluated. Each chunk, once written, is journaled
+(analysis.data.ingest_journal), so an interrupted ingest resumes after its last stored chunk and
+ends byte-identical to an uninterrupted one. The done-marker `dataset.json` is written last, with
+every file's size and sha256.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from contextlib import closing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,10 +35,13 @@ import zarr
 from tqdm.auto import tqdm
 
 from analysis.data.decode import ImageRejected, decode_pil
+from analysis.data.ingest_journal import IngestJournal, Part
 from analysis.data.images import IMAGE_WRITE_CONFIG, dataset_content_hash, first_copies, image_sha256, mark_dataset_done, split_unique
 from analysis.data.sources import Entry
 from analysis.models.inputs import Preprocessing
 from analysis.integrity import atomic_write
+
+log = logging.getLogger("spectra.ingest")
 
 
 @dataclass(frozen=True)
@@ -140,64 +146,120 @@ def ingest(entries: Iterable[Entry], n_entries: int, pre: Preprocessing, directo
            processes: bool = False, images_per_chunk: int = 256, attrs: dict | None = None, progress: bool = True,
            held_out_only: bool = False, allow_empty: bool = False) -> IngestReport:
     """Decode, preprocess and store `entries` (`n_entries` of them) in `directory`; see the module.
+    An ingest that was interrupted resumes after its last stored chunk (analysis.data.ingest_journal).
     `held_out_only`: every image is in the eval split (images nothing trains on, however few).
     `allow_empty`: when no entry is a usable image, store an empty dataset (every entry in
     rejected.parquet) instead of refusing."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shape = (pre.size, pre.size, pre.channels)
-    arr = zarr.create_array(store=str(directory / "images.zarr"), shape=(max(n_entries, 1),) + shape,
-                            chunks=(images_per_chunk,) + shape, dtype="uint8", overwrite=True,
-                            config=IMAGE_WRITE_CONFIG)
-    kept: list[dict] = []
-    rejected: list[dict] = []
+    plan = {"n_entries": n_entries, "preprocessing": pre.to_dict(), "images_per_chunk": images_per_chunk,
+            "class_names": list(class_names), "attrs": attrs or {}}
+    journal = IngestJournal(directory, plan)
+    entries = iter(entries)
+    arr, parts, entries = _resume(directory, journal, entries, (max(n_entries, 1),) + shape,
+                                  (images_per_chunk,) + shape)
+    kept = [row for part in parts for row in part.kept]
+    rejected = [row for part in parts for row in part.rejected]
+    consumed = sum(len(part.sources) for part in parts)
+    part = Part(len(parts), [], [], [])
     pending: list[np.ndarray] = []
     index = {name: i for i, name in enumerate(class_names)}
-    entries = iter(entries)
     decoded = _decoded_in_processes(entries, pre, workers) if processes else \
         _decoded_on_threads(entries, pre, max(1, workers), 4 * images_per_chunk)
-    with closing(decoded), ChunkWriter(arr, max(1, workers // 4)) as writer, \
-            tqdm(total=n_entries, desc="decode images", unit="img", disable=not progress) as bar:
+    with closing(decoded), ChunkWriter(arr, max(1, workers // 4), written=len(kept)) as writer, \
+            tqdm(total=n_entries, initial=consumed, desc="decode images", unit="img", disable=not progress) as bar:
         for entry, out in decoded:
             bar.update(1)
+            part.sources.append(entry.source)
             if isinstance(out, str):
-                rejected.append({"source": entry.source, "reason": out})
+                part.rejected.append({"source": entry.source, "reason": out})
                 continue
             pixels, sha = out
             pending.append(pixels)
-            kept.append({"label": -1 if entry.label is None else index[entry.label], "source": entry.source,
-                         "sha256": sha, **entry.extra})
+            part.kept.append({"label": -1 if entry.label is None else index[entry.label], "source": entry.source,
+                              "sha256": sha, **entry.extra})
             if len(pending) == images_per_chunk:  # one whole chunk per write
-                writer.write(pending)
+                part = _write_chunk(writer, pending, part, journal, kept, rejected)
                 pending = []
         if pending:
-            writer.write(pending)
+            _write_chunk(writer, pending, part, journal, kept, rejected)
+        else:  # files set aside after the last image: journaled by no chunk, decoded again by a rerun
+            rejected += part.rejected
     written = writer.written
     if written == 0 and not allow_empty:
         raise ValueError(f"none of the {n_entries} files could be used as an image (first reasons: "
                          f"{[r['reason'] for r in rejected[:3]]}): point the dataset at image files")
     arr.resize((written,) + shape)
-    return _finish(directory, arr, kept, rejected, None if held_out_only else eval_fraction, seed, attrs or {})
+    report = _finish(directory, arr, kept, rejected, None if held_out_only else eval_fraction, seed, attrs or {})
+    journal.clear()  # after the done-marker: a kill in between leaves a finished dataset and a stale journal
+    return report
+
+
+def _resume(directory: Path, journal: IngestJournal, entries: Iterator[Entry], shape: tuple, chunks: tuple
+            ) -> tuple[zarr.Array, list[Part], Iterator[Entry]]:
+    """The image array to write into, the journal's parts to keep, and the entries still to decode."""
+    path = directory / "images.zarr"
+    arr = None
+    if path.exists():
+        try:
+            arr = zarr.open_array(str(path), mode="r+")
+        except (FileNotFoundError, ValueError, KeyError):  # a kill before its metadata was written
+            arr = None
+    chunk_file = (lambda c: path / arr.metadata.encode_chunk_key((c,) + (0,) * (len(shape) - 1))) \
+        if arr is not None and arr.chunks == chunks and arr.shape[1:] == shape[1:] and arr.dtype == np.uint8 else None
+    parts = journal.stored_parts(chunk_file) if chunk_file else []
+    if parts:
+        skipped = list(islice(entries, sum(len(p.sources) for p in parts)))
+        if [e.source for e in skipped] == [s for p in parts for s in p.sources]:
+            log.info("ingestion: resuming %s after %d stored chunks (%d entries)", directory, len(parts), len(skipped))
+            arr.resize(shape)  # back to every entry's row, should a finished run have shrunk it
+            return arr, parts, entries
+        log.warning("ingestion journal of %s names other files than the entries given; ingesting from the start",
+                    directory)
+        entries = chain(skipped, entries)
+    journal.start()
+    arr = zarr.create_array(store=str(path), shape=shape, chunks=chunks, dtype="uint8", overwrite=True,
+                            config=IMAGE_WRITE_CONFIG)
+    return arr, [], entries
+
+
+def _write_chunk(writer: "ChunkWriter", images: list[np.ndarray], part: Part, journal: IngestJournal,
+                 kept: list[dict], rejected: list[dict]) -> Part:
+    """Write one chunk, journal it once written, and start the next chunk's part."""
+    path = Path(str(writer.arr.store_path.store.root)) / writer.arr.metadata.encode_chunk_key(
+        (part.chunk,) + (0,) * (writer.arr.ndim - 1))
+    writer.write(images, then=lambda: journal.record(part, path))
+    kept += part.kept
+    rejected += part.rejected
+    return Part(part.chunk + 1, [], [], [])
 
 
 class ChunkWriter:
-    """Writes consecutive whole chunks of images to `arr` on `threads` threads of its own, at most
-    one chunk in flight per thread, so decoding goes on while chunks are compressed (Zarr runs
-    zstd on its own thread pool, so parallel writes compress in parallel; whole chunks never share
-    a file, so they are safe). An error of a write is raised by a later `write` or at the end of
-    the `with` block."""
+    """Writes consecutive whole chunks of images to `arr` (from row `written` on) on `threads`
+    threads of its own, at most one chunk in flight per thread, so decoding goes on while chunks
+    are compressed (Zarr runs zstd on its own thread pool, so parallel writes compress in
+    parallel; whole chunks never share a file, so they are safe). An error of a write is raised
+    by a later `write` or at the end of the `with` block."""
 
-    def __init__(self, arr: zarr.Array, threads: int = 1):
-        self.arr, self.written, self.threads = arr, 0, threads
+    def __init__(self, arr: zarr.Array, threads: int = 1, written: int = 0):
+        self.arr, self.written, self.threads = arr, written, threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-writer")
         self.in_flight: deque[Future] = deque()
 
-    def write(self, images: list[np.ndarray]) -> None:
+    def write(self, images: list[np.ndarray], then: Callable[[], None] | None = None) -> None:
+        """Write `images` next; `then()` runs on the writer thread once they are written."""
         while len(self.in_flight) >= self.threads:
             self.in_flight.popleft().result()
         block = np.stack(images)
-        self.in_flight.append(self.pool.submit(self.arr.__setitem__, slice(self.written, self.written + len(block)),
-                                               block))
+        rows = slice(self.written, self.written + len(block))
+
+        def store() -> None:
+            self.arr[rows] = block
+            if then is not None:
+                then()
+
+        self.in_flight.append(self.pool.submit(store))
         self.written += len(block)
 
     def __enter__(self) -> "ChunkWriter":
