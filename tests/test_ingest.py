@@ -4,7 +4,9 @@ preprocessing applied, unusable files set aside with a reason, duplicates on one
 import io
 import json
 import shutil
-from pathlib import Path
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -162,6 +164,42 @@ def test_an_interrupted_ingest_resumes_after_its_last_stored_chunk_byte_identica
     assert len(decodes) == listing.n_entries - 5 == 7
     assert resumed == whole
     _assert_same_dataset(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_a_sigkilled_ingest_resumes_byte_identical(photo_folder, tmp_path, monkeypatch):
+    """A real SIGKILL right after chunk 1 is journaled, while the next writes may be in flight."""
+    script = f"""
+import os, signal
+from analysis.data import ingest_journal
+from analysis.data.ingest import ingest
+from analysis.data.sources import FolderSource
+from analysis.models.inputs import Preprocessing
+
+record = ingest_journal.IngestJournal.record
+
+def record_then_die(self, part, path):
+    record(self, part, path)
+    if part.chunk == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ingest_journal.IngestJournal.record = record_then_die
+source = FolderSource({str(photo_folder)!r})
+listing = source.listing()
+ingest(source.entries(), listing.n_entries, Preprocessing(size=32, resize=40), {str(tmp_path / "killed")!r},
+       class_names=listing.class_names, eval_fraction=0.25, seed=0, workers=4, images_per_chunk=4, progress=False)
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "killed" / "dataset.json").exists()
+    assert {"part-00000000.parquet", "part-00000001.parquet"} <= {p.name for p in
+                                                                 (tmp_path / "killed" / "ingest_journal").iterdir()}
+    source = FolderSource(str(photo_folder))
+    _, whole = _ingest(source, tmp_path / "whole")
+    decodes = _interrupt_at(monkeypatch)
+    _, resumed = _ingest(source, tmp_path / "killed")
+    assert len(decodes) == 1  # chunks 0 and 1 consumed entries 0-10
+    assert resumed == whole
+    _assert_same_dataset(tmp_path / "whole", tmp_path / "killed")
 
 
 def test_a_damaged_chunk_or_other_files_restart_what_the_journal_cannot_vouch_for(photo_folder, tmp_path,
