@@ -16,8 +16,9 @@ Four threads per shard, so the forward pass is the only work on the critical pat
              thread (its writes wait on the network)
 
 Memory is bounded: two file buffers per hook, three batches of capture outputs (the worker's
-queue holds one) and 1 + image_reads image blocks. A batch the accelerator has no memory for is halved and
-run again (the shard's report says the batch size it ended with); the stored values are the same.
+queue holds one) and 1 + image_reads image blocks. A batch the accelerator has no memory for is
+halved and run again (the shard's report says the batch size it ended with); the stored values
+are the same.
 Any error — in the worker, a write or the caller — is re-raised in the caller, and the
 completion markers (the statistics rows) are written by the caller only after every data write
 of every hook has landed without error.

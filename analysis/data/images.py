@@ -130,7 +130,7 @@ def read_images(images, start: int, stop: int, out: np.ndarray | None = None) ->
     if out is None:
         out = np.empty((n,) + tuple(images.shape[1:]), dtype=images.dtype)
     dst = out[:n]
-    direct = _direct_chunks(images)
+    direct = _direct_chunks(images) if dst.flags.c_contiguous and dst.dtype == np.uint8 else None
     if direct is None:
         dst[...] = images[start:stop]
         return dst
