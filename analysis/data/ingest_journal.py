@@ -1,10 +1,10 @@
 """Resumable ingestion: a journal of the chunks an interrupted `ingest` already stored.
 
 Ingesting a folder of ImageNet's size takes hours on a few cores, and a kill, a crash or a
-preempted node must not throw that away. Once Zarr has written a chunk of images, the chunk gets
-a part file in `<dataset>/ingest_journal/`: the rows of the images it holds (label, source,
-sha256, extra label-file columns), the files set aside since the previous chunk, the source of
-every entry consumed for it, in order, and the size of the chunk's file.
+preempted node must not throw that away. Once Zarr has written a chunk of images and its file is
+flushed to disk, the chunk gets a part file in `<dataset>/ingest_journal/`: the rows of the
+images it holds (label, source, sha256, extra label-file columns), the files set aside since the
+previous chunk, the source of every entry consumed for it, in order, and the size of its file.
 
 A rerun with the same plan (entries, preprocessing, chunking, class names, attrs) keeps the
 longest run of parts 0..m-1 whose chunk files are still there at their recorded size, checks
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,11 @@ class IngestJournal:
         write_json(self.path / _PLAN, self.plan)
 
     def record(self, part: Part, chunk_file: Path) -> None:
-        """Journal `part` once its chunk's file is written (called after the write, on the writer's thread)."""
+        """Journal `part` once its chunk's file is written (called after the write, on the writer's
+        thread). The chunk's file is flushed to disk first, so that after a power loss a journaled
+        chunk is never a file of the right size whose pages never reached the disk."""
+        with open(chunk_file, "rb+") as f:
+            os.fsync(f.fileno())
         part.chunk_bytes = chunk_file.stat().st_size
         table = pa.Table.from_pylist(part.kept) if part.kept else pa.table({})
         meta = {"chunk": part.chunk, "rejected": part.rejected, "sources": part.sources,
