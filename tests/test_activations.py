@@ -486,7 +486,7 @@ def test_the_worker_thread_runs_only_where_a_core_is_spare(monkeypatch):
 
 
 def test_image_reads_in_flight_grow_with_the_cores_only_beside_an_accelerator(monkeypatch):
-    from analysis.activations.extract import image_reads
+    from analysis.activations.threads import image_reads
 
     for cores, on_gpu in ((1, 2), (2, 2), (8, 2), (16, 4), (64, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)

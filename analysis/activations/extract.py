@@ -45,7 +45,7 @@ from analysis.activations.store_files import record_shard_files, remove_partials
 from analysis.data.images import read_images
 from analysis.models.inputs import to_model_input
 from analysis.activations.shard_file import ShardFileWriter
-from analysis.activations.threads import CallerExecutor, Worker, cpu_cores, spare_core
+from analysis.activations.threads import CallerExecutor, Worker, image_reads, spare_core
 
 log = logging.getLogger("spectra.integrity")
 perf_log = logging.getLogger("spectra.extract")
@@ -65,23 +65,6 @@ _WRITE_CONFIG = {"write_empty_chunks": True}
 # Zarr read per batch kept the reader's Python (asyncio) contending with the forward pass for
 # the GIL; block reads measured +5% images/s on the mouse ViT (0.948 vs 0.90 of bare).
 _READ_BYTES = 64 * 2**20
-
-
-def image_reads(device: torch.device) -> int:
-    """Image block reads in flight while the forward runs.
-
-    A read is mostly zstd decompression of one image chunk (`read_images`), which releases the
-    GIL, so reads on several threads decompress on several cores: 2,048 stored 224 px photos read
-    at 5,050 images/s one read at a time and 7,580 two at a time on 2 cores (Zarr's own reads:
-    2,380 and 3,510; benchmarks/results/image_reads.json). On the CPU the forward is 100x slower
-    than one reader, so one read ahead hides it and more would only take cores from the forward.
-    On an accelerator one Zarr reader was the wall (an H200 forward of ViT-B/16 ran at 9,259
-    images/s, the capture with its reads at 2,607), so reads go on a quarter of the cores, 2 to 4
-    of them (a 64 MiB buffer each).
-    """
-    if device.type == "cpu":
-        return 1
-    return max(2, min(4, cpu_cores() // 4))
 
 
 class ShardReport(NamedTuple):

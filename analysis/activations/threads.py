@@ -92,3 +92,20 @@ def spare_core(device: torch.device) -> bool:
 def cpu_cores() -> int:
     """Cores this process may run on (its affinity, where the platform tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def image_reads(device: torch.device) -> int:
+    """Image block reads in flight while the forward runs.
+
+    A read is mostly zstd decompression of one image chunk (`read_images`), which releases the
+    GIL, so reads on several threads decompress on several cores: 2,048 stored 224 px photos read
+    at 5,050 images/s one read at a time and 7,580 two at a time on 2 cores (Zarr's own reads:
+    2,380 and 3,510; benchmarks/results/image_reads.json). On the CPU the forward is 100x slower
+    than one reader, so one read ahead hides it and more would only take cores from the forward.
+    On an accelerator one Zarr reader was the wall (an H200 forward of ViT-B/16 ran at 9,259
+    images/s, the capture with its reads at 2,607), so reads go on a quarter of the cores, 2 to 4
+    of them (a 64 MiB buffer each).
+    """
+    if device.type == "cpu":
+        return 1
+    return max(2, min(4, cpu_cores() // 4))

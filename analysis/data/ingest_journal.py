@@ -56,10 +56,9 @@ class IngestJournal:
         self.plan = json.loads(json.dumps(plan))  # as it reads back from the file
 
     def stored_parts(self, chunk_file) -> list[Part]:
-        """The parts a rerun can keep (see the module); the journal is emptied when its plan is
-        another's. `chunk_file(chunk)` is the path of a chunk's file."""
+        """The parts a rerun can keep (see the module): none when the journal's plan is another's
+        (the caller then `start`s a new one). `chunk_file(chunk)` is the path of a chunk's file."""
         if not (self.path / _PLAN).exists() or json.loads((self.path / _PLAN).read_text()) != self.plan:
-            self.start()
             return []
         remove_temporaries(self.path)  # part files whose write was killed before its rename
         parts = []
