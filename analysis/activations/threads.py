@@ -100,8 +100,9 @@ def image_reads(device: torch.device) -> int:
     A read is mostly zstd decompression of one image chunk (`read_images`), which releases the
     GIL, so reads on several threads decompress on several cores: 2,048 stored 224 px photos read
     at 5,050 images/s one read at a time and 7,580 two at a time on 2 cores (Zarr's own reads:
-    2,380 and 3,510; benchmarks/results/image_reads.json). On the CPU the forward is 100x slower
-    than one reader, so one read ahead hides it and more would only take cores from the forward.
+    2,380 and 3,510; benchmarks/results/image_reads.json). On the CPU one read ahead hides the
+    reads (ViT-S/16's forward ran at 10-18 images/s on these 2 cores; the mouse's extract ÷
+    forward-only did not move with faster reads), and more would only take cores from the forward.
     On an accelerator one Zarr reader was the wall (an H200 forward of ViT-B/16 ran at 9,259
     images/s, the capture with its reads at 2,607), so reads go on a quarter of the cores, 2 to 4
     of them (a 64 MiB buffer each).
